@@ -1,0 +1,226 @@
+"""Backbones: one registry from name to constructor, input size, feature dim, normalisation and head.
+
+`create_backbone(name, weights=...)` returns a model that maps normalised (B, 3, S, S) images to pooled
+features (B, D): the classifier layer named by `head` is replaced by Identity, so features come from the
+network's own pooling layer. Weights come from torchvision's weights API ("default"), a local state_dict
+(PATH, loaded with weights_only=True) or random init ("none"). `timm:<name>` uses timm when installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.error
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from featx.errors import FeatxError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# TF-style normalisation to [-1, 1]: what torchvision's Inception-v3 weights expect (transform_input=True
+# performs exactly this conversion internally; we normalise this way directly and switch it off).
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    constructor: Callable[..., nn.Module]
+    input_size: int
+    feature_dim: int
+    head: str  # dotted path of the classifier layer that pooled features feed
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    kwargs: dict = field(default_factory=dict)  # constructor arguments the weights need
+    torchvision: bool = True  # default weights from torchvision's weights API
+
+
+@dataclass
+class Backbone:
+    name: str
+    model: nn.Module  # normalised images (B, 3, S, S) -> pooled features (B, D)
+    feature_dim: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    weights_id: str  # torchvision weights name, "sha256:<hex>" of a file, or "none"
+
+
+REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def _tv(name: str) -> Callable[..., nn.Module]:
+    return lambda **kw: torchvision.models.get_model(name, weights=None, **kw)
+
+
+for _name, _dim in [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("resnet101", 2048),
+                    ("resnet152", 2048)]:
+    register_backbone(BackboneSpec(_name, _tv(_name), 224, _dim, "fc"))
+register_backbone(BackboneSpec("mobilenet_v2", _tv("mobilenet_v2"), 224, 1280, "classifier"))
+for _name, _dim in [("efficientnet_b0", 1280), ("efficientnet_b1", 1280), ("efficientnet_b2", 1408),
+                    ("efficientnet_b3", 1536)]:
+    register_backbone(BackboneSpec(_name, _tv(_name), 224, _dim, "classifier"))
+for _name, _dim in [("convnext_tiny", 768), ("convnext_small", 768), ("convnext_base", 1024)]:
+    register_backbone(BackboneSpec(_name, _tv(_name), 224, _dim, "classifier.2"))
+register_backbone(BackboneSpec("vit_b_16", _tv("vit_b_16"), 224, 768, "heads"))
+for _name, _dim in [("swin_t", 768), ("swin_s", 768), ("swin_b", 1024)]:
+    register_backbone(BackboneSpec(_name, _tv(_name), 224, _dim, "head"))
+register_backbone(BackboneSpec(
+    "inception_v3", _tv("inception_v3"), 299, 2048, "fc", mean=HALF, std=HALF,
+    # init_weights=False because loaded weights overwrite them and its truncated-normal init is slow.
+    kwargs={"aux_logits": True, "transform_input": False, "init_weights": False}))
+
+
+def list_backbones() -> list[BackboneSpec]:
+    return list(REGISTRY.values())
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in REGISTRY:
+        raise FeatxError(f"--backbone {name!r}: unknown; known: {', '.join(REGISTRY)}, or timm:<name> with timm installed")
+    return REGISTRY[name]
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from .pth/.pt (never unpickling code) or .safetensors; unwraps {"state_dict": ...}."""
+    if not path.is_file():
+        raise FeatxError(f"--weights {path}: no such file; pass a state_dict .pth/.pt/.safetensors, 'default' or 'none'")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise FeatxError(f"--weights {path}: reading .safetensors needs `pip install safetensors`") from None
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise FeatxError(f"--weights {path}: not a loadable state_dict ({type(e).__name__}); save one with torch.save(model.state_dict(), ...)") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise FeatxError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def read_sidecar(path: Path) -> dict:
+    """mean/std/input_size from a JSON beside a weights file (same stem), if there is one."""
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return {}
+    try:
+        return json.loads(side.read_text())
+    except json.JSONDecodeError as e:
+        raise FeatxError(f"{side}: not valid JSON ({e.msg} at line {e.lineno}); fix or remove it") from None
+
+
+def _load_state(model: nn.Module, head: str, state: dict[str, torch.Tensor], source: str) -> None:
+    # The classifier is replaced by Identity and Inception's aux branch is dropped, so their weights (a head
+    # of any size: 1000, 1001 or 200 classes) are ignored.
+    skip = (head + ".", "AuxLogits.")
+    state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(skip)]
+    if missing or unexpected:
+        keys = missing or unexpected
+        what = f"{'missing' if missing else 'unexpected'} keys {keys[:4]}{', ...' if len(keys) > 4 else ''}"
+        raise FeatxError(f"{source}: does not fit this backbone ({what}); pick the matching --backbone")
+
+
+def _load_default(model: nn.Module, spec: BackboneSpec) -> str:
+    weights = torchvision.models.get_model_weights(spec.name).DEFAULT
+    try:
+        state = weights.get_state_dict(progress=True, check_hash=True)
+    except (urllib.error.URLError, OSError) as e:
+        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise FeatxError(f"cannot download {weights.url} ({getattr(e, 'reason', e)}): place that file at {target} or pass --weights PATH") from None
+    _load_state(model, spec.head, state, str(weights))
+    return f"torchvision:{weights}"
+
+
+def _create_timm(name: str, weights: str) -> Backbone:
+    try:
+        import timm
+    except ImportError:
+        raise FeatxError(f"--backbone timm:{name}: timm is not installed; `pip install featx[timm]`") from None
+    if name not in timm.list_models(pretrained=weights == "default") and name not in timm.list_models():
+        raise FeatxError(f"--backbone timm:{name}: timm knows no such model; see timm.list_models()")
+    try:
+        model = timm.create_model(name, pretrained=weights == "default", num_classes=0)
+    except Exception as e:  # noqa: BLE001 - hub download failures come in many types
+        raise FeatxError(f"--backbone timm:{name}: cannot load pretrained weights ({type(e).__name__}); pass --weights PATH or none") from None
+    cfg = timm.data.resolve_model_data_config(model)
+    weights_id = f"timm:{name}" if weights == "default" else "none"
+    if weights not in ("default", "none"):
+        path = Path(weights)
+        _load_state(model, "head", read_state_dict(path), f"--weights {path}")
+        weights_id = "sha256:" + file_sha256(path)
+    return Backbone(f"timm:{name}", model, model.num_features, cfg["input_size"][-1], tuple(cfg["mean"]),
+                    tuple(cfg["std"]), weights_id)
+
+
+def create_backbone(name: str, *, weights: str | Path = "default", size: int | None = None) -> Backbone:
+    """The frozen-feature model of a registered backbone with its normalisation and input size.
+
+    weights: "default" (torchvision's ImageNet weights), "none" (random init) or a state_dict path; a JSON
+    beside the path may give mean, std and input_size. `size` overrides the input size.
+    """
+    weights = str(weights)
+    if name.startswith("timm:"):
+        bb = _create_timm(name.removeprefix("timm:"), weights)
+        if size:
+            bb.input_size = size
+        return bb
+    spec = get_spec(name)
+    kwargs = dict(spec.kwargs)
+    mean, std, input_size = spec.mean, spec.std, spec.input_size
+    if weights not in ("default", "none"):
+        side = read_sidecar(Path(weights))
+        mean, std = tuple(side.get("mean", mean)), tuple(side.get("std", std))
+        input_size = side.get("input_size", input_size)
+    input_size = size or input_size
+    if name == "vit_b_16" and input_size != 224:
+        if weights != "none":
+            raise FeatxError(f"--size {input_size}: vit_b_16 weights are for 224 only; use --size 224")
+        kwargs["image_size"] = input_size
+    if weights == "none" and "init_weights" in kwargs:
+        kwargs["init_weights"] = True
+    model = spec.constructor(**kwargs)
+    if getattr(model, "AuxLogits", None) is not None:
+        model.AuxLogits = None  # only used in training mode; frozen features never need it
+        model.aux_logits = False
+    if weights == "default":
+        if not spec.torchvision:
+            raise FeatxError(f"--backbone {name} has no pretrained weights; use --weights none or PATH")
+        weights_id = _load_default(model, spec)
+    elif weights == "none":
+        weights_id = "none"
+    else:
+        _load_state(model, spec.head, read_state_dict(Path(weights)), f"--weights {weights}")
+        weights_id = "sha256:" + file_sha256(Path(weights))
+    _set_module(model, spec.head, nn.Identity())
+    return Backbone(name, model, spec.feature_dim, input_size, tuple(mean), tuple(std), weights_id)

@@ -1,0 +1,200 @@
+"""The feature store: transfer values in one HDF5 file per extraction.
+
+Layout::
+
+    /<split>/features   (N, V, D) float16 (or float32), chunked by rows: a batch of rows is one read
+    /<split>/labels     (N,) int16, -1 where unlabelled
+    /<split>/ids        (N,) file names
+    /classes, /class_names
+    attrs: format, complete, meta (JSON of FeatureMeta), identity
+
+Views are stored in the fixed order of `featx.views.VIEW_SETS`, view 0 always being the full image.
+A file is only ever renamed to its final name once complete, and `complete` is set just before that, so
+readers can trust any file that carries the mark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featx.errors import FeatxError
+
+FORMAT = "featx-features-1"
+CHUNK_BYTES = 1 << 21
+
+
+@dataclass
+class FeatureMeta:
+    backbone: str
+    weights: str
+    input_size: int
+    views: list[str]
+    crop: int
+    mean: list[float]
+    std: list[float]
+    precision: str
+    dtype: str
+    dataset: str
+    dataset_fingerprint: str
+    classes: list[str]
+    class_names: list[str]
+    featx_version: str
+
+    def identity(self) -> str:
+        """Hash of everything that determines the stored values (not the featx version or labels' names)."""
+        d = dataclasses.asdict(self)
+        for k in ("featx_version", "class_names"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "FeatureMeta":
+        return cls(**json.loads(text))
+
+
+@dataclass
+class Features:
+    split: str
+    features: np.ndarray  # (N, V, D)
+    labels: np.ndarray  # int64, -1 where unlabelled
+    ids: list[str]
+    meta: FeatureMeta
+    path: Path
+
+
+def chunk_rows(views: int, dim: int, itemsize: int) -> int:
+    """Rows per HDF5 chunk: about 2 MiB, so a minibatch of rows costs one or two contiguous reads."""
+    return max(1, CHUNK_BYTES // (views * dim * itemsize))
+
+
+def _open(path: str | Path) -> h5py.File:
+    path = Path(path)
+    if not path.exists():
+        partial = path.with_name(path.name + ".partial")
+        if partial.exists():
+            raise FeatxError(f"{path}: extraction unfinished ({partial} exists); re-run the same `featx extract` to finish it")
+        raise FeatxError(f"{path}: no such feature file; make it with `featx extract --out {path}`")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise FeatxError(f"{path}: not a readable HDF5 feature file ({e}); re-run `featx extract`") from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise FeatxError(f"{path}: not a featx feature file; make one with `featx extract`")
+    if not f.attrs.get("complete", False):
+        f.close()
+        raise FeatxError(f"{path}: extraction unfinished; re-run the same `featx extract` to finish it")
+    return f
+
+
+def read_meta(path: str | Path) -> FeatureMeta:
+    with _open(path) as f:
+        return FeatureMeta.from_json(f.attrs["meta"])
+
+
+def feature_splits(path: str | Path) -> list[str]:
+    with _open(path) as f:
+        return [k for k in ("train", "val", "test") if k in f] + sorted(
+            k for k in f if isinstance(f[k], h5py.Group) and k not in ("train", "val", "test")
+        )
+
+
+def _group(f: h5py.File, path, split: str) -> h5py.Group:
+    if split not in f:
+        have = ", ".join(k for k in f if isinstance(f[k], h5py.Group))
+        raise FeatxError(f"{path}: no split {split!r} (has: {have}); extract it with `featx extract --splits {split}`")
+    return f[split]
+
+
+def _select_views(meta: FeatureMeta, views) -> list[int]:
+    if views == "all":
+        return list(range(len(meta.views)))
+    names = ["full"] if views == "full" else list(views)
+    missing = [v for v in names if v not in meta.views]
+    if missing:
+        raise FeatxError(f"views {missing} not in the feature file (has {meta.views}); use --views all or full")
+    return [meta.views.index(v) for v in names]
+
+
+def load_features(path: str | Path, split: str, *, views="all") -> Features:
+    """One split in memory. `views`: "all", "full" (view 0 only) or a list of view names."""
+    path = Path(path)
+    with _open(path) as f:
+        meta = FeatureMeta.from_json(f.attrs["meta"])
+        g = _group(f, path, split)
+        idx = _select_views(meta, views)
+        data = g["features"][:] if len(idx) == len(meta.views) else g["features"][:, idx, :]
+        labels = g["labels"][:].astype(np.int64)
+        ids = [s.decode() if isinstance(s, bytes) else s for s in g["ids"][:]]
+    if not np.isfinite(data).all():
+        raise FeatxError(f"{path}: split {split!r} holds NaN/inf features; re-extract (try --precision fp32)")
+    meta.views = [meta.views[i] for i in idx]
+    return Features(split=split, features=data, labels=labels, ids=ids, meta=meta, path=path)
+
+
+@contextlib.contextmanager
+def open_split(path: str | Path, split: str) -> Iterator[tuple[h5py.Dataset, np.ndarray, int]]:
+    """For streaming: the (N, V, D) dataset, the labels, and the rows per chunk (read in whole chunks)."""
+    with _open(path) as f:
+        g = _group(f, path, split)
+        ds = g["features"]
+        yield ds, g["labels"][:].astype(np.int64), ds.chunks[0]
+
+
+def create_file(path: Path, meta: FeatureMeta, sizes: dict[str, int], dim: int) -> h5py.File:
+    """An empty, not yet complete feature file with one (N, V, D) dataset per split."""
+    f = h5py.File(path, "w")
+    f.attrs["format"] = FORMAT
+    f.attrs["complete"] = False
+    f.attrs["meta"] = meta.to_json()
+    f.attrs["identity"] = meta.identity()
+    f.create_dataset("classes", data=np.array(meta.classes, dtype=object), dtype=h5py.string_dtype())
+    f.create_dataset("class_names", data=np.array(meta.class_names, dtype=object), dtype=h5py.string_dtype())
+    v = len(meta.views)
+    dtype = np.dtype(meta.dtype)
+    for split, n in sizes.items():
+        g = f.create_group(split)
+        g.create_dataset("features", shape=(n, v, dim), dtype=dtype,
+                         chunks=(max(1, min(n, chunk_rows(v, dim, dtype.itemsize))), v, dim))
+        g.create_dataset("labels", shape=(n,), dtype=np.int16)
+        g.create_dataset("ids", shape=(n,), dtype=h5py.string_dtype())
+    return f
+
+
+def finish_file(f: h5py.File, tmp: Path, path: Path) -> Path:
+    """Mark complete and move into place; only now does `path` exist."""
+    f.attrs["complete"] = True
+    f.close()
+    os.replace(tmp, path)
+    return path
+
+
+def write_features(path: str | Path, meta: FeatureMeta,
+                   splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]]) -> Path:
+    """Write a whole feature file at once (atomic). Used for small files and tests."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    dims = {x.shape[2] for x, _, _ in splits.values()}
+    if len(dims) != 1:
+        raise ValueError(f"splits disagree on the feature dimension: {dims}")
+    f = create_file(tmp, meta, {s: len(v[0]) for s, v in splits.items()}, dims.pop())
+    for split, (x, labels, ids) in splits.items():
+        g = f[split]
+        g["features"][:] = x
+        g["labels"][:] = labels
+        g["ids"][:] = ids
+    return finish_file(f, tmp, path)

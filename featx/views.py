@@ -1,0 +1,69 @@
+"""Crop views computed on the device, as batched tensor ops.
+
+The order of views is fixed (stored features and every later stage rely on it); view 0 is always the full
+image::
+
+    full:  full
+    flip:  full, full_flip
+    ten:   full, top_left, top_right, bottom_left, bottom_right,
+           full_flip, top_left_flip, top_right_flip, bottom_left_flip, bottom_right_flip
+
+`X_flip` is the mirror image of view X (so `top_left_flip` is the mirrored top-left crop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from featx.errors import FeatxError
+
+_BASE = ("full", "top_left", "top_right", "bottom_left", "bottom_right")
+VIEW_SETS: dict[str, tuple[str, ...]] = {
+    "full": ("full",),
+    "flip": ("full", "full_flip"),
+    "ten": _BASE + tuple(f"{v}_flip" for v in _BASE),
+}
+
+
+def view_names(views: str) -> list[str]:
+    if views not in VIEW_SETS:
+        raise FeatxError(f"--views {views!r}: choose one of {', '.join(VIEW_SETS)}")
+    return list(VIEW_SETS[views])
+
+
+def _crop(x: torch.Tensor, name: str, crop: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if name == "full":
+        return x
+    top = 0 if name.startswith("top") else h - crop
+    left = 0 if name.endswith("left") else w - crop
+    return x[..., top : top + crop, left : left + crop]
+
+
+def render_views(images: torch.Tensor, *, views: Sequence[str], crop: int, size: int,
+                 mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, H, W, 3) on any device -> normalised float (B * V, 3, size, size), channels_last.
+
+    Rows are grouped by image: rows [i*V, (i+1)*V) are the V views of image i. Flips are applied before
+    the bilinear upsampling so that a flipped view equals the same view of the mirrored image exactly.
+    """
+    h, w = images.shape[1:3]
+    if crop > min(h, w):
+        raise FeatxError(f"--crop {crop} is larger than the {h}x{w} images; use --crop {min(h, w)} or less")
+    x = images.permute(0, 3, 1, 2).float()
+    out = []
+    for name in views:
+        base = name.removesuffix("_flip")
+        v = _crop(x, base, crop)
+        if name.endswith("_flip"):
+            v = v.flip(-1)
+        if v.shape[-1] != size or v.shape[-2] != size:
+            v = F.interpolate(v, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+        out.append(v)
+    v = torch.stack(out, dim=1).flatten(0, 1)
+    m = torch.tensor(mean, device=v.device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, device=v.device).view(1, 3, 1, 1) * 255.0
+    return ((v - m) / s).to(dtype).contiguous(memory_format=torch.channels_last)
