@@ -61,7 +61,8 @@ def render_views(images: torch.Tensor, *, views: Sequence[str], crop: int, size:
         if name.endswith("_flip"):
             v = v.flip(-1)
         if v.shape[-1] != size or v.shape[-2] != size:
-            v = F.interpolate(v, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+            v = F.interpolate(v, size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=size < v.shape[-1])
         out.append(v)
     v = torch.stack(out, dim=1).flatten(0, 1)
     m = torch.tensor(mean, device=v.device).view(1, 3, 1, 1) * 255.0

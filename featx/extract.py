@@ -1,0 +1,247 @@
+"""Stage 1: run a frozen backbone over every image and view once; store pooled features in HDF5.
+
+Work is cut into shards of consecutive rows. Each finished shard is saved atomically as its own .npy under
+`<out>.partial/`, so Ctrl-C or kill -9 at any moment loses at most the shards in flight, and the same command
+resumes after the last finished one. Under torchrun, shard k belongs to rank k % world_size; rank 0 then
+assembles the shards in row order into the one file a single process would have written. Images travel to
+the device as uint8; views, upsampling and normalisation happen there (featx.views).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from featx import __version__
+from featx.backbones import Backbone, create_backbone
+from featx.data import dataset_info, prepare_cache, read_split
+from featx.errors import FeatxError
+from featx.features import FeatureMeta, create_file, finish_file, read_meta
+from featx.views import render_views, view_names
+
+SHARD_ROWS = 1024
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FeatxError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise FeatxError(f"--device {device}: choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. bf16 on CPUs only where the hardware has it:
+    elsewhere it is emulated and slower than fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _cpu_has_bf16() else None
+    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in choices:
+        raise FeatxError(f"--precision {precision}: choose auto, fp32, bf16 or fp16")
+    if precision == "fp16" and device.type == "cpu":
+        raise FeatxError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
+    return choices[precision]
+
+
+def _precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+class _Ranks:
+    """torch.distributed when launched by torchrun, a single rank otherwise."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            cuda = device != "cpu" and torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if cuda else "gloo")
+            self.owns_group = True
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def _check_existing(out: Path, meta: FeatureMeta) -> bool:
+    """True when `out` is already this extraction; refuses to overwrite a different one."""
+    if not out.exists():
+        return False
+    have = read_meta(out)
+    if have.identity() != meta.identity():
+        raise FeatxError(f"{out}: exists with different settings ({have.backbone}, views {have.views}); choose another --out or delete it")
+    return True
+
+
+def _open_partial(partial: Path, meta: FeatureMeta) -> None:
+    settings = partial / "meta.json"
+    if settings.exists():
+        if json.loads(settings.read_text()).get("identity") != meta.identity():
+            raise FeatxError(f"{partial}: an unfinished extraction with different settings; re-run it with its settings or delete {partial}")
+        return
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = settings.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"identity": meta.identity(), "meta": json.loads(meta.to_json())}))
+    os.replace(tmp, settings)
+
+
+def _save_shard(path: Path, x: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, x)
+    os.replace(tmp, path)
+
+
+@torch.inference_mode()
+def _features(bb: Backbone, model: torch.nn.Module, images: np.ndarray, *, views: Sequence[str], crop: int,
+              device: torch.device, autocast: torch.dtype | None, out_dtype: np.dtype) -> np.ndarray:
+    x = torch.from_numpy(images)
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    v = render_views(x, views=views, crop=crop, size=bb.input_size, mean=bb.mean, std=bb.std)
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        y = model(v)
+    return y.float().reshape(len(images), len(views), -1).cpu().numpy().astype(out_dtype)
+
+
+def extract_features(*, data: str | Path | None, backbone: str, out: str | Path, weights: str | Path = "default",
+                     size: int | None = None, views: str = "ten", crop: int = 56,
+                     splits: Sequence[str] | None = None, classes: int | None = None,
+                     per_class: int | None = None, batch_size: int | None = None, device: str = "auto",
+                     precision: str = "auto", mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None, compile: bool = False, dtype: str = "float16",
+                     progress: bool = True) -> Path:
+    """Extract pooled features of every image and view; returns the finished feature file.
+
+    `data` is anything `featx.data.prepare_cache` accepts. `splits` defaults to every split in the data.
+    Re-running a finished extraction is a no-op; an interrupted one resumes.
+    """
+    out = Path(out)
+    dev = resolve_device(device)
+    ranks = _Ranks(device)
+    try:
+        if dev.type == "cuda" and ranks.world > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return _extract(ranks, data=data, backbone=backbone, out=out, weights=weights, size=size,
+                        views=view_names(views), crop=crop, splits=splits, classes=classes,
+                        per_class=per_class, batch_size=batch_size or (256 if dev.type == "cuda" else 32),
+                        device=dev, autocast=resolve_precision(precision, dev), mean=mean, std=std,
+                        compile=compile, dtype=np.dtype(dtype), progress=progress and ranks.rank == 0)
+    finally:
+        ranks.close()
+
+
+def _extract(ranks: _Ranks, *, data, backbone, out: Path, weights, size, views, crop, splits, classes,
+             per_class, batch_size, device, autocast, mean, std, compile, dtype, progress) -> Path:
+    # Rank 0 decodes first so that the other ranks find the cache made instead of racing to make it.
+    if ranks.rank == 0:
+        cache = prepare_cache(data, classes=classes, per_class=per_class, progress=progress)
+    ranks.barrier()
+    if ranks.rank != 0:
+        cache = prepare_cache(data, classes=classes, per_class=per_class, progress=False)
+    info = dataset_info(cache, classes=classes)
+    splits = list(splits or info.splits)
+    unknown = [s for s in splits if s not in info.splits]
+    if unknown:
+        raise FeatxError(f"--splits {','.join(unknown)}: not in {cache} (has {','.join(info.splits)})")
+    bb = create_backbone(backbone, weights=weights, size=size)
+    if mean is not None:
+        bb.mean = tuple(mean)
+    if std is not None:
+        bb.std = tuple(std)
+    meta = FeatureMeta(backbone=bb.name, weights=bb.weights_id, input_size=bb.input_size, views=list(views),
+                       crop=crop, mean=list(bb.mean), std=list(bb.std), precision=_precision_name(autocast),
+                       dtype=dtype.name, dataset=info.name, dataset_fingerprint=info.fingerprint,
+                       classes=list(info.wnids), class_names=list(info.names), featx_version=__version__)
+    if _check_existing(out, meta):
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        if ranks.rank == 0:
+            _open_partial(partial, meta)
+    except PermissionError:
+        raise FeatxError(f"--out {out}: directory {out.parent} is not writable; choose another --out") from None
+    ranks.barrier()
+
+    data_splits = {s: read_split(cache, s, classes=classes, per_class=per_class) for s in splits}
+    shards = [(s, k) for s in splits for k in range(-(-len(data_splits[s]) // SHARD_ROWS))]
+    todo = [(s, k) for i, (s, k) in enumerate(shards)
+            if i % ranks.world == ranks.rank and not (partial / f"{s}-{k:05d}.npy").exists()]
+
+    model = bb.model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model)
+    total = sum(min(SHARD_ROWS, len(data_splits[s]) - k * SHARD_ROWS) for s, k in todo)
+    bar = tqdm(total=total, unit="img", desc=f"extract {bb.name} x{len(views)} views", disable=not progress)
+
+    def read(shard):
+        s, k = shard
+        return data_splits[s].read_images(k * SHARD_ROWS, (k + 1) * SHARD_ROWS)
+
+    # One thread reads the next shard from the cache and another writes finished shards, so the device
+    # waits for neither.
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        pending: list[Future] = []
+        nxt = reader.submit(read, todo[0]) if todo else None
+        for i, (s, k) in enumerate(todo):
+            images = nxt.result()
+            nxt = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
+            parts = []
+            for b in range(0, len(images), batch_size):
+                parts.append(_features(bb, model, images[b : b + batch_size], views=views, crop=crop,
+                                       device=device, autocast=autocast, out_dtype=dtype))
+                bar.update(len(parts[-1]))
+            pending = [p for p in pending if not p.done()] + [
+                writer.submit(_save_shard, partial / f"{s}-{k:05d}.npy", np.concatenate(parts))]
+        for p in pending:
+            p.result()
+    bar.close()
+
+    ranks.barrier()
+    if ranks.rank == 0:
+        _assemble(out, partial, meta, data_splits, bb.feature_dim)
+    ranks.barrier()
+    return out
+
+
+def _assemble(out: Path, partial: Path, meta: FeatureMeta, data_splits: dict, dim: int) -> None:
+    """Copy the shards, in row order, into the final file; memory stays at one shard."""
+    tmp = out.with_name(out.name + ".tmp")
+    f = create_file(tmp, meta, {s: len(sp) for s, sp in data_splits.items()}, dim)
+    for s, sp in data_splits.items():
+        g = f[s]
+        for k in range(-(-len(sp) // SHARD_ROWS)):
+            x = np.load(partial / f"{s}-{k:05d}.npy")
+            g["features"][k * SHARD_ROWS : k * SHARD_ROWS + len(x)] = x
+        g["labels"][:] = sp.labels
+        g["ids"][:] = sp.ids
+    finish_file(f, tmp, out)
+    shutil.rmtree(partial)
