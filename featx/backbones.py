@@ -224,3 +224,10 @@ def create_backbone(name: str, *, weights: str | Path = "default", size: int | N
         weights_id = "sha256:" + file_sha256(Path(weights))
     _set_module(model, spec.head, nn.Identity())
     return Backbone(name, model, spec.feature_dim, input_size, tuple(mean), tuple(std), weights_id)
+
+
+# Small nets trained from scratch at 64x64 (featx.tinynets imports only torch, so no import cycle).
+from featx import tinynets  # noqa: E402
+
+register_backbone(BackboneSpec("vgg_tiny", tinynets.vgg_tiny, 64, 512, "fc", torchvision=False))
+register_backbone(BackboneSpec("inception_tiny", tinynets.inception_tiny, 64, 2048, "fc", torchvision=False))

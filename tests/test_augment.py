@@ -1,0 +1,153 @@
+"""Each augmentation on a real batch, checked for its defining property."""
+
+import pytest
+import torch
+
+from featx.augment import AUGMENTATIONS, Augment, pixel_transform
+from featx.errors import FeatxError
+from featx.views import _crop
+
+
+def blobs(n: int = 8, size: int = 32, at: tuple[int, int] = (8, 16)) -> torch.Tensor:
+    """uint8 (n, 3, size, size): a bright 5x5 square at (row, col) on a dark noisy background."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 20, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    r, c = at
+    x[:, :, r - 2:r + 3, c - 2:c + 3] = 250
+    return x
+
+
+def apply(name: str, x: torch.Tensor, *, crop: int | None = None, size: int | None = None) -> torch.Tensor:
+    """The single augmentation, on each image alone (one draw each), back to uint8 values (as floats)."""
+    tf = pixel_transform([name], crop=crop or x.shape[-1], size=size or crop or x.shape[-1])
+    torch.manual_seed(0)
+    return (torch.cat([tf(img[None]) for img in x]) * 255).round()
+
+
+def centroid(x: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) -> (n, 2) row/col centre of mass of the bright pixels."""
+    m = (x.float().mean(1) > 128).float()
+    rows, cols = torch.meshgrid(torch.arange(m.shape[1]).float(), torch.arange(m.shape[2]).float(), indexing="ij")
+    total = m.sum((1, 2))
+    return torch.stack([(m * rows).sum((1, 2)) / total, (m * cols).sum((1, 2)) / total], 1)
+
+
+def test_flip_mirrors():
+    x = blobs(16)
+    y = apply("flip", x)
+    mirrored = [bool(torch.equal(a, b.flip(-1).float())) for a, b in zip(y, x)]
+    same = [bool(torch.equal(a, b.float())) for a, b in zip(y, x)]
+    assert all(m or s for m, s in zip(mirrored, same)) and any(mirrored) and any(same)
+
+
+def test_crop_is_a_window_of_the_image():
+    x = blobs(4, 16)
+    y = apply("crop", x, crop=12)
+    for a, b in zip(y, x):
+        windows = [b[:, i:i + 12, j:j + 12].float() for i in range(5) for j in range(5)]
+        assert any(torch.equal(a, w) for w in windows)
+
+
+def test_corners_are_stage1_views():
+    x = blobs(12, 16)
+    y = apply("corners", x, crop=12, size=16)
+    for a, b in zip(y, x):
+        views = [torch.nn.functional.interpolate(_crop(b[None].float(), name=n, crop=12), size=(16, 16), mode="bilinear")[0]
+                 for n in ("full", "top_left", "top_right", "bottom_left", "bottom_right")]
+        assert min((a - v).abs().max() for v in views) <= 0.5
+
+
+def test_color_is_monotone_per_image():
+    # brightness and contrast are increasing affine maps of the intensities: pixel order is kept
+    x = blobs(8)
+    x[:, :, :4] = torch.arange(128, 256, 8, dtype=torch.uint8)[None, None, :, None].expand(8, 3, 16, 32)[:, :, :4]
+    y = apply("color", x)
+    changed = 0
+    for a, b in zip(y, x):
+        order = b.flatten().argsort(stable=True)
+        assert (a.flatten()[order].diff() >= -1e-3).all()
+        changed += not torch.equal(a, b.float())
+    assert changed
+
+
+def test_rotate_keeps_distance_to_centre():
+    x = blobs(8, 32, at=(16, 26))  # 10 px right of the centre (15.5, 15.5)
+    y = apply("rotate", x)
+    c = centroid(y) - 15.5
+    before = centroid(x) - 15.5
+    assert torch.allclose(c.norm(dim=1), before.norm(dim=1), atol=1.0)
+    assert (c[:, 0] - before[:, 0]).abs().max() > 0.5  # moved along the circle for some draw
+
+
+def test_scale_moves_along_the_ray():
+    x = blobs(8, 32, at=(16, 26))
+    ratio = (centroid(apply("scale", x)) - 15.5).norm(dim=1) / (centroid(x) - 15.5).norm(dim=1)
+    assert ((ratio > 0.8) & (ratio < 1.2)).all() and ratio.std() > 0.01
+
+
+def test_shift_translates_content():
+    x = blobs(8, 32, at=(16, 16))
+    y = apply("shift", x)
+    for a, b in zip(y, x):
+        found = False
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                rolled = b.roll((dy, dx), dims=(1, 2)).float()
+                if torch.equal(a[:, 6:26, 6:26], rolled[:, 6:26, 6:26]):
+                    found = True
+        assert found
+
+
+def test_shear_keeps_rows():
+    # shear along x moves each row sideways: the brightness of every row is unchanged
+    x = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+    x[:, :, 8:24, 14:18] = 200  # a vertical bar in the middle
+    y = apply("shear", x)
+    assert torch.allclose(y.sum((1, 3)), x.float().sum((1, 3)))
+    top, bottom = centroid(y[:, :, :12]), centroid(y[:, :, 20:])
+    assert (top[:, 1] - bottom[:, 1]).abs().max() > 0.5  # slanted for some draw
+
+
+def test_invert_maps_x_to_255_minus_x():
+    x = blobs(32)
+    y = apply("invert", x)
+    inverted = [torch.equal(a, 255 - b.float()) for a, b in zip(y, x)]
+    assert all(i or torch.equal(a, b.float()) for i, a, b in zip(inverted, y, x)) and any(inverted)
+
+
+def test_noise_is_zero_mean_gaussian():
+    x = torch.full((4, 3, 32, 32), 128, dtype=torch.uint8)
+    d = (apply("noise", x) - 128) / 255
+    assert abs(float(d.mean())) < 0.005 and 0.02 < float(d.std()) < 0.04
+
+
+def test_augment_output_and_mixup_targets():
+    x = blobs(8, 16).permute(0, 2, 3, 1).contiguous()
+    labels = torch.arange(8) % 4
+    aug = Augment([], crop=16, size=24, mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=4, mixup=1.0)
+    torch.manual_seed(0)
+    y, target = aug(x, labels)
+    assert y.shape == (8, 3, 24, 24) and y.is_contiguous(memory_format=torch.channels_last)
+    assert target.shape == (8, 4) and torch.allclose(target.sum(1), torch.ones(8))
+    # MixUp blends each image with its predecessor in the batch by the label weight
+    plain, _ = Augment([], crop=16, size=24, mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=4)(x, labels)
+    lam = target[0, labels[0]]
+    assert torch.allclose(y, lam * plain + (1 - lam) * plain.roll(1, 0), atol=1e-5)
+
+
+def test_cutmix_pastes_a_box():
+    x = blobs(8, 16).permute(0, 2, 3, 1).contiguous()
+    labels = torch.arange(8) % 4
+    kw = dict(crop=16, size=16, mean=(0.0,) * 3, std=(1.0,) * 3, num_classes=4)
+    plain, _ = Augment([], **kw)(x, labels)
+    torch.manual_seed(1)
+    y, target = Augment([], cutmix=1.0, **kw)(x, labels)
+    from_other = ~torch.isclose(y, plain).all(1) & torch.isclose(y, plain.roll(1, 0)).all(1)
+    area = from_other[0].float().mean()
+    assert torch.isclose(target[0, labels[0]], 1 - area, atol=1e-5)
+
+
+def test_unknown_augmentation_is_a_user_error():
+    with pytest.raises(FeatxError, match="--aug"):
+        pixel_transform(["flip", "twirl"], crop=8, size=8)
+    assert set(AUGMENTATIONS) >= {"flip", "crop", "color", "rotate", "scale", "shift", "shear", "noise", "invert"}
