@@ -209,7 +209,11 @@ def create_backbone(name: str, *, weights: str | Path = "default", size: int | N
         kwargs["image_size"] = input_size
     if weights == "none" and "init_weights" in kwargs:
         kwargs["init_weights"] = True
-    model = spec.constructor(**kwargs)
+    # Seeded so that "none" names one set of weights: a resumed or multi-process extraction computes the
+    # same features as a single uninterrupted one.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = spec.constructor(**kwargs)
     if getattr(model, "AuxLogits", None) is not None:
         model.AuxLogits = None  # only used in training mode; frozen features never need it
         model.aux_logits = False

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
 from featx import __version__
@@ -101,15 +102,17 @@ def _check_existing(out: Path, meta: FeatureMeta) -> bool:
     return True
 
 
-def _open_partial(partial: Path, meta: FeatureMeta) -> None:
+def _open_partial(partial: Path, meta: FeatureMeta, shard_rows: int) -> None:
     settings = partial / "meta.json"
+    want = {"identity": meta.identity(), "shard_rows": shard_rows}
     if settings.exists():
-        if json.loads(settings.read_text()).get("identity") != meta.identity():
+        have = json.loads(settings.read_text())
+        if {k: have.get(k) for k in want} != want:
             raise FeatxError(f"{partial}: an unfinished extraction with different settings; re-run it with its settings or delete {partial}")
         return
     partial.mkdir(parents=True, exist_ok=True)
     tmp = settings.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"identity": meta.identity(), "meta": json.loads(meta.to_json())}))
+    tmp.write_text(json.dumps({**want, "meta": json.loads(meta.to_json())}))
     os.replace(tmp, settings)
 
 
@@ -117,6 +120,15 @@ def _save_shard(path: Path, x: np.ndarray) -> None:
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, x)
     os.replace(tmp, path)
+
+
+def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold frozen BatchNorm into the preceding convolutions (1.2-2x on CPU); models that torch.fx cannot
+    trace (data-dependent control flow) run as they are."""
+    try:
+        return fuse(model)
+    except Exception:  # noqa: BLE001 - any tracing failure just means no folding
+        return model
 
 
 @torch.inference_mode()
@@ -137,7 +149,7 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                      per_class: int | None = None, batch_size: int | None = None, device: str = "auto",
                      precision: str = "auto", mean: Sequence[float] | None = None,
                      std: Sequence[float] | None = None, compile: bool = False, dtype: str = "float16",
-                     progress: bool = True) -> Path:
+                     shard_rows: int = SHARD_ROWS, progress: bool = True) -> Path:
     """Extract pooled features of every image and view; returns the finished feature file.
 
     `data` is anything `featx.data.prepare_cache` accepts. `splits` defaults to every split in the data.
@@ -153,13 +165,14 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                         views=view_names(views), crop=crop, splits=splits, classes=classes,
                         per_class=per_class, batch_size=batch_size or (256 if dev.type == "cuda" else 32),
                         device=dev, autocast=resolve_precision(precision, dev), mean=mean, std=std,
-                        compile=compile, dtype=np.dtype(dtype), progress=progress and ranks.rank == 0)
+                        compile=compile, dtype=np.dtype(dtype), shard_rows=shard_rows,
+                        progress=progress and ranks.rank == 0)
     finally:
         ranks.close()
 
 
 def _extract(ranks: _Ranks, *, data, backbone, out: Path, weights, size, views, crop, splits, classes,
-             per_class, batch_size, device, autocast, mean, std, compile, dtype, progress) -> Path:
+             per_class, batch_size, device, autocast, mean, std, compile, dtype, shard_rows, progress) -> Path:
     # Rank 0 decodes first so that the other ranks find the cache made instead of racing to make it.
     if ranks.rank == 0:
         cache = prepare_cache(data, classes=classes, per_class=per_class, progress=progress)
@@ -186,25 +199,25 @@ def _extract(ranks: _Ranks, *, data, backbone, out: Path, weights, size, views, 
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(out.name + ".partial")
         if ranks.rank == 0:
-            _open_partial(partial, meta)
-    except PermissionError:
-        raise FeatxError(f"--out {out}: directory {out.parent} is not writable; choose another --out") from None
+            _open_partial(partial, meta, shard_rows)
+    except OSError as e:
+        raise FeatxError(f"--out {out}: cannot write there ({e.strerror}); choose another --out") from None
     ranks.barrier()
 
     data_splits = {s: read_split(cache, s, classes=classes, per_class=per_class) for s in splits}
-    shards = [(s, k) for s in splits for k in range(-(-len(data_splits[s]) // SHARD_ROWS))]
+    shards = [(s, k) for s in splits for k in range(-(-len(data_splits[s]) // shard_rows))]
     todo = [(s, k) for i, (s, k) in enumerate(shards)
             if i % ranks.world == ranks.rank and not (partial / f"{s}-{k:05d}.npy").exists()]
 
-    model = bb.model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+    model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(device, memory_format=torch.channels_last)
     if compile:
         model = torch.compile(model)
-    total = sum(min(SHARD_ROWS, len(data_splits[s]) - k * SHARD_ROWS) for s, k in todo)
+    total = sum(min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo)
     bar = tqdm(total=total, unit="img", desc=f"extract {bb.name} x{len(views)} views", disable=not progress)
 
     def read(shard):
         s, k = shard
-        return data_splits[s].read_images(k * SHARD_ROWS, (k + 1) * SHARD_ROWS)
+        return data_splits[s].read_images(k * shard_rows, (k + 1) * shard_rows)
 
     # One thread reads the next shard from the cache and another writes finished shards, so the device
     # waits for neither.
@@ -227,20 +240,20 @@ def _extract(ranks: _Ranks, *, data, backbone, out: Path, weights, size, views, 
 
     ranks.barrier()
     if ranks.rank == 0:
-        _assemble(out, partial, meta, data_splits, bb.feature_dim)
+        _assemble(out, partial, meta, data_splits, bb.feature_dim, shard_rows)
     ranks.barrier()
     return out
 
 
-def _assemble(out: Path, partial: Path, meta: FeatureMeta, data_splits: dict, dim: int) -> None:
+def _assemble(out: Path, partial: Path, meta: FeatureMeta, data_splits: dict, dim: int, shard_rows: int) -> None:
     """Copy the shards, in row order, into the final file; memory stays at one shard."""
     tmp = out.with_name(out.name + ".tmp")
     f = create_file(tmp, meta, {s: len(sp) for s, sp in data_splits.items()}, dim)
     for s, sp in data_splits.items():
         g = f[s]
-        for k in range(-(-len(sp) // SHARD_ROWS)):
+        for k in range(-(-len(sp) // shard_rows)):
             x = np.load(partial / f"{s}-{k:05d}.npy")
-            g["features"][k * SHARD_ROWS : k * SHARD_ROWS + len(x)] = x
+            g["features"][k * shard_rows : k * shard_rows + len(x)] = x
         g["labels"][:] = sp.labels
         g["ids"][:] = sp.ids
     finish_file(f, tmp, out)
