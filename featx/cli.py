@@ -7,6 +7,7 @@ mistakes surface as FeatxError (one line, exit 2); Ctrl-C exits 130 with a hint 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -155,19 +156,107 @@ def extract(data_, backbone, out, weights, size, views, crop, splits, classes, p
 # --- probe -------------------------------------------------------------------------------------------
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def probe() -> None:
-    """Stage 2: train classifier heads on cached features."""
-    _not_implemented("probe")
+class FloatList(click.ParamType):
+    """A comma list of numbers, e.g. 1e-4,3e-4 (a sweep: every combination of the lists is trained)."""
+
+    name = "FLOAT[,FLOAT...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            raise FeatxError(f"--{param.name.replace('_', '-')} {value!r}: not a comma list of numbers "
+                             "(e.g. 1e-4,3e-4)") from None
+
+
+@cli.command()
+@click.option("--features", required=True, type=click.Path(path_type=Path), help="Feature file from `featx extract`.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
+@click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
+@click.option("--hidden", type=click.IntRange(1), default=1024, show_default=True, help="MLP hidden units.")
+@click.option("--label-smoothing", type=FloatList(), default="0.1", show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", show_default=True)
+@click.option("--lr", type=FloatList(), default="6.5e-4", show_default=True)
+@click.option("--lr-decay", type=float, default=0.713, show_default=True, help="Exponential decay per epoch.")
+@click.option("--schedule", type=click.Choice(["exponential", "cosine"]), default="exponential", show_default=True)
+@click.option("--weight-decay", type=FloatList(), default="0.0116", show_default=True,
+              help="L2 (decoupled with adamw); weights only.")
+@click.option("--dropout", type=FloatList(), default="0", show_default=True, help="On the head's input.")
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--train-views", type=click.Choice(["all", "full"]), default="all", show_default=True,
+              help="all: one random stored view per image and step.")
+@click.option("--eval-views", type=click.Choice(["all", "full"]), default="all", show_default=True,
+              help="all: softmax averaged over the stored views.")
+@click.option("--normalize", type=click.Choice(["none", "l2", "standard"]), default="none", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--save", type=click.Choice(["best", "all"]), default="best", show_default=True,
+              help="Keep snapshots of the best head only, or of every head.")
+@click.option("--keep", type=int, default=20, show_default=True, help="Best snapshots kept per head.")
+@click.option("--stream", is_flag=True, help="Read batches from HDF5 instead of RAM (automatic when too big).")
+def probe(features, out, lr, weight_decay, label_smoothing, dropout, **options) -> None:
+    """Stage 2: train classifier heads on cached features; comma lists sweep every combination in one pass."""
+    from featx.probe import format_table, grid, run_probe
+
+    heads = grid(lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, dropout=dropout)
+    result = run_probe(features=features, out=out, heads=heads, progress=sys.stderr.isatty(), **options)
+    best = result.best_metrics
+    click.echo(format_table(result))
+    click.echo(f"probe: best {result.configs[result.best].label()}: val top-1 {best['val_top1']:.2%}, "
+               f"top-5 {best['val_top5']:.2%} (epoch {result.best_epoch}); {len(heads)} head(s) in "
+               f"{result.seconds:.1f}s -> {out}")
 
 
 # --- finetune ----------------------------------------------------------------------------------------
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def finetune() -> None:
-    """Stage 3: end-to-end training."""
-    _not_implemented("finetune")
+@cli.command()
+@click.option("--data", "data_", metavar="SRC", help="Zip, folder, ImageFolder root or decoded cache (default: ./data).")
+@click.option("--backbone", required=True, help="Registered name (see `featx extract --list-backbones`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--weights", default="default", show_default=True, help="default (torchvision), none, or a state_dict PATH.")
+@click.option("--size", type=click.IntRange(16), help="Input resolution the images are upsampled to [default: per backbone].")
+@click.option("--head", type=click.Choice(["linear", "lstm"]), default="linear", show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Global batch (split over torchrun processes).")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "exponential", "step"]), default="cosine", show_default=True)
+@click.option("--warmup-epochs", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--decay", type=click.FloatRange(0, 1, min_open=True), help="lr factor per epoch (exponential, default 0.9) or per --step-epochs (step, default 0.1).")
+@click.option("--step-epochs", type=click.IntRange(1), help="Epochs between lr steps [default: epochs / 3].")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Before the head.")
+@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), help="Stochastic depth of the last block [default: the backbone's own].")
+@click.option("--aug", default="flip", show_default=True, help="Comma-separated: flip,crop,corners,color,rotate,scale,shift,shear,noise,invert (or none).")
+@click.option("--crop", type=click.IntRange(1), default=56, show_default=True, help="Crop size of the crop/corners augmentations.")
+@click.option("--mixup", type=click.FloatRange(0), default=0.0, show_default=True, help="MixUp alpha (0: off).")
+@click.option("--cutmix", type=click.FloatRange(0), default=0.0, show_default=True, help="CutMix alpha (0: off).")
+@click.option("--freeze-epochs", type=click.IntRange(0), default=0, show_default=True, help="Train only the head for the first N epochs.")
+@click.option("--init-head", metavar="RUN", help="Start the head from the best head of this `featx probe` run.")
+@click.option("--init", help="From scratch (--weights none): kaiming, xavier or gaussian:STD.")
+@click.option("--classes", type=click.IntRange(1), help="Only the first K classes.")
+@click.option("--per-class", type=click.IntRange(1), help="Only the first N train images per class.")
+@click.option("--overfit", type=click.IntRange(1), help="Sanity check: train on N training images, expect 100%.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="auto: bf16 on CUDA, fp32 on CPU.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--keep", type=click.IntRange(1), default=3, show_default=True, help="Keep the K best checkpoints by val top-1.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+def finetune(data_, aug, compile_, **options) -> None:
+    """Stage 3: end-to-end training (fine-tuning or from scratch); torchrun for several GPUs."""
+    from featx.finetune import finetune as run_finetune
+
+    augs = [] if aug.strip() in ("", "none") else [a.strip() for a in aug.split(",")]
+    result = run_finetune(data=data_, aug=augs, compile=compile_, **options)
+    if result.epochs:
+        click.echo(f"best val top-1 {result.best_val_top1:.2%}; run: {result.out}")
 
 
 # --- predict -----------------------------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""Stacked classifier heads: H independent heads trained and evaluated as one batched matmul.
+
+A sweep over learning rates, weight decays, label smoothings and dropouts costs little more than one head
+because every head sees the same minibatch: the logits of all heads come from one `matmul` of the (B, D)
+features with weights of shape (H, D, C) (or two, for the MLP head).
+
+Each head's result does not depend on which other heads share the stack:
+- every head starts from the same initial weights (drawn once from the seed);
+- dropout masks come from one uniform draw per step shared by all heads (head h keeps a unit where
+  u >= p_h), so a head sees the same masks whether trained alone or in a sweep;
+- the optimizer has one param group per head whose params alias that head's slice of the stacked
+  tensors, so per-head lr and weight decay are ordinary group settings and torch's fused kernels apply.
+
+Weight decay is L2 in the seed's sense for adam and sgd (the gradient gains wd * W, i.e. wd/2 * ||W||^2 is
+added to the loss) and decoupled for adamw; it applies to weights, not biases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMALIZE = ("none", "l2", "standard")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+class StackedHeads(nn.Module):
+    """H heads on D-dim features with C classes: linear (hidden=0) or one-hidden-layer ReLU MLP.
+
+    forward((B, D) raw features) -> (H, B, C) logits. Feature normalisation is part of the module (its
+    statistics are buffers), so a checkpoint scores raw stored features on its own.
+    """
+
+    def __init__(self, *, heads: int, in_dim: int, num_classes: int, hidden: int = 0,
+                 dropout: Sequence[float] = (), normalize: str = "none", seed: int = 0):
+        super().__init__()
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        self.normalize, self.hidden = normalize, hidden
+        dropout = list(dropout) or [0.0] * heads
+        self.register_buffer("dropout", torch.tensor(dropout, dtype=torch.float32).view(heads, 1, 1))
+        self.register_buffer("norm_mean", torch.zeros(in_dim))
+        self.register_buffer("norm_std", torch.ones(in_dim))
+        g = torch.Generator().manual_seed(seed)
+        dims = [in_dim, hidden, num_classes] if hidden else [in_dim, num_classes]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+            # nn.Linear's init for the MLP; zeros for the linear head (a convex problem, and the usual probe start)
+            bound = 1 / math.sqrt(fan_in) if hidden else 0.0
+            w = (torch.rand(fan_in, fan_out, generator=g) * 2 - 1) * bound
+            b = (torch.rand(1, fan_out, generator=g) * 2 - 1) * bound
+            self.weights.append(nn.Parameter(w.expand(heads, -1, -1).clone()))
+            self.biases.append(nn.Parameter(b.expand(heads, -1, -1).clone()))
+
+    @property
+    def num_heads(self) -> int:
+        return self.weights[0].shape[0]
+
+    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.norm_mean.copy_(mean)
+        self.norm_std.copy_(std.clamp_min(1e-6))
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw features (any float dtype) -> float32 normalised features."""
+        x = x.float()
+        if self.normalize == "l2":
+            return F.normalize(x, dim=-1)
+        if self.normalize == "standard":
+            return (x - self.norm_mean) / self.norm_std
+        return x
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D) -> (H, B, C). `noise`: uniform (B, D) shared by all heads, to apply dropout (training)."""
+        h = self.prepare(x)
+        if noise is not None:
+            h = h * noise.ge(self.dropout) / (1 - self.dropout)  # (H, B, D); p = 0 keeps every unit
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if i:
+                h = torch.relu(h)
+            h = torch.baddbmm(b, h, w) if h.dim() == 3 else torch.matmul(h, w) + b
+        return h
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, V, D) features of V views per image -> (H, B, C) softmax averaged over the views."""
+        b, v, d = x.shape
+        return self(x.reshape(b * v, d)).softmax(-1).view(self.num_heads, b, v, -1).mean(2)
+
+    def head_state(self, h: int) -> dict[str, torch.Tensor]:
+        """The state dict of head h alone, as a 1-head stack (what a checkpoint stores)."""
+        return {k: (t if k.startswith("norm_") else t[h : h + 1]).detach().cpu().clone()
+                for k, t in self.state_dict().items()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], *, normalize: str) -> "StackedHeads":
+        """Rebuild from a state dict (of head_state or state_dict)."""
+        n_layers = sum(k.startswith("weights.") for k in state)
+        w0, wl = state["weights.0"], state[f"weights.{n_layers - 1}"]
+        heads = cls(heads=w0.shape[0], in_dim=w0.shape[1], num_classes=wl.shape[2],
+                    hidden=w0.shape[2] if n_layers == 2 else 0, normalize=normalize)
+        heads.load_state_dict(state)
+        return heads
+
+
+class HeadOptimizer:
+    """One torch optimizer over a stack, with a param group per head (weights) and per head (biases).
+
+    The group params alias slices of the stacked tensors; after each backward the stacked gradients are
+    handed to them as views, so nothing is copied and torch's fused per-element kernels do the update.
+    """
+
+    def __init__(self, heads: StackedHeads, *, kind: str, lr: Sequence[float], weight_decay: Sequence[float],
+                 momentum: float = 0.9):
+        if kind not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+        self.stacked = [*heads.weights, *heads.biases]
+        n_weights = len(heads.weights)
+        self.aliases = [[nn.Parameter(p.detach()[h]) for p in self.stacked] for h in range(heads.num_heads)]
+        self.base_lr = list(lr)
+        groups = []
+        for h, params in enumerate(self.aliases):
+            groups.append({"params": params[:n_weights], "lr": lr[h], "weight_decay": weight_decay[h]})
+            groups.append({"params": params[n_weights:], "lr": lr[h], "weight_decay": 0.0})
+        fused = {"fused": True}
+        if kind == "sgd":
+            self.opt = torch.optim.SGD(groups, momentum=momentum, **fused)
+        else:
+            self.opt = (torch.optim.Adam if kind == "adam" else torch.optim.AdamW)(groups, **fused)
+        self.active = [True] * heads.num_heads
+
+    def stop(self, h: int) -> None:
+        """Freeze head h (its loss turned NaN): it takes no further steps."""
+        self.active[h] = False
+
+    def step(self, lr_scale: float) -> None:
+        for h, params in enumerate(self.aliases):
+            for alias, p in zip(params, self.stacked):
+                alias.grad = p.grad[h] if self.active[h] else None  # the optimizer skips params without grad
+        for i, group in enumerate(self.opt.param_groups):
+            group["lr"] = self.base_lr[i // 2] * lr_scale
+        self.opt.step()
+        for p in self.stacked:
+            p.grad = None
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
+    """(H, B, C) logits, (B,) labels, (H,) smoothing -> (H,) mean loss per head.
+
+    The target puts 1 - eps + eps/C on the true class and eps/C elsewhere, as in F.cross_entropy.
+    """
+    logp = logits.log_softmax(-1)
+    nll = -logp.gather(-1, labels.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(-1)
+    uniform = -logp.mean(-1)
+    eps = smoothing.view(-1, 1)
+    return ((1 - eps) * nll + eps * uniform).mean(1)
+
+
+def lr_scale(kind: str, *, decay: float, epoch_fraction: float, epochs: int) -> float:
+    """Multiplier of the base lr after `epoch_fraction` epochs: exponential (decay per epoch) or cosine."""
+    if kind == "exponential":
+        return decay**epoch_fraction
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(epoch_fraction / epochs, 1.0)))
+    raise ValueError(f"schedule must be exponential or cosine, got {kind!r}")
+
+
+def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(H, B, C), (B,) -> (H,) number of rows whose label is among the top k."""
+    top = probs.topk(min(k, probs.shape[-1]), dim=-1).indices
+    return (top == labels.view(1, -1, 1)).any(-1).sum(1)

@@ -1,0 +1,220 @@
+"""featx probe: stacked heads, sweeps in one pass, the run directory, user errors, and a real probe."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from featx.cli import main
+from featx.features import FeatureMeta, load_features, write_features
+from featx.heads import StackedHeads, smoothed_cross_entropy
+from featx.probe import HeadConfig, StreamedSplit, grid, train
+from featx.runs import load_checkpoint, read_run
+
+VIEWS = ["full", "full_flip", "top_left"]
+
+
+def write_synthetic(path: Path, *, classes: int = 4, dim: int = 16, views: int = 3, n_train: int = 120,
+                    n_val: int = 40, noise: float = 0.02, val_labels: bool = True, poison: float | None = None) -> Path:
+    """A feature file of Gaussian blobs around orthogonal class centres: linearly separable at small noise."""
+    rng = np.random.default_rng(0)
+    centres = 2 * np.eye(classes, dim, dtype=np.float32)
+
+    def split(n: int, labelled: bool):
+        y = np.arange(n) % classes
+        x = centres[y][:, None, :] + noise * rng.standard_normal((n, views, dim), dtype=np.float32)
+        return x.astype(np.float16), np.where(labelled, y, -1), [f"img{i}.JPEG" for i in range(n)]
+
+    splits = {"train": split(n_train, True), "val": split(n_val, val_labels)}
+    if poison is not None:
+        splits["train"][0][3, 1, 2] = poison
+    names = [f"n{k:08d}" for k in range(classes)]
+    meta = FeatureMeta(backbone="synthetic", weights="none", input_size=64, views=VIEWS[:views], crop=56,
+                       mean=[0.5] * 3, std=[0.5] * 3, precision="fp32", dtype="float16", dataset="synthetic",
+                       dataset_fingerprint="synthetic-0", classes=names, class_names=names, featx_version="test")
+    return write_features(path, meta, splits)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("probe") / "synthetic.h5")
+
+
+def _splits(path: Path):
+    return load_features(path, "train"), load_features(path, "val")
+
+
+def probe_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["featx", "probe", *args])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    out, err = capsys.readouterr()
+    return exit.value.code, out, err
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+def test_separable_features_reach_100_percent_and_the_smoothed_optimum(synthetic):
+    eps, classes = 0.2, 4
+    tr, va = _splits(synthetic)
+    result = train(tr, val=va, heads=[HeadConfig(lr=0.05, weight_decay=0.0, label_smoothing=eps)], epochs=20,
+                   batch_size=20, lr_decay=0.9, device="cpu")
+    assert result.best_metrics["val_top1"] == 1.0
+    # with smoothed targets q the loss is bounded below by the entropy H(q), which a linear head reaches
+    q = np.array([1 - eps + eps / classes] + [eps / classes] * (classes - 1))
+    entropy = float(-(q * np.log(q)).sum())
+    x = torch.from_numpy(tr.features[:, 0]).float()
+    loss = smoothed_cross_entropy(result.heads(x), torch.from_numpy(tr.labels), torch.tensor([eps]))
+    assert loss.item() == pytest.approx(entropy, abs=1e-3)
+    assert result.history[0][-1]["train_loss"] == pytest.approx(entropy, abs=1e-3)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_a_sweep_gives_each_head_what_it_gets_alone(synthetic, head):
+    tr, va = _splits(synthetic)
+    configs = grid(lr=[1e-3, 1e-2, 3e-2], weight_decay=[0.0, 0.05], label_smoothing=[0.1], dropout=[0.0, 0.3])
+    assert len(configs) == 12
+    common = dict(head=head, hidden=32, epochs=2, batch_size=16, seed=3, device="cpu")
+    sweep = train(tr, val=va, heads=configs, **common)
+    for h, config in enumerate(configs):
+        alone = train(tr, val=va, heads=[config], **common)
+        for stacked, single in zip(sweep.heads.head_state(h).values(), alone.heads.head_state(0).values()):
+            torch.testing.assert_close(stacked, single, rtol=1e-5, atol=1e-6)
+        for a, b in zip(sweep.history[h], alone.history[0]):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_a_diverging_head_is_stopped_and_the_others_go_on(synthetic):
+    tr, va = _splits(synthetic)
+    result = train(tr, val=va, heads=grid(lr=[0.05, 1e38], weight_decay=[0.0]), epochs=3, batch_size=20,
+                   device="cpu")
+    assert result.status[0] == "ok" and result.status[1].startswith("stopped in epoch 1")
+    assert all(math.isnan(r["val_top1"]) for r in result.history[1])
+    assert result.best == 0 and result.best_metrics["val_top1"] == 1.0
+
+
+def test_streaming_from_hdf5_trains_as_well(synthetic):
+    result = train(StreamedSplit(synthetic, "train"), val=StreamedSplit(synthetic, "val", "full"),
+                   heads=[HeadConfig(lr=0.05)], epochs=5, batch_size=20, normalize="standard", device="cpu")
+    assert result.best_metrics["val_top1"] == 1.0
+
+
+def test_different_extractions_are_refused(synthetic, tmp_path):
+    other = write_synthetic(tmp_path / "other.h5", dim=16, views=2)
+    with h5py.File(other, "r+") as f:  # the same split layout from another extraction
+        meta = json.loads(f.attrs["meta"])
+        meta["backbone"] = "another"
+        f.attrs["meta"] = json.dumps(meta)
+    with pytest.raises(Exception, match="another extraction"):
+        train(load_features(synthetic, "train"), val=load_features(other, "val"), device="cpu")
+
+
+# --- the command line and the run directory ----------------------------------------------------------
+
+
+def test_cli_writes_the_run_directory(synthetic, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, stdout, _ = probe_cli(capsys, monkeypatch, "--features", str(synthetic), "--out", str(out),
+                                "--lr", "1e-3,3e-2", "--weight-decay", "0,1e-3", "--epochs", "3",
+                                "--batch-size", "20", "--keep", "2", "--save", "all", "--device", "cpu")
+    assert code == 0
+    table, summary = stdout.strip().splitlines()[:-1], stdout.strip().splitlines()[-1]
+    assert len(table) == 5 and sum(line.startswith("*") for line in table) == 1
+    assert summary.startswith("probe: best lr=") and "val top-1 100.00%" in summary
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["heads"]) == 4
+    for head in metrics["heads"]:
+        assert set(head["config"]) == {"lr", "weight_decay", "label_smoothing", "dropout"}
+        assert [r["epoch"] for r in head["epochs"]] == [1, 2, 3]
+        for row in head["epochs"]:
+            assert set(row) == {"epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5"}
+            assert all(0 <= row[k] <= 1 for k in ("train_top1", "val_top1", "val_top5"))
+    best = metrics["best"]
+    assert best["val_top1"] == 1.0 and set(best["config"]) == {"lr", "weight_decay", "label_smoothing", "dropout"}
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and {"head", "lr", "epoch", "val_top1"} <= set(rows[0])
+    assert (out / "curves.png").stat().st_size > 1000
+
+    run = read_run(out)
+    assert run["kind"] == "probe" and run["config"]["epochs"] == 3 and len(run["checkpoints"]) == 8
+    assert run["checkpoints"][0]["file"] == best["checkpoint"]
+    # any checkpoint scores raw stored features on its own, as `featx predict` does
+    ckpt = load_checkpoint(out / best["checkpoint"])
+    assert ckpt["format"] == "featx-head-1" and ckpt["features"]["identity"] == read_run(out)["features"]["identity"]
+    assert ckpt["config"]["lr"] == best["config"]["lr"] and ckpt["config"]["optimizer"] == "adam"
+    heads = StackedHeads.from_state(ckpt["state"], normalize=ckpt["normalize"])
+    val = load_features(synthetic, "val")
+    probs = heads.predict_proba(torch.from_numpy(val.features))
+    assert (probs[0].argmax(-1).numpy() == val.labels).mean() == ckpt["val_top1"] == 1.0
+
+
+def test_save_best_keeps_only_the_best_heads_snapshots(synthetic, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, _, _ = probe_cli(capsys, monkeypatch, "--features", str(synthetic), "--out", str(out), "--lr",
+                           "1e-4,3e-2", "--epochs", "2", "--head", "mlp", "--hidden", "8", "--stream",
+                           "--device", "cpu")
+    assert code == 0
+    run = read_run(out)
+    assert {c["key"] for c in run["checkpoints"]} == {run["best"]["head"]} and len(run["checkpoints"]) == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
+        Path(c["file"]).name for c in run["checkpoints"])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unfinished", "extraction unfinished"),
+    ("nan", "NaN/inf"),
+    ("unlabelled", "no labels to validate on"),
+    ("bad-lr", "--lr '1e-3,fast': not a comma list of numbers"),
+    ("no-val", "no 'val' split"),
+])
+def test_bad_input_is_one_line_and_exit_2(case, message, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "f.h5"
+    args = ["--features", str(path), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    if case == "unfinished":
+        write_synthetic(path)
+        with h5py.File(path, "r+") as f:
+            f.attrs["complete"] = False
+    elif case == "nan":
+        write_synthetic(path, poison=float("nan"))
+    elif case == "unlabelled":
+        write_synthetic(path, val_labels=False)
+    elif case == "bad-lr":
+        write_synthetic(path)
+        args += ["--lr", "1e-3,fast"]
+    elif case == "no-val":
+        write_synthetic(path)
+        with h5py.File(path, "r+") as f:
+            del f["val"]
+    code, stdout, stderr = probe_cli(capsys, monkeypatch, *args)
+    assert code == 2 and stdout == ""
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr and stderr.startswith("featx: error:")
+
+
+# --- real features --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_linear_probe_matches_logistic_regression(mobilenet_features_20, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    tr, va = _splits(mobilenet_features_20)
+    result = train(tr, val=va, heads=grid(lr=[3e-4, 6.5e-4, 1e-3, 3e-3]), device="cpu")
+    ours = result.best_metrics["val_top1"]
+
+    x, xv = tr.features[:, 0].astype(np.float32), va.features[:, 0].astype(np.float32)
+    sklearn_best = max(LogisticRegression(C=c, max_iter=1000).fit(x, tr.labels).score(xv, va.labels)
+                       for c in (0.01, 0.1, 1.0, 10.0, 100.0))
+    print(f"probe val top-1 {ours:.4f}, sklearn best {sklearn_best:.4f}")
+    assert ours >= 0.75
+    assert ours >= sklearn_best - 0.01
