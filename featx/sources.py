@@ -11,9 +11,12 @@ import hashlib
 import io
 import os
 import re
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -56,8 +59,7 @@ def open_tree(path: Path) -> Tree:
                 digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return Tree(path, False, sorted(files), digest.hexdigest()[:16])
     try:
-        with zipfile.ZipFile(path) as z:
-            infos = [i for i in z.infolist() if not i.is_dir()]
+        infos = [i for i in _zip_index(str(path))[1].values() if not i.is_dir()]
     except (zipfile.BadZipFile, OSError) as e:
         raise FeatxError(f"{path}: cannot read it as a zip or a folder ({e}); pass the dataset zip or folder to --data")
     for i in infos:
@@ -65,21 +67,50 @@ def open_tree(path: Path) -> Tree:
     return Tree(path, True, sorted(i.filename for i in infos), digest.hexdigest()[:16])
 
 
-@functools.lru_cache(maxsize=4)
-def _zip(path: str) -> zipfile.ZipFile:
-    # One open archive per worker process: parsing the central directory of 120k members is not free.
-    return zipfile.ZipFile(path)
-
-
 def read_member(root: str, is_zip: bool, name: str) -> bytes:
-    return _zip(root).read(name) if is_zip else Path(root, name).read_bytes()
+    return _read_zip_member(root, name) if is_zip else Path(root, name).read_bytes()
+
+
+def _zip_index(path: str) -> tuple[BinaryIO, dict[str, zipfile.ZipInfo]]:
+    st = os.stat(path)
+    return _zip_index_of(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _zip_index_of(path: str, size: int, mtime_ns: int) -> tuple[BinaryIO, dict[str, zipfile.ZipInfo]]:
+    # Once per process and version of the file (size and mtime are part of the key): parsing the central
+    # directory of 120k members takes a good fraction of a second.
+    with zipfile.ZipFile(path) as z:
+        return open(path, "rb"), {i.filename: i for i in z.infolist()}
+
+
+def _read_zip_member(path: str, name: str) -> bytes:
+    """ZipFile.read without its per-member Python overhead, which costs a third of a 64x64 JPEG's decode."""
+    f, index = _zip_index(path)
+    info = index[name]
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 1:
+        with zipfile.ZipFile(path) as z:  # other compressions and encryption: rare, let zipfile handle them
+            return z.read(name)
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header of {name}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    f.seek(info.header_offset + 30 + name_len + extra_len)
+    data = f.read(info.compress_size)
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        data = zlib.decompress(data, -zlib.MAX_WBITS)
+    if zlib.crc32(data) != info.CRC:
+        raise zipfile.BadZipFile(f"bad CRC-32 of {name}")
+    return data
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """uint8 (size, size, 3): grayscale, CMYK and palette images become RGB; other sizes are scaled so the
     shorter side is `size` and centre-cropped (the aspect ratio is kept)."""
     im = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
-    im.draft("RGB", (size, size))  # JPEG: let libjpeg downscale by 2/4/8 first when the image is large
+    if min(im.size) >= 2 * size:
+        im.draft("RGB", (size, size))  # JPEG: libjpeg scales down by 2, 4 or 8 while decoding, much faster
     if im.mode != "RGB":
         im = im.convert("RGB")
     if im.size != (size, size):

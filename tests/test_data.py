@@ -167,8 +167,9 @@ def test_read_images_reads_the_requested_rows(synth_cache):
 # --- reuse -------------------------------------------------------------------------------------------
 
 
-def test_second_prepare_reuses_the_cache(tmp_path):
-    source = write_tiny_imagenet(tmp_path / "src", as_zip=False)
+@pytest.mark.parametrize("as_zip", [True, False], ids=["zip", "folder"])
+def test_second_prepare_reuses_the_cache(tmp_path, as_zip):
+    source = write_tiny_imagenet(tmp_path / "src", as_zip=as_zip)
     cache = prepare(source, tmp_path)
     before = cache.stat().st_mtime_ns
     time.sleep(0.01)
@@ -176,7 +177,7 @@ def test_second_prepare_reuses_the_cache(tmp_path):
     assert prepare_cache(cache) == cache  # a cache is a source too
 
     pixels = read_split(cache, "val").read_images()
-    write_tiny_imagenet(tmp_path / "src", as_zip=False, seed=1)  # changed source: decoded again
+    write_tiny_imagenet(tmp_path / "src", as_zip=as_zip, seed=1)  # changed source: decoded again
     assert prepare(source, tmp_path) == cache and cache.stat().st_mtime_ns != before
     assert not np.array_equal(read_split(cache, "val").read_images(), pixels)
     assert prepare(source, tmp_path, image_size=32) == cache  # other options: decoded again
@@ -209,6 +210,17 @@ def test_truncated_member_fails_and_leaves_no_cache(tmp_path):
     with pytest.raises(FeatxError, match=f"{CORRUPT_ID} is not a readable image.*--skip-bad"):
         prepare(source, tmp_path)
     assert list(tmp_path.glob("c.h5*")) == []
+
+
+def test_damaged_zip_member(tmp_path):
+    source = write_tiny_imagenet(tmp_path)
+    with zipfile.ZipFile(source) as z:
+        info = z.getinfo(f"{TOP}/val/images/val_2.JPEG")
+    data = bytearray(source.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2] ^= 0xFF
+    source.write_bytes(data)
+    with pytest.raises(FeatxError, match="val/images/val_2.JPEG is not a readable image"):
+        prepare(source, tmp_path)
 
 
 def test_non_image_member(tmp_path):
