@@ -292,10 +292,19 @@ def _fits_in_memory(path: Path, views: dict[str, str], device: torch.device) -> 
         with open_split(path, split) as (ds, _, _):
             n, v, d = ds.shape
             size += n * (1 if which == "full" else v) * d * ds.dtype.itemsize
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = _available_ram()
     if device.type == "cuda":
         available = min(available, torch.cuda.mem_get_info(device)[0])
     return size < 0.6 * available
+
+
+def _available_ram() -> int:
+    # MemAvailable counts reclaimable page cache, which the free page count (sysconf) does not
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConfig], head: str = "linear",
@@ -342,7 +351,7 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
         snapshots.retain({result.best})
     best = {"head": result.best, "epoch": result.best_epoch, "config": dataclasses.asdict(heads[result.best]),
             "val_top1": result.best_metrics["val_top1"], "val_top5": result.best_metrics["val_top5"],
-            "checkpoint": f"checkpoints/head{result.best:02d}-epoch{result.best_epoch:03d}.pt"}
+            "checkpoint": snapshots.listing()[0]["file"]}  # ranked as _best ranks, so the same head and epoch
     write_metrics(run_dir, [{"index": h, "config": dataclasses.asdict(c), "status": result.status[h],
                              "epochs": result.history[h]} for h, c in enumerate(heads)], best)
     plot_curves(run_dir / "curves.png", result)

@@ -56,10 +56,13 @@ def _finite(x):
 
 
 def start_run(out: str | Path, *, kind: str, config: dict, features: dict) -> Path:
-    """Create (or reuse) the run directory and write run.json; snapshots of an earlier run there are removed."""
+    """Create (or reuse) the run directory and write run.json; snapshots of an earlier run of the same kind there
+    are removed (another kind's run is refused, not overwritten)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FeatxError(f"--out {out}: is a file; name a directory")
+    if (out / "run.json").exists() and read_run(out).get("kind") != kind:
+        raise FeatxError(f"--out {out}: holds a `featx {read_run(out).get('kind')}` run; choose another --out")
     (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     for old in (out / CHECKPOINTS).glob("*.pt"):
         old.unlink()
@@ -114,9 +117,13 @@ class Snapshot:
     val_top1: float
     val_top5: float
 
+    def rank(self) -> tuple:
+        """Best first: val top-1, then top-5, then the lower key and the earlier epoch."""
+        return -self.val_top1, -self.val_top5, self.key, self.epoch
+
 
 class Snapshots:
-    """Keeps the `keep` best checkpoints by val top-1 per key on disk; worse ones are deleted as training goes."""
+    """Keeps the `keep` best checkpoints per key on disk (by Snapshot.rank); worse ones are deleted as training goes."""
 
     def __init__(self, run_dir: Path, *, keep: int):
         self.run_dir, self.keep = run_dir, keep
@@ -125,12 +132,12 @@ class Snapshots:
     def offer(self, key: int, epoch: int, val_top1: float, val_top5: float, payload: Callable[[], dict]) -> None:
         """Save `payload()` if it ranks among the best `keep` of its key; `payload` is only called then."""
         kept = self.kept.setdefault(key, [])
-        if not math.isfinite(val_top1) or (len(kept) >= self.keep and val_top1 <= kept[-1].val_top1):
-            return
         snap = Snapshot(f"{CHECKPOINTS}/head{key:02d}-epoch{epoch:03d}.pt", key, epoch, val_top1, val_top5)
+        if not math.isfinite(val_top1) or (len(kept) >= self.keep and snap.rank() >= kept[-1].rank()):
+            return
         torch.save(payload(), self.run_dir / snap.file)
         kept.append(snap)
-        kept.sort(key=lambda s: -s.val_top1)
+        kept.sort(key=Snapshot.rank)
         for dropped in kept[self.keep :]:
             (self.run_dir / dropped.file).unlink()
         del kept[self.keep :]
@@ -143,5 +150,5 @@ class Snapshots:
 
     def listing(self) -> list[dict]:
         """The kept snapshots, best first, as stored in run.json."""
-        snaps = sorted((s for kept in self.kept.values() for s in kept), key=lambda s: (-s.val_top1, s.key, s.epoch))
+        snaps = sorted((s for kept in self.kept.values() for s in kept), key=Snapshot.rank)
         return [vars(s) for s in snaps]

@@ -17,7 +17,7 @@ from featx.cli import main
 from featx.features import FeatureMeta, load_features, write_features
 from featx.heads import StackedHeads, smoothed_cross_entropy
 from featx.probe import HeadConfig, StreamedSplit, grid, train
-from featx.runs import load_checkpoint, read_run
+from featx.runs import load_checkpoint, read_run, start_run
 
 VIEWS = ["full", "full_flip", "top_left"]
 
@@ -177,6 +177,7 @@ def test_save_best_keeps_only_the_best_heads_snapshots(synthetic, tmp_path, caps
     ("unlabelled", "no labels to validate on"),
     ("bad-lr", "--lr '1e-3,fast': not a comma list of numbers"),
     ("no-val", "no 'val' split"),
+    ("finetune-run", "holds a `featx finetune` run"),
 ])
 def test_bad_input_is_one_line_and_exit_2(case, message, tmp_path, capsys, monkeypatch):
     path = tmp_path / "f.h5"
@@ -196,6 +197,9 @@ def test_bad_input_is_one_line_and_exit_2(case, message, tmp_path, capsys, monke
         write_synthetic(path)
         with h5py.File(path, "r+") as f:
             del f["val"]
+    elif case == "finetune-run":
+        write_synthetic(path)
+        start_run(tmp_path / "run", kind="finetune", config={}, features={})
     code, stdout, stderr = probe_cli(capsys, monkeypatch, *args)
     assert code == 2 and stdout == ""
     assert len(stderr.strip().splitlines()) == 1 and message in stderr and stderr.startswith("featx: error:")
@@ -218,3 +222,13 @@ def test_real_linear_probe_matches_logistic_regression(mobilenet_features_20, tm
     print(f"probe val top-1 {ours:.4f}, sklearn best {sklearn_best:.4f}")
     assert ours >= 0.75
     assert ours >= sklearn_best - 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_trains_the_same_heads_as_cpu(synthetic):
+    tr, va = _splits(synthetic)
+    runs = [train(tr, val=va, heads=grid(lr=[1e-3, 1e-2], weight_decay=[0.0, 0.05]), epochs=2, batch_size=16,
+                  device=device) for device in ("cpu", "cuda")]
+    for a, b in zip(runs[0].heads.state_dict().values(), runs[1].heads.state_dict().values()):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-5)
