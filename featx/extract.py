@@ -27,7 +27,7 @@ from featx.backbones import Backbone, create_backbone
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.errors import FeatxError
 from featx.features import FeatureMeta, create_file, finish_file, read_meta
-from featx.views import render_views, view_names
+from featx.views import check_crop, render_views, view_names
 
 SHARD_ROWS = 1024
 
@@ -140,7 +140,10 @@ def _features(bb: Backbone, model: torch.nn.Module, images: np.ndarray, *, views
     v = render_views(x, views=views, crop=crop, size=bb.input_size, mean=bb.mean, std=bb.std)
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         y = model(v)
-    return y.float().reshape(len(images), len(views), -1).cpu().numpy().astype(out_dtype)
+    y = y.float().reshape(len(images), len(views), -1).cpu().numpy()
+    if out_dtype == np.float16 and np.abs(y).max() > np.finfo(np.float16).max:
+        raise FeatxError(f"features reach {np.abs(y).max():.3g}, beyond float16; re-run with --dtype float32")
+    return y.astype(out_dtype)
 
 
 def extract_features(*, data: str | Path | None, backbone: str, out: str | Path, weights: str | Path = "default",
@@ -184,6 +187,7 @@ def _extract(ranks: _Ranks, *, data, backbone, out: Path, weights, size, views, 
     unknown = [s for s in splits if s not in info.splits]
     if unknown:
         raise FeatxError(f"--splits {','.join(unknown)}: not in {cache} (has {','.join(info.splits)})")
+    check_crop(crop, info.image_size, info.image_size)
     bb = create_backbone(backbone, weights=weights, size=size)
     if mean is not None:
         bb.mean = tuple(mean)

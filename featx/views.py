@@ -34,6 +34,11 @@ def view_names(views: str) -> list[str]:
     return list(VIEW_SETS[views])
 
 
+def check_crop(crop: int, height: int, width: int) -> None:
+    if crop > min(height, width):
+        raise FeatxError(f"--crop {crop} is larger than the {height}x{width} images; use --crop {min(height, width)} or less")
+
+
 def _crop(x: torch.Tensor, name: str, crop: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     if name == "full":
@@ -51,8 +56,7 @@ def render_views(images: torch.Tensor, *, views: Sequence[str], crop: int, size:
     the bilinear upsampling so that a flipped view equals the same view of the mirrored image exactly.
     """
     h, w = images.shape[1:3]
-    if crop > min(h, w):
-        raise FeatxError(f"--crop {crop} is larger than the {h}x{w} images; use --crop {min(h, w)} or less")
+    check_crop(crop, h, w)
     x = images.permute(0, 3, 1, 2).float()
     out = []
     for name in views:

@@ -52,11 +52,12 @@ def synth_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def mobilenet_features_20(real_cache: Path, shared_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real transfer values: MobileNetV2 with the shared ImageNet weights on the first 20 classes of the real
-    zip (50 train images per class, all 1,000 of their val images, the 500 test images), views `flip`.
-    About two minutes on 2 cores, once per session."""
+    zip (50 train images per class, all 1,000 of their val images), views `flip`. About a minute on 2
+    cores, once per session."""
     from featx import extract_features
 
     return extract_features(data=real_cache, backbone="mobilenet_v2",
                             weights=shared_weights / "mobilenet_v2_imagenet_tflite.pth", views="flip",
-                            classes=20, per_class=50, out=tmp_path_factory.mktemp("mnv2") / "mnv2-flip.h5",
+                            classes=20, per_class=50, splits=["train", "val"],
+                            out=tmp_path_factory.mktemp("mnv2") / "mnv2-flip.h5",
                             progress=False)
