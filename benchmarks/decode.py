@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200-train100.zip"
+import common
+from common import SHARED_ZIP
 
 
 def run_featx(zip_path: str, cache: str) -> dict:
@@ -44,34 +42,9 @@ def run_loop(folder: str) -> dict:
     return {"seconds": time.perf_counter() - start, "images": len(images), "bytes": images.nbytes}
 
 
-def sample_tree(pid: int, cpu: dict[int, int]) -> int:
-    """Resident bytes of pid and all its descendants; records each one's CPU ticks so far in cpu."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-            stat = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            cpu[p] = int(stat[11]) + int(stat[12])  # utime + stime
-            total += int(status.split("VmRSS:")[1].split()[0]) * 1024
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            pass  # exited meanwhile, or a zombie without VmRSS
-    return total
-
-
 def measure(args: list[str]) -> dict:
-    child = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-    peak, cpu = 0, {}
-    while child.poll() is None:
-        peak = max(peak, sample_tree(child.pid, cpu))
-        time.sleep(0.01)
-    result = json.loads(child.stdout.read())
-    if child.returncode:
-        raise SystemExit(f"{args[0]} side failed with status {child.returncode}")
-    cpu_seconds = sum(cpu.values()) / os.sysconf("SC_CLK_TCK")  # whole process, start-up included
-    return {**result, "peak_rss": peak, "cpu": cpu_seconds, "rate": result["images"] / result["seconds"]}
+    result = common.measure(__file__, args)
+    return {**result, "rate": result["images"] / result["seconds"]}
 
 
 def main() -> None:
@@ -102,8 +75,7 @@ def main() -> None:
         print(f"{side:<6} {r['images']} images in {r['seconds']:.2f} s = {r['rate']:.0f} images/s "
               f"(runs: {rates}), peak RSS {max(x['peak_rss'] for x in runs[side]) / 2**20:.0f} MiB, "
               f"CPU {cpu_ms:.3f} ms/image")
-    print(f"ratio  featx / loop = {f['rate'] / loop['rate']:.2f}x (target >= 2x) on {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"ratio  featx / loop = {f['rate'] / loop['rate']:.2f}x (target >= 2x) on {common.machine()}")
     print(f"cache  {f['bytes'] / 2**20:.1f} MiB vs raw uint8 pixels {loop['bytes'] / 2**20:.1f} MiB "
           f"= {100 * (f['bytes'] / loop['bytes'] - 1):+.2f}% (target <= +5%)")
 
