@@ -18,78 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
 from featx import __version__
 from featx.backbones import Backbone, create_backbone
 from featx.data import dataset_info, prepare_cache, read_split
+from featx.device import Dist, distributed, precision_name, resolve_precision
 from featx.errors import FeatxError
 from featx.features import FeatureMeta, create_file, finish_file, read_meta
 from featx.views import check_crop, render_views, view_names
 
 SHARD_ROWS = 1024
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatxError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise FeatxError(f"--device {device}: choose auto, cpu or cuda")
-    return torch.device(device)
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. bf16 on CPUs only where the hardware has it:
-    elsewhere it is emulated and slower than fp32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if _cpu_has_bf16() else None
-    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in choices:
-        raise FeatxError(f"--precision {precision}: choose auto, fp32, bf16 or fp16")
-    if precision == "fp16" and device.type == "cpu":
-        raise FeatxError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
-    return choices[precision]
-
-
-def _precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
-class _Ranks:
-    """torch.distributed when launched by torchrun, a single rank otherwise."""
-
-    def __init__(self, device: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            cuda = device != "cpu" and torch.cuda.is_available()
-            if cuda:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl" if cuda else "gloo")
-            self.owns_group = True
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group:
-            dist.destroy_process_group()
 
 
 def _check_existing(out: Path, meta: FeatureMeta) -> bool:
@@ -156,26 +96,21 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
     """Extract pooled features of every image and view; returns the finished feature file.
 
     `data` is anything `featx.data.prepare_cache` accepts. `splits` defaults to every split in the data.
-    Re-running a finished extraction is a no-op; an interrupted one resumes.
+    Re-running a finished extraction is a no-op; an interrupted one resumes. Under torchrun every rank
+    takes its share of the shards and rank 0 writes the file.
     """
-    out = Path(out)
-    dev = resolve_device(device)
-    ranks = _Ranks(device)
-    try:
-        if dev.type == "cuda" and ranks.world > 1:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return _extract(ranks, data=data, backbone=backbone, out=out, weights=weights, size=size,
+    with distributed(device) as d:
+        return _extract(d, data=data, backbone=backbone, out=Path(out), weights=weights, size=size,
                         views=view_names(views), crop=crop, splits=splits, classes=classes,
-                        per_class=per_class, batch_size=batch_size or (256 if dev.type == "cuda" else 32),
-                        device=dev, autocast=resolve_precision(precision, dev), mean=mean, std=std,
+                        per_class=per_class, batch_size=batch_size or (256 if d.device.type == "cuda" else 32),
+                        autocast=resolve_precision(precision, d.device), mean=mean, std=std,
                         compile=compile, dtype=np.dtype(dtype), shard_rows=shard_rows,
-                        progress=progress and ranks.rank == 0)
-    finally:
-        ranks.close()
+                        progress=progress and d.rank == 0)
 
 
-def _extract(ranks: _Ranks, *, data, backbone, out: Path, weights, size, views, crop, splits, classes,
-             per_class, batch_size, device, autocast, mean, std, compile, dtype, shard_rows, progress) -> Path:
+def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, crop, splits, classes,
+             per_class, batch_size, autocast, mean, std, compile, dtype, shard_rows, progress) -> Path:
+    device = ranks.device
     # Rank 0 decodes first so that the other ranks find the cache made instead of racing to make it.
     if ranks.rank == 0:
         cache = prepare_cache(data, classes=classes, per_class=per_class, progress=progress)
@@ -194,7 +129,7 @@ def _extract(ranks: _Ranks, *, data, backbone, out: Path, weights, size, views, 
     if std is not None:
         bb.std = tuple(std)
     meta = FeatureMeta(backbone=bb.name, weights=bb.weights_id, input_size=bb.input_size, views=list(views),
-                       crop=crop, mean=list(bb.mean), std=list(bb.std), precision=_precision_name(autocast),
+                       crop=crop, mean=list(bb.mean), std=list(bb.std), precision=precision_name(autocast),
                        dtype=dtype.name, dataset=info.name, dataset_fingerprint=info.fingerprint,
                        classes=list(info.wnids), class_names=list(info.names), featx_version=__version__)
     if _check_existing(out, meta):
