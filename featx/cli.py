@@ -262,19 +262,73 @@ def finetune(data_, aug, compile_, **options) -> None:
 # --- predict -----------------------------------------------------------------------------------------
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def predict() -> None:
-    """Crop and snapshot ensembles; the challenge submission."""
-    _not_implemented("predict")
+@cli.command()
+@click.option("--run", "runs", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Run directory of `featx probe` or `featx finetune`; repeat to average several runs.")
+@click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True)
+@click.option("--views", type=click.Choice(["all", "full"]), default="all", show_default=True,
+              help="all: softmax averaged over a probe run's stored views (a finetune run: the image and its mirror).")
+@click.option("--ensemble", default="best", show_default=True,
+              help="Each run's checkpoints averaged: best, top:K, greedy (added best first while val top-1 "
+                   "improves) or all.")
+@click.option("--out", default="preds", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for predictions.csv (and submission.txt for the test split).")
+@click.option("--images", multiple=True, type=click.Path(path_type=Path),
+              help="Classify these image files or folders instead of a split (`--images *.jpg` works).")
+@click.option("--skip-bad", is_flag=True, help="With --images: skip undecodable images instead of stopping.")
+@click.option("--image-size", type=click.IntRange(8), default=64, show_default=True,
+              help="With --images: the side the dataset's images had (64 for Tiny ImageNet).")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --images: the backbone weights file a probe run's features were extracted with.")
+@click.option("--data", "data_", metavar="SRC", help="A finetune run's dataset [default: the one it trained on].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.argument("more_images", nargs=-1, type=click.Path(path_type=Path))
+def predict(runs, split, views, ensemble, out, images, skip_bad, image_size, weights, data_, device,
+            more_images) -> None:
+    """Score runs on a split or on image files: view, snapshot and run ensembles; the challenge submission."""
+    from featx.predict import predict as predict_split
+    from featx.predict import predict_images, write_predictions, write_submission
+
+    if more_images and not images:
+        raise FeatxError(f"{more_images[0]}: unexpected argument; to classify image files pass --images")
+    if images:
+        p = predict_images(runs=runs, images=[*images, *more_images], views=views, ensemble=ensemble,
+                           skip_bad=skip_bad, image_size=image_size, weights=weights, data=data_, device=device)
+        for i, row in enumerate(p.top(5)):
+            click.echo(f"{p.ids[i]}: " + ", ".join(f"{p.class_names[c]} {p.probs[i, c]:.1%}" for c in row))
+    else:
+        p = predict_split(runs=runs, split=split, views=views, ensemble=ensemble, data=data_, device=device)
+        if p.has_labels:
+            click.echo(f"{split}: top-1 {p.top_k(1):.2%}, top-5 {p.top_k(5):.2%} on {len(p.ids)} images; "
+                       f"{len(p.members)} checkpoint(s) of {len(runs)} run(s): {100 * p.gain():+.2f} points "
+                       f"top-1 over the best single checkpoint")
+        if split == "test":
+            click.echo(f"submission: {write_submission(p, out / 'submission.txt')}")
+    click.echo(f"predictions: {write_predictions(p, out / 'predictions.csv')}")
 
 
 # --- report ------------------------------------------------------------------------------------------
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def report() -> None:
-    """Accuracy, confusions, curves and t-SNE of a run, as HTML."""
-    _not_implemented("report")
+@cli.command()
+@click.option("--run", required=True, type=click.Path(path_type=Path), help="Run directory to report on.")
+@click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True,
+              help="The split to analyse; it needs labels.")
+@click.option("--views", type=click.Choice(["all", "full"]), default="all", show_default=True)
+@click.option("--ensemble", default="best", show_default=True, help="best, top:K, greedy or all (as in predict).")
+@click.option("--tsne-classes", metavar="WNID,...",
+              help="Classes of the t-SNE map [default: convertible, sports car, Egyptian cat, tabby, freight car "
+                   "where present, else the first 5].")
+@click.option("--data", "data_", metavar="SRC", help="A finetune run's dataset [default: the one it trained on].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def report(run, out, split, views, ensemble, tsne_classes, data_, device) -> None:
+    """Accuracy, per-class errors, confusions, curves, t-SNE (and a finetune run's filters) as HTML."""
+    from featx.report import write_report
+
+    page = write_report(run=run, out=out, split=split, views=views, ensemble=ensemble, data=data_, device=device,
+                        tsne_classes=[w.strip() for w in tsne_classes.split(",") if w.strip()] if tsne_classes else None)
+    click.echo(f"report: {page}")
 
 
 # --- run ---------------------------------------------------------------------------------------------

@@ -1,0 +1,393 @@
+"""Stage 4: score a run's checkpoints on a split or on new images, averaging over views, snapshots and runs.
+
+    from featx.predict import predict, write_predictions
+    p = predict(runs=["runs/probe-inception"], split="val", views="all", ensemble="greedy")
+    p.top_k(1), p.top_k(5), p.gain()
+    write_predictions(p, "preds/predictions.csv")
+
+A probe run is scored on its feature file (its checkpoints' heads stacked into one matmul), a finetune run on
+the images of its dataset. Each checkpoint gives the softmax averaged over the views; the ensemble is the mean
+of the selected checkpoints' softmaxes within a run, then the mean over runs (each run weighs the same).
+Checkpoints are selected in the run's best-first order (by val top-1), so every selection starts with the best.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import top_k_accuracy_score
+from torch import nn
+
+from featx.backbones import Backbone, create_backbone
+from featx.data import dataset_info, prepare_cache, read_split
+from featx.device import resolve_device
+from featx.errors import FeatxError
+# _features is extraction's own "render the views, run the model" step: reusing it keeps predictions on new
+# images computed exactly as the stored features were.
+from featx.extract import _features
+from featx.features import load_features, read_meta
+from featx.finetune import load_model
+from featx.heads import StackedHeads
+from featx.runs import load_checkpoint, read_run
+from featx.sources import IMAGE_EXTS, decode_image
+from featx.views import VIEW_SETS
+
+BATCH = 64  # images per forward pass
+ENSEMBLES = "best, top:K, greedy or all"
+
+
+def top_k(probs: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+    """Top-k accuracy of (N, C) probabilities over the rows with a label (>= 0); there must be some."""
+    keep = labels >= 0
+    n_classes = probs.shape[1]
+    if k >= n_classes:
+        return 1.0
+    scores = probs[keep, 1] if n_classes == 2 else probs[keep]  # sklearn's binary case takes one column
+    return float(top_k_accuracy_score(labels[keep], scores, k=k, labels=np.arange(n_classes)))
+
+
+def ranked_picks(ensemble: str, n: int) -> list[int]:
+    """The checkpoints (indices into a run's best-first list of n) that best, top:K and all select."""
+    if ensemble == "best":
+        return [0]
+    if ensemble == "all":
+        return list(range(n))
+    kind, _, k = ensemble.partition(":")
+    if kind == "top" and k.isdigit() and int(k) >= 1:
+        return list(range(min(int(k), n)))
+    raise FeatxError(f"--ensemble {ensemble}: choose {ENSEMBLES}")
+
+
+def greedy(probs: np.ndarray, labels: np.ndarray) -> list[int]:
+    """Add checkpoints in best-first order while the ensemble's val top-1 improves; stop at the first that
+    does not. probs: (K, N, C) val softmaxes of the K checkpoints, best first."""
+    picked, total = [0], probs[0].copy()
+    best = top_k(total, labels)
+    for i in range(1, len(probs)):
+        acc = top_k((total + probs[i]) / (len(picked) + 1), labels)
+        if acc <= best:
+            break
+        picked.append(i)
+        total += probs[i]
+        best = acc
+    return picked
+
+
+@dataclass
+class Scored:
+    """One run's selected checkpoints on one set of images."""
+
+    ids: list[str]
+    labels: np.ndarray  # -1 where unknown
+    probs: np.ndarray  # (K, N, C): per checkpoint, softmax averaged over the views
+
+    def take(self, picks: list[int]) -> "Scored":
+        return Scored(self.ids, self.labels, self.probs[picks])
+
+
+@dataclass
+class Prediction:
+    split: str  # "val", "test", "train", or "images"
+    ids: list[str]
+    labels: np.ndarray  # int64 class indices, -1 where unknown
+    probs: np.ndarray  # (N, C) the ensemble's
+    single: np.ndarray  # (N, C) the single best checkpoint's (highest recorded val top-1 of all runs)
+    classes: list[str]
+    class_names: list[str]
+    members: list[str]  # the checkpoint files averaged
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).any())
+
+    def require_labels(self) -> None:
+        if not self.has_labels:
+            raise FeatxError(f"split {self.split!r} has no labels to measure accuracy on; use --split val or train")
+
+    def top_k(self, k: int = 1) -> float:
+        self.require_labels()
+        return top_k(self.probs, self.labels, k)
+
+    def gain(self) -> float:
+        """The ensemble's top-1 minus the single best checkpoint's."""
+        return self.top_k(1) - top_k(self.single, self.labels, 1)
+
+    def top(self, k: int) -> np.ndarray:
+        """(N, min(k, C)) class indices, most probable first."""
+        return np.argsort(-self.probs, axis=1, kind="stable")[:, :k]
+
+
+# --- the runs ----------------------------------------------------------------------------------------
+
+
+def _run_model(bb: Backbone, images: np.ndarray, *, views: Sequence[str], crop: int,
+               device: torch.device) -> np.ndarray:
+    """bb.model's outputs (N, V, out) for uint8 images (N, H, W, 3), in batches."""
+    return np.concatenate([_features(bb, bb.model, images[i : i + BATCH], views=views, crop=crop, device=device,
+                                     autocast=None, out_dtype=np.dtype(np.float32))
+                           for i in range(0, len(images), BATCH)])
+
+
+def _check_views(views: str) -> None:
+    if views not in ("all", "full"):
+        raise FeatxError(f"--views {views}: choose all or full")
+
+
+class ProbeRun:
+    """A `featx probe` run: heads scored on its feature file, or on new images through its backbone."""
+
+    def __init__(self, run_dir: Path, run: dict, device: torch.device):
+        self.dir, self.device = run_dir, device
+        self.checkpoints = run["checkpoints"]
+        self.path = Path(run["features"]["path"])
+        self.meta = read_meta(self.path)
+        if self.meta.identity() != run["features"]["identity"]:
+            raise FeatxError(f"{self.path}: no longer the features run {run_dir} was trained on; "
+                             "re-run `featx probe` on it")
+        self.classes, self.class_names = self.meta.classes, self.meta.class_names
+
+    def _proba(self, x: np.ndarray, picks: Sequence[int]) -> np.ndarray:
+        """(N, V, D) features -> (K, N, C) view-averaged softmax of the picked checkpoints."""
+        ckpts = [load_checkpoint(self.dir / self.checkpoints[i]["file"]) for i in picks]
+        # Snapshots of one run share the architecture and normalisation, so they stack into one StackedHeads.
+        state = {k: v if k.startswith("norm_") else torch.cat([c["state"][k] for c in ckpts])
+                 for k, v in ckpts[0]["state"].items()}
+        heads = StackedHeads.from_state(state, normalize=ckpts[0]["normalize"]).to(self.device).eval()
+        rows = max(1, 2048 // x.shape[1])
+        return np.concatenate([heads.predict_proba(torch.from_numpy(x[i : i + rows]).to(self.device)).cpu().numpy()
+                               for i in range(0, len(x), rows)], axis=1)
+
+    def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
+        f = load_features(self.path, split, views=views)
+        return Scored(f.ids, f.labels, self._proba(f.features, picks))
+
+    def score_images(self, images: np.ndarray, views: str, picks: Sequence[int], *,
+                     weights: str | Path | None) -> np.ndarray:
+        bb = self._backbone(weights)
+        names = self.meta.views if views == "all" else ["full"]
+        return self._proba(_run_model(bb, images, views=names, crop=self.meta.crop, device=self.device), picks)
+
+    def _backbone(self, weights: str | Path | None) -> Backbone:
+        m = self.meta
+        if m.weights.startswith("sha256:"):
+            if weights is None:
+                raise FeatxError(f"{self.dir}: its backbone weights came from a file ({m.weights[:19]}...); "
+                                 "pass that file with --weights PATH")
+            source = str(weights)
+        else:
+            source = "none" if m.weights == "none" else "default"
+        bb = create_backbone(m.backbone, weights=source, size=m.input_size)
+        if bb.weights_id != m.weights:
+            raise FeatxError(f"--weights {source}: not the weights {self.path} was extracted with ({m.weights})")
+        bb.mean, bb.std = tuple(m.mean), tuple(m.std)
+        bb.model.eval().to(self.device)
+        return bb
+
+    def embed(self, split: str, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The stored full-view features and labels of the split's images of these classes."""
+        f = load_features(self.path, split, views="full")
+        keep = np.isin(f.labels, classes)
+        return f.features[keep, 0].astype(np.float32), f.labels[keep]
+
+
+class FinetuneRun:
+    """A `featx finetune` run: its models scored on the images of its dataset (or `data`), or on new images.
+
+    `views`: full, or all = full and its mirror image (flips suit any training; corner crops would change the
+    scale the model learned at).
+    """
+
+    def __init__(self, run_dir: Path, run: dict, device: torch.device, data: str | Path | None):
+        self.dir, self.device = run_dir, device
+        self.checkpoints = run["checkpoints"]
+        self.config = run["config"]
+        self.classes = load_checkpoint(run_dir / self.checkpoints[0]["file"])["classes"]
+        source = data if data is not None else self.config["data"]
+        # finetune records str(data): "None" stands for its default, ./data
+        self.cache = prepare_cache(None if source == "None" else source, progress=False)
+        info = dataset_info(self.cache, classes=self.config["classes"])
+        if info.wnids != self.classes:
+            raise FeatxError(f"--data {source}: its classes differ from those run {run_dir} was trained on; "
+                             "pass the dataset it was trained on")
+        self.class_names = info.names
+
+    def _split(self, split: str):
+        return read_split(self.cache, split, classes=self.config["classes"], per_class=self.config["per_class"])
+
+    def _model(self, i: int) -> Backbone:
+        model, spec = load_model(load_checkpoint(self.dir / self.checkpoints[i]["file"]))
+        # _run_model takes a Backbone: here one whose "features" are the logits
+        return Backbone(spec.backbone, model.to(self.device), spec.num_classes, spec.size, tuple(spec.mean),
+                        tuple(spec.std), "")
+
+    def score_images(self, images: np.ndarray, views: str, picks: Sequence[int], *,
+                     weights: str | Path | None = None) -> np.ndarray:
+        """`weights` is not needed: a finetune checkpoint holds its whole model."""
+        names = list(VIEW_SETS["flip" if views == "all" else "full"])
+        crop = images.shape[1]  # only full-image views: no crop
+        return np.stack([torch.from_numpy(_run_model(self._model(i), images, views=names, crop=crop,
+                                                     device=self.device)).softmax(-1).mean(1).numpy()
+                         for i in picks])
+
+    def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
+        s = self._split(split)
+        return Scored(s.ids, s.labels, self.score_images(s.read_images(), views, picks))
+
+    def embed(self, split: str, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The best model's penultimate features (the input of its last Linear) for the split's images of
+        these classes."""
+        s = self._split(split)
+        keep = np.isin(s.labels, classes)
+        s = dataclasses.replace(s, rows=s.rows[keep], labels=s.labels[keep], ids=[])
+        bb = self._model(0)
+        last = [m for m in bb.model.modules() if isinstance(m, nn.Linear)][-1]
+        seen: list[torch.Tensor] = []
+        hook = last.register_forward_pre_hook(lambda _, args: seen.append(args[0].float().cpu()))
+        images = s.read_images()
+        try:
+            _run_model(bb, images, views=["full"], crop=images.shape[1], device=self.device)
+        finally:
+            hook.remove()
+        return torch.cat(seen).numpy(), s.labels
+
+
+def open_run(run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto") -> ProbeRun | FinetuneRun:
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    if not run.get("checkpoints"):
+        raise FeatxError(f"{run_dir}: has no checkpoints; let its `featx {run.get('kind')}` run finish")
+    dev = resolve_device(device)
+    if run.get("kind") == "probe":
+        return ProbeRun(run_dir, run, dev)
+    if run.get("kind") == "finetune":
+        return FinetuneRun(run_dir, run, dev, data)
+    raise FeatxError(f"{run_dir}: a {run.get('kind')!r} run; predict takes probe and finetune runs")
+
+
+def open_runs(runs: Sequence[str | Path], *, data: str | Path | None = None,
+              device: str = "auto") -> list[ProbeRun | FinetuneRun]:
+    """Open runs to be averaged together: they must share their classes."""
+    if not runs:
+        raise FeatxError("--run: name at least one run directory")
+    opened = [open_run(r, data=data, device=device) for r in runs]
+    first = opened[0]
+    for run in opened[1:]:
+        if run.classes != first.classes:
+            raise FeatxError(f"--run {run.dir}: its {len(run.classes)} classes differ from the {len(first.classes)} "
+                             f"of --run {first.dir}; combine runs trained on the same classes")
+    return opened
+
+
+def _choose(run: ProbeRun | FinetuneRun, views: str, ensemble: str) -> tuple[list[int], Scored | None]:
+    """The picked checkpoints; for greedy also the val scores of every checkpoint it was decided on."""
+    if ensemble != "greedy":
+        return ranked_picks(ensemble, len(run.checkpoints)), None
+    val = run.score_split("val", views, range(len(run.checkpoints)))
+    return greedy(val.probs, val.labels), val
+
+
+def _combine(runs: list, scored: list[Scored], picks: list[list[int]], split: str) -> Prediction:
+    for run, s in zip(runs[1:], scored[1:]):
+        if s.ids != scored[0].ids:
+            raise FeatxError(f"--run {run.dir}: scores other {split} images than --run {runs[0].dir}; "
+                             "combine runs on the same dataset and classes")
+    best = max(range(len(runs)), key=lambda r: runs[r].checkpoints[0]["val_top1"])
+    return Prediction(split=split, ids=scored[0].ids, labels=scored[0].labels,
+                      probs=np.mean([s.probs.mean(0) for s in scored], axis=0),
+                      single=scored[best].probs[0],  # every selection starts with the run's best checkpoint
+                      classes=runs[0].classes, class_names=runs[0].class_names,
+                      members=[str(run.dir / run.checkpoints[i]["file"]) for run, p in zip(runs, picks) for i in p])
+
+
+def predict(*, runs: Sequence[str | Path], split: str = "val", views: str = "all", ensemble: str = "best",
+            data: str | Path | None = None, device: str = "auto") -> Prediction:
+    """Score the runs' selected checkpoints on a split; `data` overrides a finetune run's dataset."""
+    return score_runs(open_runs(runs, data=data, device=device), split=split, views=views, ensemble=ensemble)
+
+
+def score_runs(runs: list[ProbeRun | FinetuneRun], *, split: str = "val", views: str = "all",
+               ensemble: str = "best") -> Prediction:
+    _check_views(views)
+    scored, picks = [], []
+    for run in runs:
+        p, val = _choose(run, views, ensemble)
+        picks.append(p)
+        scored.append(val.take(p) if val is not None and split == "val" else run.score_split(split, views, p))
+    return _combine(runs, scored, picks, split)
+
+
+def read_images(paths: Sequence[str | Path], *, size: int, skip_bad: bool = False) -> tuple[np.ndarray, list[str]]:
+    """uint8 (N, size, size, 3) of the files and folders' images (JPEG/PNG, any size, scaled and
+    centre-cropped as the dataset's were), and their paths."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(IMAGE_EXTS))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FeatxError(f"--images {p}: no such file or folder")
+    images, ids = [], []
+    for f in files:
+        try:
+            images.append(decode_image(f.read_bytes(), size))
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            if not skip_bad:
+                raise FeatxError(f"{f}: not a readable image ({reason}); remove it or pass --skip-bad") from None
+            print(f"featx: skipped {f}: {reason}", file=sys.stderr)
+            continue
+        ids.append(str(f))
+    if not images:
+        raise FeatxError(f"--images {' '.join(map(str, paths))}: no readable JPEG or PNG images there")
+    return np.stack(images), ids
+
+
+def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path], views: str = "all",
+                   ensemble: str = "best", skip_bad: bool = False, image_size: int = 64,
+                   weights: str | Path | None = None, data: str | Path | None = None,
+                   device: str = "auto") -> Prediction:
+    """Classify image files: each is scaled to `image_size` (the dataset's, 64 for Tiny ImageNet), then goes
+    through each run's backbone, views and heads. `weights`: the backbone's weights file, where a probe run's
+    features were extracted with weights from a file."""
+    _check_views(views)
+    opened = open_runs(runs, data=data, device=device)
+    x, ids = read_images(images, size=image_size, skip_bad=skip_bad)
+    scored, picks = [], []
+    for run in opened:
+        p, _ = _choose(run, views, ensemble)
+        picks.append(p)
+        scored.append(Scored(ids, np.full(len(ids), -1), run.score_images(x, views, p, weights=weights)))
+    return _combine(opened, scored, picks, "images")
+
+
+# --- outputs -----------------------------------------------------------------------------------------
+
+
+def write_predictions(p: Prediction, path: str | Path) -> Path:
+    """predictions.csv: id, label (true class id, empty where unknown), top1, top5 (space-separated), prob1, name1."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    top5 = p.top(5)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "label", "top1", "top5", "prob1", "name1"])
+        for i, row in enumerate(top5):
+            w.writerow([p.ids[i], p.classes[p.labels[i]] if p.labels[i] >= 0 else "", p.classes[row[0]],
+                        " ".join(p.classes[c] for c in row), f"{p.probs[i, row[0]]:.6f}", p.class_names[row[0]]])
+    return path
+
+
+def write_submission(p: Prediction, path: str | Path) -> Path:
+    """The Tiny ImageNet challenge format: one `<image file> <wnid>` line per image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{Path(i).name} {p.classes[c]}\n" for i, c in zip(p.ids, p.top(1)[:, 0])))
+    return path
