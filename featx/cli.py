@@ -15,10 +15,6 @@ from featx import __version__
 from featx.errors import FeatxError
 
 
-def _not_implemented(command: str):
-    raise FeatxError(f"`featx {command}` is not implemented yet")
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="featx")
 def cli() -> None:
@@ -334,10 +330,16 @@ def report(run, out, split, views, ensemble, tsne_classes, data_, device) -> Non
 # --- run ---------------------------------------------------------------------------------------------
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def run() -> None:
-    """Run a recipe (pipelines/NAME.toml) that chains the stages."""
-    _not_implemented("run")
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="STAGE.KEY=VALUE",
+              help="Override one option of a stage (VALUE: a TOML literal, else a string); repeatable.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (each stage: run or skip, why, its command line) and stop.")
+def run(recipe, overrides, dry_run) -> None:
+    """Run a recipe (pipelines/NAME.toml): its stages in order, skipping those already done with the same options."""
+    from featx.pipeline import run_recipe
+
+    run_recipe(recipe=recipe, overrides=overrides, dry_run=dry_run)
 
 
 def main() -> None:
