@@ -187,7 +187,10 @@ def _origin(meta: FeatureMeta) -> str:
     return dataclasses.replace(meta, views=[]).identity()
 
 
-def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, heads: Sequence[HeadConfig]) -> None:
+def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, heads: Sequence[HeadConfig],
+           head: str) -> None:
+    if head not in ("linear", "mlp"):
+        raise FeatxError(f"--head {head}: choose linear or mlp")
     if _origin(features.meta) != _origin(val.meta):
         raise FeatxError(f"{val.path}: val features come from another extraction than {features.path}; "
                          "extract both splits with one `featx extract`")
@@ -213,7 +216,7 @@ def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
     validation averages the softmax over `val`'s views. `on_epoch(epoch, heads, val_top1, val_top5)` runs
     after each epoch's validation (the CLI saves snapshots there).
     """
-    _check(features, val, heads)
+    _check(features, val, heads, head)
     start = time.perf_counter()
     dev = resolve_device(device)
     train_src, val_src = _source(features, dev), _source(val, dev)
