@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from featx.device import resolve_device
 from featx.errors import FeatxError
 from featx.features import FeatureMeta, Features, feature_splits, load_features, open_split, read_meta
 from featx.heads import HeadOptimizer, StackedHeads, lr_scale, smoothed_cross_entropy, topk_correct
@@ -172,14 +173,6 @@ def evaluate(heads: StackedHeads, src) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 # --- training ----------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FeatxError("--device cuda: no CUDA device here; use --device cpu or auto")
-    return torch.device(device)
 
 
 def _origin(meta: FeatureMeta) -> str:
