@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 from torch import nn
 
 from featx.errors import FeatxError
 from featx.finetune import load_model
-from featx.predict import FinetuneRun, Prediction, open_run, score_runs, write_predictions
+from featx.predict import FinetuneRun, open_run, score_runs, write_predictions
 from featx.runs import load_checkpoint
 
 # Confusable pairs as in the seed's analysis: convertible / sports car, Egyptian cat / tabby, and freight car.
@@ -69,6 +70,11 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def _short(name: str) -> str:
+    """The first of a class's names ("German shepherd, German shepherd dog, ..." -> "German shepherd")."""
+    return name.split(",")[0]
+
+
 def _figure(width: float, height: float) -> Figure:
     # Agg canvases without pyplot: no global figure state, nothing to close
     fig = Figure(figsize=(width, height))
@@ -90,8 +96,9 @@ def plot_confusion(path: Path, cm: np.ndarray, names: Sequence[str]) -> str:
     im = ax.imshow(rates, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046)
     if len(names) <= 40:  # beyond that the labels overlap
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
+        short = [_short(n) for n in names]
+        ax.set_xticks(range(len(names)), short, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(names)), short, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (rows sum to 1)")
     return _save(fig, path)
 
@@ -109,6 +116,7 @@ def plot_curves(path: Path, metrics: dict) -> str:
                 values = np.array([r[f"{part}_{key}"] for r in head["epochs"]], dtype=float)  # null -> NaN
                 ax.plot(epochs, values, line, color=colour, label=part if head["index"] == best else None, **style)
             ax.set(xlabel="epoch", ylabel=key)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
     axes[1].legend()
     return _save(fig, path)
@@ -119,7 +127,7 @@ def plot_tsne(path: Path, x: np.ndarray, labels: np.ndarray, names: Sequence[str
     fig = _figure(7, 6)
     ax = fig.subplots()
     for c in np.unique(labels):
-        ax.scatter(*xy[labels == c].T, s=12, label=names[c])
+        ax.scatter(*xy[labels == c].T, s=12, label=_short(names[c]))
     ax.legend(fontsize=8)
     ax.set(xticks=[], yticks=[], title="t-SNE of the features")
     return _save(fig, path)
@@ -174,7 +182,7 @@ def write_report(*, run: str | Path, out: str | Path = "report", split: str = "v
     """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page."""
     out = Path(out)
     r = open_run(run, data=data, device=device)
-    pred: Prediction = score_runs([r], split=split, views=views, ensemble=ensemble)
+    pred = score_runs([r], split=split, views=views, ensemble=ensemble)
     pred.require_labels()
     tsne = _tsne_classes(tsne_classes, pred.classes)
     out.mkdir(parents=True, exist_ok=True)

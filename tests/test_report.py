@@ -1,0 +1,80 @@
+"""featx report: the page, its figures and tables, on a real probe run and a synthetic finetune run."""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix
+
+from featx.cli import main
+from featx.finetune import finetune
+from featx.predict import predict
+from featx.probe import HeadConfig, run_probe
+from featx.report import class_errors, confused_pairs, write_report
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def linked_files(page) -> set[str]:
+    return set(re.findall(r"(?:src|href)='([^']+)'", page.read_text()))
+
+
+def test_error_tables_from_a_known_confusion_matrix():
+    # true class 0: 2 right, 3 taken for class 1, 1 for class 2; class 1: all right; class 2: 1 taken for 0
+    y = np.array([0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2])
+    p = np.array([0, 0, 1, 1, 1, 2, 1, 1, 2, 2, 0])
+    cm = confusion_matrix(y, p, labels=[0, 1, 2])
+    rows = class_errors(cm, ["a", "b", "c"], ["A", "B", "C"])
+    assert [r["wnid"] for r in rows] == ["a", "c", "b"]  # worst first
+    assert rows[0] | {"error_rate": 0} == {"wnid": "a", "name": "A", "images": 6, "errors": 4, "error_rate": 0,
+                                           "wrong_classes": 2, "most_confused_with": "B", "times": 3}
+    assert rows[0]["error_rate"] == pytest.approx(4 / 6) and rows[2]["most_confused_with"] == ""
+    pairs = confused_pairs(cm, ["a", "b", "c"], ["A", "B", "C"])
+    assert [(r["a"], r["b"], r["a_as_b"], r["b_as_a"], r["total"]) for r in pairs] == [
+        ("a", "b", 3, 0, 3), ("a", "c", 1, 1, 2)]
+
+
+@pytest.mark.slow
+def test_real_report_files_links_and_per_class_errors(mobilenet_features_20, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run_probe(features=mobilenet_features_20, out=run, heads=[HeadConfig()], epochs=3, keep=3, device="cpu")
+    out = tmp_path / "report"
+    monkeypatch.setattr(sys, "argv", ["featx", "report", "--run", str(run), "--out", str(out), "--device", "cpu",
+                                      "--ensemble", "all"])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.strip() == f"report: {out / 'report.html'}"
+
+    page = out / "report.html"
+    names = {"per_class.csv", "confused_pairs.csv", "predictions.csv", "confusion.png", "curves.png", "tsne.png"}
+    assert linked_files(page) == names
+    assert all((out / n).stat().st_size > 100 for n in names)
+
+    pred = predict(runs=[run], split="val", ensemble="all", device="cpu")
+    per_class = read_csv(out / "per_class.csv")
+    assert len(per_class) == 20 and sum(int(r["images"]) for r in per_class) == 1000
+    errors = sum(int(r["errors"]) for r in per_class)
+    assert errors == round((1 - pred.top_k(1)) * 1000)
+    rates = [float(r["error_rate"]) for r in per_class]
+    assert rates == sorted(rates, reverse=True)
+    assert all(int(r["wrong_classes"]) <= int(r["errors"]) for r in per_class)
+    assert f"{errors} of 1000" in page.read_text()
+    pairs = read_csv(out / "confused_pairs.csv")
+    assert pairs and all(int(r["total"]) == int(r["a_as_b"]) + int(r["b_as_a"]) > 0 for r in pairs)
+
+
+def test_a_finetune_report_shows_the_first_layer_filters(synth_cache, tmp_path):
+    run = tmp_path / "run"
+    finetune(data=synth_cache, backbone="resnet18", weights="none", size=32, out=run, epochs=1, batch_size=16,
+             keep=1, device="cpu", progress=False)
+    page = write_report(run=run, out=tmp_path / "report", device="cpu")
+    assert {"filters.png", "tsne.png", "curves.png", "confusion.png"} <= linked_files(page)
+    assert (tmp_path / "report" / "filters.png").stat().st_size > 1000
