@@ -72,8 +72,10 @@ def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def _features(bb: Backbone, model: torch.nn.Module, images: np.ndarray, *, views: Sequence[str], crop: int,
-              device: torch.device, autocast: torch.dtype | None, out_dtype: np.dtype) -> np.ndarray:
+def compute_features(bb: Backbone, model: torch.nn.Module, images: np.ndarray, *, views: Sequence[str], crop: int,
+                     device: torch.device, autocast: torch.dtype | None, out_dtype: np.dtype) -> np.ndarray:
+    """uint8 images (B, H, W, 3) -> model outputs (B, V, D) of every view: the one step shared by extraction
+    and by predictions on new images."""
     x = torch.from_numpy(images)
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
@@ -168,8 +170,8 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
             nxt = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
             parts = []
             for b in range(0, len(images), batch_size):
-                parts.append(_features(bb, model, images[b : b + batch_size], views=views, crop=crop,
-                                       device=device, autocast=autocast, out_dtype=dtype))
+                parts.append(compute_features(bb, model, images[b : b + batch_size], views=views, crop=crop,
+                                              device=device, autocast=autocast, out_dtype=dtype))
                 bar.update(len(parts[-1]))
             pending = [p for p in pending if not p.done()] + [
                 writer.submit(_save_shard, partial / f"{s}-{k:05d}.npy", np.concatenate(parts))]

@@ -29,9 +29,9 @@ from featx.backbones import Backbone, create_backbone
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import resolve_device
 from featx.errors import FeatxError
-# _features is extraction's own "render the views, run the model" step: reusing it keeps predictions on new
+# compute_features is extraction's own "render the views, run the model" step: reusing it keeps predictions on new
 # images computed exactly as the stored features were.
-from featx.extract import _features
+from featx.extract import compute_features
 from featx.features import load_features, read_meta
 from featx.finetune import load_model
 from featx.heads import StackedHeads
@@ -130,8 +130,8 @@ class Prediction:
 def _run_model(bb: Backbone, images: np.ndarray, *, views: Sequence[str], crop: int,
                device: torch.device) -> np.ndarray:
     """bb.model's outputs (N, V, out) for uint8 images (N, H, W, 3), in batches."""
-    return np.concatenate([_features(bb, bb.model, images[i : i + BATCH], views=views, crop=crop, device=device,
-                                     autocast=None, out_dtype=np.dtype(np.float32))
+    return np.concatenate([compute_features(bb, bb.model, images[i : i + BATCH], views=views, crop=crop,
+                                            device=device, autocast=None, out_dtype=np.dtype(np.float32))
                            for i in range(0, len(images), BATCH)])
 
 
