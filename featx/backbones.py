@@ -183,11 +183,21 @@ def _create_timm(name: str, weights: str) -> Backbone:
                     tuple(cfg["std"]), weights_id)
 
 
-def create_backbone(name: str, *, weights: str | Path = "default", size: int | None = None) -> Backbone:
+def input_spec(name: str, weights: str | Path = "default") -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """(mean, std, input size) that the weights expect: the registry's, or the JSON beside a weights file."""
+    spec = get_spec(name)
+    if str(weights) in ("default", "none"):
+        return spec.mean, spec.std, spec.input_size
+    side = read_sidecar(Path(weights))
+    return tuple(side.get("mean", spec.mean)), tuple(side.get("std", spec.std)), side.get("input_size", spec.input_size)
+
+
+def create_backbone(name: str, *, weights: str | Path = "default", size: int | None = None,
+                    seed: int = 0) -> Backbone:
     """The frozen-feature model of a registered backbone with its normalisation and input size.
 
-    weights: "default" (torchvision's ImageNet weights), "none" (random init) or a state_dict path; a JSON
-    beside the path may give mean, std and input_size. `size` overrides the input size.
+    weights: "default" (torchvision's ImageNet weights), "none" (random init from `seed`) or a state_dict
+    path; a JSON beside the path may give mean, std and input_size. `size` overrides the input size.
     """
     weights = str(weights)
     if name.startswith("timm:"):
@@ -197,11 +207,7 @@ def create_backbone(name: str, *, weights: str | Path = "default", size: int | N
         return bb
     spec = get_spec(name)
     kwargs = dict(spec.kwargs)
-    mean, std, input_size = spec.mean, spec.std, spec.input_size
-    if weights not in ("default", "none"):
-        side = read_sidecar(Path(weights))
-        mean, std = tuple(side.get("mean", mean)), tuple(side.get("std", std))
-        input_size = side.get("input_size", input_size)
+    mean, std, input_size = input_spec(name, weights)
     input_size = size or input_size
     if name == "vit_b_16" and input_size != 224:
         if weights != "none":
@@ -212,7 +218,7 @@ def create_backbone(name: str, *, weights: str | Path = "default", size: int | N
     # Seeded so that "none" names one set of weights: a resumed or multi-process extraction computes the
     # same features as a single uninterrupted one.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = spec.constructor(**kwargs)
     if getattr(model, "AuxLogits", None) is not None:
         model.AuxLogits = None  # only used in training mode; frozen features never need it
@@ -222,7 +228,7 @@ def create_backbone(name: str, *, weights: str | Path = "default", size: int | N
             raise FeatxError(f"--backbone {name} has no pretrained weights; use --weights none or PATH")
         weights_id = _load_default(model, spec)
     elif weights == "none":
-        weights_id = "none"
+        weights_id = "none" if seed == 0 else f"none:seed{seed}"
     else:
         _load_state(model, spec.head, read_state_dict(Path(weights)), f"--weights {weights}")
         weights_id = "sha256:" + file_sha256(Path(weights))

@@ -16,7 +16,6 @@ same data order, augmentations and dropout masks as the interrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -27,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -38,8 +36,9 @@ from tqdm import tqdm
 
 from featx import runs
 from featx.augment import Augment, check_augmentations
-from featx.backbones import create_backbone, get_spec
+from featx.backbones import create_backbone, get_spec, input_spec
 from featx.data import dataset_info, prepare_cache, read_split
+from featx.device import Dist, distributed, resolve_precision
 from featx.errors import FeatxError
 from featx.lstm_head import LSTMNet
 from featx.views import render_views
@@ -48,7 +47,7 @@ MODEL_FORMAT = "featx-model-1"
 HEADS = ("linear", "lstm")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "exponential", "step")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 NAN_CHECK_STEPS = 50  # how often the loss is checked for NaN: each check waits for the device
 RESUME_FREE = ("device", "compile", "eval_batch_size")  # options a resumed run may change: they leave results as they are
 
@@ -78,9 +77,9 @@ class Classifier(nn.Module):
         return self.head(self.body(x))
 
 
-def build_model(spec: ModelSpec, *, weights: str = "none", init: str | None = None) -> nn.Module:
+def build_model(spec: ModelSpec, *, weights: str = "none", init: str | None = None, seed: int = 0) -> nn.Module:
     """The backbone (pretrained or not) with drop path and a fresh head; `model.body` / `model.head`."""
-    bb = create_backbone(spec.backbone, weights=weights, size=spec.size)
+    bb = create_backbone(spec.backbone, weights=weights, size=spec.size, seed=seed)
     if init:
         _init_weights(bb.model, init)
     if spec.drop_path is not None:
@@ -166,16 +165,6 @@ def _probe_head(run_dir: str, *, backbone: str, classes: list[str], head: nn.Seq
         head[-1].bias.copy_(b)
 
 
-def _precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision not in PRECISIONS:
-        raise FeatxError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu" and precision == "fp16":
-        raise FeatxError("--precision fp16 needs a GPU; use fp32 or bf16 on CPU")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def _optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     # Decay weights only: shrinking BatchNorm scales and biases does not regularise anything.
     params = list(model.parameters())
@@ -204,49 +193,13 @@ def _scheduler(opt, kind: str, *, steps_per_epoch: int, epochs: int, warmup_epoc
     return S.SequentialLR(opt, [S.LinearLR(opt, start_factor=0.01, total_iters=warm), main], milestones=[warm])
 
 
-@dataclass
-class _Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    def sum(self, *values: torch.Tensor) -> list[float]:
-        t = torch.stack([v.double() for v in values])
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
-
-@contextlib.contextmanager
-def _distributed(device: str):
-    """torchrun's environment -> one process group (nccl on GPUs, gloo on CPU); plain single process otherwise."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise FeatxError(f"--device {device}: choose auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FeatxError("--device cuda: no CUDA device is visible; use --device cpu")
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if world == 1:
-        yield _Dist(0, 1, dev)
-        return
-    if cuda:
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    try:
-        yield _Dist(dist.get_rank(), world, dev)
-    finally:
-        dist.destroy_process_group()
-
-
 def _freeze_body(model: nn.Module, frozen: bool) -> None:
     # A frozen body also keeps its BatchNorm statistics: the head trains on the pretrained features.
     model.body.requires_grad_(not frozen)
     model.body.train(not frozen)
 
 
-def _evaluate(model, images, labels, d: _Dist, *, spec: ModelSpec, dtype, batch: int) -> tuple[float, float, float]:
+def _evaluate(model, images, labels, d: Dist, *, spec: ModelSpec, dtype, batch: int) -> tuple[float, float, float]:
     """(loss, top1, top5) over all rows; each process scores rows rank::world, sums are all-reduced."""
     model.eval()
     rows = torch.arange(d.rank, len(labels), d.world, device=images.device)
@@ -264,25 +217,6 @@ def _evaluate(model, images, labels, d: _Dist, *, spec: ModelSpec, dtype, batch:
     loss, top1, top5 = d.sum(loss, top1, top5)
     n = len(labels)
     return loss / n, top1 / n, top5 / n
-
-
-def _plot_curves(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, ax in (("loss", ax_loss), ("top1", ax_acc)):
-        ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", label="train")
-        ax.plot(epochs, [r[f"val_{key}"] for r in rows], "o-", label="val")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
@@ -322,7 +256,7 @@ def finetune(*, data: str | Path | None, backbone: str, out: str | Path, weights
     if overfit:
         batch_size = min(batch_size, overfit)
     out = Path(out)
-    bb_spec = get_spec(backbone)
+    get_spec(backbone)  # an unknown backbone fails here, before any data is read
     if head not in HEADS:
         raise FeatxError(f"--head {head}: choose one of {', '.join(HEADS)}")
     for option, value, allowed in (("--optimizer", optimizer, OPTIMIZERS), ("--schedule", schedule, SCHEDULES)):
@@ -347,8 +281,8 @@ def finetune(*, data: str | Path | None, backbone: str, out: str | Path, weights
         if changed:
             raise FeatxError(f"--resume: options differ from the run in {out} ({', '.join(changed)}); use its options or another --out")
 
-    with _distributed(device) as d:
-        dtype = _precision(precision, d.device)
+    with distributed(device) as d:
+        dtype = resolve_precision(precision, d.device) or torch.float32
         if batch_size % d.world:
             raise FeatxError(f"--batch-size {batch_size}: must be divisible by the {d.world} processes")
         per_rank = batch_size // d.world
@@ -368,10 +302,11 @@ def finetune(*, data: str | Path | None, backbone: str, out: str | Path, weights
         val_x = torch.from_numpy(val.read_images()).to(d.device)
         val_y = torch.from_numpy(val.labels).to(d.device)
 
-        spec = ModelSpec(backbone, size or bb_spec.input_size, len(info.wnids), head, list(bb_spec.mean),
-                         list(bb_spec.std), crop, dropout, drop_path)
+        mean, std, input_size = input_spec(backbone, weights)
+        spec = ModelSpec(backbone, size or input_size, len(info.wnids), head, list(mean), list(std), crop, dropout,
+                         drop_path)
         torch.manual_seed(seed)
-        model = build_model(spec, weights=weights, init=init)
+        model = build_model(spec, weights=weights, init=init, seed=seed)
         if init_head:
             _probe_head(init_head, backbone=backbone, classes=info.wnids, head=model.head)
         model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -497,5 +432,4 @@ def _save_epoch(out: Path, rows: list[dict], kept: list[dict], *, keep: int, las
     runs.write_metrics(out, [{"index": 0, "config": {"backbone": spec.backbone, "head_type": spec.head},
                               "status": "done", "epochs": rows}], best)
     runs.update_run(out, checkpoints=kept, model=dataclasses.asdict(spec))
-    _plot_curves(out / "curves.png", rows)
     return kept

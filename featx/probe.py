@@ -350,31 +350,8 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
             "checkpoint": snapshots.listing()[0]["file"]}  # ranked as _best ranks, so the same head and epoch
     write_metrics(run_dir, [{"index": h, "config": dataclasses.asdict(c), "status": result.status[h],
                              "epochs": result.history[h]} for h, c in enumerate(heads)], best)
-    plot_curves(run_dir / "curves.png", result)
     update_run(run_dir, checkpoints=snapshots.listing(), best=best, seconds=round(result.seconds, 2))
     return result
-
-
-def plot_curves(path: Path, result: ProbeResult) -> None:
-    """Train vs val top-1 per epoch: every head faint, the best one bold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for h, hist in enumerate(result.history):
-        best = h == result.best
-        style = {"linewidth": 2.2, "alpha": 1.0} if best else {"linewidth": 0.8, "alpha": 0.35}
-        epochs = [r["epoch"] for r in hist]
-        ax.plot(epochs, [r["train_top1"] for r in hist], "--", color="C0", **style, label="train (best head)" if best else None)
-        ax.plot(epochs, [r["val_top1"] for r in hist], "-", color="C1", **style, label="val (best head)" if best else None)
-    ax.set(xlabel="epoch", ylabel="top-1 accuracy", title=f"{len(result.history)} head(s); best: {result.configs[result.best].label()}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def format_table(result: ProbeResult) -> str:

@@ -97,8 +97,12 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def write_metrics(run_dir: Path, heads: list[dict], best: dict) -> None:
-    """metrics.json and metrics.csv from per-head records {"index", "config", "status", "epochs": [...]}."""
-    write_json(run_dir / "metrics.json", {"heads": heads, "best": best})
+    """metrics.json, metrics.csv and curves.png from per-head records {"index", "config", "status", "epochs"}."""
+    from featx.report import plot_curves  # report imports this module
+
+    metrics = {"heads": heads, "best": best}
+    write_json(run_dir / "metrics.json", metrics)
+    plot_curves(run_dir / "curves.png", metrics)
     config_keys = list(heads[0]["config"]) if heads else []
     epoch_keys = list(heads[0]["epochs"][0]) if heads and heads[0]["epochs"] else []
     with open(run_dir / "metrics.csv", "w", newline="") as f:
