@@ -183,7 +183,7 @@ def _nearest_class_mean_top1(path: Path) -> float:
     x = train.features[:, 0].astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
     means = np.stack([x[train.labels == c].mean(0) for c in range(train.labels.max() + 1)])
-    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    means /= np.linalg.norm(means, axis=1, keepdims=True) + 1e-12
     y = val.features[:, 0].astype(np.float32)
     return float(((y @ means.T).argmax(1) == val.labels).mean())
 
