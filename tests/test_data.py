@@ -441,3 +441,21 @@ def test_real_cache_is_reused(real_cache, shared_zip):
     start = time.perf_counter()
     assert prepare_cache(shared_zip, cache=real_cache, progress=False) == real_cache
     assert real_cache.stat().st_mtime_ns == before and time.perf_counter() - start < 5
+
+
+def test_fast_jpeg_path_equals_pil_and_leaves_the_rest_to_it(shared_zip, tmp_path):
+    """libjpeg-turbo (simplejpeg) decodes the common case; its pixels must be PIL's, and CMYK or truncated
+    files must fall through to PIL (which converts the one and names the other)."""
+    from featx.sources import _decode_jpeg_fast, decode_image
+
+    with zipfile.ZipFile(shared_zip) as z:
+        members = [n for n in z.namelist() if n.endswith(".JPEG")][::50]
+        for name in members:
+            data = z.read(name)
+            fast = _decode_jpeg_fast(data, 64)
+            assert fast is not None and np.array_equal(fast, decode_image(data, 64)), name
+    root = write_tiny_imagenet(tmp_path, as_zip=False, corrupt=True)
+    cmyk = next(root.glob(f"train/*/images/{CMYK_ID}")).read_bytes()
+    truncated = next(root.glob(f"train/*/images/{CORRUPT_ID}")).read_bytes()
+    assert _decode_jpeg_fast(cmyk, 64) is None and _decode_jpeg_fast(truncated, 64) is None
+    assert _decode_jpeg_fast(data, 32) is None  # a 64x64 JPEG asked for at 32 goes through PIL's resize
