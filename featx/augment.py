@@ -15,12 +15,12 @@ import torch
 from torchvision.transforms import v2
 
 from featx.errors import FeatxError
-from featx.views import _crop, VIEW_SETS
+from featx.views import VIEW_SETS, crop_view
 
 
 def _corner_crop(crop: int) -> v2.Transform:
     # One of stage 1's five crop positions (full image or a corner), so training sees what 10-crop tests.
-    return v2.RandomChoice([v2.Lambda(partial(_crop, name=n, crop=crop)) for n in VIEW_SETS["ten"][:5]])
+    return v2.RandomChoice([v2.Lambda(partial(crop_view, name=n, crop=crop)) for n in VIEW_SETS["ten"][:5]])
 
 
 # name -> transform factory taking the crop size; all but noise act on uint8.

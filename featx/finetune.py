@@ -40,6 +40,7 @@ from featx.backbones import create_backbone, get_spec, input_spec
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, resolve_precision
 from featx.errors import FeatxError
+from featx.heads import topk_correct
 from featx.lstm_head import LSTMNet
 from featx.views import render_views
 
@@ -211,9 +212,8 @@ def _evaluate(model, images, labels, d: Dist, *, spec: ModelSpec, dtype, batch: 
             y = labels[idx].to(d.device, non_blocking=True)
             logits = model(x).float()
             loss += F.cross_entropy(logits, y, reduction="sum")
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            top1 += (top[:, 0] == y).sum()
-            top5 += (top == y[:, None]).any(1).sum()
+            top1 += topk_correct(logits[None], y, 1)[0]
+            top5 += topk_correct(logits[None], y, 5)[0]
     loss, top1, top5 = d.sum(loss, top1, top5)
     n = len(labels)
     return loss / n, top1 / n, top5 / n

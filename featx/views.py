@@ -39,7 +39,8 @@ def check_crop(crop: int, height: int, width: int) -> None:
         raise FeatxError(f"--crop {crop} is larger than the {height}x{width} images; use --crop {min(height, width)} or less")
 
 
-def _crop(x: torch.Tensor, name: str, crop: int) -> torch.Tensor:
+def crop_view(x: torch.Tensor, name: str, crop: int) -> torch.Tensor:
+    """The `name` crop (full, top_left, ...) of (..., H, W) images; mirrors are not applied here."""
     h, w = x.shape[-2:]
     if name == "full":
         return x
@@ -61,7 +62,7 @@ def render_views(images: torch.Tensor, *, views: Sequence[str], crop: int, size:
     out = []
     for name in views:
         base = name.removesuffix("_flip")
-        v = _crop(x, base, crop)
+        v = crop_view(x, base, crop)
         if name.endswith("_flip"):
             v = v.flip(-1)
         if v.shape[-1] != size or v.shape[-2] != size:

@@ -5,7 +5,7 @@ import torch
 
 from featx.augment import AUGMENTATIONS, Augment, pixel_transform
 from featx.errors import FeatxError
-from featx.views import _crop
+from featx.views import crop_view
 
 
 def blobs(n: int = 8, size: int = 32, at: tuple[int, int] = (8, 16)) -> torch.Tensor:
@@ -52,7 +52,7 @@ def test_corners_are_stage1_views():
     x = blobs(12, 16)
     y = apply("corners", x, crop=12, size=16)
     for a, b in zip(y, x):
-        views = [torch.nn.functional.interpolate(_crop(b[None].float(), name=n, crop=12), size=(16, 16), mode="bilinear")[0]
+        views = [torch.nn.functional.interpolate(crop_view(b[None].float(), name=n, crop=12), size=(16, 16), mode="bilinear")[0]
                  for n in ("full", "top_left", "top_right", "bottom_left", "bottom_right")]
         assert min((a - v).abs().max() for v in views) <= 0.5
 
