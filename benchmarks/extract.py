@@ -54,7 +54,7 @@ def run_naive(args) -> dict:
     tf = transforms.Compose([transforms.Resize((bb.input_size, bb.input_size)), transforms.ToTensor(),
                              transforms.Normalize(bb.mean, bb.std)])
     files = Path(args.files).read_text().split("\n")
-    loader = DataLoader([(f, tf) for f in files], batch_size=args.batch_size, num_workers=2,
+    loader = DataLoader([(f, tf) for f in files], batch_size=args.batch_size or 32, num_workers=2,
                         collate_fn=lambda batch: torch.stack([t(Image.open(f).convert("RGB")) for f, t in batch]))
     feats = []
     with torch.no_grad():
@@ -74,7 +74,8 @@ def main() -> None:
     ap.add_argument("--views", default="full", choices=["full", "flip", "ten"])
     ap.add_argument("--classes", type=int, default=20)
     ap.add_argument("--per-class", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int,
+                    help="images per batch on both sides [default: featx's own default; 32 for the naive loader]")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--side", choices=["featx", "naive"], help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
@@ -90,8 +91,9 @@ def main() -> None:
     from featx.data import prepare_cache, read_split
     from featx.features import load_features
 
-    common_args = ["--backbone", args.backbone, "--weights", args.weights, "--batch-size", str(args.batch_size),
-                   "--device", args.device, *(["--size", str(args.size)] if args.size else [])]
+    common_args = ["--backbone", args.backbone, "--weights", args.weights, "--device", args.device,
+                   *(["--size", str(args.size)] if args.size else []),
+                   *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
     with tempfile.TemporaryDirectory() as tmp:
         cache = prepare_cache(args.zip, cache=f"{tmp}/cache.h5", classes=args.classes, per_class=args.per_class,
                               progress=False)

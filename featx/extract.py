@@ -102,10 +102,13 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
     Re-running a finished extraction is a no-op; an interrupted one resumes. Under torchrun every rank
     takes its share of the shards and rank 0 writes the file.
     """
+    views = view_names(views)
     with distributed(device) as d:
+        # On CPU, ~16 rows per forward keep the activations in cache: 10-15% faster than 32 images x 10 views
+        default_batch = 256 if d.device.type == "cuda" else max(1, 16 // len(views))
         return _extract(d, data=data, backbone=backbone, out=Path(out), weights=weights, size=size,
-                        views=view_names(views), crop=crop, splits=splits, classes=classes,
-                        per_class=per_class, batch_size=batch_size or (256 if d.device.type == "cuda" else 32),
+                        views=views, crop=crop, splits=splits, classes=classes,
+                        per_class=per_class, batch_size=batch_size or default_batch,
                         autocast=resolve_precision(precision, d.device), mean=mean, std=std,
                         compile=compile, dtype=np.dtype(dtype), shard_rows=shard_rows,
                         progress=progress and d.rank == 0)
