@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,11 @@ class FeatureMeta:
         for k in ("featx_version", "class_names"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def extraction(self) -> str:
+        """The identity of the extraction, whatever subset of its views was loaded: splits with equal
+        `extraction()` came through the same model with the same settings and can be paired."""
+        return dataclasses.replace(self, views=[]).identity()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -143,6 +148,31 @@ def load_features(path: str | Path, split: str, *, views="all") -> Features:
         raise FeatxError(f"{path}: split {split!r} holds NaN/inf features; re-extract (try --precision fp32)")
     meta.views = [meta.views[i] for i in idx]
     return Features(split=split, features=data, labels=labels, ids=ids, meta=meta, path=path)
+
+
+def load(source: str | Path | Mapping[str, str | Path], splits: Sequence[str] | None = None, *,
+         views="all") -> dict[str, Features]:
+    """Several splits as one extraction: every split of a file (`load("f.h5")`), some of them
+    (`load("f.h5", ["train", "val"])`), or splits from separate files (`load({"train": a, "val": b})`).
+    Refuses splits made with different settings (backbone, weights, views, normalisation, dataset, ...)."""
+    if isinstance(source, Mapping):
+        paths = {split: Path(p) for split, p in source.items() if splits is None or split in splits}
+    else:
+        paths = {split: Path(source) for split in (splits or feature_splits(source))}
+    loaded = {split: load_features(p, split, views=views) for split, p in paths.items()}
+    first, *others = loaded.values()
+    for other in others:
+        require_same_extraction(first, other)
+    return loaded
+
+
+def require_same_extraction(a, b) -> None:
+    """`a` and `b` (anything with .path, .split and .meta) must come from one extraction's settings."""
+    if a.meta.extraction() != b.meta.extraction():
+        diff = [k for k, v in dataclasses.asdict(a.meta).items()
+                if k not in ("views", "featx_version", "class_names") and getattr(b.meta, k) != v]
+        raise FeatxError(f"{b.path}: split {b.split!r} comes from another extraction than {a.path} split "
+                         f"{a.split!r} (differs in {', '.join(diff)}); extract both with one `featx extract`")
 
 
 @contextlib.contextmanager

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from featx.device import resolve_device
 from featx.errors import FeatxError
-from featx.features import FeatureMeta, Features, feature_splits, load_features, open_split, read_meta
+from featx.features import (FeatureMeta, Features, feature_splits, load_features, open_split, read_meta,
+                            require_same_extraction)
 from featx.heads import HeadOptimizer, StackedHeads, lr_scale, smoothed_cross_entropy, topk_correct
 from featx.runs import Snapshots, start_run, update_run, write_metrics
 
@@ -175,18 +176,11 @@ def evaluate(heads: StackedHeads, src) -> tuple[np.ndarray, np.ndarray, np.ndarr
 # --- training ----------------------------------------------------------------------------------------
 
 
-def _origin(meta: FeatureMeta) -> str:
-    # the identity of the extraction, whatever subset of its views was loaded
-    return dataclasses.replace(meta, views=[]).identity()
-
-
 def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, heads: Sequence[HeadConfig],
            head: str) -> None:
     if head not in ("linear", "mlp"):
         raise FeatxError(f"--head {head}: choose linear or mlp")
-    if _origin(features.meta) != _origin(val.meta):
-        raise FeatxError(f"{val.path}: val features come from another extraction than {features.path}; "
-                         "extract both splits with one `featx extract`")
+    require_same_extraction(features, val)
     if not (_labels(val) >= 0).any():
         raise FeatxError(f"{val.path}: split {val.split!r} has no labels to validate on; "
                          "extract a labelled split (e.g. --splits train,val)")
