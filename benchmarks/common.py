@@ -50,5 +50,20 @@ def measure(script: str, args: list[str]) -> dict:
     return {**result, "peak_rss": peak, "cpu": sum(cpu.values()) / os.sysconf("SC_CLK_TCK")}
 
 
+def matmul_peak_gflops(n: int = 2048, repeat: int = 5) -> float:
+    """This machine's fp32 matrix-multiply rate, best of `repeat`. No convolution or linear head computes
+    faster, so it bounds the throughput of either side of a benchmark."""
+    import torch
+
+    a = torch.randn(n, n)
+    a @ a
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
 def machine() -> str:
     return f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"

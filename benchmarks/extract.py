@@ -65,6 +65,19 @@ def run_naive(args) -> dict:
     return {"seconds": seconds, "images": len(files), "views": 1}
 
 
+def view_gflops(args) -> float:
+    """Convolution and matmul work of the backbone on one view, counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from featx.backbones import create_backbone
+
+    bb = create_backbone(args.backbone, weights="none", size=args.size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        bb.model.eval()(torch.zeros(1, 3, bb.input_size, bb.input_size))
+    return counter.get_total_flops() / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zip", type=Path, default=SHARED_ZIP)
@@ -116,6 +129,11 @@ def main() -> None:
               f"{rates[name]:.1f} views/s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB")
     print(f"ratio  featx / naive = {rates['featx'] / rates['naive']:.2f}x ({args.backbone} at "
           f"{args.size or 'its default size'}, {args.device}, {common.machine()})")
+    if args.device == "cpu":
+        flops, peak = view_gflops(args), common.matmul_peak_gflops()
+        print(f"work   {flops:.2f} GFLOP per view: featx {rates['featx'] * flops:.0f} GFLOP/s, naive "
+              f"{rates['naive'] * flops:.0f} GFLOP/s; this CPU's fp32 matmul peak {peak:.0f} GFLOP/s caps the "
+              f"ratio at {peak / (rates['naive'] * flops):.2f}x")
     print(f"cosine(featx full view, naive) over {len(cos)} images: min {cos.min():.4f}, mean {cos.mean():.4f}")
 
 

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = common.REPO
 LRS = (1e-4, 3e-4, 6.5e-4, 1e-3)
 WEIGHT_DECAYS = (0.0, 1e-3, 1.16e-2)
 CS = tuple(float(c) for c in np.logspace(-4, 2, 12))
@@ -52,7 +51,12 @@ def run_featx(features: Path) -> dict:
 
 
 def run_sklearn(features: Path) -> dict:
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+
+    warnings.simplefilter("ignore", ConvergenceWarning)  # each fit's iteration count is in the result instead
 
     from featx.features import load_features
 
@@ -68,17 +72,17 @@ def run_sklearn(features: Path) -> dict:
             "best": f"C={best:g}", "iterations": list(iters.values())}
 
 
-def peak_rss_mib() -> float:
-    # VmHWM starts afresh at exec; getrusage's ru_maxrss would carry over the parent's peak
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+def sweep_gflops(shapes: dict[str, tuple[int, int, int]], classes: int, epochs: int = 10) -> float:
+    """featx's matmul work: per epoch and training row a forward and a weight-gradient matmul of every
+    head at once, and a forward per val row and view (what dominates its time)."""
+    (n_train, _, dim), (n_val, val_views, _) = shapes["train"], shapes["val"]
+    per_row = 2 * dim * len(LRS) * len(WEIGHT_DECAYS) * classes
+    return epochs * (2 * n_train + n_val * val_views) * per_row / 1e9
 
 
 def child(part: str, features: Path) -> dict:
     """Run one side in a fresh process, so that its time and peak RSS are its own."""
-    out = subprocess.run([sys.executable, __file__, "--part", part, "--features", str(features)],
-                         check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return common.measure(__file__, ["--part", part, "--features", str(features)])
 
 
 def make_features(path: Path, *, classes: int = 200, n_train: int = 20_000, n_val: int = 10_000, views: int = 2,
@@ -117,9 +121,7 @@ def main() -> None:
     args = ap.parse_args()
     features = args.features or make_features(args.cache)
     if args.part:
-        result = (run_featx if args.part == "featx" else run_sklearn)(features)
-        result["peak_rss_mib"] = peak_rss_mib()
-        print(json.dumps(result))
+        print(json.dumps((run_featx if args.part == "featx" else run_sklearn)(features)))
         return
 
     from featx.features import open_split, read_meta
@@ -136,8 +138,13 @@ def main() -> None:
     results["val_top1_difference"] = ours["best_val_top1"] - theirs["best_val_top1"]
     for name, r in (("featx sweep", ours), ("sklearn fits", theirs)):
         print(f"{name:13} {r['models']:3d} models {r['seconds']:8.1f} s  best val top-1 {r['best_val_top1']:.2%} "
-              f"({r['best']})  peak RSS {r['peak_rss_mib']:.0f} MiB")
-    print(f"speedup {results['speedup']:.1f}x, val top-1 featx - sklearn {results['val_top1_difference']:+.2%}")
+              f"({r['best']})  peak RSS {r['peak_rss'] / 2**20:.0f} MiB")
+    print(f"speedup {results['speedup']:.1f}x, val top-1 featx - sklearn {results['val_top1_difference']:+.2%} "
+          f"({common.machine()})")
+    work, peak = sweep_gflops(shapes, len(meta.classes)), common.matmul_peak_gflops()
+    print(f"work    featx's sweep is {work:.0f} GFLOP of matmuls ({work / ours['seconds']:.0f} GFLOP/s overall); at "
+          f"this CPU's fp32 matmul peak of {peak:.0f} GFLOP/s they alone take {work / peak:.1f} s, which caps the "
+          f"speedup at {theirs['seconds'] / (work / peak):.1f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
