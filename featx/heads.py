@@ -169,7 +169,13 @@ def lr_scale(kind: str, *, decay: float, epoch_fraction: float, epochs: int) -> 
     raise ValueError(f"schedule must be exponential or cosine, got {kind!r}")
 
 
-def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+def label_rank(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(H, B, C) scores, (B,) labels -> (H, B) rank of each row's label, 1 = highest; ties rank against the
+    label, so a constant output is never right. One compare pass: several times faster than topk on CPU."""
+    true = scores.gather(-1, labels.view(1, -1, 1).expand(scores.shape[0], -1, 1))
+    return (scores >= true).sum(-1)
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """(H, B, C), (B,) -> (H,) number of rows whose label is among the top k."""
-    top = probs.topk(min(k, probs.shape[-1]), dim=-1).indices
-    return (top == labels.view(1, -1, 1)).any(-1).sum(1)
+    return (label_rank(scores, labels) <= k).sum(1)

@@ -29,7 +29,7 @@ from featx.device import resolve_device
 from featx.errors import FeatxError
 from featx.features import (FeatureMeta, Features, feature_splits, load_features, open_split, read_meta,
                             require_same_extraction)
-from featx.heads import HeadOptimizer, StackedHeads, lr_scale, smoothed_cross_entropy, topk_correct
+from featx.heads import HeadOptimizer, StackedHeads, label_rank, lr_scale, smoothed_cross_entropy
 from featx.runs import Snapshots, start_run, update_run, write_metrics
 
 
@@ -169,7 +169,8 @@ def evaluate(heads: StackedHeads, src) -> tuple[np.ndarray, np.ndarray, np.ndarr
         probs = heads.predict_proba(x)
         p_true = probs.gather(-1, y.view(1, -1, 1).expand(probs.shape[0], -1, 1)).squeeze(-1)
         loss = loss - p_true.clamp_min(1e-12).log().sum(1)
-        top1, top5, n = top1 + topk_correct(probs, y, 1), top5 + topk_correct(probs, y, 5), n + len(y)
+        rank = label_rank(probs, y)
+        top1, top5, n = top1 + (rank <= 1).sum(1), top5 + (rank <= 5).sum(1), n + len(y)
     return tuple((t / n).double().cpu().numpy() for t in (loss, top1, top5))
 
 

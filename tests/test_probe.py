@@ -15,7 +15,7 @@ import torch
 
 from featx.cli import main
 from featx.features import FeatureMeta, load_features, write_features
-from featx.heads import StackedHeads, smoothed_cross_entropy
+from featx.heads import StackedHeads, smoothed_cross_entropy, topk_correct
 from featx.probe import HeadConfig, StreamedSplit, grid, train
 from featx.runs import load_checkpoint, read_run, start_run
 
@@ -91,6 +91,16 @@ def test_a_sweep_gives_each_head_what_it_gets_alone(synthetic, head):
             torch.testing.assert_close(stacked, single, rtol=1e-5, atol=1e-6)
         for a, b in zip(sweep.history[h], alone.history[0]):
             assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_top_k_counts_agree_with_topk_and_ties_count_against_the_label():
+    g = torch.Generator().manual_seed(0)
+    scores, labels = torch.rand(3, 50, 20, generator=g), torch.randint(20, (50,), generator=g)
+    for k in (1, 5):
+        want = (scores.topk(k, dim=-1).indices == labels.view(1, -1, 1)).any(-1).sum(1)
+        assert topk_correct(scores, labels, k).tolist() == want.tolist()
+    # a head that outputs the same score for every class has found nothing
+    assert topk_correct(torch.ones(1, 50, 20), labels, 5).tolist() == [0]
 
 
 def test_a_diverging_head_is_stopped_and_the_others_go_on(synthetic):
