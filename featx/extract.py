@@ -72,21 +72,36 @@ def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def compute_features(bb: Backbone, model: torch.nn.Module, images: np.ndarray, *, views: Sequence[str], crop: int,
-                     device: torch.device, autocast: torch.dtype | None, out_dtype: np.dtype) -> np.ndarray:
-    """uint8 images (B, H, W, 3) -> model outputs (B, V, D) of every view: the one step shared by extraction
-    and by predictions on new images."""
+def _forward_views(bb: Backbone, model: torch.nn.Module, images: np.ndarray, *, views: Sequence[str], crop: int,
+                   device: torch.device, autocast: torch.dtype | None) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) -> float32 model outputs (B, V, D) of every view, left on the device: no
+    host sync, so that on a GPU the next batches queue up while this one runs."""
     x = torch.from_numpy(images)
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
     v = render_views(x, views=views, crop=crop, size=bb.input_size, mean=bb.mean, std=bb.std)
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         y = model(v)
-    y = y.float().reshape(len(images), len(views), -1)
-    # Checked and narrowed on the device: half the bytes cross to the host, and no host-side cast.
-    if out_dtype == np.float16 and (peak := y.abs().max().item()) > torch.finfo(torch.float16).max:
-        raise FeatxError(f"features reach {peak:.3g}, beyond float16; re-run with --dtype float32")
-    return y.to(torch.float16 if out_dtype == np.float16 else torch.float32).cpu().numpy()
+    return y.float().reshape(len(images), len(views), -1)
+
+
+def _to_host(outputs: list[torch.Tensor], out_dtype: np.dtype) -> np.ndarray:
+    """Device outputs -> one host array in out_dtype, with one sync for all of them. Checked and narrowed
+    on the device, so that half the bytes cross to the host and the host does no cast."""
+    if out_dtype == np.float16:
+        peak = torch.stack([y.abs().amax() for y in outputs]).max().item()
+        if peak > torch.finfo(torch.float16).max:
+            raise FeatxError(f"features reach {peak:.3g}, beyond float16; re-run with --dtype float32")
+        outputs = [y.half() for y in outputs]
+    return torch.cat(outputs).cpu().numpy()
+
+
+def compute_features(bb: Backbone, model: torch.nn.Module, images: np.ndarray, *, views: Sequence[str], crop: int,
+                     device: torch.device, autocast: torch.dtype | None, out_dtype: np.dtype) -> np.ndarray:
+    """uint8 images (B, H, W, 3) -> model outputs (B, V, D) of every view: the one step shared by extraction
+    and by predictions on new images."""
+    return _to_host([_forward_views(bb, model, images, views=views, crop=crop, device=device, autocast=autocast)],
+                    out_dtype)
 
 
 def extract_features(*, data: str | Path | None, backbone: str, out: str | Path, weights: str | Path = "default",
@@ -174,11 +189,11 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
             nxt = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
             parts = []
             for b in range(0, len(images), batch_size):
-                parts.append(compute_features(bb, model, images[b : b + batch_size], views=views, crop=crop,
-                                              device=device, autocast=autocast, out_dtype=dtype))
+                parts.append(_forward_views(bb, model, images[b : b + batch_size], views=views, crop=crop,
+                                            device=device, autocast=autocast))
                 bar.update(len(parts[-1]))
             pending = [p for p in pending if not p.done()] + [
-                writer.submit(_save_shard, partial / f"{s}-{k:05d}.npy", np.concatenate(parts))]
+                writer.submit(_save_shard, partial / f"{s}-{k:05d}.npy", _to_host(parts, dtype))]
         for p in pending:
             p.result()
     bar.close()
