@@ -56,10 +56,9 @@ def run_sklearn(features: Path) -> dict:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    warnings.simplefilter("ignore", ConvergenceWarning)  # each fit's iteration count is in the result instead
-
     from featx.features import load_features
 
+    warnings.simplefilter("ignore", ConvergenceWarning)  # each fit's iteration count is in the result instead
     start = time.perf_counter()
     tr, va = load_features(features, "train", views="full"), load_features(features, "val", views="full")
     x, xv = tr.features[:, 0].astype(np.float32), va.features[:, 0].astype(np.float32)

@@ -156,6 +156,9 @@ def load(source: str | Path | Mapping[str, str | Path], splits: Sequence[str] | 
     (`load("f.h5", ["train", "val"])`), or splits from separate files (`load({"train": a, "val": b})`).
     Refuses splits made with different settings (backbone, weights, views, normalisation, dataset, ...)."""
     if isinstance(source, Mapping):
+        missing = [s for s in splits or () if s not in source]
+        if missing:
+            raise FeatxError(f"splits {missing}: not among the files given (for {', '.join(source)})")
         paths = {split: Path(p) for split, p in source.items() if splits is None or split in splits}
     else:
         paths = {split: Path(source) for split in (splits or feature_splits(source))}

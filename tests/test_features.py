@@ -57,3 +57,8 @@ def test_splits_of_different_extractions_are_refused(tmp_path):
     a, b = _write(tmp_path / "a.h5"), _write(tmp_path / "b.h5", backbone="another")
     with pytest.raises(FeatxError, match=r"b\.h5: split 'val' comes from another extraction .*differs in backbone"):
         load({"train": a, "val": b})
+
+
+def test_a_split_asked_for_but_not_given_is_named(tmp_path):
+    with pytest.raises(FeatxError, match=r"splits \['test'\]: not among the files given"):
+        load({"train": _write(tmp_path / "a.h5")}, ["train", "test"])
