@@ -10,7 +10,6 @@ the device as uint8; views, upsampling and normalisation happen there (featx.vie
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +21,7 @@ from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
 from featx import __version__
+from featx.atomic import replacing
 from featx.backbones import Backbone, create_backbone
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, precision_name, resolve_precision
@@ -51,15 +51,13 @@ def _open_partial(partial: Path, meta: FeatureMeta, shard_rows: int) -> None:
             raise FeatxError(f"{partial}: an unfinished extraction with different settings; re-run it with its settings or delete {partial}")
         return
     partial.mkdir(parents=True, exist_ok=True)
-    tmp = settings.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**want, "meta": json.loads(meta.to_json())}))
-    os.replace(tmp, settings)
+    with replacing(settings) as tmp:
+        tmp.write_text(json.dumps({**want, "meta": json.loads(meta.to_json())}))
 
 
 def _save_shard(path: Path, x: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, x)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        np.save(tmp, x)
 
 
 def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 from featx import runs
+from featx.atomic import replacing
 from featx.augment import Augment, check_augmentations
 from featx.backbones import create_backbone, get_spec, input_spec
 from featx.data import dataset_info, prepare_cache, read_split
@@ -217,12 +217,6 @@ def _evaluate(model, images, labels, d: Dist, *, spec: ModelSpec, dtype, batch: 
     loss, top1, top5 = d.sum(loss, top1, top5)
     n = len(labels)
     return loss / n, top1 / n, top5 / n
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -420,12 +414,14 @@ def _save_epoch(out: Path, rows: list[dict], kept: list[dict], *, keep: int, las
     kept = list(kept)
     if math.isfinite(row["val_top1"]) and (len(kept) < keep or row["val_top1"] > kept[-1]["val_top1"]):
         name = f"{runs.CHECKPOINTS}/epoch{row['epoch']:03d}.pt"
-        _atomic_save(snapshot(), out / name)
+        with replacing(out / name) as tmp:
+            torch.save(snapshot(), tmp)
         kept.append({"file": name, "key": 0, "epoch": row["epoch"], "val_top1": row["val_top1"],
                      "val_top5": row["val_top5"]})
         kept.sort(key=lambda s: -s["val_top1"])
     dropped, kept = kept[keep:], kept[:keep]
-    _atomic_save({**last, "metrics": rows, "snapshots": kept}, out / runs.CHECKPOINTS / "last.pt")
+    with replacing(out / runs.CHECKPOINTS / "last.pt") as tmp:
+        torch.save({**last, "metrics": rows, "snapshots": kept}, tmp)
     for s in dropped:
         (out / s["file"]).unlink(missing_ok=True)
     best = max(rows, key=lambda r: r["val_top1"])

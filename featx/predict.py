@@ -25,6 +25,7 @@ import torch
 from sklearn.metrics import top_k_accuracy_score
 from torch import nn
 
+from featx.atomic import replacing
 from featx.backbones import Backbone, create_backbone
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import resolve_device
@@ -389,5 +390,6 @@ def write_submission(p: Prediction, path: str | Path) -> Path:
     """The Tiny ImageNet challenge format: one `<image file> <wnid>` line per image."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{Path(i).name} {p.classes[c]}\n" for i, c in zip(p.ids, p.top(1)[:, 0])))
+    with replacing(path) as tmp:
+        tmp.write_text("".join(f"{Path(i).name} {p.classes[c]}\n" for i, c in zip(p.ids, p.top(1)[:, 0])))
     return path

@@ -24,6 +24,7 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 from torch import nn
 
+from featx.atomic import replacing
 from featx.errors import FeatxError
 from featx.finetune import load_model
 from featx.predict import FinetuneRun, open_run, score_runs, write_predictions
@@ -225,6 +226,7 @@ def write_report(*, run: str | Path, out: str | Path = "report", split: str = "v
                  for title, name in figures.items()]
     sections.append("<p><a href='predictions.csv'>predictions.csv</a>: every image's top-5</p>")
     page = out / "report.html"
-    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>featx report</title>"
-                    f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
+    with replacing(page) as tmp:
+        tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>featx report</title>"
+                       f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
     return page

@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from featx import __version__
+from featx.atomic import replacing
 from featx.errors import FeatxError
 
 RUN_FORMAT = "featx-run-1"
@@ -40,9 +40,8 @@ CHECKPOINTS = "checkpoints"
 
 def write_json(path: Path, data) -> None:
     """Atomic JSON write; NaN/inf become null so the file stays valid JSON."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2) + "\n")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(_finite(data), indent=2) + "\n")
 
 
 def _finite(x):
@@ -139,7 +138,8 @@ class Snapshots:
         snap = Snapshot(f"{CHECKPOINTS}/head{key:02d}-epoch{epoch:03d}.pt", key, epoch, val_top1, val_top5)
         if not math.isfinite(val_top1) or (len(kept) >= self.keep and snap.rank() >= kept[-1].rank()):
             return
-        torch.save(payload(), self.run_dir / snap.file)
+        with replacing(self.run_dir / snap.file) as tmp:
+            torch.save(payload(), tmp)
         kept.append(snap)
         kept.sort(key=Snapshot.rank)
         for dropped in kept[self.keep :]:
