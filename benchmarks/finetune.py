@@ -24,12 +24,13 @@ from common import SHARED_ZIP, machine, measure
 
 
 def run_featx(args) -> dict:
-    from featx.finetune import finetune
+    from featx.finetune import FinetuneConfig, finetune
 
     with tempfile.TemporaryDirectory() as out:
-        result = finetune(data=args.cache, backbone=args.backbone, weights="none", size=args.size, out=Path(out) / "run",
-                          epochs=args.epochs, batch_size=args.batch_size, aug=["crop", "flip"], crop=56,
-                          device=args.device, progress=False)
+        config = FinetuneConfig(data=args.cache, backbone=args.backbone, weights="none", size=args.size,
+                                epochs=args.epochs, batch_size=args.batch_size, aug=["crop", "flip"], crop=56,
+                                device=args.device)
+        result = finetune(config, out=Path(out) / "run", progress=False)
     return {"images_per_s": result.epochs[-1]["train_images_per_s"]}
 
 

@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms import v2
 
 from featx.errors import FeatxError
-from featx.views import VIEW_SETS, crop_view
+from featx.views import VIEW_SETS, crop_view, to_input
 
 
 def _corner_crop(crop: int) -> v2.Transform:
@@ -45,13 +45,12 @@ def check_augmentations(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
-def pixel_transform(names: Sequence[str], *, crop: int, size: int) -> v2.Compose:
-    """uint8 (N, 3, H, W) -> float in [0, 1] (N, 3, size, size); one random draw per call."""
+def pixel_transform(names: Sequence[str], *, crop: int) -> v2.Compose:
+    """uint8 (N, 3, H, W) -> augmented float in [0, 1] at its native size; one random draw per call."""
     names = check_augmentations(names)
     on_uint8 = [AUGMENTATIONS[n](crop) for n in names if n != "noise"]
     on_float = [AUGMENTATIONS["noise"](crop)] if "noise" in names else []
-    return v2.Compose([*on_uint8, v2.ToDtype(torch.float32, scale=True), *on_float,
-                       v2.Resize((size, size), antialias=False)])
+    return v2.Compose([*on_uint8, v2.ToDtype(torch.float32, scale=True), *on_float])
 
 
 class Augment:
@@ -64,17 +63,18 @@ class Augment:
     def __init__(self, names: Sequence[str], *, crop: int, size: int, mean: Sequence[float],
                  std: Sequence[float], num_classes: int, mixup: float = 0.0, cutmix: float = 0.0,
                  groups: int = 16):
-        self.pixels = pixel_transform(names, crop=crop, size=size)
+        self.pixels = pixel_transform(names, crop=crop)
         self.groups = groups if names else 1
-        self.normalize = v2.Normalize(list(mean), list(std))
+        self.size, self.mean, self.std = size, list(mean), list(std)
         mixers = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + \
                  ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
         self.mix = v2.RandomChoice(mixers) if mixers else None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.permute(0, 3, 1, 2)
-        x = torch.cat([self.pixels(chunk) for chunk in x.tensor_split(min(self.groups, len(x)))])
-        x = self.normalize(x)
+        # chunks may differ in size (crop vs corners of another size), so each is brought to the input size alone
+        x = torch.cat([to_input(self.pixels(chunk), size=self.size, mean=self.mean, std=self.std)
+                       for chunk in x.tensor_split(min(self.groups, len(x)))])
         if self.mix is not None:
             x, labels = self.mix(x, labels)
         return x.contiguous(memory_format=torch.channels_last), labels

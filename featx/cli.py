@@ -245,12 +245,14 @@ def probe(features, out, lr, weight_decay, label_smoothing, dropout, **options) 
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--keep", type=click.IntRange(1), default=3, show_default=True, help="Keep the K best checkpoints by val top-1.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-def finetune(data_, aug, compile_, **options) -> None:
+def finetune(data_, aug, compile_, out, resume, **options) -> None:
     """Stage 3: end-to-end training (fine-tuning or from scratch); torchrun for several GPUs."""
+    from featx.finetune import FinetuneConfig
     from featx.finetune import finetune as run_finetune
 
     augs = [] if aug.strip() in ("", "none") else [a.strip() for a in aug.split(",")]
-    result = run_finetune(data=data_, aug=augs, compile=compile_, **options)
+    config = FinetuneConfig(data=data_, aug=augs, compile=compile_, **options)
+    result = run_finetune(config, out=out, resume=resume)
     if result.epochs:
         click.echo(f"best val top-1 {result.best_val_top1:.2%}; run: {result.out}")
 

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featx.optim import make_optimizer
+
 NORMALIZE = ("none", "l2", "standard")
-OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 class StackedHeads(nn.Module):
@@ -114,35 +115,25 @@ class HeadOptimizer:
     handed to them as views, so nothing is copied and torch's fused per-element kernels do the update.
     """
 
-    def __init__(self, heads: StackedHeads, *, kind: str, lr: Sequence[float], weight_decay: Sequence[float],
-                 momentum: float = 0.9):
-        if kind not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+    def __init__(self, heads: StackedHeads, *, kind: str, lr: Sequence[float], weight_decay: Sequence[float]):
         self.stacked = [*heads.weights, *heads.biases]
         n_weights = len(heads.weights)
         self.aliases = [[nn.Parameter(p.detach()[h]) for p in self.stacked] for h in range(heads.num_heads)]
-        self.base_lr = list(lr)
         groups = []
         for h, params in enumerate(self.aliases):
             groups.append({"params": params[:n_weights], "lr": lr[h], "weight_decay": weight_decay[h]})
             groups.append({"params": params[n_weights:], "lr": lr[h], "weight_decay": 0.0})
-        fused = {"fused": True}
-        if kind == "sgd":
-            self.opt = torch.optim.SGD(groups, momentum=momentum, **fused)
-        else:
-            self.opt = (torch.optim.Adam if kind == "adam" else torch.optim.AdamW)(groups, **fused)
+        self.opt = make_optimizer(kind, groups, fused=True)
         self.active = [True] * heads.num_heads
 
     def stop(self, h: int) -> None:
         """Freeze head h (its loss turned NaN): it takes no further steps."""
         self.active[h] = False
 
-    def step(self, lr_scale: float) -> None:
+    def step(self) -> None:
         for h, params in enumerate(self.aliases):
             for alias, p in zip(params, self.stacked):
                 alias.grad = p.grad[h] if self.active[h] else None  # the optimizer skips params without grad
-        for i, group in enumerate(self.opt.param_groups):
-            group["lr"] = self.base_lr[i // 2] * lr_scale
         self.opt.step()
         for p in self.stacked:
             p.grad = None
@@ -158,15 +149,6 @@ def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing
     uniform = -logp.mean(-1)
     eps = smoothing.view(-1, 1)
     return ((1 - eps) * nll + eps * uniform).mean(1)
-
-
-def lr_scale(kind: str, *, decay: float, epoch_fraction: float, epochs: int) -> float:
-    """Multiplier of the base lr after `epoch_fraction` epochs: exponential (decay per epoch) or cosine."""
-    if kind == "exponential":
-        return decay**epoch_fraction
-    if kind == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(epoch_fraction / epochs, 1.0)))
-    raise ValueError(f"schedule must be exponential or cosine, got {kind!r}")
 
 
 def label_rank(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import top_k_accuracy_score
 from torch import nn
 
 from featx.atomic import replacing
@@ -34,8 +33,8 @@ from featx.errors import FeatxError
 # images computed exactly as the stored features were.
 from featx.extract import compute_features
 from featx.features import load_features, read_meta
-from featx.finetune import load_model
-from featx.heads import StackedHeads
+from featx.heads import StackedHeads, label_rank
+from featx.models import load_model
 from featx.runs import load_checkpoint, read_run
 from featx.sources import IMAGE_EXTS, decode_image
 from featx.views import VIEW_SETS
@@ -45,13 +44,11 @@ ENSEMBLES = "best, top:K, greedy or all"
 
 
 def top_k(probs: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    """Top-k accuracy of (N, C) probabilities over the rows with a label (>= 0); there must be some."""
+    """Top-k accuracy of (N, C) probabilities over the rows with a label (>= 0); there must be some.
+    Counted as training counts it (heads.label_rank: a tie with the label counts against it)."""
     keep = labels >= 0
-    n_classes = probs.shape[1]
-    if k >= n_classes:
-        return 1.0
-    scores = probs[keep, 1] if n_classes == 2 else probs[keep]  # sklearn's binary case takes one column
-    return float(top_k_accuracy_score(labels[keep], scores, k=k, labels=np.arange(n_classes)))
+    rank = label_rank(torch.from_numpy(probs[keep])[None], torch.from_numpy(labels[keep]).long())[0]
+    return float((rank <= k).double().mean())
 
 
 def ranked_picks(ensemble: str, n: int) -> list[int]:
@@ -146,17 +143,17 @@ class ProbeRun:
 
     def __init__(self, run_dir: Path, run: dict, device: torch.device):
         self.dir, self.device = run_dir, device
-        self.checkpoints = run["checkpoints"]
-        self.path = Path(run["features"]["path"])
+        self.checkpoints = run.checkpoints
+        self.path = Path(run.features["path"])
         self.meta = read_meta(self.path)
-        if self.meta.identity() != run["features"]["identity"]:
+        if self.meta.identity() != run.features["identity"]:
             raise FeatxError(f"{self.path}: no longer the features run {run_dir} was trained on; "
                              "re-run `featx probe` on it")
         self.classes, self.class_names = self.meta.classes, self.meta.class_names
 
     def _proba(self, x: np.ndarray, picks: Sequence[int]) -> np.ndarray:
         """(N, V, D) features -> (K, N, C) view-averaged softmax of the picked checkpoints."""
-        ckpts = [load_checkpoint(self.dir / self.checkpoints[i]["file"]) for i in picks]
+        ckpts = [load_checkpoint(self.dir / self.checkpoints[i].file) for i in picks]
         # Snapshots of one run share the architecture and normalisation, so they stack into one StackedHeads.
         state = {k: v if k.startswith("norm_") else torch.cat([c["state"][k] for c in ckpts])
                  for k, v in ckpts[0]["state"].items()}
@@ -207,23 +204,22 @@ class FinetuneRun:
 
     def __init__(self, run_dir: Path, run: dict, device: torch.device, data: str | Path | None):
         self.dir, self.device = run_dir, device
-        self.checkpoints = run["checkpoints"]
-        self.config = run["config"]
-        self.classes = load_checkpoint(run_dir / self.checkpoints[0]["file"])["classes"]
-        source = data if data is not None else self.config["data"]
-        # finetune records str(data): "None" stands for its default, ./data
-        self.cache = prepare_cache(None if source == "None" else source, progress=False)
-        info = dataset_info(self.cache, classes=self.config["classes"])
+        self.checkpoints = run.checkpoints
+        self.subset = {"classes": run.data["classes"], "per_class": run.data["per_class"]}
+        self.classes = load_checkpoint(run_dir / self.checkpoints[0].file)["classes"]
+        source = data if data is not None else run.data["source"]
+        self.cache = prepare_cache(source, progress=False)
+        info = dataset_info(self.cache, classes=self.subset["classes"])
         if info.wnids != self.classes:
             raise FeatxError(f"--data {source}: its classes differ from those run {run_dir} was trained on; "
                              "pass the dataset it was trained on")
         self.class_names = info.names
 
     def _split(self, split: str):
-        return read_split(self.cache, split, classes=self.config["classes"], per_class=self.config["per_class"])
+        return read_split(self.cache, split, **self.subset)
 
     def _model(self, i: int) -> Backbone:
-        model, spec = load_model(load_checkpoint(self.dir / self.checkpoints[i]["file"]))
+        model, spec = load_model(load_checkpoint(self.dir / self.checkpoints[i].file))
         # _run_model takes a Backbone: here one whose "features" are the logits
         return Backbone(spec.backbone, model.to(self.device), spec.num_classes, spec.size, tuple(spec.mean),
                         tuple(spec.std), "")
@@ -262,14 +258,14 @@ class FinetuneRun:
 def open_run(run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto") -> ProbeRun | FinetuneRun:
     run_dir = Path(run_dir)
     run = read_run(run_dir)
-    if not run.get("checkpoints"):
-        raise FeatxError(f"{run_dir}: has no checkpoints; let its `featx {run.get('kind')}` run finish")
+    if not run.checkpoints:
+        raise FeatxError(f"{run_dir}: has no checkpoints; let its `featx {run.kind}` run finish")
     dev = resolve_device(device)
-    if run.get("kind") == "probe":
+    if run.kind == "probe":
         return ProbeRun(run_dir, run, dev)
-    if run.get("kind") == "finetune":
+    if run.kind == "finetune":
         return FinetuneRun(run_dir, run, dev, data)
-    raise FeatxError(f"{run_dir}: a {run.get('kind')!r} run; predict takes probe and finetune runs")
+    raise FeatxError(f"{run_dir}: a {run.kind!r} run; predict takes probe and finetune runs")
 
 
 def open_runs(runs: Sequence[str | Path], *, data: str | Path | None = None,
@@ -299,12 +295,12 @@ def _combine(runs: list, scored: list[Scored], picks: list[list[int]], split: st
         if s.ids != scored[0].ids:
             raise FeatxError(f"--run {run.dir}: scores other {split} images than --run {runs[0].dir}; "
                              "combine runs on the same dataset and classes")
-    best = max(range(len(runs)), key=lambda r: runs[r].checkpoints[0]["val_top1"])
+    best = max(range(len(runs)), key=lambda r: runs[r].checkpoints[0].val_top1)
     return Prediction(split=split, ids=scored[0].ids, labels=scored[0].labels,
                       probs=np.mean([s.probs.mean(0) for s in scored], axis=0),
                       single=scored[best].probs[0],  # every selection starts with the run's best checkpoint
                       classes=runs[0].classes, class_names=runs[0].class_names,
-                      members=[str(run.dir / run.checkpoints[i]["file"]) for run, p in zip(runs, picks) for i in p])
+                      members=[str(run.dir / run.checkpoints[i].file) for run, p in zip(runs, picks) for i in p])
 
 
 def predict(*, runs: Sequence[str | Path], split: str = "val", views: str = "all", ensemble: str = "best",

@@ -29,8 +29,9 @@ from featx.device import resolve_device
 from featx.errors import FeatxError
 from featx.features import (FeatureMeta, Features, feature_splits, load_features, open_split, read_meta,
                             require_same_extraction)
-from featx.heads import HeadOptimizer, StackedHeads, label_rank, lr_scale, smoothed_cross_entropy
-from featx.runs import Snapshots, start_run, update_run, write_metrics
+from featx.heads import HeadOptimizer, StackedHeads, label_rank, smoothed_cross_entropy
+from featx.optim import make_scheduler
+from featx.runs import HEAD_FORMAT, Snapshots, start_run, update_run, write_metrics
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,8 @@ def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
     if normalize == "standard":
         model.set_standardization(*_standardization(train_src))
     opt = HeadOptimizer(model, kind=optimizer, lr=[c.lr for c in heads], weight_decay=[c.weight_decay for c in heads])
+    sched = make_scheduler(opt.opt, schedule, steps_per_epoch=math.ceil(n_train / batch_size), epochs=epochs,
+                           decay=lr_decay)
     smoothing = torch.tensor([c.label_smoothing for c in heads], device=dev)
     with_dropout = any(c.dropout > 0 for c in heads)
     gen = torch.Generator().manual_seed(seed)  # minibatch order and views: the same for every head
@@ -238,7 +241,8 @@ def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
                 if opt.active[h]:
                     opt.stop(h)
                     status[h] = f"stopped in epoch {epoch}: training loss turned NaN"
-            opt.step(lr_scale(schedule, decay=lr_decay, epoch_fraction=epoch - 1 + seen / n_train, epochs=epochs))
+            opt.step()
+            sched.step()
             loss_sum += loss.detach().double() * len(y)
             correct += (logits.detach().argmax(-1) == y).sum(1)
             seen += len(y)
@@ -331,9 +335,10 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     def on_epoch(epoch: int, model: StackedHeads, top1: np.ndarray, top5: np.ndarray) -> None:
         for h, c in enumerate(heads):
             snapshots.offer(h, epoch, float(top1[h]), float(top5[h]), lambda h=h, c=c: {
-                "format": "featx-head-1", "normalize": normalize, "state": model.head_state(h),
+                "format": HEAD_FORMAT, "normalize": normalize, "state": model.head_state(h),
                 "config": {**config, **dataclasses.asdict(c)}, "features": feature_info, "classes": meta.classes,
                 "epoch": epoch, "val_top1": float(top1[h]), "val_top5": float(top5[h])})
+        snapshots.prune()
 
     result = train(train_split, val=val_split, heads=heads, head=head, hidden=hidden, optimizer=optimizer,
                    lr_decay=lr_decay, schedule=schedule, epochs=epochs, batch_size=batch_size, normalize=normalize,
@@ -342,7 +347,7 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
         snapshots.retain({result.best})
     best = {"head": result.best, "epoch": result.best_epoch, "config": dataclasses.asdict(heads[result.best]),
             "val_top1": result.best_metrics["val_top1"], "val_top5": result.best_metrics["val_top5"],
-            "checkpoint": snapshots.listing()[0]["file"]}  # ranked as _best ranks, so the same head and epoch
+            "checkpoint": snapshots.listing()[0].file}  # ranked as _best ranks, so the same head and epoch
     write_metrics(run_dir, [{"index": h, "config": dataclasses.asdict(c), "status": result.status[h],
                              "epochs": result.history[h]} for h, c in enumerate(heads)], best)
     update_run(run_dir, checkpoints=snapshots.listing(), best=best, seconds=round(result.seconds, 2))

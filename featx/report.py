@@ -12,21 +12,16 @@ from __future__ import annotations
 import csv
 import html
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
-from torch import nn
 
 from featx.atomic import replacing
 from featx.errors import FeatxError
-from featx.finetune import load_model
+from featx.models import load_model
+from featx.plots import plot_confusion, plot_curves, plot_filters, plot_tsne
 from featx.predict import FinetuneRun, open_run, score_runs, write_predictions
 from featx.runs import load_checkpoint
 
@@ -69,88 +64,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         w.writeheader()
         w.writerows(rows)
-
-
-def _short(name: str) -> str:
-    """The first of a class's names ("German shepherd, German shepherd dog, ..." -> "German shepherd")."""
-    return name.split(",")[0]
-
-
-def _figure(width: float, height: float) -> Figure:
-    # Agg canvases without pyplot: no global figure state, nothing to close
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path.name
-
-
-def plot_confusion(path: Path, cm: np.ndarray, names: Sequence[str]) -> str:
-    """Rows normalised to 1 (the share of each true class predicted as each class)."""
-    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig = _figure(9, 8)
-    ax = fig.subplots()
-    im = ax.imshow(rates, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    if len(names) <= 40:  # beyond that the labels overlap
-        short = [_short(n) for n in names]
-        ax.set_xticks(range(len(names)), short, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names)), short, fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (rows sum to 1)")
-    return _save(fig, path)
-
-
-def plot_curves(path: Path, metrics: dict) -> str:
-    """Loss and top-1 per epoch, train dashed and val solid; the best head bold, the others faint."""
-    best = metrics["best"].get("head", 0)
-    fig = _figure(11, 4)
-    axes = fig.subplots(1, 2)
-    for head in metrics["heads"]:
-        epochs = [r["epoch"] for r in head["epochs"]]
-        style = {"linewidth": 2, "alpha": 1.0} if head["index"] == best else {"linewidth": 0.8, "alpha": 0.3}
-        for key, ax in zip(("loss", "top1"), axes):
-            for part, line, colour in (("train", "--", "C0"), ("val", "-", "C1")):
-                values = np.array([r[f"{part}_{key}"] for r in head["epochs"]], dtype=float)  # null -> NaN
-                ax.plot(epochs, values, line, color=colour, label=part if head["index"] == best else None, **style)
-            ax.set(xlabel="epoch", ylabel=key)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-    axes[1].legend()
-    return _save(fig, path)
-
-
-def plot_tsne(path: Path, x: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> str:
-    xy = TSNE(perplexity=min(30.0, (len(x) - 1) / 3), init="pca", random_state=0).fit_transform(x)
-    fig = _figure(7, 6)
-    ax = fig.subplots()
-    for c in np.unique(labels):
-        ax.scatter(*xy[labels == c].T, s=12, label=_short(names[c]))
-    ax.legend(fontsize=8)
-    ax.set(xticks=[], yticks=[], title="t-SNE of the features")
-    return _save(fig, path)
-
-
-def plot_filters(path: Path, model: nn.Module) -> str:
-    """The first RGB convolution's filters, each scaled to [0, 1] on its own, in a square grid."""
-    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3)
-    w = conv.weight.detach().float().cpu().numpy().transpose(0, 2, 3, 1)  # (O, k, k, 3)
-    lo, hi = w.min((1, 2, 3), keepdims=True), w.max((1, 2, 3), keepdims=True)
-    w = (w - lo) / np.maximum(hi - lo, 1e-12)
-    cols = math.ceil(math.sqrt(len(w)))
-    k = w.shape[1]
-    grid = np.ones((cols * (k + 1), cols * (k + 1), 3))
-    for i, f in enumerate(w):
-        r, c = divmod(i, cols)
-        grid[r * (k + 1) : r * (k + 1) + k, c * (k + 1) : c * (k + 1) + k] = f
-    fig = _figure(6, 6)
-    ax = fig.subplots()
-    ax.imshow(grid, interpolation="nearest")
-    ax.set(xticks=[], yticks=[], title=f"first-layer filters ({len(w)} of {k}x{k})")
-    return _save(fig, path)
 
 
 def _tsne_classes(wnids: Sequence[str] | None, classes: list[str]) -> list[int]:
@@ -204,7 +117,7 @@ def write_report(*, run: str | Path, out: str | Path = "report", split: str = "v
     if len(x) >= 5:  # t-SNE needs a few points to place
         figures[f"t-SNE of {len(tsne)} classes"] = plot_tsne(out / "tsne.png", x, labels, pred.class_names)
     if isinstance(r, FinetuneRun):
-        model, _ = load_model(load_checkpoint(r.dir / r.checkpoints[0]["file"]))
+        model, _ = load_model(load_checkpoint(r.dir / r.checkpoints[0].file))
         figures["First-layer filters"] = plot_filters(out / "filters.png", model)
 
     n = int(keep.sum())

@@ -49,6 +49,18 @@ def crop_view(x: torch.Tensor, name: str, crop: int) -> torch.Tensor:
     return x[..., top : top + crop, left : left + crop]
 
 
+def to_input(x: torch.Tensor, *, size: int, mean: Sequence[float], std: Sequence[float],
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float images in [0, 1] (N, 3, H, W) -> the network's input: bilinear resize to size x size
+    (antialiased when shrinking), normalised, channels_last. Extraction, prediction, finetune training and
+    evaluation all end here, so a model sees the same pixels in every stage."""
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1])
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return ((x - m) / s).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
 def render_views(images: torch.Tensor, *, views: Sequence[str], crop: int, size: int,
                  mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (B, H, W, 3) on any device -> normalised float (B * V, 3, size, size), channels_last.
@@ -58,18 +70,11 @@ def render_views(images: torch.Tensor, *, views: Sequence[str], crop: int, size:
     """
     h, w = images.shape[1:3]
     check_crop(crop, h, w)
-    x = images.permute(0, 3, 1, 2).float()
+    x = images.permute(0, 3, 1, 2).float() / 255
     out = []
     for name in views:
-        base = name.removesuffix("_flip")
-        v = crop_view(x, base, crop)
+        v = crop_view(x, name.removesuffix("_flip"), crop)
         if name.endswith("_flip"):
             v = v.flip(-1)
-        if v.shape[-1] != size or v.shape[-2] != size:
-            v = F.interpolate(v, size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=size < v.shape[-1])
-        out.append(v)
-    v = torch.stack(out, dim=1).flatten(0, 1)
-    m = torch.tensor(mean, device=v.device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, device=v.device).view(1, 3, 1, 1) * 255.0
-    return ((v - m) / s).to(dtype).contiguous(memory_format=torch.channels_last)
+        out.append(to_input(v, size=size, mean=mean, std=std, dtype=dtype))
+    return torch.stack(out, dim=1).flatten(0, 1).contiguous(memory_format=torch.channels_last)

@@ -5,7 +5,7 @@ import torch
 
 from featx.augment import AUGMENTATIONS, Augment, pixel_transform
 from featx.errors import FeatxError
-from featx.views import crop_view
+from featx.views import crop_view, to_input
 
 
 def blobs(n: int = 8, size: int = 32, at: tuple[int, int] = (8, 16)) -> torch.Tensor:
@@ -18,10 +18,14 @@ def blobs(n: int = 8, size: int = 32, at: tuple[int, int] = (8, 16)) -> torch.Te
 
 
 def apply(name: str, x: torch.Tensor, *, crop: int | None = None, size: int | None = None) -> torch.Tensor:
-    """The single augmentation, on each image alone (one draw each), back to uint8 values (as floats)."""
-    tf = pixel_transform([name], crop=crop or x.shape[-1], size=size or crop or x.shape[-1])
+    """The single augmentation, on each image alone (one draw each), resized to `size` as training does, back
+    to uint8 values (as floats)."""
+    tf = pixel_transform([name], crop=crop or x.shape[-1])
     torch.manual_seed(0)
-    return (torch.cat([tf(img[None]) for img in x]) * 255).round()
+    out = [tf(img[None]) for img in x]
+    if size:
+        out = [to_input(y, size=size, mean=(0.0,) * 3, std=(1.0,) * 3) for y in out]
+    return (torch.cat(out) * 255).round()
 
 
 def centroid(x: torch.Tensor) -> torch.Tensor:
@@ -149,5 +153,5 @@ def test_cutmix_pastes_a_box():
 
 def test_unknown_augmentation_is_a_user_error():
     with pytest.raises(FeatxError, match="--aug"):
-        pixel_transform(["flip", "twirl"], crop=8, size=8)
+        pixel_transform(["flip", "twirl"], crop=8)
     assert set(AUGMENTATIONS) >= {"flip", "crop", "color", "rotate", "scale", "shift", "shear", "noise", "invert"}

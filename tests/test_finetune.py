@@ -16,7 +16,8 @@ import torch
 from featx import runs
 from featx.backbones import list_backbones
 from featx.errors import FeatxError
-from featx.finetune import ModelSpec, _probe_head, build_model, finetune, load_model
+from featx.finetune import FinetuneConfig, _probe_head, finetune
+from featx.models import ModelSpec, build_model, load_model
 from featx.heads import StackedHeads
 from featx.lstm_head import LSTMHead
 
@@ -111,7 +112,7 @@ def test_init_head_folds_a_standardised_probe_head(tmp_path):
     run = runs.start_run(tmp_path / "probe", kind="probe", config={}, features={"backbone": "resnet18"})
     torch.save({"format": "featx-head-1", "state": probe.head_state(0), "config": {"normalize": "standard"},
                 "classes": ["a", "b", "c"]}, run / "checkpoints" / "head00.pt")
-    runs.update_run(run, checkpoints=[{"file": "checkpoints/head00.pt"}])
+    runs.update_run(run, checkpoints=[runs.Snapshot("checkpoints/head00.pt", 0, 1, 1.0, 1.0)])
     model = build_model(spec("resnet18"))
     _probe_head(str(run), backbone="resnet18", classes=["a", "b", "c"], head=model.head)
     f = torch.randn(4, 512)
@@ -122,37 +123,37 @@ def test_init_head_folds_a_standardised_probe_head(tmp_path):
 
 def test_run_directory_and_checkpoint_rebuilds_model(synth_cache, tmp_path):
     out = tmp_path / "run"
-    result = finetune(data=synth_cache, backbone="resnet18", weights="none", size=32, out=out, epochs=3,
-                      batch_size=16, aug=["flip", "crop", "color"], mixup=0.2, freeze_epochs=1, keep=2,
-                      progress=False)
+    result = finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=3,
+                                     batch_size=16, aug=["flip", "crop", "color"], mixup=0.2, freeze_epochs=1,
+                                     keep=2), out=out, progress=False)
     metrics = json.loads((out / "metrics.json").read_text())["heads"][0]["epochs"]
     assert [r["epoch"] for r in metrics] == [1, 2, 3]
     for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
         assert all(0 <= r[key] for r in metrics) and all(r[key] <= 1 for r in metrics if "top" in key)
     assert (out / "metrics.csv").read_text().count("\n") == 4 and (out / "curves.png").stat().st_size > 0
-    listed = runs.read_run(out)["checkpoints"]
+    listed = runs.read_run(out).checkpoints
     assert len(listed) == 2 == len(list((out / "checkpoints").glob("epoch*.pt")))
-    assert listed == result.snapshots and listed[0]["val_top1"] >= listed[1]["val_top1"]
-    model, model_spec = load_model(runs.load_checkpoint(out / listed[0]["file"]))
+    assert listed == result.snapshots and listed[0].val_top1 >= listed[1].val_top1
+    model, model_spec = load_model(runs.load_checkpoint(out / listed[0].file))
     assert model_spec.num_classes == 4 and model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
     with pytest.raises(FeatxError, match="--resume"):
-        finetune(data=synth_cache, backbone="resnet18", weights="none", size=32, out=out, epochs=3, progress=False)
+        finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=3), out=out,
+                 progress=False)
 
 
 def test_overfit_reaches_100_percent_on_real_images(real_cache, tmp_path, capsys):
-    kw = dict(data=real_cache, backbone="resnet18", weights="none", size=32, classes=4, overfit=20, batch_size=10,
-              progress=False)
-    result = finetune(out=tmp_path / "ok", epochs=8, **kw)
+    kw = dict(data=real_cache, backbone="resnet18", weights="none", size=32, classes=4, overfit=20, batch_size=10)
+    result = finetune(FinetuneConfig(epochs=8, **kw), out=tmp_path / "ok", progress=False)
     assert result.epochs[-1]["train_top1"] == 1.0
     assert "warning" not in capsys.readouterr().err
-    finetune(out=tmp_path / "short", epochs=1, **kw)
+    finetune(FinetuneConfig(epochs=1, **kw), out=tmp_path / "short", progress=False)
     assert "warning: --overfit 20" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_and_names_the_step(synth_cache, tmp_path):
     with pytest.raises(FeatxError, match=r"loss is NaN at epoch 1 step \d+"):
-        finetune(data=synth_cache, backbone="resnet18", weights="none", size=32, out=tmp_path / "nan", epochs=2,
-                 batch_size=8, optimizer="sgd", lr=1e12, progress=False)
+        finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=2,
+                                batch_size=8, optimizer="sgd", lr=1e12), out=tmp_path / "nan", progress=False)
     assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
 
 
@@ -212,7 +213,8 @@ def test_user_errors_are_one_line(synth_cache, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_mixed_precision(synth_cache, tmp_path):
     for precision in ("bf16", "fp16"):
-        result = finetune(data=synth_cache, backbone="resnet18", weights="none", size=64, out=tmp_path / precision,
-                          epochs=2, batch_size=16, aug=["flip", "crop", "rotate"], precision=precision,
-                          compile=precision == "bf16", device="cuda", progress=False)
+        result = finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=64, epochs=2,
+                                         batch_size=16, aug=["flip", "crop", "rotate"], precision=precision,
+                                         compile=precision == "bf16", device="cuda"),
+                          out=tmp_path / precision, progress=False)
         assert result.epochs[-1]["train_loss"] < result.epochs[0]["train_loss"] + 0.5

@@ -17,11 +17,11 @@ from featx.data import dataset_info, read_split
 from featx.errors import FeatxError
 from featx.extract import extract_features
 from featx.features import FeatureMeta, write_features
-from featx.finetune import finetune
+from featx.finetune import FinetuneConfig, finetune
 from featx.heads import StackedHeads
 from featx.predict import greedy, predict, predict_images, ranked_picks, top_k
 from featx.probe import HeadConfig, run_probe
-from featx.runs import start_run, update_run
+from featx.runs import Snapshot, start_run, update_run
 
 
 def featx_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
@@ -82,7 +82,7 @@ def hand_made_run(tmp_path: Path, *, classes: list[str] | None = None) -> Path:
         torch.save({"format": "featx-head-1", "normalize": "none", "state": heads.head_state(0), "config": {},
                     "features": features, "classes": classes, "epoch": k + 1, "val_top1": 1 - k / 10,
                     "val_top5": 1.0}, run / file)
-        listing.append({"file": file, "key": 0, "epoch": k + 1, "val_top1": 1 - k / 10, "val_top5": 1.0})
+        listing.append(Snapshot(file, 0, k + 1, 1 - k / 10, 1.0))
     update_run(run, checkpoints=listing)
     return run
 
@@ -153,8 +153,8 @@ def synth_runs(synth_cache, tmp_path_factory) -> dict[str, Path]:
                                 dtype="float32", out=root / "r18.h5", progress=False)
     run_probe(features=features, out=root / "probe", heads=[HeadConfig(lr=3e-3)], epochs=5, batch_size=8,
               normalize="standard", keep=3, device="cpu")
-    finetune(data=synth_cache, backbone="resnet18", weights="none", size=32, out=root / "finetune", epochs=2,
-             batch_size=16, keep=2, device="cpu", progress=False)
+    finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=2, batch_size=16,
+                            keep=2, device="cpu"), out=root / "finetune", progress=False)
     return {"probe": root / "probe", "finetune": root / "finetune", "features": features}
 
 

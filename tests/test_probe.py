@@ -157,11 +157,11 @@ def test_cli_writes_the_run_directory(synthetic, tmp_path, capsys, monkeypatch):
     assert (out / "curves.png").stat().st_size > 1000
 
     run = read_run(out)
-    assert run["kind"] == "probe" and run["config"]["epochs"] == 3 and len(run["checkpoints"]) == 8
-    assert run["checkpoints"][0]["file"] == best["checkpoint"]
+    assert run.kind == "probe" and run.config["epochs"] == 3 and len(run.checkpoints) == 8
+    assert run.checkpoints[0].file == best["checkpoint"]
     # any checkpoint scores raw stored features on its own, as `featx predict` does
     ckpt = load_checkpoint(out / best["checkpoint"])
-    assert ckpt["format"] == "featx-head-1" and ckpt["features"]["identity"] == read_run(out)["features"]["identity"]
+    assert ckpt["format"] == "featx-head-1" and ckpt["features"]["identity"] == read_run(out).features["identity"]
     assert ckpt["config"]["lr"] == best["config"]["lr"] and ckpt["config"]["optimizer"] == "adam"
     heads = StackedHeads.from_state(ckpt["state"], normalize=ckpt["normalize"])
     val = load_features(synthetic, "val")
@@ -176,9 +176,9 @@ def test_save_best_keeps_only_the_best_heads_snapshots(synthetic, tmp_path, caps
                            "--device", "cpu")
     assert code == 0
     run = read_run(out)
-    assert {c["key"] for c in run["checkpoints"]} == {run["best"]["head"]} and len(run["checkpoints"]) == 2
+    assert {c.key for c in run.checkpoints} == {run.best["head"]} and len(run.checkpoints) == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
-        Path(c["file"]).name for c in run["checkpoints"])
+        Path(c.file).name for c in run.checkpoints)
 
 
 @pytest.mark.parametrize("case, message", [

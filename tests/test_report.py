@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import confusion_matrix
 
 from featx.cli import main
-from featx.finetune import finetune
+from featx.finetune import FinetuneConfig, finetune
 from featx.predict import predict
 from featx.probe import HeadConfig, run_probe
 from featx.report import class_errors, confused_pairs, write_report
@@ -73,8 +73,8 @@ def test_real_report_files_links_and_per_class_errors(mobilenet_features_20, tmp
 
 def test_a_finetune_report_shows_the_first_layer_filters(synth_cache, tmp_path):
     run = tmp_path / "run"
-    finetune(data=synth_cache, backbone="resnet18", weights="none", size=32, out=run, epochs=1, batch_size=16,
-             keep=1, device="cpu", progress=False)
+    finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=1, batch_size=16,
+                            keep=1, device="cpu"), out=run, progress=False)
     page = write_report(run=run, out=tmp_path / "report", device="cpu")
     assert {"filters.png", "tsne.png", "curves.png", "confusion.png"} <= linked_files(page)
     assert (tmp_path / "report" / "filters.png").stat().st_size > 1000

@@ -1,0 +1,111 @@
+"""The models stage 3 trains: a backbone body with a classifier head, described by a ModelSpec.
+
+A finetune checkpoint stores its ModelSpec beside the weights, so `load_model` rebuilds the network without
+knowing the options it was trained with; predict and report use that, never the training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import StochasticDepth
+
+from featx.backbones import create_backbone
+from featx.errors import FeatxError
+from featx.lstm_head import LSTMNet
+
+MODEL_FORMAT = "featx-model-1"
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a trained model and feed it images."""
+
+    backbone: str
+    size: int
+    num_classes: int
+    head: str
+    mean: list[float]
+    std: list[float]
+    crop: int
+    dropout: float = 0.0
+    drop_path: float | None = None
+    views: list[str] = dataclasses.field(default_factory=lambda: ["full"])
+
+
+class Classifier(nn.Module):
+    def __init__(self, body: nn.Module, head: nn.Module):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def build_model(spec: ModelSpec, *, weights: str = "none", init: str | None = None, seed: int = 0) -> nn.Module:
+    """The backbone (pretrained or not) with drop path and a fresh head; `model.body` / `model.head`."""
+    bb = create_backbone(spec.backbone, weights=weights, size=spec.size, seed=seed)
+    if init:
+        init_weights(bb.model, init)
+    if spec.drop_path is not None:
+        set_drop_path(bb.model, spec.drop_path, spec.backbone)
+    if spec.head == "lstm":
+        return LSTMNet(bb.model, size=spec.size, num_classes=spec.num_classes, dropout=spec.dropout)
+    return Classifier(bb.model, nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(bb.feature_dim, spec.num_classes)))
+
+
+def load_model(checkpoint: dict) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the model of a finetune checkpoint (a dict from runs.load_checkpoint), in eval mode."""
+    if checkpoint.get("format") != MODEL_FORMAT:
+        raise FeatxError(f"checkpoint format {checkpoint.get('format')!r}: not a featx finetune model")
+    spec = ModelSpec(**checkpoint["model"])
+    model = build_model(spec)
+    model.load_state_dict(checkpoint["state"])
+    return model.eval(), spec
+
+
+def init_weights(model: nn.Module, init: str) -> None:
+    """--init kaiming|xavier|gaussian:STD for every conv and linear weight; biases start at zero."""
+    kind, _, std = init.partition(":")
+    if kind == "gaussian":
+        try:
+            std = float(std)
+        except ValueError:
+            raise FeatxError(f"--init {init}: write the standard deviation as gaussian:0.1") from None
+    elif kind not in ("kaiming", "xavier") or std:
+        raise FeatxError(f"--init {init}: choose kaiming, xavier or gaussian:STD")
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if kind == "kaiming":
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif kind == "xavier":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def set_drop_path(model: nn.Module, p: float, name: str) -> None:
+    """Stochastic depth with the final block dropped with probability p, earlier blocks linearly less.
+
+    ConvNeXt, Swin and EfficientNet carry torchvision's StochasticDepth modules already: their rates are
+    rescaled, keeping torchvision's per-block schedule. ResNet blocks get one after their last BatchNorm,
+    which drops the residual branch (the identity path always stays).
+    """
+    native = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    if native:
+        top = max(m.p for m in native)
+        for i, m in enumerate(native):
+            m.p = p * (m.p / top if top else i / max(len(native) - 1, 1))
+        return
+    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    if not blocks:
+        raise FeatxError(f"--drop-path: {name} has no residual blocks to drop; leave --drop-path out")
+    for i, block in enumerate(blocks, 1):
+        last = "bn3" if isinstance(block, Bottleneck) else "bn2"
+        setattr(block, last, nn.Sequential(getattr(block, last), StochasticDepth(p * i / len(blocks), "row")))
