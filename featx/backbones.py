@@ -3,7 +3,8 @@
 `create_backbone(name, weights=...)` returns a model that maps normalised (B, 3, S, S) images to pooled
 features (B, D): the classifier layer named by `head` is replaced by Identity, so features come from the
 network's own pooling layer. Weights come from torchvision's weights API ("default"), a local state_dict
-(PATH, loaded with weights_only=True) or random init ("none"). `timm:<name>` uses timm when installed.
+(PATH, loaded with weights_only=True) or seeded random init ("none"). `timm:<name>` uses timm when
+installed: its pretrained config, its loader and its pre-logits features.
 """
 
 from __future__ import annotations
@@ -162,25 +163,82 @@ def _load_default(model: nn.Module, spec: BackboneSpec) -> str:
     return f"torchvision:{weights}"
 
 
-def _create_timm(name: str, weights: str) -> Backbone:
+class TimmFeatures(nn.Module):
+    """A timm model's pre-logits features: its own pooling (class token, average or attention pool) and
+    head norm, up to but not including the classifier, the same path for every timm family."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def _timm_download_hint(cfg) -> str:
+    """Where the default weights of a timm pretrained config come from, as the fix for an offline machine."""
+    if cfg.hf_hub_id:
+        url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{cfg.hf_hub_filename or 'model.safetensors'}"
+        return f"download {url} and pass that file with --weights PATH"
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
+    return f"place {cfg.url} at {target} or pass --weights PATH"
+
+
+def _create_timm(name: str, weights: str, *, size: int | None, seed: int) -> Backbone:
+    """A timm model through timm's own loader (its checkpoint filters adapt official checkpoints), with
+    mean, std and input size from its pretrained config, or from a JSON beside a weights file."""
     try:
         import timm
     except ImportError:
         raise FeatxError(f"--backbone timm:{name}: timm is not installed; `pip install featx[timm]`") from None
-    if name not in timm.list_models(pretrained=weights == "default") and name not in timm.list_models():
+    if not timm.is_model(name):
         raise FeatxError(f"--backbone timm:{name}: timm knows no such model; see timm.list_models()")
-    try:
-        model = timm.create_model(name, pretrained=weights == "default", num_classes=0)
-    except Exception as e:  # noqa: BLE001 - hub download failures come in many types
-        raise FeatxError(f"--backbone timm:{name}: cannot load pretrained weights ({type(e).__name__}); pass --weights PATH or none") from None
-    cfg = timm.data.resolve_model_data_config(model)
-    weights_id = f"timm:{name}" if weights == "default" else "none"
+    cfg = timm.models.get_pretrained_cfg(name)
+    overlay = {}
+    if weights == "default" and not (cfg and cfg.has_weights):
+        raise FeatxError(f"--backbone timm:{name}: timm has no pretrained weights for it; name a tag from "
+                         f"timm.list_pretrained('{name.split('.')[0]}*') or use --weights none or PATH")
     if weights not in ("default", "none"):
-        path = Path(weights)
-        _load_state(model, "head", read_state_dict(path), f"--weights {path}")
-        weights_id = "sha256:" + file_sha256(path)
-    return Backbone(f"timm:{name}", model, model.num_features, cfg["input_size"][-1], tuple(cfg["mean"]),
-                    tuple(cfg["std"]), weights_id)
+        # The classifier is dropped (features stop before it), so a head of any size fits; with the
+        # overlay's num_classes equal to the model's, timm then loads every other key strictly.
+        heads = (cfg.classifier,) if isinstance(cfg.classifier, str) else tuple(cfg.classifier or ())
+        drop = {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
+        overlay = {"state_dict": {k: v for k, v in read_state_dict(Path(weights)).items() if k not in drop},
+                   "num_classes": 0}
+    # Seeded like the registry's backbones: "none" names one set of weights on every rank and resume.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = timm.create_model(name, pretrained=weights != "none", num_classes=0,
+                                      pretrained_cfg_overlay=overlay)
+        except Exception as e:  # noqa: BLE001 - hub, url and state_dict failures come in many types
+            if weights == "default":
+                raise FeatxError(f"--backbone timm:{name}: cannot download its weights ({type(e).__name__}); "
+                                 f"{_timm_download_hint(cfg)}") from None
+            if weights == "none":
+                raise
+            problem = str(e).strip().splitlines()[-1].strip()[:160]
+            raise FeatxError(f"--weights {weights}: does not fit timm:{name} ({problem}); pick the matching "
+                             "--backbone") from None
+    model.pretrained_cfg["state_dict"] = None  # timm keeps the overlay; the loaded weights live in the model
+    data = timm.data.resolve_model_data_config(model)
+    mean, std, input_size = data["mean"], data["std"], data["input_size"][-1]
+    if weights == "default":
+        weights_id = "timm:" + ".".join(filter(None, (cfg.architecture, cfg.tag)))
+    elif weights == "none":
+        weights_id = _seeded_id(seed)
+    else:
+        side = read_sidecar(Path(weights))
+        mean, std, input_size = side.get("mean", mean), side.get("std", std), side.get("input_size", input_size)
+        weights_id = "sha256:" + file_sha256(Path(weights))
+    if size and size != input_size and hasattr(model, "set_input_size"):
+        model.set_input_size(img_size=size)  # models with a fixed grid (ViT, Swin, EVA) resample it
+    return Backbone(f"timm:{name}", TimmFeatures(model), getattr(model, "head_hidden_size", model.num_features),
+                    size or input_size, tuple(mean), tuple(std), weights_id)
+
+
+def _seeded_id(seed: int) -> str:
+    return "none" if seed == 0 else f"none:seed{seed}"
 
 
 def input_spec(name: str, weights: str | Path = "default") -> tuple[tuple[float, ...], tuple[float, ...], int]:
@@ -201,10 +259,7 @@ def create_backbone(name: str, *, weights: str | Path = "default", size: int | N
     """
     weights = str(weights)
     if name.startswith("timm:"):
-        bb = _create_timm(name.removeprefix("timm:"), weights)
-        if size:
-            bb.input_size = size
-        return bb
+        return _create_timm(name.removeprefix("timm:"), weights, size=size, seed=seed)
     spec = get_spec(name)
     kwargs = dict(spec.kwargs)
     mean, std, input_size = input_spec(name, weights)
@@ -228,7 +283,7 @@ def create_backbone(name: str, *, weights: str | Path = "default", size: int | N
             raise FeatxError(f"--backbone {name} has no pretrained weights; use --weights none or PATH")
         weights_id = _load_default(model, spec)
     elif weights == "none":
-        weights_id = "none" if seed == 0 else f"none:seed{seed}"
+        weights_id = _seeded_id(seed)
     else:
         _load_state(model, spec.head, read_state_dict(Path(weights)), f"--weights {weights}")
         weights_id = "sha256:" + file_sha256(Path(weights))
