@@ -87,7 +87,9 @@ def build_model(spec: ModelSpec, *, weights: str = "none", init: str | None = No
         _set_drop_path(bb.model, spec.drop_path, spec.backbone)
     if spec.head == "lstm":
         return LSTMNet(bb.model, size=spec.size, num_classes=spec.num_classes, dropout=spec.dropout)
-    return Classifier(bb.model, nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(bb.feature_dim, spec.num_classes)))
+    # Identity keeps the Linear at head.1, where checkpoints and --init-head find it.
+    dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
+    return Classifier(bb.model, nn.Sequential(dropout, nn.Linear(bb.feature_dim, spec.num_classes)))
 
 
 def load_model(checkpoint: dict) -> tuple[nn.Module, ModelSpec]:
