@@ -291,8 +291,11 @@ def create_backbone(name: str, *, weights: str | Path = "default", size: int | N
     return Backbone(name, model, spec.feature_dim, input_size, tuple(mean), tuple(std), weights_id)
 
 
-# Small nets trained from scratch at 64x64 (featx.tinynets imports only torch, so no import cycle).
+# Small nets trained from scratch at 64x64 (featx.tinynets imports only torch and featx.errors: no cycle).
 from featx import tinynets  # noqa: E402
 
 register_backbone(BackboneSpec("vgg_tiny", tinynets.vgg_tiny, 64, 512, "fc", torchvision=False))
 register_backbone(BackboneSpec("inception_tiny", tinynets.inception_tiny, 64, 2048, "fc", torchvision=False))
+register_backbone(BackboneSpec("bastidas_vgg", tinynets.bastidas_vgg, 64, 32 * 9 * 8, "fc", torchvision=False))
+register_backbone(BackboneSpec("bastidas_inception", tinynets.bastidas_inception, 64, 256, "fc", torchvision=False))
+register_backbone(BackboneSpec("milani_inception", tinynets.milani_inception, 64, 576, "fc", torchvision=False))

@@ -55,7 +55,10 @@ def build_model(spec: ModelSpec, *, weights: str = "none", init: str | None = No
         set_drop_path(bb.model, spec.drop_path, spec.backbone)
     if spec.head == "lstm":
         return LSTMNet(bb.model, size=spec.size, num_classes=spec.num_classes, dropout=spec.dropout)
-    return Classifier(bb.model, nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(bb.feature_dim, spec.num_classes)))
+    # --dropout is the only dropout before the head: none at all when it is 0. The Linear stays at head[1] either way,
+    # so checkpoints and --init-head address it alike.
+    drop = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+    return Classifier(bb.model, nn.Sequential(drop, nn.Linear(bb.feature_dim, spec.num_classes)))
 
 
 def load_model(checkpoint: dict) -> tuple[nn.Module, ModelSpec]:
