@@ -155,3 +155,15 @@ def test_unknown_augmentation_is_a_user_error():
     with pytest.raises(FeatxError, match="--aug"):
         pixel_transform(["flip", "twirl"], crop=8)
     assert set(AUGMENTATIONS) >= {"flip", "crop", "color", "rotate", "scale", "shift", "shear", "noise", "invert"}
+
+
+def test_without_augmentation_training_sees_what_evaluation_sees():
+    # Both end in views.to_input: finetune trains and evaluates on the same pixels (augment used to resize with
+    # v2.Resize and normalise with v2.Normalize, render_views with its own interpolate and arithmetic).
+    from featx.views import render_views
+
+    images = blobs(4, 32).permute(0, 2, 3, 1).contiguous()  # (B, H, W, 3) uint8, as the cache stores them
+    kw = dict(size=48, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    trained, _ = Augment([], crop=32, num_classes=4, **kw)(images, torch.zeros(4, dtype=torch.long))
+    evaluated = render_views(images, views=["full"], crop=32, **kw)
+    assert torch.allclose(trained, evaluated, atol=1e-6)

@@ -87,6 +87,18 @@ def hand_made_run(tmp_path: Path, *, classes: list[str] | None = None) -> Path:
     return run
 
 
+def test_top_k_counts_ties_as_training_does():
+    # One rule everywhere (heads.label_rank): a tie with the label counts against it, so a constant output scores 0
+    # in predict as in probe's and finetune's recorded val top-1 (sklearn broke ties by class index instead).
+    from featx.heads import topk_correct
+
+    probs = np.full((4, 5), 0.2, dtype=np.float32)
+    labels = np.array([0, 1, 2, 3])
+    assert top_k(probs, labels, 1) == 0.0 == topk_correct(torch.from_numpy(probs)[None], torch.from_numpy(labels), 1)
+    probs[:, 0] = 0.5  # ahead of the label for rows 1-3, and the label itself for row 0
+    assert top_k(probs, labels, 1) == 0.25 and top_k(probs, labels, 2) == 0.25
+
+
 def test_top_k_and_the_named_selections():
     probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.3, 0.4, 0.3], [0.6, 0.1, 0.3]])
     labels = np.array([1, 2, 0, -1])  # the last is unlabelled: left out
