@@ -37,6 +37,8 @@ from featx import runs
 from featx.atomic import replacing
 from featx.augment import Augment, check_augmentations
 from featx.backbones import create_backbone, get_spec, input_spec
+from featx.choices import FINETUNE_HEADS as HEADS, FINETUNE_SCHEDULES as SCHEDULES, OPTIMIZERS
+from featx.choices import Device, FinetuneHead, FinetuneSchedule, Optimizer, Precision
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, resolve_precision
 from featx.errors import FeatxError
@@ -45,9 +47,6 @@ from featx.lstm_head import LSTMNet
 from featx.views import render_views
 
 MODEL_FORMAT = "featx-model-1"
-HEADS = ("linear", "lstm")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "exponential", "step")
 
 NAN_CHECK_STEPS = 50  # how often the loss is checked for NaN: each check waits for the device
 RESUME_FREE = ("device", "compile", "eval_batch_size")  # options a resumed run may change: they leave results as they are
@@ -228,15 +227,16 @@ class FinetuneResult:
 
 
 def finetune(*, data: str | Path | None, backbone: str, out: str | Path, weights: str = "default",
-             size: int | None = None, head: str = "linear", epochs: int = 10, batch_size: int = 128,
-             optimizer: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0, schedule: str = "cosine",
-             warmup_epochs: float = 0.0, decay: float | None = None, step_epochs: int | None = None,
+             size: int | None = None, head: FinetuneHead = "linear", epochs: int = 10, batch_size: int = 128,
+             optimizer: Optimizer = "adam", lr: float = 1e-3, weight_decay: float = 0.0,
+             schedule: FinetuneSchedule = "cosine", warmup_epochs: float = 0.0, decay: float | None = None,
+             step_epochs: int | None = None,
              label_smoothing: float = 0.0, dropout: float = 0.0, drop_path: float | None = None,
              aug: Sequence[str] = ("flip",), crop: int = 56, mixup: float = 0.0, cutmix: float = 0.0,
              freeze_epochs: int = 0, init_head: str | None = None, init: str | None = None,
              classes: int | None = None, per_class: int | None = None, overfit: int | None = None,
-             seed: int = 0, precision: str = "auto", channels_last: bool = True, compile: bool = False,
-             device: str = "auto", keep: int = 3, resume: bool = False, eval_batch_size: int = 256,
+             seed: int = 0, precision: Precision = "auto", channels_last: bool = True, compile: bool = False,
+             device: Device = "auto", keep: int = 3, resume: bool = False, eval_batch_size: int = 256,
              progress: bool = True) -> FinetuneResult:
     """Fine-tune (or train from scratch) `backbone` with a new head on `data`; writes the run to `out`.
 

@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMALIZE = ("none", "l2", "standard")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+from featx.choices import NORMALIZE, OPTIMIZERS, Normalize, Optimizer
 
 
 class StackedHeads(nn.Module):
@@ -36,7 +35,7 @@ class StackedHeads(nn.Module):
     """
 
     def __init__(self, *, heads: int, in_dim: int, num_classes: int, hidden: int = 0,
-                 dropout: Sequence[float] = (), normalize: str = "none", seed: int = 0):
+                 dropout: Sequence[float] = (), normalize: Normalize = "none", seed: int = 0):
         super().__init__()
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
@@ -114,7 +113,7 @@ class HeadOptimizer:
     handed to them as views, so nothing is copied and torch's fused per-element kernels do the update.
     """
 
-    def __init__(self, heads: StackedHeads, *, kind: str, lr: Sequence[float], weight_decay: Sequence[float],
+    def __init__(self, heads: StackedHeads, *, kind: Optimizer, lr: Sequence[float], weight_decay: Sequence[float],
                  momentum: float = 0.9):
         if kind not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
