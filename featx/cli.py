@@ -12,10 +12,55 @@ from pathlib import Path
 import click
 
 from featx import __version__
+from featx.choices import (DEVICES, EVAL_VIEWS, FEATURE_DTYPES, FINETUNE_HEADS, FINETUNE_SCHEDULES, NORMALIZE,
+                           OPTIMIZERS, PRECISIONS, PROBE_HEADS, PROBE_SCHEDULES, SAVE_MODES, SPLITS, VIEW_SET_NAMES)
 from featx.errors import FeatxError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class CliError(click.ClickException):
+    """A FeatxError as click reports it: `featx: error: <the line>` on stderr, exit 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"featx: error: {self.format_message()}", err=True, file=file)
+
+
+class FeatxGroup(click.Group):
+    """The command group, translating the library's FeatxError into a click error. Done here rather than in
+    main() so that every way of running the group reports it alike: main(), click's standalone mode
+    (CliRunner in the tests) and `featx run`."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FeatxError as e:
+            error = CliError(e.message)
+            error.exit_code = e.exit_code
+            raise error from None
+
+
+class FloatList(click.ParamType):
+    """A comma list of numbers, e.g. `1e-4,3e-4` (a probe sweep: every combination of the lists is trained)
+    or `0.5,0.5,0.5` (count=3: exactly three)."""
+
+    def __init__(self, count: int | None = None) -> None:
+        self.count = count
+        self.name = "FLOAT,FLOAT,FLOAT" if count == 3 else "FLOAT[,FLOAT...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        try:
+            numbers = tuple(float(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma list of numbers (e.g. 1e-4,3e-4)", param, ctx)
+        if not numbers or (self.count and len(numbers) != self.count):
+            self.fail(f"{value!r}: give {self.count or 'one or more'} comma-separated numbers", param, ctx)
+        return numbers
+
+
+@click.group(cls=FeatxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="featx")
 def cli() -> None:
     """Transfer learning on small-image classification.
@@ -87,20 +132,6 @@ def _echo_cache_info(info: dict) -> None:
 # --- extract -----------------------------------------------------------------------------------------
 
 
-class FloatList(click.ParamType):
-    """Comma-separated floats, e.g. `0.5,0.5,0.5` or `1e-4,3e-4`."""
-
-    name = "floats"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        try:
-            return [float(v) for v in str(value).split(",") if v.strip()]
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
-
-
 def _list_backbones(ctx: click.Context, _param, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
@@ -121,24 +152,22 @@ def _list_backbones(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Feature file to write (.h5).")
 @click.option("--weights", default="default", show_default=True, help="default (torchvision), none, or a state_dict PATH.")
 @click.option("--size", type=click.IntRange(16), help="Input resolution [default: per backbone].")
-@click.option("--views", type=click.Choice(["full", "flip", "ten"]), default="ten", show_default=True)
+@click.option("--views", type=click.Choice(VIEW_SET_NAMES), default="ten", show_default=True,
+              help="The views to compute and store: the full image, its mirror too, or five crops and their mirrors.")
 @click.option("--crop", type=click.IntRange(1), default=56, show_default=True, help="Corner-crop size in pixels.")
 @click.option("--splits", help="Comma-separated splits [default: all in the data].")
 @click.option("--classes", type=click.IntRange(1), help="Only the first K classes.")
 @click.option("--per-class", type=click.IntRange(1), help="Only the first N train images per class.")
 @click.option("--batch-size", type=click.IntRange(1), help="Images per batch [default: 256 on CUDA; on CPU 16 views' worth: 16 full, 8 flip, 1 ten].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
-@click.option("--mean", type=FloatList(), help="Normalisation mean override, e.g. 0.5,0.5,0.5.")
-@click.option("--std", type=FloatList(), help="Normalisation std override, e.g. 0.5,0.5,0.5.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
+@click.option("--mean", type=FloatList(3), help="Normalisation mean override, e.g. 0.5,0.5,0.5.")
+@click.option("--std", type=FloatList(3), help="Normalisation std override, e.g. 0.5,0.5,0.5.")
+@click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default="float16", show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone.")
 def extract(data_, backbone, out, weights, size, views, crop, splits, classes, per_class, batch_size, device,
             precision, mean, std, dtype, compile_) -> None:
     """Stage 1: frozen backbone -> transfer values in HDF5."""
-    for opt, v in (("--mean", mean), ("--std", std)):
-        if v is not None and len(v) != 3:
-            raise click.BadParameter("give three comma-separated numbers (R,G,B)", param_hint=opt)
     from featx.extract import extract_features
 
     path = extract_features(
@@ -152,44 +181,29 @@ def extract(data_, backbone, out, weights, size, views, crop, splits, classes, p
 # --- probe -------------------------------------------------------------------------------------------
 
 
-class FloatList(click.ParamType):
-    """A comma list of numbers, e.g. 1e-4,3e-4 (a sweep: every combination of the lists is trained)."""
-
-    name = "FLOAT[,FLOAT...]"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            return tuple(float(v) for v in str(value).split(","))
-        except ValueError:
-            raise FeatxError(f"--{param.name.replace('_', '-')} {value!r}: not a comma list of numbers "
-                             "(e.g. 1e-4,3e-4)") from None
-
-
 @cli.command()
 @click.option("--features", required=True, type=click.Path(path_type=Path), help="Feature file from `featx extract`.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
-@click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
+@click.option("--head", type=click.Choice(PROBE_HEADS), default="linear", show_default=True)
 @click.option("--hidden", type=click.IntRange(1), default=1024, show_default=True, help="MLP hidden units.")
 @click.option("--label-smoothing", type=FloatList(), default="0.1", show_default=True)
-@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
 @click.option("--lr", type=FloatList(), default="6.5e-4", show_default=True)
 @click.option("--lr-decay", type=float, default=0.713, show_default=True, help="Exponential decay per epoch.")
-@click.option("--schedule", type=click.Choice(["exponential", "cosine"]), default="exponential", show_default=True)
+@click.option("--schedule", type=click.Choice(PROBE_SCHEDULES), default="exponential", show_default=True)
 @click.option("--weight-decay", type=FloatList(), default="0.0116", show_default=True,
               help="L2 (decoupled with adamw); weights only.")
 @click.option("--dropout", type=FloatList(), default="0", show_default=True, help="On the head's input.")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True)
-@click.option("--train-views", type=click.Choice(["all", "full"]), default="all", show_default=True,
+@click.option("--train-views", type=click.Choice(EVAL_VIEWS), default="all", show_default=True,
               help="all: one random stored view per image and step.")
-@click.option("--eval-views", type=click.Choice(["all", "full"]), default="all", show_default=True,
+@click.option("--eval-views", type=click.Choice(EVAL_VIEWS), default="all", show_default=True,
               help="all: softmax averaged over the stored views.")
-@click.option("--normalize", type=click.Choice(["none", "l2", "standard"]), default="none", show_default=True)
+@click.option("--normalize", type=click.Choice(NORMALIZE), default="none", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--save", type=click.Choice(["best", "all"]), default="best", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--save", type=click.Choice(SAVE_MODES), default="best", show_default=True,
               help="Keep snapshots of the best head only, or of every head.")
 @click.option("--keep", type=int, default=20, show_default=True, help="Best snapshots kept per head.")
 @click.option("--stream", is_flag=True, help="Read batches from HDF5 instead of RAM (automatic when too big).")
@@ -215,13 +229,13 @@ def probe(features, out, lr, weight_decay, label_smoothing, dropout, **options) 
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--weights", default="default", show_default=True, help="default (torchvision), none, or a state_dict PATH.")
 @click.option("--size", type=click.IntRange(16), help="Input resolution the images are upsampled to [default: per backbone].")
-@click.option("--head", type=click.Choice(["linear", "lstm"]), default="linear", show_default=True)
+@click.option("--head", type=click.Choice(FINETUNE_HEADS), default="linear", show_default=True)
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Global batch (split over torchrun processes).")
-@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "exponential", "step"]), default="cosine", show_default=True)
+@click.option("--schedule", type=click.Choice(FINETUNE_SCHEDULES), default="cosine", show_default=True)
 @click.option("--warmup-epochs", type=click.FloatRange(0), default=0.0, show_default=True)
 @click.option("--decay", type=click.FloatRange(0, 1, min_open=True), help="lr factor per epoch (exponential, default 0.9) or per --step-epochs (step, default 0.1).")
 @click.option("--step-epochs", type=click.IntRange(1), help="Epochs between lr steps [default: epochs / 3].")
@@ -239,7 +253,7 @@ def probe(features, out, lr, weight_decay, label_smoothing, dropout, **options) 
 @click.option("--per-class", type=click.IntRange(1), help="Only the first N train images per class.")
 @click.option("--overfit", type=click.IntRange(1), help="Sanity check: train on N training images, expect 100%.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="auto: bf16 on CUDA, fp32 on CPU.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: bf16 on CUDA, fp32 on CPU.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -263,9 +277,10 @@ def finetune(data_, aug, compile_, out, resume, **options) -> None:
 @cli.command()
 @click.option("--run", "runs", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Run directory of `featx probe` or `featx finetune`; repeat to average several runs.")
-@click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True)
-@click.option("--views", type=click.Choice(["all", "full"]), default="all", show_default=True,
-              help="all: softmax averaged over a probe run's stored views (a finetune run: the image and its mirror).")
+@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True)
+@click.option("--eval-views", type=click.Choice(EVAL_VIEWS), default="all", show_default=True,
+              help="all: softmax averaged over a probe run's stored views (a finetune run: the image and its "
+                   "mirror); full: the full image only.")
 @click.option("--ensemble", default="best", show_default=True,
               help="Each run's checkpoints averaged: best, top:K, greedy (added best first while val top-1 "
                    "improves) or all.")
@@ -281,7 +296,7 @@ def finetune(data_, aug, compile_, out, resume, **options) -> None:
 @click.option("--data", "data_", metavar="SRC", help="A finetune run's dataset [default: the one it trained on].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.argument("more_images", nargs=-1, type=click.Path(path_type=Path))
-def predict(runs, split, views, ensemble, out, images, skip_bad, image_size, weights, data_, device,
+def predict(runs, split, eval_views, ensemble, out, images, skip_bad, image_size, weights, data_, device,
             more_images) -> None:
     """Score runs on a split or on image files: view, snapshot and run ensembles; the challenge submission."""
     from featx.predict import predict as predict_split
@@ -290,12 +305,12 @@ def predict(runs, split, views, ensemble, out, images, skip_bad, image_size, wei
     if more_images and not images:
         raise FeatxError(f"{more_images[0]}: unexpected argument; to classify image files pass --images")
     if images:
-        p = predict_images(runs=runs, images=[*images, *more_images], views=views, ensemble=ensemble,
+        p = predict_images(runs=runs, images=[*images, *more_images], eval_views=eval_views, ensemble=ensemble,
                            skip_bad=skip_bad, image_size=image_size, weights=weights, data=data_, device=device)
         for i, row in enumerate(p.top(5)):
             click.echo(f"{p.ids[i]}: " + ", ".join(f"{p.class_names[c]} {p.probs[i, c]:.1%}" for c in row))
     else:
-        p = predict_split(runs=runs, split=split, views=views, ensemble=ensemble, data=data_, device=device)
+        p = predict_split(runs=runs, split=split, eval_views=eval_views, ensemble=ensemble, data=data_, device=device)
         if p.has_labels:
             click.echo(f"{split}: top-1 {p.top_k(1):.2%}, top-5 {p.top_k(5):.2%} on {len(p.ids)} images; "
                        f"{len(p.members)} checkpoint(s) of {len(runs)} run(s): {100 * p.gain():+.2f} points "
@@ -311,21 +326,23 @@ def predict(runs, split, views, ensemble, out, images, skip_bad, image_size, wei
 @cli.command()
 @click.option("--run", required=True, type=click.Path(path_type=Path), help="Run directory to report on.")
 @click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True,
+@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True,
               help="The split to analyse; it needs labels.")
-@click.option("--views", type=click.Choice(["all", "full"]), default="all", show_default=True)
+@click.option("--eval-views", type=click.Choice(EVAL_VIEWS), default="all", show_default=True,
+              help="The stored views averaged, as in predict.")
 @click.option("--ensemble", default="best", show_default=True, help="best, top:K, greedy or all (as in predict).")
 @click.option("--tsne-classes", metavar="WNID,...",
               help="Classes of the t-SNE map [default: convertible, sports car, Egyptian cat, tabby, freight car "
                    "where present, else the first 5].")
 @click.option("--data", "data_", metavar="SRC", help="A finetune run's dataset [default: the one it trained on].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def report(run, out, split, views, ensemble, tsne_classes, data_, device) -> None:
+def report(run, out, split, eval_views, ensemble, tsne_classes, data_, device) -> None:
     """Accuracy, per-class errors, confusions, curves, t-SNE (and a finetune run's filters) as HTML."""
     from featx.report import write_report
 
-    page = write_report(run=run, out=out, split=split, views=views, ensemble=ensemble, data=data_, device=device,
-                        tsne_classes=[w.strip() for w in tsne_classes.split(",") if w.strip()] if tsne_classes else None)
+    tsne = [w.strip() for w in tsne_classes.split(",") if w.strip()] if tsne_classes else None
+    page = write_report(run=run, out=out, split=split, eval_views=eval_views, ensemble=ensemble, data=data_,
+                        device=device, tsne_classes=tsne)
     click.echo(f"report: {page}")
 
 
@@ -341,7 +358,7 @@ def run(recipe, overrides, dry_run) -> None:
     """Run a recipe (pipelines/NAME.toml): its stages in order, skipping those already done with the same options."""
     from featx.pipeline import run_recipe
 
-    run_recipe(recipe=recipe, overrides=overrides, dry_run=dry_run)
+    run_recipe(recipe=recipe, commands=cli, overrides=overrides, dry_run=dry_run)
 
 
 def main() -> None:

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from featx.choices import DEVICES, PRECISIONS
 from featx.errors import FeatxError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(device: str) -> torch.device:
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise FeatxError(f"--device {device}: choose auto, cpu or cuda")
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise FeatxError(f"--device {device}: choose one of {', '.join(DEVICES)}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

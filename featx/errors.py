@@ -1,14 +1,14 @@
 """The one exception type for user mistakes.
 
 A FeatxError carries a single line that names the file or option at fault and the fix. The CLI prints it
-and exits with status 2, without a traceback; library users catch it like any exception.
+as `featx: error: <message>` and exits with `exit_code`, without a traceback; library users catch it like
+any exception. It knows nothing of click: the library does not depend on its command line.
 """
 
-import click
 
-
-class FeatxError(click.ClickException):
+class FeatxError(Exception):
     exit_code = 2
 
-    def show(self, file=None) -> None:
-        click.echo(f"featx: error: {self.format_message()}", err=True, file=file)
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message

@@ -25,6 +25,7 @@ from featx.atomic import replacing
 from featx.backbones import Backbone, create_backbone
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, precision_name, resolve_precision
+from featx.choices import Device, FeatureDtype, Precision, ViewSet
 from featx.errors import FeatxError
 from featx.features import FeatureMeta, create_file, finish_file, read_meta
 from featx.views import check_crop, render_views, view_names
@@ -103,11 +104,11 @@ def compute_features(bb: Backbone, model: torch.nn.Module, images: np.ndarray, *
 
 
 def extract_features(*, data: str | Path | None, backbone: str, out: str | Path, weights: str | Path = "default",
-                     size: int | None = None, views: str = "ten", crop: int = 56,
+                     size: int | None = None, views: ViewSet = "ten", crop: int = 56,
                      splits: Sequence[str] | None = None, classes: int | None = None,
-                     per_class: int | None = None, batch_size: int | None = None, device: str = "auto",
-                     precision: str = "auto", mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None, compile: bool = False, dtype: str = "float16",
+                     per_class: int | None = None, batch_size: int | None = None, device: Device = "auto",
+                     precision: Precision = "auto", mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None, compile: bool = False, dtype: FeatureDtype = "float16",
                      shard_rows: int = SHARD_ROWS, progress: bool = True) -> Path:
     """Extract pooled features of every image and view; returns the finished feature file.
 

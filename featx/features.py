@@ -27,6 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from featx.choices import EvalViews
 from featx.errors import FeatxError
 
 FORMAT = "featx-features-1"
@@ -124,17 +125,17 @@ def _group(f: h5py.File, path, split: str) -> h5py.Group:
     return f[split]
 
 
-def _select_views(meta: FeatureMeta, views) -> list[int]:
+def _select_views(meta: FeatureMeta, views: EvalViews | Sequence[str]) -> list[int]:
     if views == "all":
         return list(range(len(meta.views)))
     names = ["full"] if views == "full" else list(views)
     missing = [v for v in names if v not in meta.views]
     if missing:
-        raise FeatxError(f"views {missing} not in the feature file (has {meta.views}); use --views all or full")
+        raise FeatxError(f"views {missing} not in the feature file (has {meta.views}); use \"all\" or \"full\"")
     return [meta.views.index(v) for v in names]
 
 
-def load_features(path: str | Path, split: str, *, views="all") -> Features:
+def load_features(path: str | Path, split: str, *, views: EvalViews | Sequence[str] = "all") -> Features:
     """One split in memory. `views`: "all", "full" (view 0 only) or a list of view names."""
     path = Path(path)
     with _open(path) as f:
@@ -151,7 +152,7 @@ def load_features(path: str | Path, split: str, *, views="all") -> Features:
 
 
 def load(source: str | Path | Mapping[str, str | Path], splits: Sequence[str] | None = None, *,
-         views="all") -> dict[str, Features]:
+         views: EvalViews | Sequence[str] = "all") -> dict[str, Features]:
     """Several splits as one extraction: every split of a file (`load("f.h5")`), some of them
     (`load("f.h5", ["train", "val"])`), or splits from separate files (`load({"train": a, "val": b})`).
     Refuses splits made with different settings (backbone, weights, views, normalisation, dataset, ...)."""

@@ -32,6 +32,8 @@ from featx import runs
 from featx.atomic import replacing
 from featx.augment import Augment, check_augmentations
 from featx.backbones import get_spec, input_spec
+from featx.choices import FINETUNE_HEADS as HEADS
+from featx.choices import Device, FinetuneHead, FinetuneSchedule, Optimizer, Precision
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, resolve_precision
 from featx.errors import FeatxError
@@ -39,8 +41,6 @@ from featx.heads import topk_correct
 from featx.models import MODEL_FORMAT, ModelSpec, build_model
 from featx.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 from featx.views import render_views
-
-HEADS = ("linear", "lstm")
 
 NAN_CHECK_STEPS = 50  # how often the loss is checked for NaN: each check waits for the device
 RESUME_FREE = ("device", "compile", "eval_batch_size")  # options a resumed run may change: they leave results as they are
@@ -59,13 +59,13 @@ class FinetuneConfig:
     data: str | None = None  # zip, folder, ImageFolder root or cache; None: ./data
     weights: str = "default"
     size: int | None = None
-    head: str = "linear"
+    head: FinetuneHead = "linear"
     epochs: int = 10
     batch_size: int = 128
-    optimizer: str = "adam"
+    optimizer: Optimizer = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
-    schedule: str = "cosine"
+    schedule: FinetuneSchedule = "cosine"
     warmup_epochs: float = 0.0
     decay: float | None = None
     step_epochs: int | None = None
@@ -83,10 +83,10 @@ class FinetuneConfig:
     per_class: int | None = None
     overfit: int | None = None
     seed: int = 0
-    precision: str = "auto"
+    precision: Precision = "auto"
     channels_last: bool = True
     compile: bool = False
-    device: str = "auto"
+    device: Device = "auto"
     keep: int = 3
     eval_batch_size: int = 256
 

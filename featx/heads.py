@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featx.choices import NORMALIZE, Normalize, Optimizer
 from featx.optim import make_optimizer
-
-NORMALIZE = ("none", "l2", "standard")
 
 
 class StackedHeads(nn.Module):
@@ -37,7 +36,7 @@ class StackedHeads(nn.Module):
     """
 
     def __init__(self, *, heads: int, in_dim: int, num_classes: int, hidden: int = 0,
-                 dropout: Sequence[float] = (), normalize: str = "none", seed: int = 0):
+                 dropout: Sequence[float] = (), normalize: Normalize = "none", seed: int = 0):
         super().__init__()
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
@@ -98,7 +97,7 @@ class StackedHeads(nn.Module):
                 for k, t in self.state_dict().items()}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], *, normalize: str) -> "StackedHeads":
+    def from_state(cls, state: dict[str, torch.Tensor], *, normalize: Normalize) -> "StackedHeads":
         """Rebuild from a state dict (of head_state or state_dict)."""
         n_layers = sum(k.startswith("weights.") for k in state)
         w0, wl = state["weights.0"], state[f"weights.{n_layers - 1}"]
@@ -115,7 +114,7 @@ class HeadOptimizer:
     handed to them as views, so nothing is copied and torch's fused per-element kernels do the update.
     """
 
-    def __init__(self, heads: StackedHeads, *, kind: str, lr: Sequence[float], weight_decay: Sequence[float]):
+    def __init__(self, heads: StackedHeads, *, kind: Optimizer, lr: Sequence[float], weight_decay: Sequence[float]):
         self.stacked = [*heads.weights, *heads.biases]
         n_weights = len(heads.weights)
         self.aliases = [[nn.Parameter(p.detach()[h]) for p in self.stacked] for h in range(heads.num_heads)]

@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "exponential", "step")
+from featx.choices import FINETUNE_SCHEDULES as SCHEDULES
+from featx.choices import OPTIMIZERS, FinetuneSchedule, Optimizer
 WARMUP_START = 0.01  # the first warmup step's share of the base lr
 
 
-def make_optimizer(kind: str, groups: Iterable[dict], *, lr: float = 1e-3, momentum: float = 0.9,
+def make_optimizer(kind: Optimizer, groups: Iterable[dict], *, lr: float = 1e-3, momentum: float = 0.9,
                    fused: bool | None = None) -> torch.optim.Optimizer:
     """adam, adamw, or sgd with Nesterov momentum, over param groups (each may set its own lr and weight_decay).
 
@@ -29,7 +29,7 @@ def make_optimizer(kind: str, groups: Iterable[dict], *, lr: float = 1e-3, momen
     return (torch.optim.Adam if kind == "adam" else torch.optim.AdamW)(groups, lr=lr, fused=fused)
 
 
-def lr_factor(kind: str, *, steps_per_epoch: int, epochs: int, decay: float | None = None,
+def lr_factor(kind: FinetuneSchedule, *, steps_per_epoch: int, epochs: int, decay: float | None = None,
               step_epochs: int | None = None, warmup_steps: int = 0) -> Callable[[int], float]:
     """step -> multiplier of the base lr: a linear warmup, then
 
@@ -55,6 +55,6 @@ def lr_factor(kind: str, *, steps_per_epoch: int, epochs: int, decay: float | No
     return factor
 
 
-def make_scheduler(opt: torch.optim.Optimizer, kind: str, **schedule) -> LambdaLR:
+def make_scheduler(opt: torch.optim.Optimizer, kind: FinetuneSchedule, **schedule) -> LambdaLR:
     """A LambdaLR over `opt` following lr_factor(kind, **schedule); call .step() after every optimizer step."""
     return LambdaLR(opt, lr_factor(kind, **schedule))

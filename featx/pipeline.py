@@ -82,10 +82,8 @@ class Stage:
         return shlex.join(["featx", *COMMANDS[self.command], *self.argv])
 
 
-def _command(name: str) -> click.Command:
-    from featx.cli import cli  # the CLI imports this module lazily, so no cycle at import time
-
-    cmd = cli
+def _command(commands: click.Group, name: str) -> click.Command:
+    cmd = commands
     for part in COMMANDS[name]:
         cmd = cmd.commands[part]
     return cmd
@@ -146,8 +144,8 @@ def _substitute(table: dict, earlier: dict[str, Stage], where: str) -> tuple[dic
     return {k: sub(v) for k, v in table.items()}, depends
 
 
-def _argv(command: str, options: dict, where: str) -> list[str]:
-    known = {_key(opt.lstrip("-")): (p, opt) for p in _command(command).params
+def _argv(cmd: click.Command, command: str, options: dict, where: str) -> list[str]:
+    known = {_key(opt.lstrip("-")): (p, opt) for p in cmd.params
              if isinstance(p, click.Option) and p.expose_value for opt in p.opts}
     argv = []
     for key, value in options.items():
@@ -166,8 +164,7 @@ def _argv(command: str, options: dict, where: str) -> list[str]:
     return argv
 
 
-def _resolve(command: str, argv: list[str], where: str) -> dict:
-    cmd = _command(command)
+def _resolve(cmd: click.Command, command: str, argv: list[str], where: str) -> dict:
     try:
         with cmd.make_context(f"featx {' '.join(COMMANDS[command])}", list(argv)) as ctx:
             return json.loads(json.dumps(ctx.params, default=str))  # tuples -> lists, paths -> strings
@@ -203,8 +200,9 @@ def _decide(stage: Stage, earlier: dict[str, Stage]) -> tuple[bool, str]:
     return True, "options changed: " + ("; ".join(changed) or "the options of a stage it references")
 
 
-def plan(*, recipe: str | Path, overrides: Sequence[str] = ()) -> list[Stage]:
-    """Resolve every stage of the recipe (all are checked before any runs) and decide which run and why."""
+def plan(*, recipe: str | Path, commands: click.Group, overrides: Sequence[str] = ()) -> list[Stage]:
+    """Resolve every stage of the recipe (all are checked before any runs) against `commands`, the `featx`
+    click group, and decide which run and why."""
     recipe = Path(recipe)
     stages: dict[str, Stage] = {}
     cwd = Path.cwd().resolve()
@@ -215,8 +213,9 @@ def plan(*, recipe: str | Path, overrides: Sequence[str] = ()) -> list[Stage]:
             raise FeatxError(f"{where}: not a command ({', '.join(COMMANDS)}); add command = \"...\" to a stage "
                              "named otherwise")
         options, depends = _substitute(table, stages, where)
-        argv = _argv(command, options, where)
-        params = _resolve(command, argv, where)
+        cmd = _command(commands, command)
+        argv = _argv(cmd, command, options, where)
+        params = _resolve(cmd, command, argv, where)
         output_key = OUTPUT.get(command, "out")
         if output_key not in options:
             raise FeatxError(f"{where}: set `{output_key}`; a stage names its output so that a re-run finds it")
@@ -241,7 +240,7 @@ def _versions() -> dict:
             **{p: version(p) for p in ("torch", "torchvision", "numpy", "h5py", "click")}}
 
 
-def _execute(stage: Stage, *, recipe: dict) -> None:
+def _execute(stage: Stage, *, commands: click.Group, recipe: dict) -> None:
     from featx.runs import write_json  # torch comes with it: not needed to plan
 
     if _read_record(stage.output) is not None:
@@ -250,13 +249,13 @@ def _execute(stage: Stage, *, recipe: dict) -> None:
         _record_path(stage.output).unlink(missing_ok=True)
     click.echo(f"== [{stage.name}] {stage.command_line()}", err=True)
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
-    cmd = _command(stage.command)
+    cmd = _command(commands, stage.command)
     try:
         with cmd.make_context(f"featx {' '.join(COMMANDS[stage.command])}", list(stage.argv)) as ctx:
-            cmd.invoke(ctx)
-    except click.ClickException as e:
+            cmd.invoke(ctx)  # the options were checked when planning: what fails now is the work, a FeatxError
+    except FeatxError as e:
         # The command's message names its CLI option; say how to change that option in a recipe.
-        message = e.format_message()
+        message = e.message
         named = re.findall(r"--([a-z][\w-]*)", message)
         hint = f"{stage.name}.{_key(named[-1])}=..." if named else f"{stage.name}.OPTION=VALUE"
         raise FeatxError(f"[{stage.name}] {message} (in the recipe: --set {hint})") from None
@@ -270,9 +269,12 @@ def _execute(stage: Stage, *, recipe: dict) -> None:
     click.echo(f"== [{stage.name}] done in {stage.seconds:.1f}s", err=True)
 
 
-def run_recipe(*, recipe: str | Path, overrides: Sequence[str] = (), dry_run: bool = False) -> list[Stage]:
-    """Print the plan, then (unless dry_run) run the stages that need it, in order; returns the stages."""
-    stages = plan(recipe=recipe, overrides=overrides)
+def run_recipe(*, recipe: str | Path, commands: click.Group, overrides: Sequence[str] = (),
+               dry_run: bool = False) -> list[Stage]:
+    """Print the plan, then (unless dry_run) run the stages that need it, in order; returns the stages.
+    `commands` is the `featx` click group (`featx.cli.cli`), whose commands run the stages and check their
+    options: the pipeline drives the command line without importing it."""
+    stages = plan(recipe=recipe, commands=commands, overrides=overrides)
     click.echo(f"{recipe}: {sum(s.run for s in stages)} of {len(stages)} stages to run")
     click.echo(format_plan(stages))
     if dry_run:
@@ -280,7 +282,7 @@ def run_recipe(*, recipe: str | Path, overrides: Sequence[str] = (), dry_run: bo
     source = {"path": str(recipe), "text": Path(recipe).read_text(), "overrides": list(overrides)}
     for stage in stages:
         if stage.run:
-            _execute(stage, recipe=source)
+            _execute(stage, commands=commands, recipe=source)
     ran = [f"{s.name} {s.seconds:.1f}s" for s in stages if s.run]
     click.echo(f"{recipe}: ran {', '.join(ran) or 'nothing'}; skipped {sum(not s.run for s in stages)} up-to-date")
     return stages

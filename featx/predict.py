@@ -1,7 +1,7 @@
 """Stage 4: score a run's checkpoints on a split or on new images, averaging over views, snapshots and runs.
 
     from featx.predict import predict, write_predictions
-    p = predict(runs=["runs/probe-inception"], split="val", views="all", ensemble="greedy")
+    p = predict(runs=["runs/probe-inception"], split="val", eval_views="all", ensemble="greedy")
     p.top_k(1), p.top_k(5), p.gain()
     write_predictions(p, "preds/predictions.csv")
 
@@ -26,6 +26,7 @@ from torch import nn
 
 from featx.atomic import replacing
 from featx.backbones import Backbone, create_backbone
+from featx.choices import ENSEMBLES, EVAL_VIEWS, Device, EvalViews, Split
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import resolve_device
 from featx.errors import FeatxError
@@ -40,7 +41,6 @@ from featx.sources import IMAGE_EXTS, decode_image
 from featx.views import VIEW_SETS
 
 BATCH = 64  # images per forward pass
-ENSEMBLES = "best, top:K, greedy or all"
 
 
 def top_k(probs: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
@@ -60,7 +60,7 @@ def ranked_picks(ensemble: str, n: int) -> list[int]:
     kind, _, k = ensemble.partition(":")
     if kind == "top" and k.isdigit() and int(k) >= 1:
         return list(range(min(int(k), n)))
-    raise FeatxError(f"--ensemble {ensemble}: choose {ENSEMBLES}")
+    raise FeatxError(f"--ensemble {ensemble}: choose one of {', '.join(ENSEMBLES)}")
 
 
 def greedy(probs: np.ndarray, labels: np.ndarray) -> list[int]:
@@ -134,8 +134,8 @@ def _run_model(bb: Backbone, images: np.ndarray, *, views: Sequence[str], crop: 
 
 
 def _check_views(views: str) -> None:
-    if views not in ("all", "full"):
-        raise FeatxError(f"--views {views}: choose all or full")
+    if views not in EVAL_VIEWS:
+        raise FeatxError(f"--eval-views {views}: choose one of {', '.join(EVAL_VIEWS)}")
 
 
 class ProbeRun:
@@ -303,20 +303,20 @@ def _combine(runs: list, scored: list[Scored], picks: list[list[int]], split: st
                       members=[str(run.dir / run.checkpoints[i].file) for run, p in zip(runs, picks) for i in p])
 
 
-def predict(*, runs: Sequence[str | Path], split: str = "val", views: str = "all", ensemble: str = "best",
-            data: str | Path | None = None, device: str = "auto") -> Prediction:
+def predict(*, runs: Sequence[str | Path], split: Split = "val", eval_views: EvalViews = "all",
+            ensemble: str = "best", data: str | Path | None = None, device: Device = "auto") -> Prediction:
     """Score the runs' selected checkpoints on a split; `data` overrides a finetune run's dataset."""
-    return score_runs(open_runs(runs, data=data, device=device), split=split, views=views, ensemble=ensemble)
+    return score_runs(open_runs(runs, data=data, device=device), split=split, eval_views=eval_views, ensemble=ensemble)
 
 
-def score_runs(runs: list[ProbeRun | FinetuneRun], *, split: str = "val", views: str = "all",
+def score_runs(runs: list[ProbeRun | FinetuneRun], *, split: Split = "val", eval_views: EvalViews = "all",
                ensemble: str = "best") -> Prediction:
-    _check_views(views)
+    _check_views(eval_views)
     scored, picks = [], []
     for run in runs:
-        p, val = _choose(run, views, ensemble)
+        p, val = _choose(run, eval_views, ensemble)
         picks.append(p)
-        scored.append(val.take(p) if val is not None and split == "val" else run.score_split(split, views, p))
+        scored.append(val.take(p) if val is not None and split == "val" else run.score_split(split, eval_views, p))
     return _combine(runs, scored, picks, split)
 
 
@@ -347,21 +347,21 @@ def read_images(paths: Sequence[str | Path], *, size: int, skip_bad: bool = Fals
     return np.stack(images), ids
 
 
-def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path], views: str = "all",
+def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path], eval_views: EvalViews = "all",
                    ensemble: str = "best", skip_bad: bool = False, image_size: int = 64,
                    weights: str | Path | None = None, data: str | Path | None = None,
-                   device: str = "auto") -> Prediction:
+                   device: Device = "auto") -> Prediction:
     """Classify image files: each is scaled to `image_size` (the dataset's, 64 for Tiny ImageNet), then goes
     through each run's backbone, views and heads. `weights`: the backbone's weights file, where a probe run's
     features were extracted with weights from a file."""
-    _check_views(views)
+    _check_views(eval_views)
     opened = open_runs(runs, data=data, device=device)
     x, ids = read_images(images, size=image_size, skip_bad=skip_bad)
     scored, picks = [], []
     for run in opened:
-        p, _ = _choose(run, views, ensemble)
+        p, _ = _choose(run, eval_views, ensemble)
         picks.append(p)
-        scored.append(Scored(ids, np.full(len(ids), -1), run.score_images(x, views, p, weights=weights)))
+        scored.append(Scored(ids, np.full(len(ids), -1), run.score_images(x, eval_views, p, weights=weights)))
     return _combine(opened, scored, picks, "images")
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from featx.choices import (PROBE_HEADS, Device, EvalViews, Normalize, Optimizer, ProbeHead, ProbeSchedule,
+                           SaveMode)
 from featx.device import resolve_device
 from featx.errors import FeatxError
 from featx.features import (FeatureMeta, Features, feature_splits, load_features, open_split, read_meta,
@@ -180,8 +182,8 @@ def evaluate(heads: StackedHeads, src) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, heads: Sequence[HeadConfig],
            head: str) -> None:
-    if head not in ("linear", "mlp"):
-        raise FeatxError(f"--head {head}: choose linear or mlp")
+    if head not in PROBE_HEADS:
+        raise FeatxError(f"--head {head}: choose one of {', '.join(PROBE_HEADS)}")
     require_same_extraction(features, val)
     if not (_labels(val) >= 0).any():
         raise FeatxError(f"{val.path}: split {val.split!r} has no labels to validate on; "
@@ -194,9 +196,10 @@ def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, he
 
 
 def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
-          heads: Sequence[HeadConfig] = (HeadConfig(),), head: str = "linear", hidden: int = 1024,
-          optimizer: str = "adam", lr_decay: float = 0.713, schedule: str = "exponential", epochs: int = 10,
-          batch_size: int = 100, normalize: str = "none", seed: int = 0, device: str = "auto",
+          heads: Sequence[HeadConfig] = (HeadConfig(),), head: ProbeHead = "linear", hidden: int = 1024,
+          optimizer: Optimizer = "adam", lr_decay: float = 0.713, schedule: ProbeSchedule = "exponential",
+          epochs: int = 10, batch_size: int = 100, normalize: Normalize = "none", seed: int = 0,
+          device: Device = "auto",
           on_epoch: Callable[[int, StackedHeads, np.ndarray, np.ndarray], None] | None = None,
           progress: bool = False) -> ProbeResult:
     """Train one head per config on `features`, all over the same minibatches, validating on `val`.
@@ -302,10 +305,11 @@ def _available_ram() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConfig], head: str = "linear",
-              hidden: int = 1024, optimizer: str = "adam", lr_decay: float = 0.713, schedule: str = "exponential",
-              epochs: int = 10, batch_size: int = 100, train_views: str = "all", eval_views: str = "all",
-              normalize: str = "none", seed: int = 0, device: str = "auto", save: str = "best", keep: int = 20,
+def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConfig], head: ProbeHead = "linear",
+              hidden: int = 1024, optimizer: Optimizer = "adam", lr_decay: float = 0.713,
+              schedule: ProbeSchedule = "exponential", epochs: int = 10, batch_size: int = 100,
+              train_views: EvalViews = "all", eval_views: EvalViews = "all", normalize: Normalize = "none",
+              seed: int = 0, device: Device = "auto", save: SaveMode = "best", keep: int = 20,
               stream: bool = False, progress: bool = False) -> ProbeResult:
     """`featx probe`: train the sweep on the file's train split, validate on val, write the run directory."""
     path = Path(features)

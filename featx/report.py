@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix
 
 from featx.atomic import replacing
+from featx.choices import Device, EvalViews, Split
 from featx.errors import FeatxError
 from featx.models import load_model
 from featx.plots import plot_confusion, plot_curves, plot_filters, plot_tsne
@@ -90,13 +91,13 @@ table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px soli
 th{background:#eee}img{max-width:100%;border:1px solid #ddd}h2{margin-top:2em}"""
 
 
-def write_report(*, run: str | Path, out: str | Path = "report", split: str = "val", views: str = "all",
+def write_report(*, run: str | Path, out: str | Path = "report", split: Split = "val", eval_views: EvalViews = "all",
                  ensemble: str = "best", tsne_classes: Sequence[str] | None = None, data: str | Path | None = None,
-                 device: str = "auto") -> Path:
+                 device: Device = "auto") -> Path:
     """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page."""
     out = Path(out)
     r = open_run(run, data=data, device=device)
-    pred = score_runs([r], split=split, views=views, ensemble=ensemble)
+    pred = score_runs([r], split=split, eval_views=eval_views, ensemble=ensemble)
     pred.require_labels()
     tsne = _tsne_classes(tsne_classes, pred.classes)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +123,7 @@ def write_report(*, run: str | Path, out: str | Path = "report", split: str = "v
 
     n = int(keep.sum())
     summary = [{"what": "run", "value": f"{run} ({type(r).__name__.removesuffix('Run').lower()})"},
-               {"what": "split", "value": f"{split}, {n} labelled images, views {views}"},
+               {"what": "split", "value": f"{split}, {n} labelled images, views {eval_views}"},
                {"what": "ensemble", "value": f"{ensemble}: {len(pred.members)} checkpoint(s)"},
                {"what": "top-1", "value": pred.top_k(1)}, {"what": "top-5", "value": pred.top_k(5)},
                {"what": "top-1 gain over the best single checkpoint", "value": f"{100 * pred.gain():+.2f} points"},

@@ -34,7 +34,7 @@ def test_the_issue_recipes_exist():
 def test_every_recipe_resolves(recipe: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing exists here, so every stage is planned to run
     assert recipe.read_text().startswith("# "), "a recipe opens with what it reproduces and the reported number"
-    stages = run_recipe(recipe=recipe, dry_run=True)
+    stages = run_recipe(recipe=recipe, commands=cli, dry_run=True)
     assert stages and all(s.run and s.argv and s.params for s in stages)
     assert not any(tmp_path.iterdir()), "a dry run writes nothing"
 
@@ -51,14 +51,14 @@ def test_a_mistake_in_a_recipe_fails_before_anything_runs(edit, message, tmp_pat
     recipe = tmp_path / "typo.toml"
     recipe.write_text(QUICKSTART.read_text().replace(*edit))
     with pytest.raises(FeatxError) as e:
-        run_recipe(recipe=recipe, dry_run=True)
+        run_recipe(recipe=recipe, commands=cli, dry_run=True)
     assert message in e.value.message
     assert [p.name for p in tmp_path.iterdir()] == ["typo.toml"]
 
 
 def test_set_overrides_parse_toml_literals_and_are_checked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    stages = {s.name: s for s in run_recipe(recipe=QUICKSTART, dry_run=True, overrides=[
+    stages = {s.name: s for s in run_recipe(recipe=QUICKSTART, commands=cli, dry_run=True, overrides=[
         "probe.lr=[1e-4, 2e-4]", "extract.weights=../shared/w.pth", "probe.stream=true", "prepare.per_class=7"])}
     assert stages["probe"].params["lr"] == [1e-4, 2e-4] and stages["probe"].params["stream"] is True
     assert stages["extract"].params["weights"] == "../shared/w.pth"
@@ -66,7 +66,7 @@ def test_set_overrides_parse_toml_literals_and_are_checked(tmp_path, monkeypatch
     for bad, message in (("probe.lrr=1", "did you mean `lr`?"), ("probes.lr=1", "has no stage [probes]"),
                          ("probe.epochs=0", "--epochs"), ("probe", "write STAGE.KEY=VALUE")):
         with pytest.raises(FeatxError) as e:
-            run_recipe(recipe=QUICKSTART, dry_run=True, overrides=[bad])
+            run_recipe(recipe=QUICKSTART, commands=cli, dry_run=True, overrides=[bad])
         assert message in e.value.message
 
 
@@ -86,7 +86,7 @@ def test_quickstart_end_to_end_then_skips_then_redoes_only_what_changed(shared_z
     assert "(in the recipe: --set extract.weights=...)" in result.output
 
     small.append(f"extract.weights={shared_weights / 'mobilenet_v2_imagenet_tflite.pth'}")
-    first = run_recipe(recipe=QUICKSTART, overrides=small)
+    first = run_recipe(recipe=QUICKSTART, commands=cli, overrides=small)
     assert [s.name for s in first if s.run] == ["extract", "probe", "predict", "report"]  # prepare ran above
     probe = json.loads(Path("runs/quickstart/probe/metrics.json").read_text())
     assert probe["best"]["val_top1"] > 0.45  # 4 real classes at 64 pixels: well above chance (25%)
@@ -98,9 +98,9 @@ def test_quickstart_end_to_end_then_skips_then_redoes_only_what_changed(shared_z
     assert record["seconds"] > 0 and record["depends"] == {"extract": first[1].hash}
     assert json.loads(Path("features/quickstart-mobilenet_v2-flip.h5.featx-stage.json").read_text())["stage"] == "extract"
 
-    assert not any(s.run for s in run_recipe(recipe=QUICKSTART, overrides=small))
+    assert not any(s.run for s in run_recipe(recipe=QUICKSTART, commands=cli, overrides=small))
 
-    changed = run_recipe(recipe=QUICKSTART, overrides=[*small, "probe.lr=1e-3"])
+    changed = run_recipe(recipe=QUICKSTART, commands=cli, overrides=[*small, "probe.lr=1e-3"])
     assert [s.name for s in changed if s.run] == ["probe", "predict", "report"]
     assert changed[2].reason == "options changed: lr [0.0003, 0.001, 0.003] -> [0.001]"
     assert changed[3].reason == "probe runs"

@@ -110,8 +110,25 @@ def test_top_k_and_the_named_selections():
     assert ranked_picks("top:9", 3) == [0, 1, 2]
     assert ranked_picks("all", 3) == [0, 1, 2]
     for bad in ("top:0", "top:", "top:x", "worst"):
-        with pytest.raises(FeatxError, match="choose best, top:K"):
+        with pytest.raises(FeatxError, match="choose one of best, top:K"):
             ranked_picks(bad, 3)
+
+
+def test_eval_views_on_the_command_line_as_in_python(tmp_path, capsys, monkeypatch):
+    run = hand_made_run(tmp_path)
+    prob1 = {}
+    for views in ("all", "full"):
+        p = predict(runs=[run], split="val", eval_views=views, device="cpu")
+        code, stdout, _ = featx_cli(capsys, monkeypatch, "predict", "--run", str(run), "--eval-views", views,
+                                    "--out", str(tmp_path / views), "--device", "cpu")
+        assert code == 0 and stdout.startswith(f"val: top-1 {p.top_k(1):.2%}")
+        with open(tmp_path / views / "predictions.csv", newline="") as f:
+            prob1[views] = [float(row["prob1"]) for row in csv.DictReader(f)]
+        np.testing.assert_allclose(prob1[views], p.probs.max(1), atol=1e-6)
+    np.testing.assert_allclose(prob1["full"], softmax(np.array(LOGITS[0])[[v[0] for v in VIEWS_OF]]).max(1), atol=1e-6)
+    assert prob1["all"] != prob1["full"]
+    code, _, stderr = featx_cli(capsys, monkeypatch, "predict", "--run", str(run), "--views", "all")
+    assert_one_line_error(code, stderr, "No such option '--views'")
 
 
 def test_greedy_adds_in_rank_order_while_top1_improves_and_stops_at_the_first_that_does_not():
@@ -138,7 +155,7 @@ def test_ensembles_average_the_softmax_of_views_and_checkpoints(tmp_path):
         np.testing.assert_allclose(p.single, expected_probs([0]), atol=1e-6)
         assert p.members == [str(run / f"checkpoints/head00-epoch{k + 1:03d}.pt") for k in members]
         assert p.gain() == pytest.approx(top_k(expected_probs(members), labels) - top_k(expected_probs([0]), labels))
-    full = predict(runs=[run], split="val", views="full", device="cpu")
+    full = predict(runs=[run], split="val", eval_views="full", device="cpu")
     np.testing.assert_allclose(full.probs, softmax(np.array(LOGITS[0])[[v[0] for v in VIEWS_OF]]), atol=1e-6)
 
     per_checkpoint = np.stack([expected_probs([k]) for k in range(3)])
@@ -247,7 +264,7 @@ def test_bad_input_is_one_line_and_exit_2(synth_runs, synth_cache, tmp_path, cap
     probe = str(synth_runs["probe"])
     cases = [
         (["predict", "--run", probe, "--run", str(tmp_path / "c3")], "classes differ"),
-        (["predict", "--run", probe, "--ensemble", "top:0"], "--ensemble top:0: choose best, top:K"),
+        (["predict", "--run", probe, "--ensemble", "top:0"], "--ensemble top:0: choose one of best, top:K"),
         (["predict", "--run", str(tmp_path)], "run.json: missing or unreadable"),
         (["predict", "--run", probe, "--images", str(tmp_path / "nothing")], "no such file or folder"),
         (["report", "--run", probe, "--split", "test", "--out", str(tmp_path / "r")], "split 'test' has no labels"),
@@ -265,9 +282,9 @@ def test_bad_input_is_one_line_and_exit_2(synth_runs, synth_cache, tmp_path, cap
 def test_real_views_all_at_least_as_accurate_as_full(mobilenet_features_20, tmp_path):
     run_probe(features=mobilenet_features_20, out=tmp_path / "run", heads=[HeadConfig()], epochs=4,
               keep=4, device="cpu")
-    full = predict(runs=[tmp_path / "run"], split="val", views="full", device="cpu")
-    both = predict(runs=[tmp_path / "run"], split="val", views="all", device="cpu")
-    snapshots = predict(runs=[tmp_path / "run"], split="val", views="all", ensemble="greedy", device="cpu")
+    full = predict(runs=[tmp_path / "run"], split="val", eval_views="full", device="cpu")
+    both = predict(runs=[tmp_path / "run"], split="val", eval_views="all", device="cpu")
+    snapshots = predict(runs=[tmp_path / "run"], split="val", eval_views="all", ensemble="greedy", device="cpu")
     print(f"val top-1: full {full.top_k(1):.4f}, full+flip {both.top_k(1):.4f}, greedy snapshots "
           f"{snapshots.top_k(1):.4f} ({len(snapshots.members)} of 4)")
     assert len(both.ids) == 1000 and full.top_k(1) >= 0.7

@@ -185,7 +185,7 @@ def test_save_best_keeps_only_the_best_heads_snapshots(synthetic, tmp_path, caps
     ("unfinished", "extraction unfinished"),
     ("nan", "NaN/inf"),
     ("unlabelled", "no labels to validate on"),
-    ("bad-lr", "--lr '1e-3,fast': not a comma list of numbers"),
+    ("bad-lr", "Invalid value for '--lr': '1e-3,fast' is not a comma list of numbers"),
     ("no-val", "no 'val' split"),
     ("finetune-run", "holds a `featx finetune` run"),
 ])

@@ -1,0 +1,38 @@
+"""Every enumerated option, stated once: a `Literal` type for the API's signatures and, derived from it, the
+tuple of its values for the CLI's `click.Choice` and the API's own checks.
+
+The bottom layer: it imports nothing from featx, so every module may import it.
+"""
+
+from typing import Literal, get_args
+
+Device = Literal["auto", "cpu", "cuda"]  # resolve_device also takes "cuda:N"
+DEVICES = get_args(Device)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS = get_args(Precision)
+FeatureDtype = Literal["float16", "float32"]
+FEATURE_DTYPES = get_args(FeatureDtype)
+Split = Literal["train", "val", "test"]
+SPLITS = get_args(Split)
+ViewSet = Literal["full", "flip", "ten"]  # extract: the views to compute (featx.views.VIEW_SETS)
+VIEW_SET_NAMES = get_args(ViewSet)
+EvalViews = Literal["all", "full"]  # probe, predict, report: the stored views to use (all, or the full image)
+EVAL_VIEWS = get_args(EvalViews)
+Optimizer = Literal["adam", "adamw", "sgd"]
+OPTIMIZERS = get_args(Optimizer)
+ProbeHead = Literal["linear", "mlp"]
+PROBE_HEADS = get_args(ProbeHead)
+ProbeSchedule = Literal["exponential", "cosine"]
+PROBE_SCHEDULES = get_args(ProbeSchedule)
+FinetuneHead = Literal["linear", "lstm"]
+FINETUNE_HEADS = get_args(FinetuneHead)
+FinetuneSchedule = Literal["cosine", "exponential", "step"]
+FINETUNE_SCHEDULES = get_args(FinetuneSchedule)
+Normalize = Literal["none", "l2", "standard"]
+NORMALIZE = get_args(Normalize)
+SaveMode = Literal["best", "all"]  # probe: snapshots of the best head only, or of every head
+SAVE_MODES = get_args(SaveMode)
+
+# A run's checkpoints averaged by predict and report: best, top:K (the best K), greedy or all. No Literal can
+# spell top:K, so the API types it str.
+ENSEMBLES = ("best", "top:K", "greedy", "all")
