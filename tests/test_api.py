@@ -153,16 +153,16 @@ def test_every_cli_choice_comes_from_featx_choices():
 
 
 def test_module_constants_are_the_choices_and_the_api_is_typed_with_the_literals():
-    from featx import device, finetune, heads, predict, probe, report, views
+    from featx import device, finetune, heads, optim, predict, probe, report, views
 
-    assert heads.NORMALIZE is choices.NORMALIZE and heads.OPTIMIZERS is finetune.OPTIMIZERS is choices.OPTIMIZERS
-    assert finetune.HEADS is choices.FINETUNE_HEADS and finetune.SCHEDULES is choices.FINETUNE_SCHEDULES
+    assert heads.NORMALIZE is choices.NORMALIZE and optim.OPTIMIZERS is choices.OPTIMIZERS
+    assert finetune.HEADS is choices.FINETUNE_HEADS and optim.SCHEDULES is choices.FINETUNE_SCHEDULES
     assert device.PRECISIONS is choices.PRECISIONS and predict.ENSEMBLES is choices.ENSEMBLES
     assert tuple(views.VIEW_SETS) == choices.VIEW_SET_NAMES
     hints = typing.get_type_hints
     assert hints(probe.run_probe)["eval_views"] is hints(probe.run_probe)["train_views"] is choices.EvalViews
     assert hints(probe.run_probe)["head"] is choices.ProbeHead
-    assert hints(finetune.finetune)["schedule"] is choices.FinetuneSchedule
+    assert hints(finetune.FinetuneConfig)["schedule"] is choices.FinetuneSchedule
     assert hints(predict.predict)["eval_views"] is hints(report.write_report)["eval_views"] is choices.EvalViews
     assert hints(featx.extract_features)["views"] is choices.ViewSet
     with pytest.raises(FeatxError, match="--head rbf: choose one of linear, mlp"):
