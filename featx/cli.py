@@ -247,6 +247,8 @@ def probe(features, out, lr, weight_decay, label_smoothing, dropout, **options) 
 @click.option("--mixup", type=click.FloatRange(0), default=0.0, show_default=True, help="MixUp alpha (0: off).")
 @click.option("--cutmix", type=click.FloatRange(0), default=0.0, show_default=True, help="CutMix alpha (0: off).")
 @click.option("--freeze-epochs", type=click.IntRange(0), default=0, show_default=True, help="Train only the head for the first N epochs.")
+@click.option("--bn", type=click.Choice(["auto", "frozen", "train", "sync"]), default="auto", show_default=True,
+              help="BatchNorm: frozen statistics and affine, train (batch statistics), sync (across torchrun processes, CUDA); auto: frozen for folded weights (identity statistics), else train.")
 @click.option("--init-head", metavar="RUN", help="Start the head from the best head of this `featx probe` run.")
 @click.option("--init", help="From scratch (--weights none): kaiming, xavier or gaussian:STD.")
 @click.option("--classes", type=click.IntRange(1), help="Only the first K classes.")

@@ -17,6 +17,7 @@ same data order, augmentations and dropout masks as the interrupted one.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, resolve_precision
 from featx.errors import FeatxError
 from featx.heads import topk_correct
-from featx.models import MODEL_FORMAT, ModelSpec, build_model
+from featx.models import BN_MODES, MODEL_FORMAT, ModelSpec, build_model, pick_batchnorm, set_batchnorm
 from featx.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 from featx.views import render_views
 
@@ -53,6 +54,8 @@ class FinetuneConfig:
     batch_size is the global batch: under torchrun each of the K processes takes batch_size / K.
     overfit=N trains on N training images only, without augmentation (the sanity check that a model can
     memorise them); a warning is printed when the last epoch's train top-1 is not 100%.
+    bn is the BatchNorm mode (featx.models.set_batchnorm); auto resolves to frozen or train once the weights
+    are loaded, and the checkpoints' ModelSpec records the result.
     """
 
     backbone: str
@@ -77,6 +80,7 @@ class FinetuneConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     freeze_epochs: int = 0
+    bn: str = "auto"
     init_head: str | None = None
     init: str | None = None
     classes: int | None = None
@@ -98,7 +102,7 @@ class FinetuneConfig:
         """Refuse inconsistent options before any data is read."""
         get_spec(self.backbone)
         for option, value, allowed in (("--head", self.head, HEADS), ("--optimizer", self.optimizer, OPTIMIZERS),
-                                       ("--schedule", self.schedule, SCHEDULES)):
+                                       ("--schedule", self.schedule, SCHEDULES), ("--bn", self.bn, BN_MODES)):
             if value not in allowed:
                 raise FeatxError(f"{option} {value}: choose one of {', '.join(allowed)}")
         if self.init and self.weights != "none":
@@ -142,9 +146,16 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _freeze_body(model: nn.Module, frozen: bool) -> None:
-    # A frozen body also keeps its BatchNorm statistics: the head trains on the pretrained features.
+    # A frozen body also keeps its BatchNorm statistics, whatever --bn says: the head trains on the
+    # pretrained features.
     model.body.requires_grad_(not frozen)
     model.body.train(not frozen)
+
+
+def _not_learning(row: dict, num_classes: int) -> bool:
+    """Train loss within 1% of ln(classes) and train top-1 at chance (at most twice 1/classes, for noise)."""
+    chance_loss = math.log(num_classes)
+    return abs(row["train_loss"] - chance_loss) <= 0.01 * chance_loss and row["train_top1"] <= 2 / num_classes
 
 
 def _evaluate(model, images, labels, d: Dist, *, spec: ModelSpec, dtype, batch: int) -> tuple[float, float, float]:
@@ -194,6 +205,9 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
             raise FeatxError(f"--resume: options differ from the run in {out} ({', '.join(changed)}); use its options or another --out")
 
     with distributed(c.device) as d:
+        if c.bn == "sync" and d.device.type != "cuda":
+            raise FeatxError("--bn sync: torch's SyncBatchNorm runs on CUDA only; on CPU use --bn train "
+                             "(statistics per process) or --bn frozen")
         dtype = resolve_precision(c.precision, d.device) or torch.float32
         if batch_size % d.world:
             raise FeatxError(f"--batch-size {batch_size}: must be divisible by the {d.world} processes")
@@ -219,6 +233,12 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
                          c.dropout, c.drop_path)
         torch.manual_seed(c.seed)
         model = build_model(spec, weights=c.weights, init=c.init, seed=c.seed)
+        spec.bn = pick_batchnorm(c.bn, model, pretrained=c.weights != "none")
+        set_batchnorm(model, spec.bn)
+        if c.bn == "auto" and d.rank == 0:
+            why = ("the weights' BatchNorms hold identity statistics, folded into the convolutions; --bn train to "
+                   "renormalise them" if spec.bn == "frozen" else "--bn frozen to fix statistics and affine")
+            print(f"featx: --bn auto: {spec.bn} BatchNorm: {why}", file=sys.stderr)
         if c.init_head:
             _probe_head(c.init_head, backbone=c.backbone, classes=info.wnids, head=model.head)
         model.to(d.device, memory_format=torch.channels_last if c.channels_last else torch.preserve_format)
@@ -301,6 +321,14 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
                    "lr": opt.param_groups[0]["lr"], "seconds": seconds, "train_images_per_s": seen / seconds}
             rows.append(row)
             start = epoch + 1
+            if epoch == 0 and d.rank == 0 and _not_learning(row, spec.num_classes):
+                hint = ("training-mode BatchNorm erases folded pretrained weights: try --bn frozen"
+                        if spec.bn != "frozen" else "frozen statistics may not fit these weights: try --bn train")
+                print(f"featx: warning: epoch 1: train loss {row['train_loss']:.3f} is within 1% of "
+                      f"ln({spec.num_classes}) and train top-1 {row['train_top1']:.1%} is at chance, so the model is "
+                      f"not learning; usual causes: the learning rate (try --lr {c.lr / 10:g}), the BatchNorm mode "
+                      f"({hint}), input normalisation that does not match the weights (their JSON's mean and std); "
+                      "the run goes on", file=sys.stderr)
             if d.rank == 0:
                 snapshots.offer(0, epoch + 1, val_top1, val_top5, lambda: {
                     "format": MODEL_FORMAT, "state": model.state_dict(), "model": dataclasses.asdict(spec),

@@ -13,12 +13,14 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import StochasticDepth
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.backbones import create_backbone
 from featx.errors import FeatxError
 from featx.lstm_head import LSTMNet
 
 MODEL_FORMAT = "featx-model-1"
+BN_MODES = ("auto", "frozen", "train", "sync")
 
 
 @dataclass
@@ -35,6 +37,7 @@ class ModelSpec:
     dropout: float = 0.0
     drop_path: float | None = None
     views: list[str] = dataclasses.field(default_factory=lambda: ["full"])
+    bn: str = "train"  # frozen, train or sync (set_batchnorm); specs written before the option trained theirs
 
 
 class Classifier(nn.Module):
@@ -67,6 +70,7 @@ def load_model(checkpoint: dict) -> tuple[nn.Module, ModelSpec]:
         raise FeatxError(f"checkpoint format {checkpoint.get('format')!r}: not a featx finetune model")
     spec = ModelSpec(**checkpoint["model"])
     model = build_model(spec)
+    set_batchnorm(model, spec.bn)
     model.load_state_dict(checkpoint["state"])
     return model.eval(), spec
 
@@ -112,3 +116,43 @@ def set_drop_path(model: nn.Module, p: float, name: str) -> None:
     for i, block in enumerate(blocks, 1):
         last = "bn3" if isinstance(block, Bottleneck) else "bn2"
         setattr(block, last, nn.Sequential(getattr(block, last), StochasticDepth(p * i / len(blocks), "row")))
+
+
+def identity_batchnorm(model: nn.Module) -> bool:
+    """Whether the model has BatchNorms and every one holds running mean 0 and variance 1: weights exported
+    from a deployment format, with the normalisation folded into the convolutions. (Such files often store
+    1 - eps, so that the division by sqrt(var + eps) is exactly 1: hence the tolerance.)"""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return bool(norms) and all(torch.allclose(m.running_mean, torch.zeros_like(m.running_mean), rtol=0, atol=1e-4)
+                               and torch.allclose(m.running_var, torch.ones_like(m.running_var), rtol=0, atol=1e-4)
+                               for m in norms)
+
+
+def pick_batchnorm(mode: str, model: nn.Module, *, pretrained: bool) -> str:
+    """--bn auto -> frozen for pretrained weights with identity statistics, train otherwise; other modes as given.
+
+    Training-mode BatchNorm renormalises every channel with its batch's statistics, which erases a folded
+    network's function (the weights assume identity); fresh weights hold identity statistics too, but need
+    the normalisation to train.
+    """
+    if mode not in BN_MODES:
+        raise FeatxError(f"--bn {mode}: choose one of {', '.join(BN_MODES)}")
+    if mode != "auto":
+        return mode
+    return "frozen" if pretrained and identity_batchnorm(model) else "train"
+
+
+def set_batchnorm(model: nn.Module, mode: str) -> None:
+    """Convert the model's BatchNorms in place: frozen -> torchvision's FrozenBatchNorm2d (statistics and
+    affine held as buffers, so `model.train()` and the optimiser leave them alone), sync -> SyncBatchNorm
+    (statistics over every torchrun process), train -> as built."""
+    if mode == "sync":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts below the root, which is never a BatchNorm
+    elif mode == "frozen":
+        for name, child in model.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.running_mean.device)
+                frozen.load_state_dict(child.state_dict())
+                setattr(model, name, frozen)
+            else:
+                set_batchnorm(child, mode)
