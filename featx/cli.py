@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from featx import __version__
-from featx.choices import (DEVICES, EVAL_VIEWS, FEATURE_DTYPES, FINETUNE_HEADS, FINETUNE_SCHEDULES, NORMALIZE,
+from featx.choices import (BN_MODES, DEVICES, EVAL_VIEWS, FEATURE_DTYPES, FINETUNE_HEADS, FINETUNE_SCHEDULES, NORMALIZE,
                            OPTIMIZERS, PRECISIONS, PROBE_HEADS, PROBE_SCHEDULES, SAVE_MODES, SPLITS, VIEW_SET_NAMES)
 from featx.errors import FeatxError
 
@@ -247,7 +247,7 @@ def probe(features, out, lr, weight_decay, label_smoothing, dropout, **options) 
 @click.option("--mixup", type=click.FloatRange(0), default=0.0, show_default=True, help="MixUp alpha (0: off).")
 @click.option("--cutmix", type=click.FloatRange(0), default=0.0, show_default=True, help="CutMix alpha (0: off).")
 @click.option("--freeze-epochs", type=click.IntRange(0), default=0, show_default=True, help="Train only the head for the first N epochs.")
-@click.option("--bn", type=click.Choice(["auto", "frozen", "train", "sync"]), default="auto", show_default=True,
+@click.option("--bn", type=click.Choice(BN_MODES), default="auto", show_default=True,
               help="BatchNorm: frozen statistics and affine, train (batch statistics), sync (across torchrun processes, CUDA); auto: frozen for folded weights (identity statistics), else train.")
 @click.option("--init-head", metavar="RUN", help="Start the head from the best head of this `featx probe` run.")
 @click.option("--init", help="From scratch (--weights none): kaiming, xavier or gaussian:STD.")

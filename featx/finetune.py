@@ -34,12 +34,13 @@ from featx.atomic import replacing
 from featx.augment import Augment, check_augmentations
 from featx.backbones import get_spec, input_spec
 from featx.choices import FINETUNE_HEADS as HEADS
-from featx.choices import Device, FinetuneHead, FinetuneSchedule, Optimizer, Precision
+from featx.choices import BatchNormMode, Device, FinetuneHead, FinetuneSchedule, Optimizer, Precision
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, resolve_precision
 from featx.errors import FeatxError
 from featx.heads import topk_correct
-from featx.models import BN_MODES, MODEL_FORMAT, ModelSpec, build_model, pick_batchnorm, set_batchnorm
+from featx.choices import BN_MODES
+from featx.models import MODEL_FORMAT, ModelSpec, build_model, pick_batchnorm, set_batchnorm
 from featx.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 from featx.views import render_views
 
@@ -80,7 +81,7 @@ class FinetuneConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     freeze_epochs: int = 0
-    bn: str = "auto"
+    bn: BatchNormMode = "auto"
     init_head: str | None = None
     init: str | None = None
     classes: int | None = None

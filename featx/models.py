@@ -16,11 +16,11 @@ from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.backbones import create_backbone
+from featx.choices import BN_MODES
 from featx.errors import FeatxError
 from featx.lstm_head import LSTMNet
 
 MODEL_FORMAT = "featx-model-1"
-BN_MODES = ("auto", "frozen", "train", "sync")
 
 
 @dataclass

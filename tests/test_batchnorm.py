@@ -74,7 +74,7 @@ def test_frozen_mode_keeps_statistics_and_affine_trains_the_rest(synth_cache, sh
     convs = [k for k in after if k not in norms and k.startswith("body.")]
     assert convs and all(not torch.equal(before[k], after[k]) for k in convs)
     # predict and report rebuild the frozen model: predict scores exactly what the epoch's evaluation scored
-    assert predict(runs=[out], split="val", views="full", device="cpu").top_k(1) == pytest.approx(
+    assert predict(runs=[out], split="val", eval_views="full", device="cpu").top_k(1) == pytest.approx(
         ckpt["val_top1"], abs=1e-9)
 
     # --resume keeps the mode (the checkpoint loads into the rebuilt model) and refuses to change it
@@ -156,5 +156,5 @@ def test_sync_trains_on_cuda_and_loads_anywhere(synth_cache, tmp_path):
     model, spec = load_model(ckpt)
     assert spec.bn == "sync" and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
     # in eval mode SyncBatchNorm uses its running statistics: CPU inference works
-    assert predict(runs=[out], split="val", views="full", device="cpu").top_k(1) == pytest.approx(
+    assert predict(runs=[out], split="val", eval_views="full", device="cpu").top_k(1) == pytest.approx(
         ckpt["val_top1"], abs=1e-6)
