@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from featx import __version__
-from featx.choices import (BN_MODES, DEVICES, EVAL_VIEWS, FEATURE_DTYPES, FINETUNE_HEADS, FINETUNE_SCHEDULES, NORMALIZE,
+from featx.choices import (ACTIVATION_NAMES, BN_MODES, DEVICES, IMAGE_NORMALIZE, EVAL_VIEWS, FEATURE_DTYPES, FINETUNE_HEADS, FINETUNE_SCHEDULES, NORMALIZE,
                            OPTIMIZERS, PRECISIONS, PROBE_HEADS, PROBE_SCHEDULES, SAVE_MODES, SPLITS, VIEW_SET_NAMES)
 from featx.errors import FeatxError
 
@@ -230,6 +230,11 @@ def probe(features, out, lr, weight_decay, label_smoothing, dropout, **options) 
 @click.option("--weights", default="default", show_default=True, help="default (torchvision), none, or a state_dict PATH.")
 @click.option("--size", type=click.IntRange(16), help="Input resolution the images are upsampled to [default: per backbone].")
 @click.option("--head", type=click.Choice(FINETUNE_HEADS), default="linear", show_default=True)
+@click.option("--lstm-group", type=click.IntRange(1), default=64, show_default=True, help="LSTM head: channels per group, the sequence length.")
+@click.option("--lstm-stages", default="layer3,layer4", show_default=True, help="LSTM head: the ResNet stages it reads (layer1..layer4).")
+@click.option("--activation", type=click.Choice(ACTIVATION_NAMES), default="relu", show_default=True, help="ResNets: every ReLU of the body.")
+@click.option("--normalize", type=click.Choice(IMAGE_NORMALIZE), default="channel", show_default=True,
+              help="channel: the weights' mean/std; mean-image: subtract the mean training image.")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Global batch (split over torchrun processes).")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
@@ -242,13 +247,15 @@ def probe(features, out, lr, weight_decay, label_smoothing, dropout, **options) 
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Before the head.")
 @click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), help="Stochastic depth of the last block [default: the backbone's own].")
-@click.option("--aug", default="flip", show_default=True, help="Comma-separated: flip,crop,corners,color,rotate,scale,shift,shear,noise,invert (or none).")
+@click.option("--aug", default="flip", show_default=True, help="Comma-separated: flip,crop,corners,color,rotate,scale,shift,shear,noise,invert (or none); NAME:VALUE sets a magnitude, e.g. rotate:45.")
 @click.option("--crop", type=click.IntRange(1), default=56, show_default=True, help="Crop size of the crop/corners augmentations.")
 @click.option("--mixup", type=click.FloatRange(0), default=0.0, show_default=True, help="MixUp alpha (0: off).")
 @click.option("--cutmix", type=click.FloatRange(0), default=0.0, show_default=True, help="CutMix alpha (0: off).")
 @click.option("--freeze-epochs", type=click.IntRange(0), default=0, show_default=True, help="Train only the head for the first N epochs.")
 @click.option("--bn", type=click.Choice(BN_MODES), default="auto", show_default=True,
               help="BatchNorm: frozen statistics and affine, train (batch statistics), sync (across torchrun processes, CUDA); auto: frozen for folded weights (identity statistics), else train.")
+@click.option("--unfreeze-on-plateau", type=click.IntRange(1), metavar="PATIENCE",
+              help="Train only the head (for at least --freeze-epochs) until val top-1 has not improved for PATIENCE epochs.")
 @click.option("--init-head", metavar="RUN", help="Start the head from the best head of this `featx probe` run.")
 @click.option("--init", help="From scratch (--weights none): kaiming, xavier or gaussian:STD.")
 @click.option("--classes", type=click.IntRange(1), help="Only the first K classes.")
@@ -260,14 +267,17 @@ def probe(features, out, lr, weight_decay, label_smoothing, dropout, **options) 
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--keep", type=click.IntRange(1), default=3, show_default=True, help="Keep the K best checkpoints by val top-1.")
+@click.option("--snapshot-every", type=click.IntRange(1), metavar="STEPS",
+              help="Also evaluate on val every STEPS optimizer steps and offer those snapshots to --keep.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-def finetune(data_, aug, compile_, out, resume, **options) -> None:
+def finetune(data_, aug, compile_, out, resume, lstm_stages, **options) -> None:
     """Stage 3: end-to-end training (fine-tuning or from scratch); torchrun for several GPUs."""
     from featx.finetune import FinetuneConfig
     from featx.finetune import finetune as run_finetune
 
     augs = [] if aug.strip() in ("", "none") else [a.strip() for a in aug.split(",")]
-    config = FinetuneConfig(data=data_, aug=augs, compile=compile_, **options)
+    config = FinetuneConfig(data=data_, aug=augs, compile=compile_, lstm_stages=[a.strip() for a in lstm_stages.split(",")],
+                            **options)
     result = run_finetune(config, out=out, resume=resume)
     if result.epochs:
         click.echo(f"best val top-1 {result.best_val_top1:.2%}; run: {result.out}")

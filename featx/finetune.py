@@ -7,8 +7,10 @@ DistributedSampler and metrics are all-reduced; only rank 0 writes files.
 
 Run directory (featx.runs): run.json, metrics.json/csv, curves.png, checkpoints/last.pt (the full training
 state, rewritten atomically every epoch, what --resume reads) and checkpoints/epochNNN.pt (the --keep best
-epochs by val top-1, model only, what `featx predict` ensembles). Every checkpoint carries the ModelSpec that
-rebuilds its model.
+epochs by val top-1, model only, what `featx predict` ensembles; with --snapshot-every, stepNNNNNNN.pt taken
+every STEPS optimizer steps and at each epoch's end). Every checkpoint carries the ModelSpec that rebuilds its
+model, including what evaluation feeds it: the centre crop of the --crop window when training crops at random,
+and the mean training image with --normalize mean-image.
 
 Randomness is re-seeded from (seed, epoch, rank) at the start of every epoch, so a resumed epoch draws the
 same data order, augmentations and dropout masks as the interrupted one.
@@ -31,18 +33,19 @@ from tqdm import tqdm
 
 from featx import runs
 from featx.atomic import replacing
-from featx.augment import Augment, check_augmentations
+from featx.augment import Augment, check_augmentations, parse_augmentation
 from featx.backbones import get_spec, input_spec
 from featx.choices import FINETUNE_HEADS as HEADS
-from featx.choices import BatchNormMode, Device, FinetuneHead, FinetuneSchedule, Optimizer, Precision
+from featx.choices import Activation, BatchNormMode, Device, ImageNormalize, FinetuneHead, FinetuneSchedule, Optimizer, Precision
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, resolve_precision
 from featx.errors import FeatxError
 from featx.heads import topk_correct
 from featx.choices import BN_MODES
-from featx.models import MODEL_FORMAT, ModelSpec, build_model, pick_batchnorm, set_batchnorm
+from featx.lstm_head import GROUP, STAGES
+from featx.models import ACTIVATIONS, MODEL_FORMAT, NORMALIZATIONS, ModelSpec, build_model, pick_batchnorm, set_batchnorm
 from featx.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
-from featx.views import render_views
+from featx.views import render_views, to_input
 
 NAN_CHECK_STEPS = 50  # how often the loss is checked for NaN: each check waits for the device
 RESUME_FREE = ("device", "compile", "eval_batch_size")  # options a resumed run may change: they leave results as they are
@@ -57,6 +60,8 @@ class FinetuneConfig:
     memorise them); a warning is printed when the last epoch's train top-1 is not 100%.
     bn is the BatchNorm mode (featx.models.set_batchnorm); auto resolves to frozen or train once the weights
     are loaded, and the checkpoints' ModelSpec records the result.
+    The body trains from the start, or after the head alone for freeze_epochs epochs; with unfreeze_on_plateau=P
+    the head trains alone for at least freeze_epochs epochs and until val top-1 has not improved for P epochs.
     """
 
     backbone: str
@@ -82,6 +87,7 @@ class FinetuneConfig:
     cutmix: float = 0.0
     freeze_epochs: int = 0
     bn: BatchNormMode = "auto"
+    unfreeze_on_plateau: int | None = None
     init_head: str | None = None
     init: str | None = None
     classes: int | None = None
@@ -94,16 +100,24 @@ class FinetuneConfig:
     device: Device = "auto"
     keep: int = 3
     eval_batch_size: int = 256
+    activation: Activation = "relu"
+    normalize: ImageNormalize = "channel"
+    lstm_group: int = GROUP
+    lstm_stages: list[str] = field(default_factory=lambda: list(STAGES))
+    snapshot_every: int | None = None
 
     def __post_init__(self):
         self.data = None if self.data is None else str(self.data)
         self.aug = list(self.aug)
+        self.lstm_stages = list(self.lstm_stages)
 
     def check(self) -> None:
         """Refuse inconsistent options before any data is read."""
         get_spec(self.backbone)
         for option, value, allowed in (("--head", self.head, HEADS), ("--optimizer", self.optimizer, OPTIMIZERS),
-                                       ("--schedule", self.schedule, SCHEDULES), ("--bn", self.bn, BN_MODES)):
+                                       ("--schedule", self.schedule, SCHEDULES), ("--bn", self.bn, BN_MODES),
+                                       ("--activation", self.activation, tuple(ACTIVATIONS)),
+                                       ("--normalize", self.normalize, NORMALIZATIONS)):
             if value not in allowed:
                 raise FeatxError(f"{option} {value}: choose one of {', '.join(allowed)}")
         if self.init and self.weights != "none":
@@ -112,8 +126,36 @@ class FinetuneConfig:
             raise FeatxError("--init-head: probe heads are linear; use --head linear")
         if not 0 <= self.freeze_epochs <= self.epochs:
             raise FeatxError(f"--freeze-epochs {self.freeze_epochs}: must be between 0 and --epochs {self.epochs}")
+        if self.head != "lstm" and (self.lstm_group != GROUP or self.lstm_stages != list(STAGES)):
+            raise FeatxError("--lstm-group/--lstm-stages: options of the LSTM head; add --head lstm")
         if not self.overfit:
             check_augmentations(self.aug)
+
+    def eval_views(self) -> list[str]:
+        """What evaluation feeds the model: training on random --crop windows (upsampled to the input size) is
+        evaluated on the centre window of that size, so objects appear at the scale training saw them."""
+        crops = not self.overfit and any(parse_augmentation(a)[0] == "crop" for a in self.aug)
+        return ["center"] if crops else ["full"]
+
+
+def trains_head_alone(c: FinetuneConfig, rows: list[dict]) -> bool:
+    """Whether the epoch after `rows` (the metrics so far) trains the head alone with the body frozen; a function
+    of the recorded rows only, so a resumed run switches where the uninterrupted one did."""
+    if len(rows) < c.freeze_epochs:
+        return True
+    if not c.unfreeze_on_plateau or (rows and not rows[-1]["frozen"]):
+        return False  # once the body trains it keeps training
+    tops = [r["val_top1"] for r in rows]
+    since_best = len(tops) - 1 - tops.index(max(tops)) if tops else 0
+    return since_best < c.unfreeze_on_plateau
+
+
+def _mean_image(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The mean of uint8 images (N, H, W, 3) as a (3, size, size) image in [0, 1], at the network's input size
+    (resizing is linear, so this is also the mean of the resized images)."""
+    total = sum(chunk.sum(0, dtype=torch.int64) for chunk in images.split(4096))  # exact, in bounded memory
+    mean = (total.double() / (255 * len(images))).float().permute(2, 0, 1)[None]
+    return to_input(mean, size=size, mean=(0.0,) * 3, std=(1.0,) * 3)[0].contiguous()
 
 
 def _probe_head(run_dir: str, *, backbone: str, classes: list[str], head: nn.Sequential) -> None:
@@ -166,7 +208,7 @@ def _evaluate(model, images, labels, d: Dist, *, spec: ModelSpec, dtype, batch: 
     loss, top1, top5 = (torch.zeros((), device=d.device) for _ in range(3))
     with torch.no_grad(), torch.autocast(d.device.type, dtype=dtype, enabled=dtype != torch.float32):
         for idx in rows.split(batch):
-            x = render_views(images[idx].to(d.device, non_blocking=True), views=spec.views, crop=images.shape[1],
+            x = render_views(images[idx].to(d.device, non_blocking=True), views=spec.views, crop=spec.crop,
                              size=spec.size, mean=spec.mean, std=spec.std)
             y = labels[idx].to(d.device, non_blocking=True)
             logits = model(x).float()
@@ -230,10 +272,14 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
         val_y = torch.from_numpy(val.labels).to(d.device)
 
         mean, std, input_size = input_spec(c.backbone, c.weights)
+        if c.normalize == "mean-image":  # the mean image replaces the weights' per-channel statistics
+            mean, std = (0.0,) * 3, (1.0,) * 3
         spec = ModelSpec(c.backbone, c.size or input_size, len(info.wnids), c.head, list(mean), list(std), c.crop,
-                         c.dropout, c.drop_path)
+                         c.dropout, c.drop_path, views=c.eval_views(), activation=c.activation,
+                         normalize=c.normalize, lstm_group=c.lstm_group, lstm_stages=c.lstm_stages)
         torch.manual_seed(c.seed)
-        model = build_model(spec, weights=c.weights, init=c.init, seed=c.seed)
+        mean_image = _mean_image(train_x, spec.size).cpu() if c.normalize == "mean-image" else None
+        model = build_model(spec, weights=c.weights, init=c.init, seed=c.seed, mean_image=mean_image)
         spec.bn = pick_batchnorm(c.bn, model, pretrained=c.weights != "none")
         set_batchnorm(model, spec.bn)
         if c.bn == "auto" and d.rank == 0:
@@ -269,16 +315,27 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
             runs.start_run(out, kind="finetune", config=recorded, model=dataclasses.asdict(spec), data={
                 "source": c.data, "dataset": info.name, "dataset_fingerprint": info.fingerprint,
                 "classes": c.classes, "per_class": c.per_class})
-        snapshots = runs.Snapshots(out, keep=c.keep, name="epoch{epoch:03d}.pt", kept=kept)
+        name = "step{step:07d}.pt" if c.snapshot_every else "epoch{epoch:03d}.pt"
+        snapshots = runs.Snapshots(out, keep=c.keep, name=name, kept=kept)
         if d.rank == 0:  # snapshots an interrupted epoch wrote after the last full checkpoint
             snapshots.remove_unlisted(besides=[last_path.name])
 
-        net = None
+        def evaluate_and_offer(epoch: int, step: int | None) -> tuple[float, float, float]:
+            val = _evaluate(model, val_x, val_y, d, spec=spec, dtype=dtype, batch=c.eval_batch_size)
+            if d.rank == 0:
+                snapshots.offer(0, epoch, val[1], val[2], lambda: {
+                    "format": MODEL_FORMAT, "state": model.state_dict(), "model": dataclasses.asdict(spec),
+                    "config": recorded, "classes": info.wnids, "epoch": epoch, "step": step, "val_top1": val[1],
+                    "val_top5": val[2]}, step=step)
+            return val
+
+        net, frozen = None, None
         for epoch in range(start, c.epochs):
             torch.manual_seed(c.seed * 100003 + epoch * 1009 + d.rank)
             model.train()
-            _freeze_body(model, epoch < c.freeze_epochs)
-            if net is None or epoch == c.freeze_epochs:  # DDP only tracks the parameters that train
+            was_frozen, frozen = frozen, trains_head_alone(c, rows)
+            _freeze_body(model, frozen)
+            if frozen != was_frozen:  # DDP only tracks the parameters that train
                 net = DistributedDataParallel(model) if d.world > 1 else model
                 net = torch.compile(net) if c.compile else net
             sampler.set_epoch(epoch)
@@ -311,15 +368,21 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
                                          f"{good}; lower --lr or use --precision fp32")
                     bar.set_postfix(loss=f"{float(torch.stack(pending).mean()):.3f}")
                     pending = []
+                done = epoch * steps + step + 1  # optimizer steps so far
+                if c.snapshot_every and done % c.snapshot_every == 0 and step < steps - 1:  # the epoch's end comes below
+                    evaluate_and_offer(epoch + 1, done)
+                    model.train()
+                    _freeze_body(model, frozen)
             if d.device.type == "cuda":
                 torch.cuda.synchronize(d.device)
             seconds = time.perf_counter() - t0
             loss_sum, correct, seen = d.sum(loss_sum, correct, torch.tensor(steps * per_rank, device=d.device))
-            val_loss, val_top1, val_top5 = _evaluate(model, val_x, val_y, d, spec=spec, dtype=dtype,
-                                                     batch=c.eval_batch_size)
+            end_step = (epoch + 1) * steps if c.snapshot_every else None
+            val_loss, val_top1, val_top5 = evaluate_and_offer(epoch + 1, end_step)
             row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                    "val_loss": val_loss, "val_top1": val_top1, "val_top5": val_top5,
-                   "lr": opt.param_groups[0]["lr"], "seconds": seconds, "train_images_per_s": seen / seconds}
+                   "lr": opt.param_groups[0]["lr"], "seconds": seconds, "train_images_per_s": seen / seconds,
+                   "frozen": frozen}
             rows.append(row)
             start = epoch + 1
             if epoch == 0 and d.rank == 0 and _not_learning(row, spec.num_classes):
@@ -331,18 +394,15 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
                       f"({hint}), input normalisation that does not match the weights (their JSON's mean and std); "
                       "the run goes on", file=sys.stderr)
             if d.rank == 0:
-                snapshots.offer(0, epoch + 1, val_top1, val_top5, lambda: {
-                    "format": MODEL_FORMAT, "state": model.state_dict(), "model": dataclasses.asdict(spec),
-                    "config": recorded, "classes": info.wnids, "epoch": epoch + 1, "val_top1": val_top1,
-                    "val_top5": val_top5})
                 with replacing(last_path) as tmp:
                     torch.save({"config": recorded, "state": model.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                                 "metrics": rows, "snapshots": [dataclasses.asdict(s) for s in snapshots.listing()]}, tmp)
                 snapshots.prune()  # only now: last.pt no longer lists what falls out
                 best = max(rows, key=lambda r: r["val_top1"])
+                unfrozen = next((r["epoch"] for r in rows if not r["frozen"]), None)  # the first epoch the body trained
                 runs.write_metrics(out, [{"index": 0, "config": {"backbone": spec.backbone, "head_type": spec.head},
-                                          "status": "done", "epochs": rows}], best)
+                                          "status": "done", "unfrozen_epoch": unfrozen, "epochs": rows}], best)
                 runs.update_run(out, checkpoints=snapshots.listing())
                 if progress:
                     print(f"epoch {epoch + 1}/{c.epochs}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}"

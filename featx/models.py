@@ -11,16 +11,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.backbones import create_backbone
-from featx.choices import BN_MODES
+from featx.choices import BN_MODES, IMAGE_NORMALIZE as NORMALIZATIONS
 from featx.errors import FeatxError
-from featx.lstm_head import LSTMNet
+from featx.lstm_head import GROUP, STAGES, LSTMNet
 
 MODEL_FORMAT = "featx-model-1"
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "elu": lambda: nn.ELU(inplace=True)}
 
 
 @dataclass
@@ -36,8 +37,24 @@ class ModelSpec:
     crop: int
     dropout: float = 0.0
     drop_path: float | None = None
-    views: list[str] = dataclasses.field(default_factory=lambda: ["full"])
+    views: list[str] = dataclasses.field(default_factory=lambda: ["full"])  # what evaluation feeds it (featx.views)
     bn: str = "train"  # frozen, train or sync (set_batchnorm); specs written before the option trained theirs
+    activation: str = "relu"  # ResNets: relu or elu, every ReLU of the body
+    normalize: str = "channel"  # channel: (x - mean) / std; mean-image: the mean training image is subtracted too
+    lstm_group: int = GROUP
+    lstm_stages: list[str] = dataclasses.field(default_factory=lambda: list(STAGES))
+
+
+class SubtractImage(nn.Module):
+    """--normalize mean-image: subtracts the mean training image (3, size, size), held as a buffer so that every
+    checkpoint carries it and predict applies it as training did."""
+
+    def __init__(self, image: torch.Tensor):
+        super().__init__()
+        self.register_buffer("image", image)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.image
 
 
 class Classifier(nn.Module):
@@ -49,19 +66,31 @@ class Classifier(nn.Module):
         return self.head(self.body(x))
 
 
-def build_model(spec: ModelSpec, *, weights: str = "none", init: str | None = None, seed: int = 0) -> nn.Module:
-    """The backbone (pretrained or not) with drop path and a fresh head; `model.body` / `model.head`."""
+def build_model(spec: ModelSpec, *, weights: str = "none", init: str | None = None, seed: int = 0,
+                mean_image: torch.Tensor | None = None) -> nn.Module:
+    """The backbone (pretrained or not) with drop path and a fresh head; `model.body` / `model.head`.
+
+    mean_image: with spec.normalize "mean-image", the (3, size, size) image the body subtracts first (zeros when
+    absent: load_model fills it from the checkpoint)."""
     bb = create_backbone(spec.backbone, weights=weights, size=spec.size, seed=seed)
     if init:
         init_weights(bb.model, init)
+    if spec.activation != "relu":
+        set_activation(bb.model, spec.activation, spec.backbone)
     if spec.drop_path is not None:
         set_drop_path(bb.model, spec.drop_path, spec.backbone)
     if spec.head == "lstm":
-        return LSTMNet(bb.model, size=spec.size, num_classes=spec.num_classes, dropout=spec.dropout)
-    # --dropout is the only dropout before the head: none at all when it is 0. The Linear stays at head[1] either way,
-    # so checkpoints and --init-head address it alike.
-    drop = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
-    return Classifier(bb.model, nn.Sequential(drop, nn.Linear(bb.feature_dim, spec.num_classes)))
+        model = LSTMNet(bb.model, size=spec.size, num_classes=spec.num_classes, dropout=spec.dropout,
+                        group=spec.lstm_group, stages=spec.lstm_stages)
+    else:
+        # --dropout is the only dropout before the head: none at all when it is 0. The Linear stays at head[1]
+        # either way, so checkpoints and --init-head address it alike.
+        drop = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        model = Classifier(bb.model, nn.Sequential(drop, nn.Linear(bb.feature_dim, spec.num_classes)))
+    if spec.normalize == "mean-image":
+        image = mean_image if mean_image is not None else torch.zeros(3, spec.size, spec.size)
+        model.body = nn.Sequential(SubtractImage(image), model.body)
+    return model
 
 
 def load_model(checkpoint: dict) -> tuple[nn.Module, ModelSpec]:
@@ -95,6 +124,20 @@ def init_weights(model: nn.Module, init: str) -> None:
                 nn.init.normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def set_activation(model: nn.Module, activation: str, name: str) -> None:
+    """--activation elu: every ReLU module of a torchvision ResNet (its stem and both of each block's) becomes an
+    ELU; the blocks call their one `relu` module at each place, so replacing the modules replaces every use."""
+    if activation not in ACTIVATIONS:
+        raise FeatxError(f"--activation {activation}: choose one of {', '.join(ACTIVATIONS)}")
+    if not isinstance(model, ResNet):
+        raise FeatxError(f"--activation {activation}: only for the ResNets (resnet18 ... resnet152), not {name}; "
+                         "leave --activation out")
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, child_name, ACTIVATIONS[activation]())
 
 
 def set_drop_path(model: nn.Module, p: float, name: str) -> None:

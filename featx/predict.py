@@ -35,10 +35,9 @@ from featx.errors import FeatxError
 from featx.extract import compute_features
 from featx.features import load_features, read_meta
 from featx.heads import StackedHeads, label_rank
-from featx.models import load_model
+from featx.models import ModelSpec, load_model
 from featx.runs import load_checkpoint, read_run
 from featx.sources import IMAGE_EXTS, decode_image
-from featx.views import VIEW_SETS
 
 BATCH = 64  # images per forward pass
 
@@ -198,8 +197,9 @@ class ProbeRun:
 class FinetuneRun:
     """A `featx finetune` run: its models scored on the images of its dataset (or `data`), or on new images.
 
-    `views`: full, or all = full and its mirror image (flips suit any training; corner crops would change the
-    scale the model learned at).
+    `views`: the view its training evaluates (the full image, or the centre crop of a model trained on random
+    crops), or all = that view and its mirror image (flips suit any training; corner crops would change the scale
+    the model learned at).
     """
 
     def __init__(self, run_dir: Path, run: dict, device: torch.device, data: str | Path | None):
@@ -218,20 +218,22 @@ class FinetuneRun:
     def _split(self, split: str):
         return read_split(self.cache, split, **self.subset)
 
-    def _model(self, i: int) -> Backbone:
+    def _model(self, i: int) -> tuple[Backbone, ModelSpec]:
         model, spec = load_model(load_checkpoint(self.dir / self.checkpoints[i].file))
         # _run_model takes a Backbone: here one whose "features" are the logits
         return Backbone(spec.backbone, model.to(self.device), spec.num_classes, spec.size, tuple(spec.mean),
-                        tuple(spec.std), "")
+                        tuple(spec.std), ""), spec
+
+    def _logits(self, i: int, images: np.ndarray, views: str) -> np.ndarray:
+        """Checkpoint i's outputs (N, V, C) on the view its training evaluated, and with all also its mirror."""
+        bb, spec = self._model(i)
+        names = [*spec.views, *(f"{v}_flip" for v in spec.views if views == "all")]
+        return _run_model(bb, images, views=names, crop=spec.crop, device=self.device)
 
     def score_images(self, images: np.ndarray, views: str, picks: Sequence[int], *,
                      weights: str | Path | None = None) -> np.ndarray:
         """`weights` is not needed: a finetune checkpoint holds its whole model."""
-        names = list(VIEW_SETS["flip" if views == "all" else "full"])
-        crop = images.shape[1]  # only full-image views: no crop
-        return np.stack([torch.from_numpy(_run_model(self._model(i), images, views=names, crop=crop,
-                                                     device=self.device)).softmax(-1).mean(1).numpy()
-                         for i in picks])
+        return np.stack([torch.from_numpy(self._logits(i, images, views)).softmax(-1).mean(1).numpy() for i in picks])
 
     def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
         s = self._split(split)
@@ -243,13 +245,12 @@ class FinetuneRun:
         s = self._split(split)
         keep = np.isin(s.labels, classes)
         s = dataclasses.replace(s, rows=s.rows[keep], labels=s.labels[keep], ids=[])
-        bb = self._model(0)
+        bb, spec = self._model(0)
         last = [m for m in bb.model.modules() if isinstance(m, nn.Linear)][-1]
         seen: list[torch.Tensor] = []
         hook = last.register_forward_pre_hook(lambda _, args: seen.append(args[0].float().cpu()))
-        images = s.read_images()
         try:
-            _run_model(bb, images, views=["full"], crop=images.shape[1], device=self.device)
+            _run_model(bb, s.read_images(), views=spec.views[:1], crop=spec.crop, device=self.device)
         finally:
             hook.remove()
         return torch.cat(seen).numpy(), s.labels

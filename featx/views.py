@@ -8,7 +8,8 @@ image::
     ten:   full, top_left, top_right, bottom_left, bottom_right,
            full_flip, top_left_flip, top_right_flip, bottom_left_flip, bottom_right_flip
 
-`X_flip` is the mirror image of view X (so `top_left_flip` is the mirrored top-left crop).
+`X_flip` is the mirror image of view X (so `top_left_flip` is the mirrored top-left crop). `center`, the
+centred crop, is what a model trained on random crops of that size is evaluated on (featx.finetune).
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ def check_crop(crop: int, height: int, width: int) -> None:
 
 
 def crop_view(x: torch.Tensor, name: str, crop: int) -> torch.Tensor:
-    """The `name` crop (full, top_left, ...) of (..., H, W) images; mirrors are not applied here."""
+    """The `name` crop (full, center, top_left, ...) of (..., H, W) images; mirrors are not applied here."""
     h, w = x.shape[-2:]
     if name == "full":
         return x
+    if name == "center":
+        top, left = (h - crop) // 2, (w - crop) // 2
+        return x[..., top : top + crop, left : left + crop]
     top = 0 if name.startswith("top") else h - crop
     left = 0 if name.endswith("left") else w - crop
     return x[..., top : top + crop, left : left + crop]
@@ -68,8 +72,8 @@ def render_views(images: torch.Tensor, *, views: Sequence[str], crop: int, size:
     Rows are grouped by image: rows [i*V, (i+1)*V) are the V views of image i. Flips are applied before
     the bilinear upsampling so that a flipped view equals the same view of the mirrored image exactly.
     """
-    h, w = images.shape[1:3]
-    check_crop(crop, h, w)
+    if any(name.removesuffix("_flip") != "full" for name in views):
+        check_crop(crop, *images.shape[1:3])
     x = images.permute(0, 3, 1, 2).float() / 255
     out = []
     for name in views:

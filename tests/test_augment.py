@@ -83,6 +83,35 @@ def test_rotate_keeps_distance_to_centre():
     assert (c[:, 0] - before[:, 0]).abs().max() > 0.5  # moved along the circle for some draw
 
 
+def angles(name: str, n: int = 64) -> torch.Tensor:
+    """|rotation| in degrees that `name` gave each of n images of a blob 10 px right of the centre."""
+    x = blobs(n, 32, at=(16, 26))
+    c, before = centroid(apply(name, x)) - 15.5, centroid(x) - 15.5
+    return (torch.atan2(c[:, 0], c[:, 1]) - torch.atan2(before[:, 0], before[:, 1])).abs().rad2deg()
+
+
+def test_magnitudes_set_the_range():
+    default, wide = angles("rotate"), angles("rotate:45")  # featx's default 15 degrees, Bastidas's 45
+    assert default.max() <= 17 and 30 < wide.max() <= 47
+    x = blobs(32, 32, at=(16, 16))
+    moved = lambda name: (centroid(apply(name, x)) - centroid(x)).abs().max()  # noqa: E731
+    assert moved("shift") <= 4.5 < moved("shift:0.25") <= 8.5  # 1/8 and 1/4 of 32 px
+    assert torch.equal(apply("flip:0", x), x.float()) and torch.equal(apply("invert:1", x), 255 - x.float())
+    d = (apply("noise:0.1", torch.full((4, 3, 32, 32), 128, dtype=torch.uint8)) - 128) / 255
+    assert 0.09 < float(d.std()) < 0.11
+
+
+@pytest.mark.parametrize("item, message", [
+    ("rotate:lots", "--aug rotate:lots: write the magnitude as a number, e.g. rotate:15"),
+    ("shift:2", "--aug shift:2: the shift magnitude (fraction of the side) must be between 0 and 1"),
+    ("crop:48", "--aug crop:48: crop takes no magnitude (its window is --crop); write crop"),
+    ("spin:3", "--aug spin:3: unknown")])
+def test_bad_magnitudes_are_one_line_user_errors(item, message):
+    with pytest.raises(FeatxError) as e:
+        pixel_transform(["flip", item], crop=8)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
 def test_scale_moves_along_the_ray():
     x = blobs(8, 32, at=(16, 26))
     ratio = (centroid(apply("scale", x)) - 15.5).norm(dim=1) / (centroid(x) - 15.5).norm(dim=1)

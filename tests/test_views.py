@@ -36,10 +36,11 @@ def test_flip_view_equals_full_view_of_mirrored_image(images):
 
 
 def test_corner_views_equal_explicit_crops_resized_and_normalised(images):
-    views = view_names("ten")
+    views = [*view_names("ten"), "center", "center_flip"]  # center: what crop-trained finetune models see
     got = _render(images, views)
     nchw = images.permute(0, 3, 1, 2)
-    corners = {"top_left": (0, 0), "top_right": (0, 8), "bottom_left": (8, 0), "bottom_right": (8, 8)}
+    corners = {"top_left": (0, 0), "top_right": (0, 8), "bottom_left": (8, 0), "bottom_right": (8, 8),
+               "center": (4, 4)}
     for i, name in enumerate(views):
         base = name.removesuffix("_flip")
         x = nchw if base == "full" else TF.crop(nchw, *corners[base], 56, 56)
@@ -61,3 +62,4 @@ def test_views_are_channels_last_and_grouped_by_image(images):
 def test_crop_larger_than_image_is_a_user_error(images):
     with pytest.raises(FeatxError, match="--crop 80"):
         render_views(images, views=["top_left"], crop=80, size=64, mean=MEAN, std=STD)
+    assert render_views(images, views=["full"], crop=80, size=64, mean=MEAN, std=STD).shape == (3, 3, 64, 64)
