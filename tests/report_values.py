@@ -151,7 +151,7 @@ rows(MILANI_ALL, "finetune", "snapshot_every", None, MILANI, '3.4: "If the new v
      check="set")
 rows([MILANI_BASE], "predict", "ensemble", "top:9", MILANI,
      '3.4: "the highest accuracy was obtained from an ensemble of the best 9 networks"')
-rows(MILANI_ALL, "predict", "views", "full", MILANI,
+rows(MILANI_ALL, "predict", "eval_views", "full", MILANI,
      '3.4, Eq. 2: one score per network and example (test-time crops only come in section 4)')
 
 # The numbers each recipe's opening comment quotes (checked verbatim), with their source.

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from featx.cli import cli
 from featx.models import ModelSpec, build_model
 from featx.pipeline import run_recipe
 from report_values import NUMBERS, ROWS, SILENT, Row
@@ -23,7 +24,7 @@ COVERED = ("ma_", "inan_", "sun_", "bastidas_", "milani_scratch_")
 @functools.cache
 def resolved(recipe: str) -> dict[str, dict]:
     """stage name -> the options click resolved for it, defaults included."""
-    return {s.name: s.params for s in run_recipe(recipe=PIPELINES / f"{recipe}.toml", dry_run=True)}
+    return {s.name: s.params for s in run_recipe(recipe=PIPELINES / f"{recipe}.toml", commands=cli, dry_run=True)}
 
 
 def _items(value, *, names: bool = False) -> set[str]:
