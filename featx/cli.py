@@ -170,8 +170,14 @@ class FloatList(click.ParamType):
 @cli.command()
 @click.option("--features", required=True, type=click.Path(path_type=Path), help="Feature file from `featx extract`.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
-@click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True)
+@click.option("--head", type=click.Choice(["linear", "mlp", "knn", "ncm"]), default="linear", show_default=True,
+              help="knn: cosine k-NN with votes exp(sim/0.07) (DINO); ncm: nearest class mean (cosine); no training.")
 @click.option("--hidden", type=click.IntRange(1), default=1024, show_default=True, help="MLP hidden units.")
+@click.option("--k", type=FloatList(), default="10,20,100", show_default=True,
+              help="--head knn: neighbour counts, all scored in one pass.")
+@click.option("--select", default="holdout:0.1", show_default=True,
+              help="Where head, epoch, k and ensembles are chosen: holdout:F (a stratified share F of train, "
+                   "val then scored once) or val (the reports' protocol: optimistic).")
 @click.option("--label-smoothing", type=FloatList(), default="0.1", show_default=True)
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", show_default=True)
 @click.option("--lr", type=FloatList(), default="6.5e-4", show_default=True)
@@ -193,16 +199,17 @@ class FloatList(click.ParamType):
               help="Keep snapshots of the best head only, or of every head.")
 @click.option("--keep", type=int, default=20, show_default=True, help="Best snapshots kept per head.")
 @click.option("--stream", is_flag=True, help="Read batches from HDF5 instead of RAM (automatic when too big).")
-def probe(features, out, lr, weight_decay, label_smoothing, dropout, **options) -> None:
+def probe(features, out, lr, weight_decay, label_smoothing, dropout, k, **options) -> None:
     """Stage 2: train classifier heads on cached features; comma lists sweep every combination in one pass."""
-    from featx.probe import format_table, grid, run_probe
+    from featx.probe import format_summary, format_table, grid, run_probe
 
+    if any(v < 1 or v != int(v) for v in k):
+        raise FeatxError(f"--k {','.join(f'{v:g}' for v in k)}: give whole neighbour counts >= 1 (e.g. 10,20,100)")
     heads = grid(lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, dropout=dropout)
-    result = run_probe(features=features, out=out, heads=heads, progress=sys.stderr.isatty(), **options)
-    best = result.best_metrics
+    result = run_probe(features=features, out=out, heads=heads, k=[int(v) for v in k], progress=sys.stderr.isatty(),
+                       **options)
     click.echo(format_table(result))
-    click.echo(f"probe: best {result.configs[result.best].label()}: val top-1 {best['val_top1']:.2%}, "
-               f"top-5 {best['val_top5']:.2%} (epoch {result.best_epoch}); {len(heads)} head(s) in "
+    click.echo(f"{format_summary(result, options['select'])}; {len(result.names)} head(s) in "
                f"{result.seconds:.1f}s -> {out}")
 
 
@@ -297,9 +304,10 @@ def predict(runs, split, views, ensemble, out, images, skip_bad, image_size, wei
     else:
         p = predict_split(runs=runs, split=split, views=views, ensemble=ensemble, data=data_, device=device)
         if p.has_labels:
-            click.echo(f"{split}: top-1 {p.top_k(1):.2%}, top-5 {p.top_k(5):.2%} on {len(p.ids)} images; "
-                       f"{len(p.members)} checkpoint(s) of {len(runs)} run(s): {100 * p.gain():+.2f} points "
-                       f"top-1 over the best single checkpoint")
+            click.echo(f"{split}: {p.accuracy_text(1)}, {p.accuracy_text(5)} (95% bootstrap intervals) on "
+                       f"{len(p.ids)} images; {len(p.members)} checkpoint(s) of {len(runs)} run(s): "
+                       f"{100 * p.gain():+.2f} points top-1 over the best single checkpoint"
+                       + ("; selected on val (optimistic)" if p.optimistic else ""))
         if split == "test":
             click.echo(f"submission: {write_submission(p, out / 'submission.txt')}")
     click.echo(f"predictions: {write_predictions(p, out / 'predictions.csv')}")
