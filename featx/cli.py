@@ -317,7 +317,8 @@ def predict(runs, split, views, ensemble, out, images, skip_bad, image_size, wei
 
 
 @cli.command()
-@click.option("--run", required=True, type=click.Path(path_type=Path), help="Run directory to report on.")
+@click.option("--run", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Run directory to report on; repeat for a leaderboard and a paired comparison of the best two.")
 @click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True,
               help="The split to analyse; it needs labels.")
