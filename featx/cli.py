@@ -327,7 +327,9 @@ def predict(runs, split, views, ensemble, out, images, skip_bad, image_size, wei
 @click.option("--tsne-classes", metavar="WNID,...",
               help="Classes of the t-SNE map [default: convertible, sports car, Egyptian cat, tabby, freight car "
                    "where present, else the first 5].")
-@click.option("--data", "data_", metavar="SRC", help="A finetune run's dataset [default: the one it trained on].")
+@click.option("--data", "data_", metavar="SRC",
+              help="A finetune run's dataset [default: the one it trained on]; for a probe run, the dataset its "
+                   "features came from, to show the error gallery's images.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def report(run, out, split, views, ensemble, tsne_classes, data_, device) -> None:
     """Accuracy, per-class errors, confusions, curves, t-SNE (and a finetune run's filters) as HTML."""

@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from sklearn.metrics import confusion_matrix
 
 from featx.atomic import replacing
+from featx.data import Split, prepare_cache, read_split
 from featx.errors import FeatxError
 from featx.models import load_model
 from featx.plots import plot_confusion, plot_curves, plot_filters, plot_reliability, plot_tsne
@@ -29,6 +31,7 @@ from featx.stats import expected_calibration_error, paired_comparison, reliabili
 # Confusable pairs as in the seed's analysis: convertible / sports car, Egyptian cat / tabby, and freight car.
 DEFAULT_TSNE = ("n03100240", "n04285008", "n02124075", "n02123045", "n03393912")
 PAIRS = 20  # most-confused pairs listed
+GALLERY = (5, 4, 3)  # the worst classes shown; their most confident mistakes; correct examples of the class taken for
 
 
 def class_errors(cm: np.ndarray, classes: Sequence[str], names: Sequence[str]) -> list[dict]:
@@ -76,6 +79,51 @@ def _tsne_classes(wnids: Sequence[str] | None, classes: list[str]) -> list[int]:
         return [classes.index(w) for w in wnids]
     present = [classes.index(w) for w in DEFAULT_TSNE if w in classes]
     return present if len(present) >= 2 else list(range(min(5, len(classes))))
+
+
+def _decoded_split(r, split: str, data: str | Path | None) -> Split | None:
+    """The split's decoded images: a finetune run's own dataset, else --data's (a probe run knows only features)."""
+    if isinstance(r, FinetuneRun):
+        return read_split(r.cache, split)
+    return None if data is None else read_split(prepare_cache(data, progress=False), split)
+
+
+def _gallery(out: Path, pred: Prediction, images: Split | None, per_class: list[dict]) -> list[str]:
+    """For the worst classes: their most confident mistakes (true and predicted names) beside correct examples of
+    the class each was taken for most often, as thumbnails in out/gallery/."""
+    if images is None:
+        return ["<p>Pass <code>--data</code> (the dataset the features came from) to see the images.</p>"]
+    where = {i: n for n, i in enumerate(images.ids)}
+    if any(i not in where for i in pred.ids):
+        raise FeatxError(f"--data {images.cache}: lacks images of the run's {pred.split} split; pass the dataset "
+                         "its features were extracted from")
+    n_classes, n_mistakes, n_examples = GALLERY
+    top1 = pred.top(1)[:, 0]
+    conf = pred.probs[np.arange(len(top1)), top1]
+    (out / "gallery").mkdir(exist_ok=True)
+
+    def thumb(i: int, caption: str) -> str:
+        row = where[pred.ids[i]]
+        name = f"gallery/{pred.split}-{row}.png"
+        with replacing(out / name) as tmp:
+            Image.fromarray(images.read_images(row, row + 1)[0]).save(tmp, format="PNG")
+        text = html.escape(caption)
+        return f"<figure><img src='{name}' alt='{text}' width='96'><figcaption>{text}</figcaption></figure>"
+
+    parts = []
+    for row in [r for r in per_class if r["errors"]][:n_classes]:
+        c = pred.classes.index(row["wnid"])
+        wrong = np.flatnonzero((pred.labels == c) & (top1 != c))
+        wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:n_mistakes]
+        taken = np.bincount(top1[wrong], minlength=len(pred.classes)).argmax()
+        right = np.flatnonzero((pred.labels == taken) & (top1 == taken))
+        right = right[np.argsort(-conf[right], kind="stable")][:n_examples]
+        names = pred.class_names
+        parts.append(f"<h3>{html.escape(names[c])}: {row['errors']} of {row['images']} wrong</h3><div class='gallery'>"
+                     + "".join(thumb(i, f"{names[c]} taken for {names[top1[i]]} ({conf[i]:.0%})") for i in wrong)
+                     + "</div><div class='gallery'>"
+                     + "".join(thumb(i, f"a correct {names[taken]} ({conf[i]:.0%})") for i in right) + "</div>")
+    return parts
 
 
 def _selection_text(pred: Prediction) -> str:
@@ -148,7 +196,9 @@ SORT_SCRIPT = """document.querySelectorAll('table.sortable th').forEach((th, col
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}
-th{background:#eee}img{max-width:100%;border:1px solid #ddd}h2{margin-top:2em}"""
+th{background:#eee}img{max-width:100%;border:1px solid #ddd}h2{margin-top:2em}
+.gallery{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;width:110px;font-size:11px}
+figure img{image-rendering:pixelated}"""
 
 
 def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "report", split: str = "val",
@@ -178,6 +228,7 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
     per_class = class_errors(cm, pred.classes, pred.class_names)
     pairs = confused_pairs(cm, pred.classes, pred.class_names)
     write_predictions(pred, out / "predictions.csv")
+    gallery = _gallery(out, pred, _decoded_split(r, split, data), per_class)
     _write_csv(out / "per_class.csv", per_class)
     _write_csv(out / "confused_pairs.csv", pairs)
 
@@ -211,6 +262,7 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
                 _table(per_class, {"wnid": "wnid", "name": "class", "images": "images", "errors": "errors",
                                    "error_rate": "error", "wrong_classes": "distinct wrong classes",
                                    "most_confused_with": "most often predicted instead", "times": "times"}),
+                "<h2>Error gallery: the worst classes' most confident mistakes</h2>", *gallery,
                 "<h2>Most-confused pairs</h2><p><a href='confused_pairs.csv'>confused_pairs.csv</a></p>",
                 _table(pairs, {"name_a": "class A", "name_b": "class B", "a_as_b": "A taken for B",
                                "b_as_a": "B taken for A", "total": "total"})]

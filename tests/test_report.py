@@ -79,6 +79,10 @@ def test_a_finetune_report_shows_the_first_layer_filters(synth_cache, tmp_path):
     page = write_report(run=run, out=tmp_path / "report", device="cpu")
     assert {"filters.png", "tsne.png", "curves.png", "confusion.png"} <= linked_files(page)
     assert (tmp_path / "report" / "filters.png").stat().st_size > 1000
+    # the error gallery: thumbnails of the decoded images, every one with its alt text
+    thumbs = re.findall(r"<img src='(gallery/[^']+)' alt='([^']+)'", page.read_text())
+    assert thumbs and all((tmp_path / "report" / src).stat().st_size > 100 and alt for src, alt in thumbs)
+    assert any(" taken for " in alt for _, alt in thumbs)
 
 
 @pytest.mark.slow

@@ -36,10 +36,10 @@ AFTER = """<script>window.addEventListener('load', () => {
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium (apt-get install chromium) is absent")
-def test_the_report_works_in_a_real_browser(mobilenet_features_20, tmp_path):
+def test_the_report_works_in_a_real_browser(mobilenet_features_20, real_cache, tmp_path):
     run = tmp_path / "run"
     run_probe(features=mobilenet_features_20, out=run, heads=[HeadConfig()], epochs=2, keep=1, device="cpu")
-    page = write_report(run=run, out=tmp_path / "report", device="cpu")
+    page = write_report(run=run, out=tmp_path / "report", data=real_cache, device="cpu")  # with the gallery
     probed = page.with_name("probed.html")
     text = page.read_text()
     probed.write_text(text.replace("<head>", "<head>" + BEFORE, 1).replace("</body>", AFTER + "</body>", 1))
@@ -49,6 +49,6 @@ def test_the_report_works_in_a_real_browser(mobilenet_features_20, tmp_path):
     found = re.search(r"<pre id=\"probe\">(.*?)</pre>", dom, re.S)
     assert found, dom[-2000:]
     result = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert result["images"] == len(re.findall(r"<img ", text)) >= 4 and result["broken"] == [] and result["alt"] == 0
+    assert result["images"] == len(re.findall(r"<img ", text)) >= 10 and result["broken"] == [] and result["alt"] == 0
     assert result["after"] == sorted(result["before"], key=str.lower) != result["before"]
     assert result["errors"] == []
