@@ -181,10 +181,10 @@ def _table(rows: list[dict], columns: dict[str, str]) -> str:
 
 
 # Click a header to sort by that column (numbers by value, ascending then descending); inline, fetches nothing.
-SORT_SCRIPT = """document.querySelectorAll('table.sortable th').forEach((th, col) => {
+SORT_SCRIPT = """document.querySelectorAll('table.sortable th').forEach(th => {
   th.title = 'click to sort'; th.style.cursor = 'pointer';
   th.addEventListener('click', () => {
-    const body = th.closest('table').tBodies[0], rows = Array.from(body.rows);
+    const col = th.cellIndex, body = th.closest('table').tBodies[0], rows = Array.from(body.rows);
     const key = r => { const t = r.cells[col].textContent.trim(), n = parseFloat(t.replace(/[%,+]/g, ''));
                        return isNaN(n) ? t.toLowerCase() : n; };
     const up = th.dataset.order !== 'asc'; th.dataset.order = up ? 'asc' : 'desc';
