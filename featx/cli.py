@@ -184,8 +184,14 @@ def extract(data_, backbone, out, weights, size, views, crop, splits, classes, p
 @cli.command()
 @click.option("--features", required=True, type=click.Path(path_type=Path), help="Feature file from `featx extract`.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
-@click.option("--head", type=click.Choice(PROBE_HEADS), default="linear", show_default=True)
+@click.option("--head", type=click.Choice(PROBE_HEADS), default="linear", show_default=True,
+              help="knn: cosine k-NN with votes exp(sim/0.07) (DINO); ncm: nearest class mean (cosine); no training.")
 @click.option("--hidden", type=click.IntRange(1), default=1024, show_default=True, help="MLP hidden units.")
+@click.option("--k", type=FloatList(), default="10,20,100", show_default=True,
+              help="--head knn: neighbour counts, all scored in one pass.")
+@click.option("--select", default="holdout:0.1", show_default=True,
+              help="Where head, epoch, k and ensembles are chosen: holdout:F (a stratified share F of train, "
+                   "val then scored once) or val (the reports' protocol: optimistic).")
 @click.option("--label-smoothing", type=FloatList(), default="0.1", show_default=True)
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
 @click.option("--lr", type=FloatList(), default="6.5e-4", show_default=True)
@@ -207,16 +213,17 @@ def extract(data_, backbone, out, weights, size, views, crop, splits, classes, p
               help="Keep snapshots of the best head only, or of every head.")
 @click.option("--keep", type=int, default=20, show_default=True, help="Best snapshots kept per head.")
 @click.option("--stream", is_flag=True, help="Read batches from HDF5 instead of RAM (automatic when too big).")
-def probe(features, out, lr, weight_decay, label_smoothing, dropout, **options) -> None:
+def probe(features, out, lr, weight_decay, label_smoothing, dropout, k, **options) -> None:
     """Stage 2: train classifier heads on cached features; comma lists sweep every combination in one pass."""
-    from featx.probe import format_table, grid, run_probe
+    from featx.probe import format_summary, format_table, grid, run_probe
 
+    if any(v < 1 or v != int(v) for v in k):
+        raise FeatxError(f"--k {','.join(f'{v:g}' for v in k)}: give whole neighbour counts >= 1 (e.g. 10,20,100)")
     heads = grid(lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, dropout=dropout)
-    result = run_probe(features=features, out=out, heads=heads, progress=sys.stderr.isatty(), **options)
-    best = result.best_metrics
+    result = run_probe(features=features, out=out, heads=heads, k=[int(v) for v in k], progress=sys.stderr.isatty(),
+                       **options)
     click.echo(format_table(result))
-    click.echo(f"probe: best {result.configs[result.best].label()}: val top-1 {best['val_top1']:.2%}, "
-               f"top-5 {best['val_top5']:.2%} (epoch {result.best_epoch}); {len(heads)} head(s) in "
+    click.echo(f"{format_summary(result, options['select'])}; {len(result.names)} head(s) in "
                f"{result.seconds:.1f}s -> {out}")
 
 
@@ -324,9 +331,10 @@ def predict(runs, split, eval_views, ensemble, out, images, skip_bad, image_size
     else:
         p = predict_split(runs=runs, split=split, eval_views=eval_views, ensemble=ensemble, data=data_, device=device)
         if p.has_labels:
-            click.echo(f"{split}: top-1 {p.top_k(1):.2%}, top-5 {p.top_k(5):.2%} on {len(p.ids)} images; "
-                       f"{len(p.members)} checkpoint(s) of {len(runs)} run(s): {100 * p.gain():+.2f} points "
-                       f"top-1 over the best single checkpoint")
+            click.echo(f"{split}: {p.accuracy_text(1)}, {p.accuracy_text(5)} (95% bootstrap intervals) on "
+                       f"{len(p.ids)} images; {len(p.members)} checkpoint(s) of {len(runs)} run(s): "
+                       f"{100 * p.gain():+.2f} points top-1 over the best single checkpoint"
+                       + ("; selected on val (optimistic)" if p.optimistic else ""))
         if split == "test":
             click.echo(f"submission: {write_submission(p, out / 'submission.txt')}")
     click.echo(f"predictions: {write_predictions(p, out / 'predictions.csv')}")
@@ -336,7 +344,8 @@ def predict(runs, split, eval_views, ensemble, out, images, skip_bad, image_size
 
 
 @cli.command()
-@click.option("--run", required=True, type=click.Path(path_type=Path), help="Run directory to report on.")
+@click.option("--run", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Run directory to report on; repeat for a leaderboard and a paired comparison of the best two.")
 @click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True,
               help="The split to analyse; it needs labels.")
@@ -346,7 +355,9 @@ def predict(runs, split, eval_views, ensemble, out, images, skip_bad, image_size
 @click.option("--tsne-classes", metavar="WNID,...",
               help="Classes of the t-SNE map [default: convertible, sports car, Egyptian cat, tabby, freight car "
                    "where present, else the first 5].")
-@click.option("--data", "data_", metavar="SRC", help="A finetune run's dataset [default: the one it trained on].")
+@click.option("--data", "data_", metavar="SRC",
+              help="A finetune run's dataset [default: the one it trained on]; for a probe run, the dataset its "
+                   "features came from, to show the error gallery's images.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def report(run, out, split, eval_views, ensemble, tsne_classes, data_, device) -> None:
     """Accuracy, per-class errors, confusions, curves, t-SNE (and a finetune run's filters) as HTML."""

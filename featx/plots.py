@@ -36,18 +36,24 @@ def _save(fig: Figure, path: Path) -> str:
     return path.name
 
 
-def plot_confusion(path: Path, cm: np.ndarray, names: Sequence[str]) -> str:
-    """Rows normalised to 1 (the share of each true class predicted as each class)."""
+def plot_confusion(path: Path, cm: np.ndarray, names: Sequence[str], most: int = 30) -> str:
+    """Rows normalised to 1 (the share of each true class predicted as each class). Beyond 40 classes the labels
+    would overlap: then only the `most` classes with the most errors made or suffered, with their full names."""
     rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig = _figure(9, 8)
+    shown = np.arange(len(names))
+    title = "confusion matrix (rows sum to 1)"
+    if len(names) > 40:
+        off = cm - np.diag(np.diag(cm))
+        shown = np.sort(np.argsort(-(off.sum(0) + off.sum(1)), kind="stable")[:most])
+        title = f"the {len(shown)} most-confused of {len(names)} classes (rows of the full matrix)"
+    fig = _figure(12, 11) if len(names) > 40 else _figure(9, 8)
     ax = fig.subplots()
-    im = ax.imshow(rates, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    im = ax.imshow(rates[np.ix_(shown, shown)], cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    if len(names) <= 40:  # beyond that the labels overlap
-        short = [_short(n) for n in names]
-        ax.set_xticks(range(len(names)), short, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names)), short, fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (rows sum to 1)")
+    labels = [names[i] if len(names) > 40 else _short(names[i]) for i in shown]
+    ax.set_xticks(range(len(shown)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(shown)), labels, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     return _save(fig, path)
 
 
@@ -97,4 +103,21 @@ def plot_filters(path: Path, model: nn.Module) -> str:
     ax = fig.subplots()
     ax.imshow(grid, interpolation="nearest")
     ax.set(xticks=[], yticks=[], title=f"first-layer filters ({len(w)} of {k}x{k})")
+    return _save(fig, path)
+
+
+def plot_reliability(path: Path, bins: dict[str, np.ndarray], ece: float) -> str:
+    """Accuracy against confidence per bin (stats.reliability), bars sized by share of images; the diagonal is
+    perfect calibration."""
+    n = len(bins["count"])
+    centres = (np.arange(n) + 0.5) / n
+    fig = _figure(5, 5)
+    ax = fig.subplots()
+    ax.bar(centres, np.nan_to_num(bins["accuracy"]), width=1 / n, edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    ax.scatter(bins["confidence"], bins["accuracy"], s=10 + 200 * bins["count"] / bins["count"].sum(), color="C3",
+               label="mean confidence", zorder=3)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy",
+           title=f"reliability (ECE {ece:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)

@@ -34,20 +34,34 @@ from featx.errors import FeatxError
 # images computed exactly as the stored features were.
 from featx.extract import compute_features
 from featx.features import load_features, read_meta
-from featx.heads import StackedHeads, label_rank
+from featx.heads import label_rank
 from featx.models import ModelSpec, load_model
+from featx.neighbors import heads_from_checkpoints
 from featx.runs import load_checkpoint, read_run
 from featx.sources import IMAGE_EXTS, decode_image
+from featx.stats import apply_temperature, bootstrap_interval, holdout_rows, parse_select
 
 BATCH = 64  # images per forward pass
+SELECTION = "selection"  # score_split's name for the split a run chose its checkpoints on
 
 
 def top_k(probs: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    """Top-k accuracy of (N, C) probabilities over the rows with a label (>= 0); there must be some.
-    Counted as training counts it (heads.label_rank: a tie with the label counts against it)."""
+    """Top-k accuracy of (N, C) probabilities over the rows with a label (>= 0); there must be some."""
+    return float(correct_k(probs, labels, k).mean())
+
+
+def correct_k(probs: np.ndarray, labels: np.ndarray, k: int = 1) -> np.ndarray:
+    """Per row with a label (>= 0): whether it is among the top k, counted as training counts it
+    (heads.label_rank: a tie with the label counts against it)."""
     keep = labels >= 0
     rank = label_rank(torch.from_numpy(probs[keep])[None], torch.from_numpy(labels[keep]).long())[0]
-    return float((rank <= k).double().mean())
+    return (rank <= k).numpy()
+
+
+def calibrated(probs: np.ndarray, checkpoint: dict) -> np.ndarray:
+    """A checkpoint's probabilities at the temperature fitted on its run's selection split (if it has one)."""
+    t = checkpoint.get("calibration", {}).get("temperature")
+    return probs if t is None else apply_temperature(probs, t)
 
 
 def ranked_picks(ensemble: str, n: int) -> list[int]:
@@ -99,6 +113,7 @@ class Prediction:
     classes: list[str]
     class_names: list[str]
     members: list[str]  # the checkpoint files averaged
+    selection: list[str] = dataclasses.field(default_factory=list)  # per run: where it chose its checkpoints
 
     @property
     def has_labels(self) -> bool:
@@ -111,6 +126,25 @@ class Prediction:
     def top_k(self, k: int = 1) -> float:
         self.require_labels()
         return top_k(self.probs, self.labels, k)
+
+    def correct(self, k: int = 1) -> np.ndarray:
+        """Per labelled image: right within the top k."""
+        self.require_labels()
+        return correct_k(self.probs, self.labels, k)
+
+    def interval(self, k: int = 1) -> tuple[float, float]:
+        """95% bootstrap interval of top-k over the labelled images."""
+        return bootstrap_interval(self.correct(k))
+
+    def accuracy_text(self, k: int = 1) -> str:
+        """"top-1 71.20% [70.31, 72.09]": the accuracy and its 95% bootstrap interval."""
+        lo, hi = self.interval(k)
+        return f"top-{k} {self.top_k(k):.2%} [{100 * lo:.2f}, {100 * hi:.2f}]"
+
+    @property
+    def optimistic(self) -> bool:
+        """Scored on val by a run that chose its head, epoch or ensemble on val."""
+        return self.split == "val" and "val" in self.selection
 
     def gain(self) -> float:
         """The ensemble's top-1 minus the single best checkpoint's."""
@@ -149,19 +183,27 @@ class ProbeRun:
             raise FeatxError(f"{self.path}: no longer the features run {run_dir} was trained on; "
                              "re-run `featx probe` on it")
         self.classes, self.class_names = self.meta.classes, self.meta.class_names
+        # runs from before held-out selection chose on val
+        self.select, self.seed = run.config.get("select", "val"), run.config.get("seed", 0)
 
     def _proba(self, x: np.ndarray, picks: Sequence[int]) -> np.ndarray:
         """(N, V, D) features -> (K, N, C) view-averaged softmax of the picked checkpoints."""
         ckpts = [load_checkpoint(self.dir / self.checkpoints[i].file) for i in picks]
-        # Snapshots of one run share the architecture and normalisation, so they stack into one StackedHeads.
-        state = {k: v if k.startswith("norm_") else torch.cat([c["state"][k] for c in ckpts])
-                 for k, v in ckpts[0]["state"].items()}
-        heads = StackedHeads.from_state(state, normalize=ckpts[0]["normalize"]).to(self.device).eval()
+        heads = heads_from_checkpoints(ckpts).to(self.device).eval()
         rows = max(1, 2048 // x.shape[1])
-        return np.concatenate([heads.predict_proba(torch.from_numpy(x[i : i + rows]).to(self.device)).cpu().numpy()
-                               for i in range(0, len(x), rows)], axis=1)
+        probs = np.concatenate([heads.predict_proba(torch.from_numpy(x[i : i + rows]).to(self.device)).cpu().numpy()
+                                for i in range(0, len(x), rows)], axis=1)
+        return np.stack([calibrated(p, c) for p, c in zip(probs, ckpts)])
 
     def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
+        """`split` may be SELECTION: the rows of train the run chose its checkpoints on (see selection_split)."""
+        if split == SELECTION:
+            fraction = parse_select(self.select)
+            if fraction is None:
+                return self.score_split("val", views, picks)
+            f = load_features(self.path, "train", views=views)
+            held = holdout_rows(f.labels, fraction, self.seed)
+            return Scored([i for i, h in zip(f.ids, held) if h], f.labels[held], self._proba(f.features[held], picks))
         f = load_features(self.path, split, views=views)
         return Scored(f.ids, f.labels, self._proba(f.features, picks))
 
@@ -206,6 +248,7 @@ class FinetuneRun:
         self.dir, self.device = run_dir, device
         self.checkpoints = run.checkpoints
         self.subset = {"classes": run.data["classes"], "per_class": run.data["per_class"]}
+        self.select = "val"  # finetune chooses its checkpoints on val
         self.classes = load_checkpoint(run_dir / self.checkpoints[0].file)["classes"]
         source = data if data is not None else run.data["source"]
         self.cache = prepare_cache(source, progress=False)
@@ -236,7 +279,7 @@ class FinetuneRun:
         return np.stack([torch.from_numpy(self._logits(i, images, views)).softmax(-1).mean(1).numpy() for i in picks])
 
     def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
-        s = self._split(split)
+        s = self._split("val" if split == SELECTION else split)
         return Scored(s.ids, s.labels, self.score_images(s.read_images(), views, picks))
 
     def embed(self, split: str, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -287,8 +330,8 @@ def _choose(run: ProbeRun | FinetuneRun, views: str, ensemble: str) -> tuple[lis
     """The picked checkpoints; for greedy also the val scores of every checkpoint it was decided on."""
     if ensemble != "greedy":
         return ranked_picks(ensemble, len(run.checkpoints)), None
-    val = run.score_split("val", views, range(len(run.checkpoints)))
-    return greedy(val.probs, val.labels), val
+    chosen_on = run.score_split(SELECTION, views, range(len(run.checkpoints)))
+    return greedy(chosen_on.probs, chosen_on.labels), chosen_on if run.select == "val" else None
 
 
 def _combine(runs: list, scored: list[Scored], picks: list[list[int]], split: str) -> Prediction:
@@ -301,7 +344,8 @@ def _combine(runs: list, scored: list[Scored], picks: list[list[int]], split: st
                       probs=np.mean([s.probs.mean(0) for s in scored], axis=0),
                       single=scored[best].probs[0],  # every selection starts with the run's best checkpoint
                       classes=runs[0].classes, class_names=runs[0].class_names,
-                      members=[str(run.dir / run.checkpoints[i].file) for run, p in zip(runs, picks) for i in p])
+                      members=[str(run.dir / run.checkpoints[i].file) for run, p in zip(runs, picks) for i in p],
+                      selection=[run.select for run in runs])
 
 
 def predict(*, runs: Sequence[str | Path], split: Split = "val", eval_views: EvalViews = "all",

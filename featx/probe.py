@@ -25,15 +25,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featx.choices import (PROBE_HEADS, Device, EvalViews, Normalize, Optimizer, ProbeHead, ProbeSchedule,
-                           SaveMode)
+from featx.atomic import replacing
+from featx.choices import (PROBE_HEADS, TRAINED_HEADS, Device, EvalViews, Normalize, Optimizer, ProbeHead,
+                           ProbeSchedule, SaveMode, TrainedHead)
 from featx.device import resolve_device
 from featx.errors import FeatxError
 from featx.features import (FeatureMeta, Features, feature_splits, load_features, open_split, read_meta,
                             require_same_extraction)
 from featx.heads import HeadOptimizer, StackedHeads, label_rank, smoothed_cross_entropy
+from featx.neighbors import KNN_FORMAT, NCM_FORMAT, TEMPERATURE, KNNHeads, NCMHead, heads_from_checkpoints
 from featx.optim import make_scheduler
-from featx.runs import HEAD_FORMAT, Snapshots, start_run, update_run, write_metrics
+from featx.runs import HEAD_FORMAT, Snapshots, load_checkpoint, start_run, update_run, write_metrics
+from featx.stats import (apply_temperature, bootstrap_interval, expected_calibration_error, fit_temperature,
+                         holdout_rows, parse_select)
+
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class StreamedSplit:
     path: Path
     split: str
     views: str = "all"
+    keep: np.ndarray | None = None  # rows whose labels count (the others read as unlabelled); None: all
 
     @property
     def meta(self) -> FeatureMeta:
@@ -77,6 +83,11 @@ class ProbeResult:
     best: int  # index of the head with the highest val top-1 (at its best epoch)
     best_epoch: int
     seconds: float
+    names: list[str] = dataclasses.field(default_factory=list)  # per head, for tables; default: its config
+    val: dict = dataclasses.field(default_factory=dict)  # run_probe: the selected checkpoint scored once on val
+
+    def __post_init__(self):
+        self.names = self.names or [c.label() for c in self.configs]
 
     @property
     def best_metrics(self) -> dict:
@@ -105,6 +116,7 @@ class _Streamed:
 
     def blocks(self, gen: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         with open_split(self.s.path, self.s.split) as (ds, labels, chunk):
+            labels = _kept(labels, self.s.keep)
             n_chunks = math.ceil(len(labels) / chunk)
             order = torch.randperm(n_chunks, generator=gen) if gen is not None else torch.arange(n_chunks)
             for group in order.split(max(1, self.BLOCK_ROWS // chunk)):
@@ -127,7 +139,18 @@ def _labels(f: Features | StreamedSplit) -> np.ndarray:
     if isinstance(f, Features):
         return f.labels
     with open_split(f.path, f.split) as (_, labels, _):
-        return labels
+        return _kept(labels, f.keep)
+
+
+def _kept(labels: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    return labels if keep is None else np.where(keep, labels, -1)
+
+
+def _only(f: Features | StreamedSplit, keep: np.ndarray) -> Features | StreamedSplit:
+    """The split with the labels of the rows outside `keep` hidden: training and evaluation skip those rows."""
+    if isinstance(f, Features):
+        return dataclasses.replace(f, labels=_kept(f.labels, keep))
+    return dataclasses.replace(f, keep=keep if f.keep is None else f.keep & keep)
 
 
 def _batches(src, gen: torch.Generator, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -182,8 +205,8 @@ def evaluate(heads: StackedHeads, src) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, heads: Sequence[HeadConfig],
            head: str) -> None:
-    if head not in PROBE_HEADS:
-        raise FeatxError(f"--head {head}: choose one of {', '.join(PROBE_HEADS)}")
+    if head not in TRAINED_HEADS:
+        raise FeatxError(f"--head {head}: choose one of {', '.join(TRAINED_HEADS)}")
     require_same_extraction(features, val)
     if not (_labels(val) >= 0).any():
         raise FeatxError(f"{val.path}: split {val.split!r} has no labels to validate on; "
@@ -196,7 +219,7 @@ def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, he
 
 
 def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
-          heads: Sequence[HeadConfig] = (HeadConfig(),), head: ProbeHead = "linear", hidden: int = 1024,
+          heads: Sequence[HeadConfig] = (HeadConfig(),), head: TrainedHead = "linear", hidden: int = 1024,
           optimizer: Optimizer = "adam", lr_decay: float = 0.713, schedule: ProbeSchedule = "exponential",
           epochs: int = 10, batch_size: int = 100, normalize: Normalize = "none", seed: int = 0,
           device: Device = "auto",
@@ -310,8 +333,10 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
               schedule: ProbeSchedule = "exponential", epochs: int = 10, batch_size: int = 100,
               train_views: EvalViews = "all", eval_views: EvalViews = "all", normalize: Normalize = "none",
               seed: int = 0, device: Device = "auto", save: SaveMode = "best", keep: int = 20,
-              stream: bool = False, progress: bool = False) -> ProbeResult:
-    """`featx probe`: train the sweep on the file's train split, validate on val, write the run directory."""
+              stream: bool = False, select: str = "holdout:0.1", k: Sequence[int] = (10, 20, 100),
+              progress: bool = False) -> ProbeResult:
+    """`featx probe`: fit the heads (trained, or k-NN/NCM) on the file's train split, choose the head, epoch and
+    k on the selection split (`select`: a stratified holdout of train, or val), score val once, write the run."""
     path = Path(features)
     meta = read_meta(path)
     have = feature_splits(path)
@@ -321,51 +346,165 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
                              "extract it with `featx extract --splits train,val`")
     if keep < 1:
         raise FeatxError(f"--keep {keep}: keep at least 1 checkpoint")
+    if head not in PROBE_HEADS:
+        raise FeatxError(f"--head {head}: choose one of {', '.join(PROBE_HEADS)}")
+    if head == "knn" and (not k or min(k) < 1):
+        raise FeatxError(f"--k {','.join(map(str, k))}: give neighbour counts >= 1 (e.g. 10,20,100)")
+    fraction = parse_select(select)
     views = {"train": train_views, "val": eval_views}
     stream = stream or not _fits_in_memory(path, views, resolve_device(device))
-    train_split, val_split = (StreamedSplit(path, s, v) if stream else load_features(path, s, views=v)
-                              for s, v in views.items())
+    train_split, val_split = (_split(path, s, v, stream) for s, v in views.items())
+    if not (_labels(val_split) >= 0).any():
+        raise FeatxError(f"{path}: split 'val' has no labels to validate on; "
+                         "extract a labelled split (e.g. --splits train,val)")
+    held = None if fraction is None else holdout_rows(_labels(train_split), fraction, seed)
+    if held is None:
+        fit, chosen_on = train_split, val_split
+    else:
+        fit = _only(train_split, ~held)
+        chosen_on = _only(train_split if train_views == eval_views else _split(path, "train", eval_views, stream),
+                          held)
     config = {"features": str(path), "head": head, "hidden": hidden if head == "mlp" else 0, "optimizer": optimizer,
               "lr_decay": lr_decay, "schedule": schedule, "epochs": epochs, "batch_size": batch_size,
               "train_views": train_views, "eval_views": eval_views, "normalize": normalize, "seed": seed,
-              "device": device, "save": save, "keep": keep, "stream": stream}
+              "device": device, "save": save, "keep": keep, "stream": stream, "select": select}
+    if head == "knn":
+        config["k"] = list(k)
     feature_info = {"path": str(path.resolve()), "identity": meta.identity(), "backbone": meta.backbone,
                     "weights": meta.weights, "views": meta.views, "dataset": meta.dataset,
                     "dataset_fingerprint": meta.dataset_fingerprint}
     run_dir = start_run(out, kind="probe", config={**config, "heads": [dataclasses.asdict(c) for c in heads]},
                         features=feature_info)
     snapshots = Snapshots(run_dir, keep=keep)
+    common = {"features": feature_info, "classes": meta.classes}
 
-    def on_epoch(epoch: int, model: StackedHeads, top1: np.ndarray, top5: np.ndarray) -> None:
-        for h, c in enumerate(heads):
-            snapshots.offer(h, epoch, float(top1[h]), float(top5[h]), lambda h=h, c=c: {
-                "format": HEAD_FORMAT, "normalize": normalize, "state": model.head_state(h),
-                "config": {**config, **dataclasses.asdict(c)}, "features": feature_info, "classes": meta.classes,
-                "epoch": epoch, "val_top1": float(top1[h]), "val_top5": float(top5[h])})
-        snapshots.prune()
+    if head in ("knn", "ncm"):
+        bank = load_features(path, "train", views="full")  # as DINO: the training images' centre view only
+        result = _fit_neighbors(bank if held is None else _only(bank, ~held), chosen_on, head=head, ks=k,
+                                device=device)
+        for h, hist in enumerate(result.history):
+            r = hist[0]
+            snapshots.offer(h, 1, r["val_top1"], r["val_top5"], lambda h=h, r=r: {
+                **_neighbor_payload(result.heads, head, h), "config": config, **common, "epoch": 1,
+                "val_top1": r["val_top1"], "val_top5": r["val_top5"]})
+    else:
+        def on_epoch(epoch: int, model: StackedHeads, top1: np.ndarray, top5: np.ndarray) -> None:
+            for h, c in enumerate(heads):
+                snapshots.offer(h, epoch, float(top1[h]), float(top5[h]), lambda h=h, c=c: {
+                    "format": HEAD_FORMAT, "normalize": normalize, "state": model.head_state(h),
+                    "config": {**config, **dataclasses.asdict(c)}, **common,
+                    "epoch": epoch, "val_top1": float(top1[h]), "val_top5": float(top5[h])})
+            snapshots.prune()
 
-    result = train(train_split, val=val_split, heads=heads, head=head, hidden=hidden, optimizer=optimizer,
-                   lr_decay=lr_decay, schedule=schedule, epochs=epochs, batch_size=batch_size, normalize=normalize,
-                   seed=seed, device=device, on_epoch=on_epoch, progress=progress)
+        result = train(fit, val=chosen_on, heads=heads, head=head, hidden=hidden, optimizer=optimizer,
+                       lr_decay=lr_decay, schedule=schedule, epochs=epochs, batch_size=batch_size,
+                       normalize=normalize, seed=seed, device=device, on_epoch=on_epoch, progress=progress)
     if save == "best":
         snapshots.retain({result.best})
-    best = {"head": result.best, "epoch": result.best_epoch, "config": dataclasses.asdict(heads[result.best]),
-            "val_top1": result.best_metrics["val_top1"], "val_top5": result.best_metrics["val_top5"],
+    result.val = _calibrate_and_score(run_dir, snapshots, chosen_on, val_split, select=select, device=device)
+    best = {"head": result.best, "epoch": result.best_epoch, "name": result.names[result.best],
+            "config": dataclasses.asdict(heads[result.best]) if result.configs else {},
+            "select": select, "select_top1": result.best_metrics["val_top1"],
+            "select_top5": result.best_metrics["val_top5"], **result.val,
             "checkpoint": snapshots.listing()[0].file}  # ranked as _best ranks, so the same head and epoch
-    write_metrics(run_dir, [{"index": h, "config": dataclasses.asdict(c), "status": result.status[h],
-                             "epochs": result.history[h]} for h, c in enumerate(heads)], best)
+    write_metrics(run_dir, [{"index": h, "config": dataclasses.asdict(c) if result.configs else {"name": name},
+                             "status": result.status[h], "epochs": result.history[h]}
+                            for h, (c, name) in enumerate(zip(result.configs or result.names, result.names))], best)
     update_run(run_dir, checkpoints=snapshots.listing(), best=best, seconds=round(result.seconds, 2))
     return result
 
 
+def _split(path: Path, split: str, views: str, stream: bool) -> Features | StreamedSplit:
+    return StreamedSplit(path, split, views) if stream else load_features(path, split, views=views)
+
+
+# --- k-NN and nearest class mean ---------------------------------------------------------------------
+
+
+def _fit_neighbors(bank: Features, chosen_on: Features | StreamedSplit, *, head: str, ks: Sequence[int],
+                   device: str) -> ProbeResult:
+    """k-NN (a head per k) or NCM on the labelled rows of `bank` (full view), scored on `chosen_on`."""
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    rows = bank.labels >= 0
+    x = torch.from_numpy(bank.features[rows, 0]).to(dev)
+    y = torch.from_numpy(bank.labels[rows]).to(dev)
+    n_classes = len(bank.meta.classes)
+    model = (KNNHeads(x, y, num_classes=n_classes, ks=ks) if head == "knn" else NCMHead.fit(x, y, n_classes))
+    loss, top1, top5 = evaluate(model, _source(chosen_on, dev))
+    history = [[{"epoch": 1, "train_loss": math.nan, "train_top1": math.nan, "val_loss": float(loss[h]),
+                 "val_top1": float(top1[h]), "val_top5": float(top5[h])}] for h in range(model.num_heads)]
+    best, _ = _best(history)
+    names = [f"k={k_}" for k_ in ks] if head == "knn" else ["ncm"]
+    return ProbeResult(model, [], history, ["ok"] * len(history), best, 1, time.perf_counter() - start, names)
+
+
+def _neighbor_payload(model: KNNHeads | NCMHead, head: str, h: int) -> dict:
+    if head == "knn":
+        return {"format": KNN_FORMAT, "state": model.state(), "k": model.ks[h], "temperature": model.temperature}
+    return {"format": NCM_FORMAT, "state": model.state(), "temperature": TEMPERATURE}
+
+
+# --- after selection: calibration and the one score on val -------------------------------------------
+
+
+@torch.no_grad()
+def _probabilities(model, src) -> tuple[np.ndarray, np.ndarray]:
+    """(H, N, C) view-averaged probabilities of every head over the labelled rows, and their labels."""
+    probs, labels = [], []
+    for x, y in _pieces(src, max(1, 2048 // src.n_views)):
+        keep = y >= 0
+        probs.append(model.predict_proba(x[keep]).float().cpu())
+        labels.append(y[keep].cpu())
+    return torch.cat(probs, 1).numpy(), torch.cat(labels).numpy()
+
+
+def _calibrate_and_score(run_dir: Path, snapshots: Snapshots, chosen_on, val, *, select: str,
+                         device: str) -> dict:
+    """Fit each kept checkpoint's temperature on the selection split and store it in the checkpoint; then score
+    the best checkpoint on val, once: top-1 (with its 95% bootstrap interval), top-5, ECE before and after."""
+    dev = resolve_device(device)
+    listing = snapshots.listing()
+    ckpts = [load_checkpoint(run_dir / s.file) for s in listing]
+    probs, labels = _probabilities(heads_from_checkpoints(ckpts).to(dev).eval(), _source(chosen_on, dev))
+    for s, c, p in zip(listing, ckpts, probs):
+        c["calibration"] = {"temperature": fit_temperature(p, labels), "fitted_on": select}
+        with replacing(run_dir / s.file) as tmp:
+            torch.save(c, tmp)
+    probs, labels = _probabilities(heads_from_checkpoints(ckpts[:1]).to(dev).eval(), _source(val, dev))
+    rank = label_rank(torch.from_numpy(probs), torch.from_numpy(labels))[0].numpy()
+    calibrated = apply_temperature(probs[0], ckpts[0]["calibration"]["temperature"])
+    return {"val_top1": float((rank <= 1).mean()), "val_top1_interval": bootstrap_interval(rank <= 1),
+            "val_top5": float((rank <= 5).mean()), "val_ece": expected_calibration_error(probs[0], labels),
+            "val_ece_calibrated": expected_calibration_error(calibrated, labels),
+            "temperature": ckpts[0]["calibration"]["temperature"]}
+
+
 def format_table(result: ProbeResult) -> str:
-    """Val top-1/top-5 of each head at its best epoch; the chosen head marked with *."""
-    lines = [f"  {'#':>3} {'lr':>9} {'wd':>9} {'ls':>5} {'drop':>5} {'val top-1':>9} {'val top-5':>9} {'epoch':>5}"]
-    for h, (c, hist) in enumerate(zip(result.configs, result.history)):
+    """Selection-split top-1/top-5 of each head at its best epoch; the chosen head marked with *."""
+    lines = [f"  {'#':>3} {'lr':>9} {'wd':>9} {'ls':>5} {'drop':>5} {'sel top-1':>9} {'sel top-5':>9} {'epoch':>5}"
+             if result.configs else f"  {'#':>3} {'head':>21} {'sel top-1':>9} {'sel top-5':>9} {'epoch':>5}"]
+    for h, (name, hist) in enumerate(zip(result.names, result.history)):
         finite = [r for r in hist if math.isfinite(r["val_top1"])]
         r = max(finite, key=lambda r: (r["val_top1"], r["val_top5"]), default=None)
         scores = f"{r['val_top1']:9.2%} {r['val_top5']:9.2%} {r['epoch']:5d}" if r else f"{'-':>9} {'-':>9} {'-':>5}"
         note = "" if result.status[h] == "ok" else f"  {result.status[h]}"
         mark = "*" if h == result.best else " "
-        lines.append(f"{mark} {h:>3} {c.lr:>9.3g} {c.weight_decay:>9.3g} {c.label_smoothing:>5.3g} {c.dropout:>5.3g} {scores}{note}")
+        if result.configs:
+            c = result.configs[h]
+            head = f"{c.lr:>9.3g} {c.weight_decay:>9.3g} {c.label_smoothing:>5.3g} {c.dropout:>5.3g}"
+        else:
+            head = f"{name:>21}"
+        lines.append(f"{mark} {h:>3} {head} {scores}{note}")
     return "\n".join(lines)
+
+
+def format_summary(result: ProbeResult, select: str) -> str:
+    """The chosen head, where it was chosen, and its one score on val with interval and calibration."""
+    v, chosen = result.val, result.best_metrics
+    where = "selected on val (optimistic)" if select == "val" else \
+        f"selected on {select} of train (top-1 {chosen['val_top1']:.2%})"
+    lo, hi = v["val_top1_interval"]
+    return (f"probe: best {result.names[result.best]} (epoch {result.best_epoch}), {where}: val top-1 "
+            f"{v['val_top1']:.2%} [95% CI {lo:.2%}, {hi:.2%}], top-5 {v['val_top5']:.2%}; ECE {v['val_ece']:.3f}, "
+            f"{v['val_ece_calibrated']:.3f} at temperature {v['temperature']:.2f}")

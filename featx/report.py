@@ -16,19 +16,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from sklearn.metrics import confusion_matrix
 
 from featx.atomic import replacing
 from featx.choices import Device, EvalViews, Split
+from featx.data import Split as DecodedSplit
+from featx.data import prepare_cache, read_split
 from featx.errors import FeatxError
 from featx.models import load_model
-from featx.plots import plot_confusion, plot_curves, plot_filters, plot_tsne
-from featx.predict import FinetuneRun, open_run, score_runs, write_predictions
-from featx.runs import load_checkpoint
+from featx.plots import plot_confusion, plot_curves, plot_filters, plot_reliability, plot_tsne
+from featx.predict import FinetuneRun, Prediction, open_run, score_runs, write_predictions
+from featx.runs import load_checkpoint, read_run
+from featx.stats import expected_calibration_error, paired_comparison, reliability
 
 # Confusable pairs as in the seed's analysis: convertible / sports car, Egyptian cat / tabby, and freight car.
 DEFAULT_TSNE = ("n03100240", "n04285008", "n02124075", "n02123045", "n03393912")
 PAIRS = 20  # most-confused pairs listed
+GALLERY = (5, 4, 3)  # the worst classes shown; their most confident mistakes; correct examples of the class taken for
 
 
 def class_errors(cm: np.ndarray, classes: Sequence[str], names: Sequence[str]) -> list[dict]:
@@ -78,27 +83,145 @@ def _tsne_classes(wnids: Sequence[str] | None, classes: list[str]) -> list[int]:
     return present if len(present) >= 2 else list(range(min(5, len(classes))))
 
 
+def _decoded_split(r, split: str, data: str | Path | None) -> DecodedSplit | None:
+    """The split's decoded images: a finetune run's own dataset, else --data's (a probe run knows only features)."""
+    if isinstance(r, FinetuneRun):
+        return read_split(r.cache, split)
+    return None if data is None else read_split(prepare_cache(data, progress=False), split)
+
+
+def _gallery(out: Path, pred: Prediction, images: DecodedSplit | None, per_class: list[dict]) -> list[str]:
+    """For the worst classes: their most confident mistakes (true and predicted names) beside correct examples of
+    the class each was taken for most often, as thumbnails in out/gallery/."""
+    if images is None:
+        return ["<p>Pass <code>--data</code> (the dataset the features came from) to see the images.</p>"]
+    where = {i: n for n, i in enumerate(images.ids)}
+    if any(i not in where for i in pred.ids):
+        raise FeatxError(f"--data {images.cache}: lacks images of the run's {pred.split} split; pass the dataset "
+                         "its features were extracted from")
+    n_classes, n_mistakes, n_examples = GALLERY
+    top1 = pred.top(1)[:, 0]
+    conf = pred.probs[np.arange(len(top1)), top1]
+    (out / "gallery").mkdir(exist_ok=True)
+
+    def thumb(i: int, caption: str) -> str:
+        row = where[pred.ids[i]]
+        name = f"gallery/{pred.split}-{row}.png"
+        with replacing(out / name) as tmp:
+            Image.fromarray(images.read_images(row, row + 1)[0]).save(tmp, format="PNG")
+        text = html.escape(caption)
+        return f"<figure><img src='{name}' alt='{text}' width='96'><figcaption>{text}</figcaption></figure>"
+
+    parts = []
+    for row in [r for r in per_class if r["errors"]][:n_classes]:
+        c = pred.classes.index(row["wnid"])
+        wrong = np.flatnonzero((pred.labels == c) & (top1 != c))
+        wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:n_mistakes]
+        taken = np.bincount(top1[wrong], minlength=len(pred.classes)).argmax()
+        right = np.flatnonzero((pred.labels == taken) & (top1 == taken))
+        right = right[np.argsort(-conf[right], kind="stable")][:n_examples]
+        names = pred.class_names
+        parts.append(f"<h3>{html.escape(names[c])}: {row['errors']} of {row['images']} wrong</h3><div class='gallery'>"
+                     + "".join(thumb(i, f"{names[c]} taken for {names[top1[i]]} ({conf[i]:.0%})") for i in wrong)
+                     + "</div><div class='gallery'>"
+                     + "".join(thumb(i, f"a correct {names[taken]} ({conf[i]:.0%})") for i in right) + "</div>")
+    return parts
+
+
+def _selection_text(pred: Prediction) -> str:
+    where = ", ".join(sorted(set(pred.selection)))
+    return f"selected on {where}" + (" (optimistic)" if pred.optimistic else "")
+
+
+def _comparison(out: Path, scored: list, views: str) -> list[str]:
+    """The leaderboard of several runs (best top-1 first), the paired comparison of the best two and their
+    per-class differences (per_class_diff.csv); returns the page's sections."""
+    board = []
+    for d, opened, pred in scored:
+        record = read_run(d)
+        backbone = (record.features or {}).get("backbone") or (record.model or {}).get("backbone", "")
+        stored = (record.features or {}).get("views")
+        board.append({"run": str(d), "kind": record.kind, "backbone": backbone,
+                      "views": f"{views} of {len(stored)} stored" if stored and views == "all" else views,
+                      "top1": pred.accuracy_text(1).removeprefix("top-1 "), "top5": pred.top_k(5),
+                      "selection": _selection_text(pred),
+                      "seconds": f"{record.seconds:.0f}" if record.seconds is not None else ""})
+    (da, _, a), (db, _, b) = scored[:2]
+    if a.ids != b.ids:
+        raise FeatxError(f"--run {db}: scores other images than --run {da}; compare runs on the same split")
+    c = paired_comparison(a.correct(1), b.correct(1))
+    keep = a.labels >= 0
+    per_class = []
+    for i, (wnid, name) in enumerate(zip(a.classes, a.class_names)):
+        rows = keep & (a.labels == i)
+        if rows.any():
+            acc_a, acc_b = a.correct(1)[rows[keep]].mean(), b.correct(1)[rows[keep]].mean()
+            per_class.append({"wnid": wnid, "name": name, "images": int(rows.sum()), "top1_a": float(acc_a),
+                              "top1_b": float(acc_b), "difference": float(acc_a - acc_b)})
+    per_class.sort(key=lambda r: (-abs(r["difference"]), r["wnid"]))
+    _write_csv(out / "per_class_diff.csv", per_class)
+    lo, hi = c.interval
+    paired = (f"<p>{html.escape(str(da))} minus {html.escape(str(db))}: top-1 {100 * c.difference:+.2f} points "
+              f"[95% bootstrap interval {100 * lo:+.2f}, {100 * hi:+.2f}] on {int(keep.sum())} images; right only "
+              f"by the first {c.a_only}, only by the second {c.b_only}; McNemar's exact test p = {c.p_value:.3g}</p>")
+    return ["<h2>Leaderboard</h2>",
+            _table(board, {"run": "run", "kind": "kind", "backbone": "backbone", "views": "views",
+                           "top1": "top-1 [95% interval]", "top5": "top-5", "selection": "selection",
+                           "seconds": "training seconds"}),
+            "<h2>The best two, image by image</h2>", paired,
+            "<p><a href='per_class_diff.csv'>per_class_diff.csv</a>: the classes that differ most</p>",
+            _table(per_class[:PAIRS], {"name": "class", "images": "images", "top1_a": "top-1 first",
+                                       "top1_b": "top-1 second", "difference": "difference"})]
+
+
 def _table(rows: list[dict], columns: dict[str, str]) -> str:
     """columns: key -> header. Rates become percentages."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in columns.values())
     body = "".join("<tr>" + "".join(f"<td>{v:.1%}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
                                     for v in (r[k] for k in columns)) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table class='sortable'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# Click a header to sort by that column (numbers by value, ascending then descending); inline, fetches nothing.
+SORT_SCRIPT = """document.querySelectorAll('table.sortable th').forEach(th => {
+  th.title = 'click to sort'; th.style.cursor = 'pointer';
+  th.addEventListener('click', () => {
+    const col = th.cellIndex, body = th.closest('table').tBodies[0], rows = Array.from(body.rows);
+    const key = r => { const t = r.cells[col].textContent.trim(), n = parseFloat(t.replace(/[%,+]/g, ''));
+                       return isNaN(n) ? t.toLowerCase() : n; };
+    const up = th.dataset.order !== 'asc'; th.dataset.order = up ? 'asc' : 'desc';
+    rows.sort((a, b) => { const x = key(a), y = key(b); return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1); });
+    rows.forEach(r => body.appendChild(r));
+  });
+});"""
 
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}
-th{background:#eee}img{max-width:100%;border:1px solid #ddd}h2{margin-top:2em}"""
+th{background:#eee}img{max-width:100%;border:1px solid #ddd}h2{margin-top:2em}
+.gallery{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;width:110px;font-size:11px}
+figure img{image-rendering:pixelated}"""
 
 
-def write_report(*, run: str | Path, out: str | Path = "report", split: Split = "val", eval_views: EvalViews = "all",
-                 ensemble: str = "best", tsne_classes: Sequence[str] | None = None, data: str | Path | None = None,
-                 device: Device = "auto") -> Path:
-    """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page."""
+def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "report", split: Split = "val",
+                 eval_views: EvalViews = "all", ensemble: str = "best", tsne_classes: Sequence[str] | None = None,
+                 data: str | Path | None = None, device: Device = "auto") -> Path:
+    """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page.
+    Several runs: a leaderboard and the paired comparison of the best two head the page, whose analysis is then
+    of the best run."""
     out = Path(out)
-    r = open_run(run, data=data, device=device)
-    pred = score_runs([r], split=split, eval_views=eval_views, ensemble=ensemble)
-    pred.require_labels()
+    runs = [run] if isinstance(run, (str, Path)) else list(run)
+    if not runs:
+        raise FeatxError("--run: name at least one run directory")
+    scored = []
+    for d in runs:
+        opened = open_run(d, data=data, device=device)
+        scored.append((d, opened, score_runs([opened], split=split, eval_views=eval_views, ensemble=ensemble)))
+        scored[-1][2].require_labels()
+    scored.sort(key=lambda s: -s[2].top_k(1))
+    out.mkdir(parents=True, exist_ok=True)
+    comparison = _comparison(out, scored, eval_views) if len(scored) > 1 else []
+    run, r, pred = scored[0]
     tsne = _tsne_classes(tsne_classes, pred.classes)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -107,10 +230,14 @@ def write_report(*, run: str | Path, out: str | Path = "report", split: Split = 
     per_class = class_errors(cm, pred.classes, pred.class_names)
     pairs = confused_pairs(cm, pred.classes, pred.class_names)
     write_predictions(pred, out / "predictions.csv")
+    gallery = _gallery(out, pred, _decoded_split(r, split, data), per_class)
     _write_csv(out / "per_class.csv", per_class)
     _write_csv(out / "confused_pairs.csv", pairs)
 
     figures = {"Confusion matrix": plot_confusion(out / "confusion.png", cm, pred.class_names)}
+    ece = expected_calibration_error(pred.probs[keep], pred.labels[keep])
+    figures["Reliability diagram"] = plot_reliability(out / "reliability.png",
+                                                      reliability(pred.probs[keep], pred.labels[keep]), ece)
     metrics_path = Path(run) / "metrics.json"
     if metrics_path.exists():
         figures["Training curves"] = plot_curves(out / "curves.png", json.loads(metrics_path.read_text()))
@@ -125,14 +252,19 @@ def write_report(*, run: str | Path, out: str | Path = "report", split: Split = 
     summary = [{"what": "run", "value": f"{run} ({type(r).__name__.removesuffix('Run').lower()})"},
                {"what": "split", "value": f"{split}, {n} labelled images, views {eval_views}"},
                {"what": "ensemble", "value": f"{ensemble}: {len(pred.members)} checkpoint(s)"},
-               {"what": "top-1", "value": pred.top_k(1)}, {"what": "top-5", "value": pred.top_k(5)},
+               {"what": "selection", "value": _selection_text(pred)},
+               {"what": "top-1 [95% bootstrap interval]", "value": pred.accuracy_text(1)},
+               {"what": "top-5 [95% bootstrap interval]", "value": pred.accuracy_text(5)},
+               {"what": "expected calibration error (15 bins, calibrated probabilities)", "value": f"{ece:.4f}"},
                {"what": "top-1 gain over the best single checkpoint", "value": f"{100 * pred.gain():+.2f} points"},
                {"what": "errors", "value": f"{sum(c['errors'] for c in per_class)} of {n}"}]
-    sections = [f"<h1>featx report: {html.escape(str(run))}</h1>", _table(summary, {"what": "", "value": ""}),
+    sections = [f"<h1>featx report: {html.escape(str(run))}</h1>", *comparison,
+                f"<h2>{html.escape(str(run))}</h2>" if comparison else "", _table(summary, {"what": "", "value": ""}),
                 "<h2>Per-class errors, worst first</h2><p><a href='per_class.csv'>per_class.csv</a></p>",
                 _table(per_class, {"wnid": "wnid", "name": "class", "images": "images", "errors": "errors",
                                    "error_rate": "error", "wrong_classes": "distinct wrong classes",
                                    "most_confused_with": "most often predicted instead", "times": "times"}),
+                "<h2>Error gallery: the worst classes' most confident mistakes</h2>", *gallery,
                 "<h2>Most-confused pairs</h2><p><a href='confused_pairs.csv'>confused_pairs.csv</a></p>",
                 _table(pairs, {"name_a": "class A", "name_b": "class B", "a_as_b": "A taken for B",
                                "b_as_a": "B taken for A", "total": "total"})]
@@ -142,5 +274,5 @@ def write_report(*, run: str | Path, out: str | Path = "report", split: Split = 
     page = out / "report.html"
     with replacing(page) as tmp:
         tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>featx report</title>"
-                       f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
+                       f"<style>{STYLE}</style></head><body>{''.join(sections)}<script>{SORT_SCRIPT}</script></body></html>\n")
     return page

@@ -67,7 +67,7 @@ class Snapshot:
     file: str  # relative to the run directory
     key: int  # which model of the run (the head index of a sweep; 0 for finetune)
     epoch: int
-    val_top1: float
+    val_top1: float  # on the split the run selects on (a probe run's config "select": holdout of train, or val)
     val_top5: float
     step: int | None = None  # the optimizer step it was taken after, when taken within an epoch (--snapshot-every)
 

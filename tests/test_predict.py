@@ -211,8 +211,9 @@ def test_val_accuracy_and_the_gain_are_printed(synth_runs, tmp_path, capsys, mon
     code, stdout, stderr = featx_cli(capsys, monkeypatch, "predict", "--run", str(synth_runs["probe"]),
                                      "--ensemble", "top:3", "--out", str(tmp_path), "--device", "cpu")
     assert code == 0, stderr
-    assert stdout.startswith("val: top-1 ") and "top-5 100.00% on 16 images; 3 checkpoint(s) of 1 run(s)" in stdout
-    assert "points top-1 over the best single checkpoint" in stdout
+    assert stdout.startswith("val: top-1 ") and "3 checkpoint(s) of 1 run(s)" in stdout
+    assert "top-5 100.00% [100.00, 100.00] (95% bootstrap intervals) on 16 images" in stdout
+    assert "points top-1 over the best single checkpoint" in stdout and "optimistic" not in stdout  # holdout
     with open(tmp_path / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 16 and all(r["label"].startswith("n") for r in rows)

@@ -54,7 +54,8 @@ def test_real_report_files_links_and_per_class_errors(mobilenet_features_20, tmp
     assert capsys.readouterr().out.strip() == f"report: {out / 'report.html'}"
 
     page = out / "report.html"
-    names = {"per_class.csv", "confused_pairs.csv", "predictions.csv", "confusion.png", "curves.png", "tsne.png"}
+    names = {"per_class.csv", "confused_pairs.csv", "predictions.csv", "confusion.png", "curves.png", "tsne.png",
+             "reliability.png"}
     assert linked_files(page) == names
     assert all((out / n).stat().st_size > 100 for n in names)
 
@@ -78,3 +79,27 @@ def test_a_finetune_report_shows_the_first_layer_filters(synth_cache, tmp_path):
     page = write_report(run=run, out=tmp_path / "report", device="cpu")
     assert {"filters.png", "tsne.png", "curves.png", "confusion.png"} <= linked_files(page)
     assert (tmp_path / "report" / "filters.png").stat().st_size > 1000
+    # the error gallery: thumbnails of the decoded images, every one with its alt text
+    thumbs = re.findall(r"<img src='(gallery/[^']+)' alt='([^']+)'", page.read_text())
+    assert thumbs and all((tmp_path / "report" / src).stat().st_size > 100 and alt for src, alt in thumbs)
+    assert any(" taken for " in alt for _, alt in thumbs)
+
+
+@pytest.mark.slow
+def test_several_runs_give_a_leaderboard_and_a_paired_comparison(mobilenet_features_20, tmp_path):
+    linear, ncm = tmp_path / "linear", tmp_path / "ncm"
+    run_probe(features=mobilenet_features_20, out=linear, heads=[HeadConfig()], epochs=3, keep=1, device="cpu")
+    run_probe(features=mobilenet_features_20, out=ncm, heads=[HeadConfig()], head="ncm", select="val", device="cpu")
+    page = write_report(run=[ncm, linear], out=tmp_path / "report", device="cpu")
+    text = page.read_text()
+    a, b = (predict(runs=[r], split="val", device="cpu") for r in (linear, ncm))
+    first, second = (linear, ncm) if a.top_k(1) >= b.top_k(1) else (ncm, linear)
+    assert text.index(f"<td>{first}</td>") < text.index(f"<td>{second}</td>")  # leaderboard, best first
+    assert "McNemar&#x27;s exact test p = " in text or "McNemar's exact test p = " in text
+    assert "selected on val (optimistic)" in text and "selected on holdout:0.1" in text
+    assert re.search(r"top-1 \d+\.\d\d% \[\d+\.\d\d, \d+\.\d\d\]", text)
+    diff = read_csv(tmp_path / "report" / "per_class_diff.csv")
+    assert len(diff) == 20 and sum(int(r["images"]) for r in diff) == 1000
+    right_a = sum(round(float(r["top1_a"]) * int(r["images"])) for r in diff)
+    assert right_a == round(max(a.top_k(1), b.top_k(1)) * 1000)
+    assert {"reliability.png", "per_class_diff.csv"} <= linked_files(page)
