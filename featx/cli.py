@@ -40,13 +40,14 @@ class FeatxGroup(click.Group):
             raise error from None
 
 
-class FloatList(click.ParamType):
-    """A comma list of numbers, e.g. `1e-4,3e-4` (a probe sweep: every combination of the lists is trained)
-    or `0.5,0.5,0.5` (count=3: exactly three)."""
+class NumberList(click.ParamType):
+    """A comma list of numbers, e.g. `1e-4,3e-4` (a probe sweep: every combination of the lists is trained),
+    `0.5,0.5,0.5` (count=3: exactly three) or `10,20,100` (whole=True: counts of at least 1)."""
 
-    def __init__(self, count: int | None = None) -> None:
-        self.count = count
-        self.name = "FLOAT,FLOAT,FLOAT" if count == 3 else "FLOAT[,FLOAT...]"
+    def __init__(self, count: int | None = None, *, whole: bool = False) -> None:
+        self.count, self.whole = count, whole
+        unit = "INT" if whole else "FLOAT"
+        self.name = ",".join([unit] * count) if count else f"{unit}[,{unit}...]"
 
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
@@ -57,6 +58,10 @@ class FloatList(click.ParamType):
             self.fail(f"{value!r} is not a comma list of numbers (e.g. 1e-4,3e-4)", param, ctx)
         if not numbers or (self.count and len(numbers) != self.count):
             self.fail(f"{value!r}: give {self.count or 'one or more'} comma-separated numbers", param, ctx)
+        if self.whole:
+            if any(v < 1 or v != int(v) for v in numbers):
+                self.fail(f"{value!r}: give whole numbers >= 1 (e.g. 10,20,100)", param, ctx)
+            return tuple(int(v) for v in numbers)
         return numbers
 
 
@@ -161,8 +166,8 @@ def _list_backbones(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(1), help="Images per batch [default: 256 on CUDA; on CPU 16 views' worth: 16 full, 8 flip, 1 ten].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
-@click.option("--mean", type=FloatList(3), help="Normalisation mean override, e.g. 0.5,0.5,0.5.")
-@click.option("--std", type=FloatList(3), help="Normalisation std override, e.g. 0.5,0.5,0.5.")
+@click.option("--mean", type=NumberList(3), help="Normalisation mean override, e.g. 0.5,0.5,0.5.")
+@click.option("--std", type=NumberList(3), help="Normalisation std override, e.g. 0.5,0.5,0.5.")
 @click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default="float16", show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone.")
 def extract(data_, backbone, out, weights, size, views, crop, splits, classes, per_class, batch_size, device,
@@ -187,19 +192,19 @@ def extract(data_, backbone, out, weights, size, views, crop, splits, classes, p
 @click.option("--head", type=click.Choice(PROBE_HEADS), default="linear", show_default=True,
               help="knn: cosine k-NN with votes exp(sim/0.07) (DINO); ncm: nearest class mean (cosine); no training.")
 @click.option("--hidden", type=click.IntRange(1), default=1024, show_default=True, help="MLP hidden units.")
-@click.option("--k", type=FloatList(), default="10,20,100", show_default=True,
+@click.option("--k", type=NumberList(whole=True), default="10,20,100", show_default=True,
               help="--head knn: neighbour counts, all scored in one pass.")
 @click.option("--select", default="holdout:0.1", show_default=True,
               help="Where head, epoch, k and ensembles are chosen: holdout:F (a stratified share F of train, "
                    "val then scored once) or val (the reports' protocol: optimistic).")
-@click.option("--label-smoothing", type=FloatList(), default="0.1", show_default=True)
+@click.option("--label-smoothing", type=NumberList(), default="0.1", show_default=True)
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--lr", type=FloatList(), default="6.5e-4", show_default=True)
+@click.option("--lr", type=NumberList(), default="6.5e-4", show_default=True)
 @click.option("--lr-decay", type=float, default=0.713, show_default=True, help="Exponential decay per epoch.")
 @click.option("--schedule", type=click.Choice(PROBE_SCHEDULES), default="exponential", show_default=True)
-@click.option("--weight-decay", type=FloatList(), default="0.0116", show_default=True,
+@click.option("--weight-decay", type=NumberList(), default="0.0116", show_default=True,
               help="L2 (decoupled with adamw); weights only.")
-@click.option("--dropout", type=FloatList(), default="0", show_default=True, help="On the head's input.")
+@click.option("--dropout", type=NumberList(), default="0", show_default=True, help="On the head's input.")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--train-views", type=click.Choice(EVAL_VIEWS), default="all", show_default=True,
@@ -217,10 +222,8 @@ def probe(features, out, lr, weight_decay, label_smoothing, dropout, k, **option
     """Stage 2: train classifier heads on cached features; comma lists sweep every combination in one pass."""
     from featx.probe import format_summary, format_table, grid, run_probe
 
-    if any(v < 1 or v != int(v) for v in k):
-        raise FeatxError(f"--k {','.join(f'{v:g}' for v in k)}: give whole neighbour counts >= 1 (e.g. 10,20,100)")
     heads = grid(lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, dropout=dropout)
-    result = run_probe(features=features, out=out, heads=heads, k=[int(v) for v in k], progress=sys.stderr.isatty(),
+    result = run_probe(features=features, out=out, heads=heads, k=list(k), progress=sys.stderr.isatty(),
                        **options)
     click.echo(format_table(result))
     click.echo(f"{format_summary(result, options['select'])}; {len(result.names)} head(s) in "

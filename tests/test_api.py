@@ -1,5 +1,5 @@
 """The edges of featx: what `import featx` offers (lazily), the error type the library raises without
-knowing click, the CLI's mapping of it to exit 2, one FloatList, the choices stated once, and a pipeline
+knowing click, the CLI's mapping of it to exit 2, one NumberList, the choices stated once, and a pipeline
 that is handed the command group instead of importing the CLI."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import featx
 from featx import choices
-from featx.cli import FloatList, cli, main
+from featx.cli import NumberList, cli, main
 from featx.errors import FeatxError
 
 
@@ -102,7 +102,7 @@ def test_a_failing_recipe_stage_names_the_stage_and_the_recipe_key(tmp_path, mon
         featx.run_recipe(recipe=recipe, commands=cli)
 
 
-# --- FloatList -------------------------------------------------------------------------------------------
+# --- NumberList -------------------------------------------------------------------------------------------
 
 
 def _params(command: click.Command):
@@ -112,15 +112,18 @@ def _params(command: click.Command):
         yield from _params(sub)
 
 
-def test_one_float_list_type_for_every_comma_list_option():
-    lists = {(cmd.name, p.name) for cmd, p in _params(cli) if isinstance(p.type, FloatList)}
+def test_one_number_list_type_for_every_comma_list_option():
+    lists = {(cmd.name, p.name) for cmd, p in _params(cli) if isinstance(p.type, NumberList)}
     assert lists == {("extract", "mean"), ("extract", "std"), ("probe", "lr"), ("probe", "weight_decay"),
-                     ("probe", "label_smoothing"), ("probe", "dropout")}
+                     ("probe", "label_smoothing"), ("probe", "dropout"), ("probe", "k")}
     import featx.cli as module
     assert [n for n, v in vars(module).items() if inspect.isclass(v) and issubclass(v, click.ParamType)
-            and v.__module__ == "featx.cli"] == ["FloatList"]
-    assert FloatList().convert("1e-4, 3e-4,", None, None) == (1e-4, 3e-4)
-    assert FloatList(3).convert("0.5,0.25,1", None, None) == (0.5, 0.25, 1.0)
+            and v.__module__ == "featx.cli"] == ["NumberList"]
+    assert NumberList().convert("1e-4, 3e-4,", None, None) == (1e-4, 3e-4)
+    assert NumberList(3).convert("0.5,0.25,1", None, None) == (0.5, 0.25, 1.0)
+    assert NumberList(whole=True).convert("10,20", None, None) == (10, 20)
+    with pytest.raises(click.BadParameter, match="whole numbers"):
+        NumberList(whole=True).convert("10,2.5", None, None)
 
 
 @pytest.mark.parametrize("args, message", [
