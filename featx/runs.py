@@ -7,7 +7,7 @@ Layout of `--out`::
                        "features": {"path", "identity", "backbone", "views", ...}   (probe: the feature file)
                        "data": {"source", "dataset", "dataset_fingerprint", "classes", "per_class"}  (finetune)
                        "model": {...the ModelSpec...}                               (finetune)
-                       "checkpoints": [{"file", "key", "epoch", "val_top1", "val_top5"}, ...]  best first,
+                       "checkpoints": [{"file", "key", "epoch", "val_top1", "val_top5", "step"}, ...]  best first,
                        "best": {...} | null, "seconds": float | null}
     metrics.json      {"heads": [{"index", "config", "status", "epochs": [{"epoch", "train_loss", "train_top1",
                        "val_loss", "val_top1", "val_top5"}, ...]}, ...], "best": {...}}   accuracies in [0, 1]
@@ -69,10 +69,11 @@ class Snapshot:
     epoch: int
     val_top1: float
     val_top5: float
+    step: int = 0  # training steps done when it was taken (probe --snapshot-every); 0 where not counted
 
     def rank(self) -> tuple:
-        """Best first: val top-1, then top-5, then the lower key and the earlier epoch."""
-        return -self.val_top1, -self.val_top5, self.key, self.epoch
+        """Best first: val top-1, then top-5, then the lower key and the earlier epoch and step."""
+        return -self.val_top1, -self.val_top5, self.key, self.epoch, self.step
 
 
 @dataclass
@@ -158,7 +159,7 @@ def write_metrics(run_dir: Path, heads: list[dict], best: dict) -> None:
 class Snapshots:
     """Keeps the `keep` best checkpoints per key on disk (by Snapshot.rank); worse ones are deleted as training goes.
 
-    `name` formats a new checkpoint's file name from its key and epoch. A snapshot that falls out of the best
+    `name` formats a new checkpoint's file name from its key, epoch and step. A snapshot that falls out of the best
     is deleted by `prune`, which a loop that lists the snapshots elsewhere (finetune's last.pt) calls only once
     that list is written, so a listed file always exists."""
 
@@ -170,10 +171,12 @@ class Snapshots:
             self.kept.setdefault(s.key, []).append(s)
         self.dropped: list[Snapshot] = []
 
-    def offer(self, key: int, epoch: int, val_top1: float, val_top5: float, payload: Callable[[], dict]) -> bool:
+    def offer(self, key: int, epoch: int, val_top1: float, val_top5: float, payload: Callable[[], dict], *,
+              step: int = 0) -> bool:
         """Save `payload()` if it ranks among the best `keep` of its key; `payload` is only called then."""
         kept = self.kept.setdefault(key, [])
-        snap = Snapshot(f"{CHECKPOINTS}/{self.name.format(key=key, epoch=epoch)}", key, epoch, val_top1, val_top5)
+        snap = Snapshot(f"{CHECKPOINTS}/{self.name.format(key=key, epoch=epoch, step=step)}", key, epoch, val_top1,
+                        val_top5, step)
         if not math.isfinite(val_top1) or (len(kept) >= self.keep and snap.rank() >= kept[-1].rank()):
             return False
         with replacing(self.run_dir / snap.file) as tmp:
