@@ -308,14 +308,15 @@ def predict(runs, split, views, ensemble, out, images, skip_bad, image_size, wei
         for i, row in enumerate(p.top(5)):
             click.echo(f"{p.ids[i]}: " + ", ".join(f"{p.class_names[c]} {p.probs[i, c]:.1%}" for c in row))
     else:
-        p = predict_split(runs=runs, split=split, views=views, ensemble=ensemble, curve=True, data=data_,
+        p = predict_split(runs=runs, split=split, views=views, ensemble=ensemble, curve=split == "val", data=data_,
                           device=device)
-        click.echo(f"val top-1 of the best N checkpoints (top:N), best marked *:\n{format_curve(p)}")
-        click.echo(f"ensemble size: {', '.join(map(str, write_curve(p, out)))}")
         if p.has_labels:
             click.echo(f"{split}: top-1 {p.top_k(1):.2%}, top-5 {p.top_k(5):.2%} on {len(p.ids)} images; "
                        f"{len(p.members)} checkpoint(s) of {len(runs)} run(s): {100 * p.gain():+.2f} points "
                        f"top-1 over the best single checkpoint")
+        if p.curve is not None:
+            click.echo(f"val top-1 of the best N checkpoints (top:N), best marked *:\n{format_curve(p)}")
+            click.echo(f"ensemble size: {', '.join(map(str, write_curve(p, out)))}")
         if split == "test":
             click.echo(f"submission: {write_submission(p, out / 'submission.txt')}")
     click.echo(f"predictions: {write_predictions(p, out / 'predictions.csv')}")

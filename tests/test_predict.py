@@ -272,7 +272,7 @@ def test_ensemble_curve_on_real_features_starts_at_the_best_snapshot(mobilenet_f
     assert len(checkpoints) == 6
     p = predict(runs=[run], split="val", views="all", ensemble="top:3", curve=True, device="cpu")
     assert len(p.curve) == 6
-    assert p.curve[0] == pytest.approx(checkpoints[0].val_top1, abs=1e-12)  # N=1: the best single snapshot
+    assert p.curve[0] == pytest.approx(checkpoints[0].val_top1, abs=1e-6)  # N=1: the best single snapshot (run.json: float32)
     assert p.curve[2] == pytest.approx(p.top_k(1), abs=1e-12)  # each N is what top:N predicts
     assert p.curve[p.best_size - 1] == max(p.curve)
 

@@ -15,7 +15,7 @@ from featx.finetune import FinetuneConfig, finetune
 from featx.predict import predict
 from featx.probe import HeadConfig, run_probe
 from featx.data import dataset_info
-from featx.report import _tsne_classes, class_errors, confused_pairs, write_report
+from featx.report import DEFAULT_TSNE, _tsne_classes, class_errors, confused_pairs, write_report
 
 
 def read_csv(path) -> list[dict]:
@@ -58,7 +58,7 @@ def test_real_report_files_links_and_per_class_errors(mobilenet_features_20, tmp
     names = {"per_class.csv", "confused_pairs.csv", "predictions.csv", "confusion.png", "curves.png", "tsne.png",
              "ensemble.csv", "ensemble.png"}
     assert linked_files(page) == names
-    assert all((out / n).stat().st_size > 100 for n in names)
+    assert all((out / n).stat().st_size > 100 for n in names - {"ensemble.csv"})  # 3 short rows
 
     pred = predict(runs=[run], split="val", ensemble="all", device="cpu")
     per_class = read_csv(out / "per_class.csv")
@@ -69,8 +69,9 @@ def test_real_report_files_links_and_per_class_errors(mobilenet_features_20, tmp
     assert rates == sorted(rates, reverse=True)
     assert all(int(r["wrong_classes"]) <= int(r["errors"]) for r in per_class)
     assert f"{errors} of 1000" in page.read_text()
-    # none of the report's seven t-SNE classes is among the first 20: the first 7, all their training images
-    assert "t-SNE of 7 classes (350 training images)" in page.read_text()
+    # those of the report's seven t-SNE classes among the first 20, every training image of each (50 here)
+    present = [w for w in DEFAULT_TSNE if w in pred.classes]
+    assert len(present) >= 2 and f"t-SNE of {len(present)} classes ({50 * len(present)} training images)" in page.read_text()
     assert len(read_csv(out / "ensemble.csv")) == 3
     pairs = read_csv(out / "confused_pairs.csv")
     assert pairs and all(int(r["total"]) == int(r["a_as_b"]) + int(r["b_as_a"]) > 0 for r in pairs)
