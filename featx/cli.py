@@ -170,8 +170,12 @@ def _list_backbones(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--std", type=NumberList(3), help="Normalisation std override, e.g. 0.5,0.5,0.5.")
 @click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default="float16", show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone.")
+@click.option("--aug-views", type=click.IntRange(0), default=0, show_default=True,
+              help="K augmented views per train image (aug0..augK-1): brightness/contrast jitter of the full "
+                   "image or a corner crop, as Milani's v3 trained.")
+@click.option("--aug-seed", type=int, default=0, show_default=True, help="Seed of the augmented views.")
 def extract(data_, backbone, out, weights, size, views, crop, splits, classes, per_class, batch_size, device,
-            precision, mean, std, dtype, compile_) -> None:
+            precision, mean, std, dtype, compile_, aug_views, aug_seed) -> None:
     """Stage 1: frozen backbone -> transfer values in HDF5."""
     from featx.extract import extract_features
 
@@ -179,7 +183,7 @@ def extract(data_, backbone, out, weights, size, views, crop, splits, classes, p
         data=data_, backbone=backbone, out=out, weights=weights, size=size, views=views, crop=crop,
         splits=splits.split(",") if splits else None, classes=classes, per_class=per_class,
         batch_size=batch_size, device=device, precision=precision, mean=mean, std=std, compile=compile_,
-        dtype=dtype)
+        dtype=dtype, aug_views=aug_views, aug_seed=aug_seed)
     click.echo(f"features: {path}")
 
 
@@ -207,16 +211,19 @@ def extract(data_, backbone, out, weights, size, views, crop, splits, classes, p
 @click.option("--dropout", type=NumberList(), default="0", show_default=True, help="On the head's input.")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True)
-@click.option("--train-views", type=click.Choice(EVAL_VIEWS), default="all", show_default=True,
-              help="all: one random stored view per image and step.")
-@click.option("--eval-views", type=click.Choice(EVAL_VIEWS), default="all", show_default=True,
-              help="all: softmax averaged over the stored views.")
+@click.option("--train-views", default="all", show_default=True, metavar="all|full|NAME,...",
+              help="Views drawn from, one at random per image and step: all (every deterministic view), full, or "
+                   "stored view names such as full,top_left,aug0,aug1.")
+@click.option("--eval-views", default="all", show_default=True, metavar="all|full|NAME,...",
+              help="Views whose softmax is averaged on val: all, full, or deterministic view names.")
 @click.option("--normalize", type=click.Choice(NORMALIZE), default="none", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--save", type=click.Choice(SAVE_MODES), default="best", show_default=True,
               help="Keep snapshots of the best head only, or of every head.")
 @click.option("--keep", type=int, default=20, show_default=True, help="Best snapshots kept per head.")
+@click.option("--snapshot-every", type=int, metavar="STEPS",
+              help="Also validate and offer a snapshot every STEPS training steps, not only after each epoch.")
 @click.option("--stream", is_flag=True, help="Read batches from HDF5 instead of RAM (automatic when too big).")
 def probe(features, out, lr, weight_decay, label_smoothing, dropout, k, **options) -> None:
     """Stage 2: train classifier heads on cached features; comma lists sweep every combination in one pass."""
@@ -228,6 +235,12 @@ def probe(features, out, lr, weight_decay, label_smoothing, dropout, k, **option
     click.echo(format_table(result))
     click.echo(f"{format_summary(result, options['select'])}; {len(result.names)} head(s) in "
                f"{result.seconds:.1f}s -> {out}")
+    if options["snapshot_every"]:
+        from featx.runs import read_run
+
+        snap = read_run(out).checkpoints[0]
+        click.echo(f"best snapshot: head {snap.key}, epoch {snap.epoch}, step {snap.step}: val top-1 "
+                   f"{snap.val_top1:.2%} ({snap.file})")
 
 
 # --- finetune ----------------------------------------------------------------------------------------
@@ -322,7 +335,7 @@ def predict(runs, split, eval_views, ensemble, out, images, skip_bad, image_size
             more_images) -> None:
     """Score runs on a split or on image files: view, snapshot and run ensembles; the challenge submission."""
     from featx.predict import predict as predict_split
-    from featx.predict import predict_images, write_predictions, write_submission
+    from featx.predict import format_curve, predict_images, write_curve, write_predictions, write_submission
 
     if more_images and not images:
         raise FeatxError(f"{more_images[0]}: unexpected argument; to classify image files pass --images")
@@ -332,12 +345,16 @@ def predict(runs, split, eval_views, ensemble, out, images, skip_bad, image_size
         for i, row in enumerate(p.top(5)):
             click.echo(f"{p.ids[i]}: " + ", ".join(f"{p.class_names[c]} {p.probs[i, c]:.1%}" for c in row))
     else:
-        p = predict_split(runs=runs, split=split, eval_views=eval_views, ensemble=ensemble, data=data_, device=device)
+        p = predict_split(runs=runs, split=split, eval_views=eval_views, ensemble=ensemble, curve=split == "val",
+                          data=data_, device=device)
         if p.has_labels:
             click.echo(f"{split}: {p.accuracy_text(1)}, {p.accuracy_text(5)} (95% bootstrap intervals) on "
                        f"{len(p.ids)} images; {len(p.members)} checkpoint(s) of {len(runs)} run(s): "
                        f"{100 * p.gain():+.2f} points top-1 over the best single checkpoint"
                        + ("; selected on val (optimistic)" if p.optimistic else ""))
+        if p.curve is not None:
+            click.echo(f"val top-1 of the best N checkpoints (top:N), best marked *:\n{format_curve(p)}")
+            click.echo(f"ensemble size: {', '.join(map(str, write_curve(p, out)))}")
         if split == "test":
             click.echo(f"submission: {write_submission(p, out / 'submission.txt')}")
     click.echo(f"predictions: {write_predictions(p, out / 'predictions.csv')}")
@@ -356,8 +373,9 @@ def predict(runs, split, eval_views, ensemble, out, images, skip_bad, image_size
               help="The stored views averaged, as in predict.")
 @click.option("--ensemble", default="best", show_default=True, help="best, top:K, greedy or all (as in predict).")
 @click.option("--tsne-classes", metavar="WNID,...",
-              help="Classes of the t-SNE map [default: convertible, sports car, Egyptian cat, tabby, freight car "
-                   "where present, else the first 5].")
+              help="Classes of the t-SNE map of training images [default: the seed report's seven: convertible, "
+                   "sports car, plunger, Egyptian cat, Persian cat, golden retriever, bullet train where present, "
+                   "else the first 7].")
 @click.option("--data", "data_", metavar="SRC",
               help="A finetune run's dataset [default: the one it trained on]; for a probe run, the dataset its "
                    "features came from, to show the error gallery's images.")

@@ -28,7 +28,7 @@ from featx.device import Dist, distributed, precision_name, resolve_precision
 from featx.choices import Device, FeatureDtype, Precision, ViewSet
 from featx.errors import FeatxError
 from featx.features import FeatureMeta, create_file, finish_file, read_meta
-from featx.views import check_crop, render_views, view_names
+from featx.views import AUG_BRIGHTNESS, AUG_CONTRAST, check_crop, render_aug_views, render_views, view_names
 
 SHARD_ROWS = 1024
 
@@ -72,16 +72,22 @@ def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.inference_mode()
 def _forward_views(bb: Backbone, model: torch.nn.Module, images: np.ndarray, *, views: Sequence[str], crop: int,
-                   device: torch.device, autocast: torch.dtype | None) -> torch.Tensor:
-    """uint8 images (B, H, W, 3) -> float32 model outputs (B, V, D) of every view, left on the device: no
-    host sync, so that on a GPU the next batches queue up while this one runs."""
+                   device: torch.device, autocast: torch.dtype | None, aug: tuple[int, int, int] = (0, 0, 0)
+                   ) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) -> float32 model outputs (B, V + k, D) of every view, left on the device: no
+    host sync, so that on a GPU the next batches queue up while this one runs. `aug` = (k, seed, index of
+    images[0] in its split) adds k augmented views per image after the deterministic ones."""
     x = torch.from_numpy(images)
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
     v = render_views(x, views=views, crop=crop, size=bb.input_size, mean=bb.mean, std=bb.std)
+    k, seed, first = aug
+    if k:
+        a = render_aug_views(x, first=first, k=k, seed=seed, crop=crop, size=bb.input_size, mean=bb.mean, std=bb.std)
+        v = torch.cat([v.unflatten(0, (len(images), -1)), a.unflatten(0, (len(images), -1))], 1).flatten(0, 1)
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        y = model(v)
-    return y.float().reshape(len(images), len(views), -1)
+        y = model(v.contiguous(memory_format=torch.channels_last))
+    return y.float().reshape(len(images), len(views) + k, -1)
 
 
 def _to_host(outputs: list[torch.Tensor], out_dtype: np.dtype) -> np.ndarray:
@@ -109,10 +115,12 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                      per_class: int | None = None, batch_size: int | None = None, device: Device = "auto",
                      precision: Precision = "auto", mean: Sequence[float] | None = None,
                      std: Sequence[float] | None = None, compile: bool = False, dtype: FeatureDtype = "float16",
-                     shard_rows: int = SHARD_ROWS, progress: bool = True) -> Path:
+                     aug_views: int = 0, aug_seed: int = 0, shard_rows: int = SHARD_ROWS,
+                     progress: bool = True) -> Path:
     """Extract pooled features of every image and view; returns the finished feature file.
 
     `data` is anything `featx.data.prepare_cache` accepts. `splits` defaults to every split in the data.
+    `aug_views` K > 0 adds K augmented views per train image (featx.views.aug_pixels), drawn from `aug_seed`.
     Re-running a finished extraction is a no-op; an interrupted one resumes. Under torchrun every rank
     takes its share of the shards and rank 0 writes the file.
     """
@@ -124,12 +132,13 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                         views=views, crop=crop, splits=splits, classes=classes,
                         per_class=per_class, batch_size=batch_size or default_batch,
                         autocast=resolve_precision(precision, d.device), mean=mean, std=std,
-                        compile=compile, dtype=np.dtype(dtype), shard_rows=shard_rows,
-                        progress=progress and d.rank == 0)
+                        compile=compile, dtype=np.dtype(dtype), aug_views=aug_views, aug_seed=aug_seed,
+                        shard_rows=shard_rows, progress=progress and d.rank == 0)
 
 
 def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, crop, splits, classes,
-             per_class, batch_size, autocast, mean, std, compile, dtype, shard_rows, progress) -> Path:
+             per_class, batch_size, autocast, mean, std, compile, dtype, aug_views, aug_seed, shard_rows,
+             progress) -> Path:
     device = ranks.device
     # Rank 0 decodes first so that the other ranks find the cache made instead of racing to make it.
     if ranks.rank == 0:
@@ -151,7 +160,9 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
     meta = FeatureMeta(backbone=bb.name, weights=bb.weights_id, input_size=bb.input_size, views=list(views),
                        crop=crop, mean=list(bb.mean), std=list(bb.std), precision=precision_name(autocast),
                        dtype=dtype.name, dataset=info.name, dataset_fingerprint=info.fingerprint,
-                       classes=list(info.wnids), class_names=list(info.names), featx_version=__version__)
+                       classes=list(info.wnids), class_names=list(info.names), featx_version=__version__,
+                       **(dict(aug_views=aug_views, aug_seed=aug_seed, aug_brightness=AUG_BRIGHTNESS,
+                               aug_contrast=AUG_CONTRAST) if aug_views else {}))
     if _check_existing(out, meta):
         return out
     try:
@@ -188,8 +199,9 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
             nxt = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
             parts = []
             for b in range(0, len(images), batch_size):
+                aug = (aug_views, aug_seed, k * shard_rows + b) if s == "train" else (0, 0, 0)
                 parts.append(_forward_views(bb, model, images[b : b + batch_size], views=views, crop=crop,
-                                            device=device, autocast=autocast))
+                                            device=device, autocast=autocast, aug=aug))
                 bar.update(len(parts[-1]))
             pending = [p for p in pending if not p.done()] + [
                 writer.submit(_save_shard, partial / f"{s}-{k:05d}.npy", _to_host(parts, dtype))]

@@ -8,7 +8,8 @@ Layout::
     /classes, /class_names
     attrs: format, complete, meta (JSON of FeatureMeta), identity
 
-Views are stored in the fixed order of `featx.views.VIEW_SETS`, view 0 always being the full image.
+Views are stored in the fixed order of `featx.views.VIEW_SETS`, view 0 always being the full image. An
+extraction with augmented views stores them after those, in the train split only: `aug0`, `aug1`, ...
 A file is only ever renamed to its final name once complete, and `complete` is set just before that, so
 readers can trust any file that carries the mark.
 """
@@ -50,18 +51,30 @@ class FeatureMeta:
     classes: list[str]
     class_names: list[str]
     featx_version: str
+    # augmented training views (featx.views.aug_pixels): how many per train image, their seed and jitter
+    aug_views: int = 0
+    aug_seed: int = 0
+    aug_brightness: float = 0.0
+    aug_contrast: float = 0.0
 
     def identity(self) -> str:
         """Hash of everything that determines the stored values (not the featx version or labels' names)."""
         d = dataclasses.asdict(self)
         for k in ("featx_version", "class_names"):
             d.pop(k)
+        if not self.aug_views:  # files without augmented views keep the identity they had before these fields
+            for k in ("aug_views", "aug_seed", "aug_brightness", "aug_contrast"):
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def extraction(self) -> str:
         """The identity of the extraction, whatever subset of its views was loaded: splits with equal
         `extraction()` came through the same model with the same settings and can be paired."""
-        return dataclasses.replace(self, views=[]).identity()
+        return dataclasses.replace(self, views=[], aug_views=0).identity()
+
+    def stored_views(self, split: str) -> list[str]:
+        """The names of the views stored for `split`, in order: augmented views only in train."""
+        return self.views + ([f"aug{i}" for i in range(self.aug_views)] if split == "train" else [])
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -125,29 +138,40 @@ def _group(f: h5py.File, path, split: str) -> h5py.Group:
     return f[split]
 
 
-def _select_views(meta: FeatureMeta, views: EvalViews | Sequence[str]) -> list[int]:
+def select_views(meta: FeatureMeta, split: str, views: EvalViews | str | Sequence[str], *,
+                 path: str | Path | None = None) -> list[int]:
+    """Indices of the stored views of `split` that `views` names: "all" (every deterministic view), "full",
+    or view names as a list or comma list (augmented views only for train)."""
+    stored = meta.stored_views(split)
     if views == "all":
         return list(range(len(meta.views)))
-    names = ["full"] if views == "full" else list(views)
-    missing = [v for v in names if v not in meta.views]
-    if missing:
-        raise FeatxError(f"views {missing} not in the feature file (has {meta.views}); use \"all\" or \"full\"")
-    return [meta.views.index(v) for v in names]
+    names = [v.strip() for v in views.split(",") if v.strip()] if isinstance(views, str) else list(views)
+    missing = [v for v in names if v not in stored]
+    if missing or not names:
+        train_only = " (augmented views are for training only)" if any(v.startswith("aug") for v in missing) else ""
+        raise FeatxError(f"{path or 'feature file'}: split {split!r} has no view {', '.join(missing) or '(none named)'}"
+                         f"{train_only}; choose all, full or names among {','.join(stored)}")
+    return [stored.index(v) for v in names]
 
 
-def load_features(path: str | Path, split: str, *, views: EvalViews | Sequence[str] = "all") -> Features:
-    """One split in memory. `views`: "all", "full" (view 0 only) or a list of view names."""
+def load_features(path: str | Path, split: str, *, views: EvalViews | str | Sequence[str] = "all") -> Features:
+    """One split in memory. `views`: "all", "full" (view 0 only) or view names (a list or comma list)."""
     path = Path(path)
     with _open(path) as f:
         meta = FeatureMeta.from_json(f.attrs["meta"])
         g = _group(f, path, split)
-        idx = _select_views(meta, views)
-        data = g["features"][:] if len(idx) == len(meta.views) else g["features"][:, idx, :]
+        idx = select_views(meta, split, views, path=path)
+        stored = meta.stored_views(split)
+        if idx == list(range(len(stored))):
+            data = g["features"][:]
+        else:  # h5py reads increasing, distinct indices; names may come in any order
+            have = sorted(set(idx))
+            data = np.ascontiguousarray(g["features"][:, have, :][:, [have.index(i) for i in idx]])
         labels = g["labels"][:].astype(np.int64)
         ids = [s.decode() if isinstance(s, bytes) else s for s in g["ids"][:]]
     if not np.isfinite(data).all():
         raise FeatxError(f"{path}: split {split!r} holds NaN/inf features; re-extract (try --precision fp32)")
-    meta.views = [meta.views[i] for i in idx]
+    meta.views = [stored[i] for i in idx]
     return Features(split=split, features=data, labels=labels, ids=ids, meta=meta, path=path)
 
 
@@ -197,9 +221,9 @@ def create_file(path: Path, meta: FeatureMeta, sizes: dict[str, int], dim: int) 
     f.attrs["identity"] = meta.identity()
     f.create_dataset("classes", data=np.array(meta.classes, dtype=object), dtype=h5py.string_dtype())
     f.create_dataset("class_names", data=np.array(meta.class_names, dtype=object), dtype=h5py.string_dtype())
-    v = len(meta.views)
     dtype = np.dtype(meta.dtype)
     for split, n in sizes.items():
+        v = len(meta.stored_views(split))
         g = f.create_group(split)
         g.create_dataset("features", shape=(n, v, dim), dtype=dtype,
                          chunks=(max(1, min(n, chunk_rows(v, dim, dtype.itemsize))), v, dim))

@@ -1,5 +1,5 @@
-"""Every figure featx draws: training curves (written with each run), and the report's confusion matrix,
-t-SNE map and first-layer filters. Matplotlib through Agg canvases, never pyplot: no global figure state,
+"""Every figure featx draws: training curves (written with each run), the ensemble-size curve, and the report's
+confusion matrix, t-SNE map and first-layer filters. Matplotlib through Agg canvases, never pyplot: no global figure state,
 nothing to close, safe in worker processes."""
 
 from __future__ import annotations
@@ -73,6 +73,23 @@ def plot_curves(path: Path, metrics: dict) -> str:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
     axes[1].legend()
+    return _save(fig, path)
+
+
+def plot_ensemble(path: Path, top1: Sequence[float]) -> str:
+    """Val top-1 against the number of snapshots averaged (best first), the best size marked in red, as the
+    seed report's Fig. 6 draws it."""
+    sizes = np.arange(1, len(top1) + 1)
+    best = int(np.argmax(top1))
+    fig = _figure(6, 4)
+    ax = fig.subplots()
+    ax.plot(sizes, np.asarray(top1) * 100, "o-", color="C0")
+    ax.plot(sizes[best], top1[best] * 100, "o", color="red", markersize=9,
+            label=f"best: top:{sizes[best]}, {top1[best]:.2%}")
+    ax.set(xlabel="snapshots in the ensemble (best first)", ylabel="val top-1 (%)", title="ensemble size")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
     return _save(fig, path)
 
 

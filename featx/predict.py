@@ -37,6 +37,7 @@ from featx.features import load_features, read_meta
 from featx.heads import label_rank
 from featx.models import ModelSpec, load_model
 from featx.neighbors import heads_from_checkpoints
+from featx.plots import plot_ensemble
 from featx.runs import load_checkpoint, read_run
 from featx.sources import IMAGE_EXTS, decode_image
 from featx.stats import apply_temperature, bootstrap_interval, holdout_rows, parse_select
@@ -91,6 +92,21 @@ def greedy(probs: np.ndarray, labels: np.ndarray) -> list[int]:
     return picked
 
 
+def ensemble_curve(scored: Sequence[Scored]) -> list[float]:
+    """Val top-1 of top:N for N = 1..K (K: the most checkpoints of any run), as predict's top:N averages: each
+    run's best min(N, its count) checkpoints, then the runs with equal weight. scored: every checkpoint's val
+    softmaxes of each run, best first."""
+    totals = [np.zeros_like(s.probs[0]) for s in scored]
+    curve = []
+    for n in range(1, max(len(s.probs) for s in scored) + 1):
+        for total, s in zip(totals, scored):
+            if n <= len(s.probs):
+                total += s.probs[n - 1]
+        mean = np.mean([total / min(n, len(s.probs)) for total, s in zip(totals, scored)], axis=0)
+        curve.append(top_k(mean, scored[0].labels))
+    return curve
+
+
 @dataclass
 class Scored:
     """One run's selected checkpoints on one set of images."""
@@ -114,6 +130,12 @@ class Prediction:
     class_names: list[str]
     members: list[str]  # the checkpoint files averaged
     selection: list[str] = dataclasses.field(default_factory=list)  # per run: where it chose its checkpoints
+    curve: list[float] | None = None  # val top-1 of top:N for N = 1, 2, ... (ensemble_curve), when asked for
+
+    @property
+    def best_size(self) -> int:
+        """The N of the curve's highest val top-1 (the smallest such N)."""
+        return int(np.argmax(self.curve)) + 1
 
     @property
     def has_labels(self) -> bool:
@@ -169,6 +191,15 @@ def _run_model(bb: Backbone, images: np.ndarray, *, views: Sequence[str], crop: 
 def _check_views(views: str) -> None:
     if views not in EVAL_VIEWS:
         raise FeatxError(f"--eval-views {views}: choose one of {', '.join(EVAL_VIEWS)}")
+
+
+def _first_of_classes(labels: np.ndarray, classes: Sequence[int], per_class: int | None) -> np.ndarray:
+    """Mask of the rows labelled with one of `classes`, at most the first `per_class` of each."""
+    keep = np.isin(labels, classes)
+    if per_class is not None:
+        for c in classes:
+            keep[np.flatnonzero(labels == c)[per_class:]] = False
+    return keep
 
 
 class ProbeRun:
@@ -229,10 +260,11 @@ class ProbeRun:
         bb.model.eval().to(self.device)
         return bb
 
-    def embed(self, split: str, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """The stored full-view features and labels of the split's images of these classes."""
+    def embed(self, split: str, classes: Sequence[int], per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The stored full-view features and labels of the split's images of these classes (the first
+        `per_class` of each)."""
         f = load_features(self.path, split, views="full")
-        keep = np.isin(f.labels, classes)
+        keep = _first_of_classes(f.labels, classes, per_class)
         return f.features[keep, 0].astype(np.float32), f.labels[keep]
 
 
@@ -282,11 +314,11 @@ class FinetuneRun:
         s = self._split("val" if split == SELECTION else split)
         return Scored(s.ids, s.labels, self.score_images(s.read_images(), views, picks))
 
-    def embed(self, split: str, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def embed(self, split: str, classes: Sequence[int], per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The best model's penultimate features (the input of its last Linear) for the split's images of
-        these classes."""
+        these classes (the first `per_class` of each)."""
         s = self._split(split)
-        keep = np.isin(s.labels, classes)
+        keep = _first_of_classes(s.labels, classes, per_class)
         s = dataclasses.replace(s, rows=s.rows[keep], labels=s.labels[keep], ids=[])
         bb, spec = self._model(0)
         last = [m for m in bb.model.modules() if isinstance(m, nn.Linear)][-1]
@@ -326,12 +358,18 @@ def open_runs(runs: Sequence[str | Path], *, data: str | Path | None = None,
     return opened
 
 
-def _choose(run: ProbeRun | FinetuneRun, views: str, ensemble: str) -> tuple[list[int], Scored | None]:
-    """The picked checkpoints; for greedy also the val scores of every checkpoint it was decided on."""
+def _choose(run: ProbeRun | FinetuneRun, views: str, ensemble: str,
+            score_all: bool = False) -> tuple[list[int], Scored | None]:
+    """The picked checkpoints, and the val scores of every checkpoint where they were computed anyway (a greedy
+    ensemble chosen on val, or `score_all` for the ensemble-size curve). Greedy decides on the run's selection
+    split: its held-out part of train, or val for a run selected on val."""
+    everything = range(len(run.checkpoints))
+    val = run.score_split("val", views, everything) if score_all or (ensemble == "greedy" and run.select == "val") \
+        else None
     if ensemble != "greedy":
-        return ranked_picks(ensemble, len(run.checkpoints)), None
-    chosen_on = run.score_split(SELECTION, views, range(len(run.checkpoints)))
-    return greedy(chosen_on.probs, chosen_on.labels), chosen_on if run.select == "val" else None
+        return ranked_picks(ensemble, len(run.checkpoints)), val
+    chosen_on = val if run.select == "val" else run.score_split(SELECTION, views, everything)
+    return greedy(chosen_on.probs, chosen_on.labels), val
 
 
 def _combine(runs: list, scored: list[Scored], picks: list[list[int]], split: str) -> Prediction:
@@ -349,20 +387,27 @@ def _combine(runs: list, scored: list[Scored], picks: list[list[int]], split: st
 
 
 def predict(*, runs: Sequence[str | Path], split: Split = "val", eval_views: EvalViews = "all",
-            ensemble: str = "best", data: str | Path | None = None, device: Device = "auto") -> Prediction:
-    """Score the runs' selected checkpoints on a split; `data` overrides a finetune run's dataset."""
-    return score_runs(open_runs(runs, data=data, device=device), split=split, eval_views=eval_views, ensemble=ensemble)
+            ensemble: str = "best", curve: bool = False, data: str | Path | None = None,
+            device: Device = "auto") -> Prediction:
+    """Score the runs' selected checkpoints on a split; `data` overrides a finetune run's dataset. `curve`: also
+    the val top-1 of top:N for every N (Prediction.curve), which scores every checkpoint on val."""
+    return score_runs(open_runs(runs, data=data, device=device), split=split, eval_views=eval_views,
+                      ensemble=ensemble, curve=curve)
 
 
 def score_runs(runs: list[ProbeRun | FinetuneRun], *, split: Split = "val", eval_views: EvalViews = "all",
-               ensemble: str = "best") -> Prediction:
+               ensemble: str = "best", curve: bool = False) -> Prediction:
     _check_views(eval_views)
-    scored, picks = [], []
+    scored, picks, vals = [], [], []
     for run in runs:
-        p, val = _choose(run, eval_views, ensemble)
+        p, val = _choose(run, eval_views, ensemble, score_all=curve)
         picks.append(p)
+        vals.append(val)
         scored.append(val.take(p) if val is not None and split == "val" else run.score_split(split, eval_views, p))
-    return _combine(runs, scored, picks, split)
+    pred = _combine(runs, scored, picks, split)
+    if curve:
+        pred.curve = ensemble_curve(vals)
+    return pred
 
 
 def read_images(paths: Sequence[str | Path], *, size: int, skip_bad: bool = False) -> tuple[np.ndarray, list[str]]:
@@ -425,6 +470,23 @@ def write_predictions(p: Prediction, path: str | Path) -> Path:
             w.writerow([p.ids[i], p.classes[p.labels[i]] if p.labels[i] >= 0 else "", p.classes[row[0]],
                         " ".join(p.classes[c] for c in row), f"{p.probs[i, row[0]]:.6f}", p.class_names[row[0]]])
     return path
+
+
+def format_curve(p: Prediction) -> str:
+    """The ensemble-size curve as a table, the best N marked with *."""
+    return "\n".join([f"  {'N':>3} {'val top-1':>9}"] + [f"{'*' if n == p.best_size else ' '} {n:>3} {t:9.2%}"
+                                                         for n, t in enumerate(p.curve, 1)])
+
+
+def write_curve(p: Prediction, folder: str | Path) -> tuple[Path, Path]:
+    """ensemble.csv (n, val_top1, best) and ensemble.png of a prediction made with curve=True."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with replacing(folder / "ensemble.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["n", "val_top1", "best"])
+        w.writerows([n, f"{t:.6f}", int(n == p.best_size)] for n, t in enumerate(p.curve, 1))
+    return folder / "ensemble.csv", folder / plot_ensemble(folder / "ensemble.png", p.curve)
 
 
 def write_submission(p: Prediction, path: str | Path) -> Path:

@@ -31,7 +31,7 @@ from featx.choices import (PROBE_HEADS, TRAINED_HEADS, Device, EvalViews, Normal
 from featx.device import resolve_device
 from featx.errors import FeatxError
 from featx.features import (FeatureMeta, Features, feature_splits, load_features, open_split, read_meta,
-                            require_same_extraction)
+                            require_same_extraction, select_views)
 from featx.heads import HeadOptimizer, StackedHeads, label_rank, smoothed_cross_entropy
 from featx.neighbors import KNN_FORMAT, NCM_FORMAT, TEMPERATURE, KNNHeads, NCMHead, heads_from_checkpoints
 from featx.optim import make_scheduler
@@ -62,7 +62,7 @@ def grid(*, lr: Sequence[float] = (6.5e-4,), weight_decay: Sequence[float] = (0.
 
 @dataclass
 class StreamedSplit:
-    """A split read from HDF5 chunk by chunk instead of held in RAM; `views` is "all" or "full"."""
+    """A split read from HDF5 chunk by chunk instead of held in RAM; `views` as load_features takes them."""
 
     path: Path
     split: str
@@ -112,7 +112,10 @@ class _Streamed:
 
     def __init__(self, s: StreamedSplit, device: torch.device):
         self.s, self.device = s, device
-        self.n_views = 1 if s.views == "full" else len(s.meta.views)
+        meta = s.meta
+        self.views = select_views(meta, s.split, s.views, path=s.path)
+        self.n_views = len(self.views)
+        self.every_view = self.views == list(range(len(meta.stored_views(s.split))))
 
     def blocks(self, gen: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         with open_split(self.s.path, self.s.split) as (ds, labels, chunk):
@@ -122,8 +125,8 @@ class _Streamed:
             for group in order.split(max(1, self.BLOCK_ROWS // chunk)):
                 rows = [(c * chunk, min((c + 1) * chunk, len(labels))) for c in sorted(group.tolist())]
                 x = np.concatenate([ds[a:b] for a, b in rows])
-                if self.s.views == "full":
-                    x = np.ascontiguousarray(x[:, :1])
+                if not self.every_view:
+                    x = np.ascontiguousarray(x[:, self.views])
                 if not np.isfinite(x).all():
                     raise FeatxError(f"{self.s.path}: split {self.s.split!r} holds NaN/inf features; "
                                      "re-extract (try --precision fp32)")
@@ -223,13 +226,14 @@ def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
           optimizer: Optimizer = "adam", lr_decay: float = 0.713, schedule: ProbeSchedule = "exponential",
           epochs: int = 10, batch_size: int = 100, normalize: Normalize = "none", seed: int = 0,
           device: Device = "auto",
-          on_epoch: Callable[[int, StackedHeads, np.ndarray, np.ndarray], None] | None = None,
-          progress: bool = False) -> ProbeResult:
+          on_eval: Callable[[int, int, StackedHeads, np.ndarray, np.ndarray], None] | None = None,
+          eval_every: int | None = None, progress: bool = False) -> ProbeResult:
     """Train one head per config on `features`, all over the same minibatches, validating on `val`.
 
     Each step draws one stored view per training image (load with views="full" to train on full images);
-    validation averages the softmax over `val`'s views. `on_epoch(epoch, heads, val_top1, val_top5)` runs
-    after each epoch's validation (the CLI saves snapshots there).
+    validation averages the softmax over `val`'s views. `on_eval(epoch, step, heads, val_top1, val_top5)` runs
+    after each validation (the CLI saves snapshots there): at the end of every epoch and, with `eval_every`,
+    also every that many steps (counted from the start of training).
     """
     _check(features, val, heads, head)
     start = time.perf_counter()
@@ -251,12 +255,24 @@ def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
     noise_gen = torch.Generator(device=dev).manual_seed(seed)
     history: list[list[dict]] = [[] for _ in heads]
     status = ["ok"] * len(heads)
+    step = 0
+
+    def validate(epoch: int) -> tuple[np.ndarray, ...]:
+        model.eval()
+        val_loss, val_top1, val_top5 = evaluate(model, val_src)
+        if on_eval is not None:
+            on_eval(epoch, step, model, np.where(opt.active, val_top1, np.nan), np.where(opt.active, val_top5, np.nan))
+        model.train()
+        return val_loss, val_top1, val_top5
+
     for epoch in tqdm(range(1, epochs + 1), desc="probe", unit="epoch", disable=not progress):
         model.train()
         loss_sum = torch.zeros(len(heads), device=dev, dtype=torch.float64)
         correct = torch.zeros(len(heads), device=dev, dtype=torch.long)
         seen = 0
-        for x, y in _batches(train_src, gen, batch_size):
+        for i, (x, y) in enumerate(_batches(train_src, gen, batch_size)):
+            if eval_every and step % eval_every == 0 and i:  # the epoch's end validates anyway
+                validate(epoch)
             noise = torch.rand(x.shape, generator=noise_gen, device=dev) if with_dropout else None
             logits = model(x, noise)
             loss = smoothed_cross_entropy(logits, y, smoothing)
@@ -269,19 +285,17 @@ def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
                     status[h] = f"stopped in epoch {epoch}: training loss turned NaN"
             opt.step()
             sched.step()
+            step += 1
             loss_sum += loss.detach().double() * len(y)
             correct += (logits.detach().argmax(-1) == y).sum(1)
             seen += len(y)
-        model.eval()
-        val_loss, val_top1, val_top5 = evaluate(model, val_src)
+        val_loss, val_top1, val_top5 = validate(epoch)
         train_loss, train_top1 = (loss_sum / seen).cpu().numpy(), (correct.double() / seen).cpu().numpy()
         for h, hist in enumerate(history):
             ok = opt.active[h]
             hist.append({"epoch": epoch, **{k: float(v[h]) if ok else math.nan for k, v in [
                 ("train_loss", train_loss), ("train_top1", train_top1), ("val_loss", val_loss),
                 ("val_top1", val_top1), ("val_top5", val_top5)]}})
-        if on_epoch is not None:
-            on_epoch(epoch, model, np.where(opt.active, val_top1, np.nan), np.where(opt.active, val_top5, np.nan))
     best, best_epoch = _best(history)
     return ProbeResult(model, list(heads), history, status, best, best_epoch, time.perf_counter() - start)
 
@@ -309,10 +323,11 @@ def _best(history: list[list[dict]]) -> tuple[int, int]:
 def _fits_in_memory(path: Path, views: dict[str, str], device: torch.device) -> bool:
     """Whether the selected splits, as stored (float16), fit comfortably in RAM (and on the GPU)."""
     size = 0
+    meta = read_meta(path)
     for split, which in views.items():
         with open_split(path, split) as (ds, _, _):
-            n, v, d = ds.shape
-            size += n * (1 if which == "full" else v) * d * ds.dtype.itemsize
+            n, _, d = ds.shape
+            size += n * len(select_views(meta, split, which, path=path)) * d * ds.dtype.itemsize
     available = _available_ram()
     if device.type == "cuda":
         available = min(available, torch.cuda.mem_get_info(device)[0])
@@ -331,12 +346,16 @@ def _available_ram() -> int:
 def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConfig], head: ProbeHead = "linear",
               hidden: int = 1024, optimizer: Optimizer = "adam", lr_decay: float = 0.713,
               schedule: ProbeSchedule = "exponential", epochs: int = 10, batch_size: int = 100,
-              train_views: EvalViews = "all", eval_views: EvalViews = "all", normalize: Normalize = "none",
+              train_views: EvalViews | str = "all", eval_views: EvalViews | str = "all", normalize: Normalize = "none",
               seed: int = 0, device: Device = "auto", save: SaveMode = "best", keep: int = 20,
-              stream: bool = False, select: str = "holdout:0.1", k: Sequence[int] = (10, 20, 100),
-              progress: bool = False) -> ProbeResult:
+              snapshot_every: int | None = None, stream: bool = False, select: str = "holdout:0.1",
+              k: Sequence[int] = (10, 20, 100), progress: bool = False) -> ProbeResult:
     """`featx probe`: fit the heads (trained, or k-NN/NCM) on the file's train split, choose the head, epoch and
-    k on the selection split (`select`: a stratified holdout of train, or val), score val once, write the run."""
+    k on the selection split (`select`: a stratified holdout of train, or val), score val once, write the run.
+
+    `train_views`, `eval_views`: "all" (every deterministic view), "full" or a comma list of stored view names
+    (augmented views train only). Snapshots are offered after every epoch and, with `snapshot_every`, every
+    that many steps; the `keep` best of each head are kept, and run.json's best is the best of them all."""
     path = Path(features)
     meta = read_meta(path)
     have = feature_splits(path)
@@ -350,8 +369,12 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
         raise FeatxError(f"--head {head}: choose one of {', '.join(PROBE_HEADS)}")
     if head == "knn" and (not k or min(k) < 1):
         raise FeatxError(f"--k {','.join(map(str, k))}: give neighbour counts >= 1 (e.g. 10,20,100)")
+    if snapshot_every is not None and snapshot_every < 1:
+        raise FeatxError(f"--snapshot-every {snapshot_every}: give a number of steps, 1 or more")
     fraction = parse_select(select)
     views = {"train": train_views, "val": eval_views}
+    for split, which in views.items():  # a misnamed view fails here, before any training
+        select_views(meta, split, which, path=path)
     stream = stream or not _fits_in_memory(path, views, resolve_device(device))
     train_split, val_split = (_split(path, s, v, stream) for s, v in views.items())
     if not (_labels(val_split) >= 0).any():
@@ -367,7 +390,8 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     config = {"features": str(path), "head": head, "hidden": hidden if head == "mlp" else 0, "optimizer": optimizer,
               "lr_decay": lr_decay, "schedule": schedule, "epochs": epochs, "batch_size": batch_size,
               "train_views": train_views, "eval_views": eval_views, "normalize": normalize, "seed": seed,
-              "device": device, "save": save, "keep": keep, "stream": stream, "select": select}
+              "device": device, "save": save, "keep": keep, "snapshot_every": snapshot_every, "stream": stream,
+              "select": select}
     if head == "knn":
         config["k"] = list(k)
     feature_info = {"path": str(path.resolve()), "identity": meta.identity(), "backbone": meta.backbone,
@@ -375,7 +399,9 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
                     "dataset_fingerprint": meta.dataset_fingerprint}
     run_dir = start_run(out, kind="probe", config={**config, "heads": [dataclasses.asdict(c) for c in heads]},
                         features=feature_info)
-    snapshots = Snapshots(run_dir, keep=keep)
+    # step-numbered names only when snapshots are taken within epochs, so that per-epoch runs keep theirs
+    name = "head{key:02d}-epoch{epoch:03d}" + ("-step{step:06d}" if snapshot_every else "") + ".pt"
+    snapshots = Snapshots(run_dir, keep=keep, name=name)
     common = {"features": feature_info, "classes": meta.classes}
 
     if head in ("knn", "ncm"):
@@ -388,25 +414,29 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
                 **_neighbor_payload(result.heads, head, h), "config": config, **common, "epoch": 1,
                 "val_top1": r["val_top1"], "val_top5": r["val_top5"]})
     else:
-        def on_epoch(epoch: int, model: StackedHeads, top1: np.ndarray, top5: np.ndarray) -> None:
+        def on_eval(epoch: int, step: int, model: StackedHeads, top1: np.ndarray, top5: np.ndarray) -> None:
             for h, c in enumerate(heads):
                 snapshots.offer(h, epoch, float(top1[h]), float(top5[h]), lambda h=h, c=c: {
                     "format": HEAD_FORMAT, "normalize": normalize, "state": model.head_state(h),
-                    "config": {**config, **dataclasses.asdict(c)}, **common,
-                    "epoch": epoch, "val_top1": float(top1[h]), "val_top5": float(top5[h])})
+                    "config": {**config, **dataclasses.asdict(c)}, **common, "epoch": epoch, "step": step,
+                    "val_top1": float(top1[h]), "val_top5": float(top5[h])}, step=step)
             snapshots.prune()
 
         result = train(fit, val=chosen_on, heads=heads, head=head, hidden=hidden, optimizer=optimizer,
                        lr_decay=lr_decay, schedule=schedule, epochs=epochs, batch_size=batch_size,
-                       normalize=normalize, seed=seed, device=device, on_epoch=on_epoch, progress=progress)
+                       normalize=normalize, seed=seed, device=device, on_eval=on_eval, eval_every=snapshot_every,
+                       progress=progress)
+    # Snapshot.rank orders as _best does, so without --snapshot-every this is result's best head and epoch;
+    # with it, the best may fall within an epoch.
+    top = snapshots.listing()[0]
+    result.best, result.best_epoch = top.key, top.epoch
     if save == "best":
-        snapshots.retain({result.best})
+        snapshots.retain({top.key})
     result.val = _calibrate_and_score(run_dir, snapshots, chosen_on, val_split, select=select, device=device)
-    best = {"head": result.best, "epoch": result.best_epoch, "name": result.names[result.best],
-            "config": dataclasses.asdict(heads[result.best]) if result.configs else {},
-            "select": select, "select_top1": result.best_metrics["val_top1"],
-            "select_top5": result.best_metrics["val_top5"], **result.val,
-            "checkpoint": snapshots.listing()[0].file}  # ranked as _best ranks, so the same head and epoch
+    best = {"head": top.key, "epoch": top.epoch, "step": top.step, "name": result.names[top.key],
+            "config": dataclasses.asdict(heads[top.key]) if result.configs else {},
+            "select": select, "select_top1": top.val_top1, "select_top5": top.val_top5, **result.val,
+            "checkpoint": top.file}
     write_metrics(run_dir, [{"index": h, "config": dataclasses.asdict(c) if result.configs else {"name": name},
                              "status": result.status[h], "epochs": result.history[h]}
                             for h, (c, name) in enumerate(zip(result.configs or result.names, result.names))], best)

@@ -21,7 +21,7 @@ from featx.cli import cli
 from featx.data import read_split
 from featx.errors import FeatxError
 from featx.features import load_features, read_meta
-from featx.views import view_names
+from featx.views import AUG_BRIGHTNESS, AUG_CONTRAST, aug_params, aug_pixels, crop_view, view_names
 
 TINY = {"size": 32, "progress": False, "weights": "none"}
 
@@ -79,7 +79,7 @@ def test_finished_extraction_is_a_no_op_and_other_settings_are_refused(synth_cac
 RESUMABLE = """
 import sys
 from featx import extract_features
-extract_features(data=sys.argv[1], backbone="resnet18", weights="none", size=96, views="ten",
+extract_features(data=sys.argv[1], backbone="resnet18", weights="none", size=96, views="ten", aug_views=2,
                  out=sys.argv[2], shard_rows=4, batch_size=2, progress=False)
 """
 
@@ -101,12 +101,74 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(synth_cache, tmp_path):
 
     subprocess.run([sys.executable, "-c", RESUMABLE, str(synth_cache), str(out)], check=True)
     ref = extract_features(data=synth_cache, backbone="resnet18", weights="none", size=96, views="ten",
-                           out=tmp_path / "ref.h5", shard_rows=4, batch_size=2, progress=False)
+                           aug_views=2, out=tmp_path / "ref.h5", shard_rows=4, batch_size=2, progress=False)
     assert not partial.exists()
     for split in ("train", "val", "test"):
-        a, b = load_features(out, split), load_features(ref, split)
+        every = read_meta(out).stored_views(split)  # the augmented views too, in train
+        a, b = load_features(out, split, views=every), load_features(ref, split, views=every)
         np.testing.assert_allclose(a.features.astype(np.float32), b.features.astype(np.float32), rtol=1e-2, atol=1e-3)
         assert a.ids == b.ids and np.array_equal(a.labels, b.labels)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return TF.rgb_to_grayscale(x)[0].double()
+
+
+def test_augmented_view_pixels_are_a_seeded_jitter_of_the_image_or_a_corner():
+    rng = np.random.default_rng(0)
+    # pixels in [60, 160]: no jitter within the range can clip, so the measured statistics are exact
+    images = torch.from_numpy(rng.integers(60, 161, (6, 64, 64, 3), dtype=np.uint8))
+    x = images.permute(0, 3, 1, 2).float() / 255
+    pixels = aug_pixels(images, first=100, k=4, seed=7, crop=56)
+    assert len(pixels) == 24
+    bases = set()
+    for row, out in enumerate(pixels):
+        i, k = divmod(row, 4)
+        base, brightness, contrast = aug_params(7, 100 + i, k)
+        bases.add(base)
+        assert aug_params(7, 100 + i, k) == (base, brightness, contrast)  # a function of (seed, index, k)
+        assert abs(brightness - 1) <= AUG_BRIGHTNESS and abs(contrast - 1) <= AUG_CONTRAST
+        src = _gray(crop_view(x[i], base, 56))
+        got = _gray(out)
+        # measured before the backbone: brightness scales the mean, contrast then scales the spread about it
+        assert got.mean() / src.mean() == pytest.approx(brightness, rel=1e-4)
+        assert got.std() / (brightness * src.std()) == pytest.approx(contrast, rel=1e-4)
+        # the one crop it is an affine image of is the one drawn, and no mirror
+        for other in ("full", "top_left", "top_right", "bottom_left", "bottom_right"):
+            cand = _gray(crop_view(x[i], other, 56))
+            for mirrored in (cand, cand.flip(-1)):
+                if mirrored.shape == got.shape:
+                    r = np.corrcoef(mirrored.flatten(), got.flatten())[0, 1]
+                    assert (r > 0.9999) == (other == base and mirrored is cand)
+    assert len(bases) >= 3
+    again = aug_pixels(images, first=100, k=4, seed=7, crop=56)
+    assert all(torch.equal(a, b) for a, b in zip(pixels, again))
+    other_seed = aug_pixels(images, first=100, k=4, seed=8, crop=56)
+    assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(pixels, other_seed))
+
+
+def test_augmented_views_are_stored_for_train_only_and_differ_from_every_deterministic_view(synth_cache, tmp_path):
+    common = dict(data=synth_cache, backbone="resnet18", weights="none", size=32, views="ten", dtype="float32",
+                  precision="fp32", splits=["train", "val"], progress=False)
+    a = extract_features(**common, aug_views=3, out=tmp_path / "a.h5", batch_size=4)
+    # other shards and batches: the same views, since each is a function of (seed, image index, k) alone
+    b = extract_features(**common, aug_views=3, out=tmp_path / "b.h5", batch_size=3, shard_rows=5)
+    c = extract_features(**common, aug_views=3, aug_seed=1, out=tmp_path / "c.h5", batch_size=4)
+    meta = read_meta(a)
+    assert (meta.aug_views, meta.aug_seed, meta.aug_brightness, meta.aug_contrast) == (3, 0, AUG_BRIGHTNESS,
+                                                                                        AUG_CONTRAST)
+    assert meta.stored_views("train") == view_names("ten") + ["aug0", "aug1", "aug2"]
+    names = meta.stored_views("train")
+    fa, fb, fc = (load_features(p, "train", views=names).features for p in (a, b, c))
+    assert fa.shape[1] == 13 and load_features(a, "val").features.shape[1] == 10
+    np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-4 * np.abs(fa).max())
+    np.testing.assert_allclose(fa[:, :10], fc[:, :10], rtol=1e-4, atol=1e-4 * np.abs(fa).max())
+    scale = np.abs(fa).max()
+    assert np.abs(fa[:, 10:] - fc[:, 10:]).max(axis=2).min() > 1e-3 * scale  # the seed changes every draw
+    gaps = np.abs(fa[:, 10:, None, :] - fa[:, None, :10, :]).max(axis=3)  # (N, aug, deterministic)
+    assert gaps.min() > 1e-3 * scale
+    with pytest.raises(FeatxError, match="augmented views are for training only"):
+        load_features(a, "val", views="aug0")
 
 
 def test_mismatched_resume_is_refused(synth_cache, tmp_path):

@@ -21,7 +21,7 @@ from featx.finetune import FinetuneConfig, finetune
 from featx.heads import StackedHeads
 from featx.predict import greedy, predict, predict_images, ranked_picks, top_k
 from featx.probe import HeadConfig, run_probe
-from featx.runs import Snapshot, start_run, update_run
+from featx.runs import Snapshot, read_run, start_run, update_run
 
 
 def featx_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
@@ -290,3 +290,26 @@ def test_real_views_all_at_least_as_accurate_as_full(mobilenet_features_20, tmp_
           f"{snapshots.top_k(1):.4f} ({len(snapshots.members)} of 4)")
     assert len(both.ids) == 1000 and full.top_k(1) >= 0.7
     assert both.top_k(1) >= full.top_k(1)
+
+
+def test_ensemble_curve_on_real_features_starts_at_the_best_snapshot(mobilenet_features_20, tmp_path, capsys,
+                                                                     monkeypatch):
+    run = tmp_path / "run"
+    # 10 steps an epoch: snapshots at steps 4 and 8 and at each epoch's end, the best 6 of 9 kept
+    run_probe(features=mobilenet_features_20, out=run, heads=[HeadConfig()], epochs=3, keep=6, snapshot_every=4,
+              device="cpu")
+    checkpoints = read_run(run).checkpoints
+    assert len(checkpoints) == 6
+    p = predict(runs=[run], split="val", views="all", ensemble="top:3", curve=True, device="cpu")
+    assert len(p.curve) == 6
+    assert p.curve[0] == pytest.approx(checkpoints[0].val_top1, abs=1e-6)  # N=1: the best single snapshot (run.json: float32)
+    assert p.curve[2] == pytest.approx(p.top_k(1), abs=1e-12)  # each N is what top:N predicts
+    assert p.curve[p.best_size - 1] == max(p.curve)
+
+    out = tmp_path / "preds"
+    code, stdout, _ = featx_cli(capsys, monkeypatch, "predict", "--run", str(run), "--device", "cpu", "--out", str(out))
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "ensemble.csv")))
+    assert [float(r["val_top1"]) for r in rows] == pytest.approx(p.curve, abs=1e-6)
+    assert [int(r["best"]) for r in rows].index(1) == p.best_size - 1
+    assert f"* {p.best_size:>3} {max(p.curve):9.2%}" in stdout and (out / "ensemble.png").stat().st_size > 1000

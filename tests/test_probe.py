@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import sys
@@ -16,7 +17,7 @@ import torch
 from featx.cli import main
 from featx.features import FeatureMeta, load_features, write_features
 from featx.heads import StackedHeads, smoothed_cross_entropy, topk_correct
-from featx.probe import HeadConfig, StreamedSplit, grid, train
+from featx.probe import HeadConfig, StreamedSplit, grid, run_probe, train
 from featx.runs import load_checkpoint, read_run, start_run
 
 VIEWS = ["full", "full_flip", "top_left"]
@@ -188,6 +189,8 @@ def test_save_best_keeps_only_the_best_heads_snapshots(synthetic, tmp_path, caps
     ("bad-lr", "Invalid value for '--lr': '1e-3,fast' is not a comma list of numbers"),
     ("no-val", "no 'val' split"),
     ("finetune-run", "holds a `featx finetune` run"),
+    ("unknown-view", "split 'train' has no view top_middle"),
+    ("aug-eval", "has no view aug0 (augmented views are for training only)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(case, message, tmp_path, capsys, monkeypatch):
     path = tmp_path / "f.h5"
@@ -210,9 +213,60 @@ def test_bad_input_is_one_line_and_exit_2(case, message, tmp_path, capsys, monke
     elif case == "finetune-run":
         write_synthetic(path)
         start_run(tmp_path / "run", kind="finetune", config={}, features={})
+    elif case == "unknown-view":
+        write_synthetic(path)
+        args += ["--train-views", "full,top_middle"]
+    elif case == "aug-eval":
+        write_synthetic(path)
+        args += ["--eval-views", "aug0"]
     code, stdout, stderr = probe_cli(capsys, monkeypatch, *args)
     assert code == 2 and stdout == ""
     assert len(stderr.strip().splitlines()) == 1 and message in stderr and stderr.startswith("featx: error:")
+
+
+def _only_views(src: Path, dst: Path, names: list[str]) -> Path:
+    """A copy of src's train and val holding only the named views, as an extraction of just those would."""
+    splits = {s: load_features(src, s, views=names) for s in ("train", "val")}
+    meta = dataclasses.replace(splits["train"].meta, views=names)
+    return write_features(dst, meta, {s: (f.features, f.labels, f.ids) for s, f in splits.items()})
+
+
+def _heads(run: Path) -> list[dict]:
+    return [load_checkpoint(run / s.file)["state"] for s in read_run(run).checkpoints]
+
+
+@pytest.mark.parametrize("names", ["full", "top_left,full"])
+def test_views_by_name_train_as_a_file_of_only_those_views(names, tmp_path, capsys, monkeypatch):
+    path = write_synthetic(tmp_path / "f.h5", noise=1.0)
+    alone = _only_views(path, tmp_path / "alone.h5", names.split(","))
+    common = ["--device", "cpu", "--epochs", "2", "--keep", "2"]
+    assert probe_cli(capsys, monkeypatch, "--features", str(path), "--out", str(tmp_path / "named"),
+                     "--train-views", names, "--eval-views", names, *common)[0] == 0
+    assert probe_cli(capsys, monkeypatch, "--features", str(alone), "--out", str(tmp_path / "alone"),
+                     "--train-views", "all", "--eval-views", "all", *common)[0] == 0
+    named, by_file = read_run(tmp_path / "named"), read_run(tmp_path / "alone")
+    assert [(s.epoch, s.val_top1, s.val_top5) for s in named.checkpoints] == \
+        [(s.epoch, s.val_top1, s.val_top5) for s in by_file.checkpoints]
+    for a, b in zip(_heads(tmp_path / "named"), _heads(tmp_path / "alone")):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_snapshots_every_n_steps_keep_the_best_across_steps(tmp_path):
+    path = write_synthetic(tmp_path / "f.h5", noise=1.5)
+    common = dict(features=path, heads=[HeadConfig()], epochs=3, batch_size=10, snapshot_every=5, device="cpu")
+    run_probe(out=tmp_path / "all", keep=100, **common)
+    run_probe(out=tmp_path / "best3", keep=3, **common)
+    every = read_run(tmp_path / "all").checkpoints
+    # 12 steps an epoch: validated at steps 5 and 10 within each epoch and at its end
+    assert sorted(s.step for s in every) == [5, 10, 12, 15, 20, 24, 25, 30, 35, 36]
+    assert sorted((s.epoch, s.step) for s in every)[:3] == [(1, 5), (1, 10), (1, 12)]
+    assert len({s.file for s in every}) == 10 and all((tmp_path / "all" / s.file).exists() for s in every)
+    best3 = read_run(tmp_path / "best3")
+    assert [(s.step, s.val_top1) for s in best3.checkpoints] == [(s.step, s.val_top1) for s in every[:3]]
+    assert sorted(p.name for p in (tmp_path / "best3" / "checkpoints").glob("*.pt")) == \
+        sorted(Path(s.file).name for s in best3.checkpoints)
+    assert best3.best["step"] == every[0].step and best3.best["val_top1"] == every[0].val_top1
+    assert len({s.val_top1 for s in every}) > 1  # noisy enough that the ranking means something
 
 
 # --- real features --------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from featx.cli import main
 from featx.finetune import FinetuneConfig, finetune
 from featx.predict import predict
 from featx.probe import HeadConfig, run_probe
-from featx.report import class_errors, confused_pairs, write_report
+from featx.data import dataset_info
+from featx.report import DEFAULT_TSNE, _tsne_classes, class_errors, confused_pairs, write_report
 
 
 def read_csv(path) -> list[dict]:
@@ -55,9 +56,9 @@ def test_real_report_files_links_and_per_class_errors(mobilenet_features_20, tmp
 
     page = out / "report.html"
     names = {"per_class.csv", "confused_pairs.csv", "predictions.csv", "confusion.png", "curves.png", "tsne.png",
-             "reliability.png"}
+             "reliability.png", "ensemble.csv", "ensemble.png"}
     assert linked_files(page) == names
-    assert all((out / n).stat().st_size > 100 for n in names)
+    assert all((out / n).stat().st_size > 100 for n in names - {"ensemble.csv"})  # 3 short rows
 
     pred = predict(runs=[run], split="val", ensemble="all", device="cpu")
     per_class = read_csv(out / "per_class.csv")
@@ -68,8 +69,19 @@ def test_real_report_files_links_and_per_class_errors(mobilenet_features_20, tmp
     assert rates == sorted(rates, reverse=True)
     assert all(int(r["wrong_classes"]) <= int(r["errors"]) for r in per_class)
     assert f"{errors} of 1000" in page.read_text()
+    # those of the report's seven t-SNE classes among the first 20, every training image of each (50 here)
+    present = [w for w in DEFAULT_TSNE if w in pred.classes]
+    assert len(present) >= 2 and f"t-SNE of {len(present)} classes ({50 * len(present)} training images)" in page.read_text()
+    assert len(read_csv(out / "ensemble.csv")) == 3
     pairs = read_csv(out / "confused_pairs.csv")
     assert pairs and all(int(r["total"]) == int(r["a_as_b"]) + int(r["b_as_a"]) > 0 for r in pairs)
+
+
+def test_the_default_t_sne_classes_are_the_seed_reports_seven(real_cache):
+    info = dataset_info(real_cache)
+    picked = [info.names[i].split(",")[0] for i in _tsne_classes(None, list(info.wnids))]
+    assert picked == ["convertible", "sports car", "plunger", "Egyptian cat", "Persian cat", "golden retriever",
+                      "bullet train"]
 
 
 def test_a_finetune_report_shows_the_first_layer_filters(synth_cache, tmp_path):
