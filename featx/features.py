@@ -28,7 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featx.choices import EvalViews
+from featx.choices import ViewSelection
 from featx.errors import FeatxError
 
 FORMAT = "featx-features-1"
@@ -138,7 +138,7 @@ def _group(f: h5py.File, path, split: str) -> h5py.Group:
     return f[split]
 
 
-def select_views(meta: FeatureMeta, split: str, views: EvalViews | str | Sequence[str], *,
+def select_views(meta: FeatureMeta, split: str, views: ViewSelection, *,
                  path: str | Path | None = None) -> list[int]:
     """Indices of the stored views of `split` that `views` names: "all" (every deterministic view), "full",
     or view names as a list or comma list (augmented views only for train)."""
@@ -154,7 +154,7 @@ def select_views(meta: FeatureMeta, split: str, views: EvalViews | str | Sequenc
     return [stored.index(v) for v in names]
 
 
-def load_features(path: str | Path, split: str, *, views: EvalViews | str | Sequence[str] = "all") -> Features:
+def load_features(path: str | Path, split: str, *, views: ViewSelection = "all") -> Features:
     """One split in memory. `views`: "all", "full" (view 0 only) or view names (a list or comma list)."""
     path = Path(path)
     with _open(path) as f:
@@ -176,7 +176,7 @@ def load_features(path: str | Path, split: str, *, views: EvalViews | str | Sequ
 
 
 def load(source: str | Path | Mapping[str, str | Path], splits: Sequence[str] | None = None, *,
-         views: EvalViews | Sequence[str] = "all") -> dict[str, Features]:
+         views: ViewSelection = "all") -> dict[str, Features]:
     """Several splits as one extraction: every split of a file (`load("f.h5")`), some of them
     (`load("f.h5", ["train", "val"])`), or splits from separate files (`load({"train": a, "val": b})`).
     Refuses splits made with different settings (backbone, weights, views, normalisation, dataset, ...)."""

@@ -35,15 +35,16 @@ from featx import runs
 from featx.atomic import replacing
 from featx.augment import Augment, check_augmentations, parse_augmentation
 from featx.backbones import get_spec, input_spec
+from featx.choices import BN_MODES, IMAGE_NORMALIZE
 from featx.choices import FINETUNE_HEADS as HEADS
-from featx.choices import Activation, BatchNormMode, Device, ImageNormalize, FinetuneHead, FinetuneSchedule, Optimizer, Precision
+from featx.choices import (Activation, BatchNormMode, Device, FinetuneHead, FinetuneSchedule, ImageNormalize, Optimizer,
+                           Precision)
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, resolve_precision
 from featx.errors import FeatxError
 from featx.heads import topk_correct
-from featx.choices import BN_MODES
 from featx.lstm_head import GROUP, STAGES
-from featx.models import ACTIVATIONS, MODEL_FORMAT, NORMALIZATIONS, ModelSpec, build_model, pick_batchnorm, set_batchnorm
+from featx.models import ACTIVATIONS, MODEL_FORMAT, ModelSpec, build_model, pick_batchnorm, set_batchnorm
 from featx.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 from featx.views import render_views, to_input
 
@@ -117,7 +118,7 @@ class FinetuneConfig:
         for option, value, allowed in (("--head", self.head, HEADS), ("--optimizer", self.optimizer, OPTIMIZERS),
                                        ("--schedule", self.schedule, SCHEDULES), ("--bn", self.bn, BN_MODES),
                                        ("--activation", self.activation, tuple(ACTIVATIONS)),
-                                       ("--normalize", self.normalize, NORMALIZATIONS)):
+                                       ("--normalize", self.normalize, IMAGE_NORMALIZE)):
             if value not in allowed:
                 raise FeatxError(f"{option} {value}: choose one of {', '.join(allowed)}")
         if self.init and self.weights != "none":

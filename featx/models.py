@@ -16,7 +16,7 @@ from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from featx.backbones import create_backbone
-from featx.choices import BN_MODES, IMAGE_NORMALIZE as NORMALIZATIONS
+from featx.choices import BN_MODES
 from featx.errors import FeatxError
 from featx.lstm_head import GROUP, STAGES, LSTMNet
 

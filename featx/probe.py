@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from featx.atomic import replacing
-from featx.choices import (PROBE_HEADS, TRAINED_HEADS, Device, EvalViews, Normalize, Optimizer, ProbeHead,
-                           ProbeSchedule, SaveMode, TrainedHead)
+from featx.choices import (PROBE_HEADS, TRAINED_HEADS, Device, Normalize, Optimizer, ProbeHead,
+                           ProbeSchedule, SaveMode, TrainedHead, ViewSelection)
 from featx.device import resolve_device
 from featx.errors import FeatxError
 from featx.features import (FeatureMeta, Features, feature_splits, load_features, open_split, read_meta,
@@ -346,7 +346,7 @@ def _available_ram() -> int:
 def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConfig], head: ProbeHead = "linear",
               hidden: int = 1024, optimizer: Optimizer = "adam", lr_decay: float = 0.713,
               schedule: ProbeSchedule = "exponential", epochs: int = 10, batch_size: int = 100,
-              train_views: EvalViews | str = "all", eval_views: EvalViews | str = "all", normalize: Normalize = "none",
+              train_views: ViewSelection = "all", eval_views: ViewSelection = "all", normalize: Normalize = "none",
               seed: int = 0, device: Device = "auto", save: SaveMode = "best", keep: int = 20,
               snapshot_every: int | None = None, stream: bool = False, select: str = "holdout:0.1",
               k: Sequence[int] = (10, 20, 100), progress: bool = False) -> ProbeResult:

@@ -163,7 +163,7 @@ def test_module_constants_are_the_choices_and_the_api_is_typed_with_the_literals
     assert device.PRECISIONS is choices.PRECISIONS and predict.ENSEMBLES is choices.ENSEMBLES
     assert tuple(views.VIEW_SETS) == choices.VIEW_SET_NAMES
     hints = typing.get_type_hints
-    assert hints(probe.run_probe)["eval_views"] is hints(probe.run_probe)["train_views"] is choices.EvalViews
+    assert hints(probe.run_probe)["eval_views"] == hints(probe.run_probe)["train_views"] == choices.ViewSelection
     assert hints(probe.run_probe)["head"] is choices.ProbeHead
     assert hints(finetune.FinetuneConfig)["schedule"] is choices.FinetuneSchedule
     assert hints(predict.predict)["eval_views"] is hints(report.write_report)["eval_views"] is choices.EvalViews

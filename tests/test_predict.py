@@ -296,11 +296,12 @@ def test_ensemble_curve_on_real_features_starts_at_the_best_snapshot(mobilenet_f
                                                                      monkeypatch):
     run = tmp_path / "run"
     # 10 steps an epoch: snapshots at steps 4 and 8 and at each epoch's end, the best 6 of 9 kept
+    # select="val": the snapshots are scored on val itself (a holdout run scores them on its held-out train rows)
     run_probe(features=mobilenet_features_20, out=run, heads=[HeadConfig()], epochs=3, keep=6, snapshot_every=4,
-              device="cpu")
+              select="val", device="cpu")
     checkpoints = read_run(run).checkpoints
     assert len(checkpoints) == 6
-    p = predict(runs=[run], split="val", views="all", ensemble="top:3", curve=True, device="cpu")
+    p = predict(runs=[run], split="val", eval_views="all", ensemble="top:3", curve=True, device="cpu")
     assert len(p.curve) == 6
     assert p.curve[0] == pytest.approx(checkpoints[0].val_top1, abs=1e-6)  # N=1: the best single snapshot (run.json: float32)
     assert p.curve[2] == pytest.approx(p.top_k(1), abs=1e-12)  # each N is what top:N predicts

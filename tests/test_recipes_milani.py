@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from featx.cli import cli
 from featx.pipeline import run_recipe
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
@@ -57,7 +58,8 @@ QUOTED = {"vanilla": ["74.7%", "66.8%", "6.5e-4", "0.713", "0.0116", "25.25%", "
 
 @pytest.fixture(scope="module")
 def resolved() -> dict[str, dict[str, dict]]:
-    return {r: {s.name: s.params for s in run_recipe(recipe=PIPELINES / f"milani_transfer_{r}.toml", dry_run=True)}
+    return {r: {s.name: s.params for s in run_recipe(recipe=PIPELINES / f"milani_transfer_{r}.toml", commands=cli,
+                                                                  dry_run=True)}
             for r in QUOTED}
 
 
