@@ -34,7 +34,7 @@ from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 from featx import runs
-from featx.atomic import replacing
+from featx.atomic import one_writer, replacing
 from featx.augment import Augment, check_augmentations
 from featx.backbones import create_backbone, get_spec, input_spec
 from featx.data import dataset_info, prepare_cache, read_split
@@ -227,6 +227,7 @@ class FinetuneResult:
     snapshots: list[dict]  # kept checkpoints, best first
 
 
+@one_writer("out")
 def finetune(*, data: str | Path | None, backbone: str, out: str | Path, weights: str = "default",
              size: int | None = None, head: str = "linear", epochs: int = 10, batch_size: int = 128,
              optimizer: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0, schedule: str = "cosine",

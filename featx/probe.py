@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from featx.atomic import one_writer, require_space
 from featx.device import resolve_device
 from featx.errors import FeatxError
 from featx.features import (FeatureMeta, Features, feature_splits, load_features, open_split, read_meta,
@@ -177,19 +178,23 @@ def evaluate(heads: StackedHeads, src) -> tuple[np.ndarray, np.ndarray, np.ndarr
 # --- training ----------------------------------------------------------------------------------------
 
 
-def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, heads: Sequence[HeadConfig],
-           head: str) -> None:
+def _check_heads(heads: Sequence[HeadConfig], head: str) -> None:
     if head not in ("linear", "mlp"):
         raise FeatxError(f"--head {head}: choose linear or mlp")
+    for c in heads:
+        if not (c.lr > 0 and c.weight_decay >= 0 and 0 <= c.label_smoothing < 1 and 0 <= c.dropout < 1):
+            raise FeatxError(f"head {c.label()}: need lr > 0, weight decay >= 0, label smoothing and dropout in [0, 1)")
+
+
+def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, heads: Sequence[HeadConfig],
+           head: str) -> None:
+    _check_heads(heads, head)
     require_same_extraction(features, val)
     if not (_labels(val) >= 0).any():
         raise FeatxError(f"{val.path}: split {val.split!r} has no labels to validate on; "
                          "extract a labelled split (e.g. --splits train,val)")
     if not (_labels(features) >= 0).any():
         raise FeatxError(f"{features.path}: split {features.split!r} has no labels to train on")
-    for c in heads:
-        if not (c.lr > 0 and c.weight_decay >= 0 and 0 <= c.label_smoothing < 1 and 0 <= c.dropout < 1):
-            raise FeatxError(f"head {c.label()}: need lr > 0, weight decay >= 0, label smoothing and dropout in [0, 1)")
 
 
 def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
@@ -242,6 +247,12 @@ def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
             loss_sum += loss.detach().double() * len(y)
             correct += (logits.detach().argmax(-1) == y).sum(1)
             seen += len(y)
+        # A step can turn weights NaN/inf with a finite loss, and the epoch's last step has no next loss to
+        # show it: such a head is stopped before it is evaluated, let alone saved.
+        for h in (~model.finite_heads()).nonzero().flatten().tolist():
+            if opt.active[h]:
+                opt.stop(h)
+                status[h] = f"stopped in epoch {epoch}: its weights turned NaN/inf"
         model.eval()
         val_loss, val_top1, val_top5 = evaluate(model, val_src)
         train_loss, train_top1 = (loss_sum / seen).cpu().numpy(), (correct.double() / seen).cpu().numpy()
@@ -268,7 +279,7 @@ def _best(history: list[list[dict]]) -> tuple[int, int]:
     scored = [(-r["val_top1"], -r["val_top5"], h, r["epoch"]) for h, hist in enumerate(history) for r in hist
               if math.isfinite(r["val_top1"])]
     if not scored:
-        raise FeatxError("every head's loss turned NaN; lower --lr")
+        raise FeatxError("every head diverged (its loss or weights turned NaN/inf), none is saved; lower --lr")
     _, _, h, epoch = min(scored)
     return h, epoch
 
@@ -298,12 +309,14 @@ def _available_ram() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+@one_writer("out")
 def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConfig], head: str = "linear",
               hidden: int = 1024, optimizer: str = "adam", lr_decay: float = 0.713, schedule: str = "exponential",
               epochs: int = 10, batch_size: int = 100, train_views: str = "all", eval_views: str = "all",
               normalize: str = "none", seed: int = 0, device: str = "auto", save: str = "best", keep: int = 20,
               stream: bool = False, progress: bool = False) -> ProbeResult:
     """`featx probe`: train the sweep on the file's train split, validate on val, write the run directory."""
+    _check_heads(heads, head)  # before anything is written to `out`
     path = Path(features)
     meta = read_meta(path)
     have = feature_splits(path)
@@ -324,6 +337,9 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     feature_info = {"path": str(path.resolve()), "identity": meta.identity(), "backbone": meta.backbone,
                     "weights": meta.weights, "views": meta.views, "dataset": meta.dataset,
                     "dataset_fingerprint": meta.dataset_fingerprint}
+    dim, n_classes = _dim(train_split), len(meta.classes)
+    params = (dim + 1) * hidden + (hidden + 1) * n_classes if head == "mlp" else (dim + 1) * n_classes
+    require_space(Path(out) / "run.json", len(heads) * keep * params * 4)  # every head's snapshots, until the end
     run_dir = start_run(out, kind="probe", config={**config, "heads": [dataclasses.asdict(c) for c in heads]},
                         features=feature_info)
     snapshots = Snapshots(run_dir, keep=keep)

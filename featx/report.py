@@ -24,7 +24,7 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 from torch import nn
 
-from featx.atomic import replacing
+from featx.atomic import make_dirs, replacing
 from featx.errors import FeatxError
 from featx.finetune import load_model
 from featx.predict import FinetuneRun, open_run, score_runs, write_predictions
@@ -65,7 +65,7 @@ def confused_pairs(cm: np.ndarray, classes: Sequence[str], names: Sequence[str],
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         w.writeheader()
         w.writerows(rows)
@@ -181,12 +181,11 @@ def write_report(*, run: str | Path, out: str | Path = "report", split: str = "v
                  ensemble: str = "best", tsne_classes: Sequence[str] | None = None, data: str | Path | None = None,
                  device: str = "auto") -> Path:
     """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page."""
-    out = Path(out)
+    out = make_dirs(out, option="--out", path=out)
     r = open_run(run, data=data, device=device)
     pred = score_runs([r], split=split, views=views, ensemble=ensemble)
     pred.require_labels()
     tsne = _tsne_classes(tsne_classes, pred.classes)
-    out.mkdir(parents=True, exist_ok=True)
 
     keep = pred.labels >= 0
     cm = confusion_matrix(pred.labels[keep], pred.top(1)[keep, 0], labels=np.arange(len(pred.classes)))
