@@ -181,11 +181,12 @@ def write_report(*, run: str | Path, out: str | Path = "report", split: str = "v
                  ensemble: str = "best", tsne_classes: Sequence[str] | None = None, data: str | Path | None = None,
                  device: str = "auto") -> Path:
     """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page."""
-    out = make_dirs(out, option="--out", path=out)
+    out = Path(out)
     r = open_run(run, data=data, device=device)
     pred = score_runs([r], split=split, views=views, ensemble=ensemble)
     pred.require_labels()
     tsne = _tsne_classes(tsne_classes, pred.classes)
+    make_dirs(out, option="--out", path=out)
 
     keep = pred.labels >= 0
     cm = confusion_matrix(pred.labels[keep], pred.top(1)[keep, 0], labels=np.arange(len(pred.classes)))
