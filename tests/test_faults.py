@@ -210,7 +210,7 @@ def test_a_second_writer_is_refused_at_once(features, synth_cache, tmp_path, cap
 
 def test_two_extract_processes_on_one_output(synth_cache, tmp_path):
     args = [sys.executable, "-m", "featx", "extract", "--data", str(synth_cache), "--backbone", "resnet18",
-            "--weights", "none", "--size", "32", "--views", "ten", "--precision", "fp32", "--out",
+            "--weights", "none", "--size", "224", "--views", "ten", "--classes", "1", "--batch-size", "1", "--precision", "fp32", "--out",
             str(tmp_path / "x.h5")]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
@@ -293,18 +293,22 @@ def test_decode_workers_die_with_a_killed_prepare(shared_zip, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "featx", "data", "prepare", "--data", str(shared_zip),
                              "--cache", str(tmp_path / "c.h5"), "--jobs", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while len(_children(proc.pid)) < 2 and proc.poll() is None and time.time() < deadline:
+    def workers() -> list[int]:  # loky's worker processes, not its resource trackers
+        return [k for k in _children(proc.pid) if b"LokyProcess" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+    deadline = time.time() + 120
+    while len(workers()) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    workers = _children(proc.pid)
-    assert workers, "prepare finished before it started workers"
-    time.sleep(0.5)
+    pids = workers()
+    assert len(pids) == 2, "prepare finished before it started its workers"
+    time.sleep(1)  # into the decoding
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.time() + 3
-    while any(map(_alive, workers)) and time.time() < deadline:
+    # they used to wait out loky's idle timeout (20 s or more); a loaded machine may take a few seconds
+    deadline = time.time() + 10
+    while any(map(_alive, pids)) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(map(_alive, workers))
+    assert not any(map(_alive, pids))
 
 
 def test_unreadable_images_are_named_and_skipped_on_their_own_line(tmp_path, capsys, monkeypatch):
