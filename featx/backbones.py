@@ -144,6 +144,11 @@ def _load_state(model: nn.Module, head: str, state: dict[str, torch.Tensor], sou
     # of any size: 1000, 1001 or 200 classes) are ignored.
     skip = (head + ".", "AuxLogits.")
     state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise FeatxError(f"{source}: does not fit this backbone ({wrong[0]} has shape {list(state[wrong[0]].shape)}, "
+                         f"the backbone's is {list(own[wrong[0]].shape)}); pick the matching --backbone")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(skip)]
     if missing or unexpected:

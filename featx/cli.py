@@ -6,6 +6,7 @@ mistakes surface as FeatxError (one line, exit 2); Ctrl-C exits 130 with a hint 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -285,7 +286,8 @@ def probe(features, out, lr, weight_decay, label_smoothing, dropout, k, **option
 @click.option("--per-class", type=click.IntRange(1), help="Only the first N train images per class.")
 @click.option("--overfit", type=click.IntRange(1), help="Sanity check: train on N training images, expect 100%.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: bf16 on CUDA, fp32 on CPU.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="auto: bf16 on CUDA (fp16 where it lacks bf16); on CPU bf16 where it has AVX-512 BF16/AMX, else fp32.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -422,5 +424,16 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
-        sys.exit(e.exit_code)
+        _exit(e.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _exit(code: int) -> None:
+    """sys.exit, except where HDF5 holds a file it could not close (a write that met a full disk): the
+    interpreter's cleanup would then crash in HDF5 (exit 139), so leave without it."""
+    h5py = sys.modules.get("h5py")
+    if h5py is not None and h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

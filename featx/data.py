@@ -13,21 +13,20 @@ Layout of a cache (one group per split present: train, val, test)::
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-from joblib import Parallel, delayed, effective_n_jobs
+from joblib import Parallel, delayed, effective_n_jobs, parallel_config
 from tqdm import tqdm
 
+from featx.atomic import exclusive, replacing
 from featx.errors import FeatxError
-from featx.sources import Layout, Tree, decode_batch, open_tree, read_layout
+from featx.sources import Layout, Tree, decode_batch, exit_with_parent, open_tree, read_layout, skip_or_stop
 
 FORMAT = 1
 DATA_DIR = Path("data")
@@ -61,25 +60,15 @@ def prepare_cache(data: str | Path | None = None, *, cache: str | Path | None = 
     cache = Path(cache)
     if _reusable(cache, fingerprint, skip_bad):
         return cache
-
     attrs = dict(format=FORMAT, fingerprint=fingerprint, source_fingerprint=tree.fingerprint, dataset=layout.name,
                  kind=layout.kind, source=str(src), image_size=image_size, per_class=per_class or -1)
-    tmp = cache.with_name(cache.name + ".partial")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w") as f:
+    # pixels plus room for labels, ids, boxes and HDF5's own metadata
+    need = sum(len(s.members) for s in layout.splits.values()) * (image_size * image_size * 3 + 64) + (1 << 20)
+    with exclusive(cache, option="--cache"):
+        with replacing(cache, need=need) as tmp, h5py.File(tmp, "w") as f:
             _write_cache(f, tree, layout, image_size, skip_bad, n_jobs, progress)
             f.attrs.update(attrs)
             f.attrs["complete"] = True  # last: a file without it was interrupted
-        os.replace(tmp, cache)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        need = sum(len(s.members) for s in layout.splits.values()) * image_size * image_size * 3
-        raise FeatxError(f"{cache}: no space left on device while writing the cache; free {need / 1e9:.1f} GB "
-                         f"there or pass --cache PATH on another disk") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return cache
 
 
@@ -128,8 +117,9 @@ def _write_cache(f: h5py.File, tree: Tree, layout: Layout, size: int, skip_bad: 
              for split, s in layout.splits.items() for start in range(0, len(s.members), BATCH)]
     # Starting worker processes costs about a second: not worth it for a handful of batches.
     jobs = min(effective_n_jobs(n_jobs), len(tasks)) if len(tasks) >= 4 else 1
-    results = Parallel(n_jobs=jobs, return_as="generator")(
-        delayed(decode_batch)(str(tree.path), tree.is_zip, members, size) for _, _, members in tasks)
+    with parallel_config(backend="loky", initializer=exit_with_parent, initargs=(os.getpid(),)):
+        results = Parallel(n_jobs=jobs, return_as="generator")(
+            delayed(decode_batch)(str(tree.path), tree.is_zip, members, size) for _, _, members in tasks)
 
     images = {split: f.create_dataset(f"{split}/images", shape=(len(s.members), size, size, 3), dtype=np.uint8,
                                       maxshape=(None, size, size, 3), chunks=(max(1, min(CHUNK_ROWS, len(s.members))), size, size, 3))
@@ -140,12 +130,9 @@ def _write_cache(f: h5py.File, tree: Tree, layout: Layout, size: int, skip_bad: 
     total = sum(len(s.members) for s in layout.splits.values())
     with tqdm(total=total, unit="img", desc=f"decoding {layout.name}", disable=not progress) as bar:
         for (split, start, members), (batch, bad) in zip(tasks, results):
-            for i, reason in bad:
-                if not skip_bad:
-                    raise FeatxError(f"{tree.where(members[i])} is not a readable image ({reason}); replace it "
-                                     f"or pass --skip-bad to skip undecodable images")
-                print(f"featx: skipped {members[i]}: {reason}", file=sys.stderr)
-                skipped.append(f"{members[i]}: {reason}")
+            skipped += skip_or_stop([(tree.where(members[i]), reason) for i, reason in bad], skip_bad=skip_bad,
+                                    fix="replace it")
+            for i, _ in bad:
                 keep[split][start + i] = False
             good = batch[keep[split][start:start + len(members)]]
             images[split][written[split]:written[split] + len(good)] = good

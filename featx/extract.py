@@ -21,13 +21,13 @@ from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
 from featx import __version__
-from featx.atomic import replacing
+from featx.atomic import one_writer, replacing, require_space
 from featx.backbones import Backbone, create_backbone
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, precision_name, resolve_precision
 from featx.choices import Device, FeatureDtype, Precision, ViewSet
 from featx.errors import FeatxError
-from featx.features import FeatureMeta, create_file, finish_file, read_meta
+from featx.features import FeatureMeta, create_file, file_bytes, read_meta
 from featx.views import AUG_BRIGHTNESS, AUG_CONTRAST, check_crop, render_aug_views, render_views, view_names
 
 SHARD_ROWS = 1024
@@ -57,7 +57,7 @@ def _open_partial(partial: Path, meta: FeatureMeta, shard_rows: int) -> None:
 
 
 def _save_shard(path: Path, x: np.ndarray) -> None:
-    with replacing(path) as tmp:
+    with replacing(path, need=x.nbytes + 4096) as tmp:
         np.save(tmp, x)
 
 
@@ -109,6 +109,7 @@ def compute_features(bb: Backbone, model: torch.nn.Module, images: np.ndarray, *
                     out_dtype)
 
 
+@one_writer("out")
 def extract_features(*, data: str | Path | None, backbone: str, out: str | Path, weights: str | Path = "default",
                      size: int | None = None, views: ViewSet = "ten", crop: int = 56,
                      splits: Sequence[str] | None = None, classes: int | None = None,
@@ -165,19 +166,21 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
                                aug_contrast=AUG_CONTRAST) if aug_views else {}))
     if _check_existing(out, meta):
         return out
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(out.name + ".partial")
-        if ranks.rank == 0:
-            _open_partial(partial, meta, shard_rows)
-    except OSError as e:
-        raise FeatxError(f"--out {out}: cannot write there ({e.strerror}); choose another --out") from None
+    partial = out.with_name(out.name + ".partial")
+    if ranks.rank == 0:
+        _open_partial(partial, meta, shard_rows)
     ranks.barrier()
 
     data_splits = {s: read_split(cache, s, classes=classes, per_class=per_class) for s in splits}
     shards = [(s, k) for s in splits for k in range(-(-len(data_splits[s]) // shard_rows))]
     todo = [(s, k) for i, (s, k) in enumerate(shards)
             if i % ranks.world == ranks.rank and not (partial / f"{s}-{k:05d}.npy").exists()]
+    sizes = {s: len(sp) for s, sp in data_splits.items()}
+    if ranks.rank == 0:  # the shards still to write, then the file assembled from all of them
+        left = sum(min(shard_rows, sizes[s] - k * shard_rows) for s, k in shards
+                   if not (partial / f"{s}-{k:05d}.npy").exists())
+        require_space(out, file_bytes(meta, sizes, bb.feature_dim)
+                      + left * len(views) * bb.feature_dim * dtype.itemsize)
 
     model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(device, memory_format=torch.channels_last)
     if compile:
@@ -203,29 +206,31 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
                 parts.append(_forward_views(bb, model, images[b : b + batch_size], views=views, crop=crop,
                                             device=device, autocast=autocast, aug=aug))
                 bar.update(len(parts[-1]))
-            pending = [p for p in pending if not p.done()] + [
-                writer.submit(_save_shard, partial / f"{s}-{k:05d}.npy", _to_host(parts, dtype))]
+            for p in [p for p in pending if p.done()]:
+                p.result()  # a failed write (a full disk) stops the run here, not after the last shard
+                pending.remove(p)
+            pending.append(writer.submit(_save_shard, partial / f"{s}-{k:05d}.npy", _to_host(parts, dtype)))
         for p in pending:
             p.result()
     bar.close()
 
     ranks.barrier()
     if ranks.rank == 0:
-        _assemble(out, partial, meta, data_splits, bb.feature_dim, shard_rows)
+        _assemble(out, partial, meta, data_splits, sizes, bb.feature_dim, shard_rows)
     ranks.barrier()
     return out
 
 
-def _assemble(out: Path, partial: Path, meta: FeatureMeta, data_splits: dict, dim: int, shard_rows: int) -> None:
+def _assemble(out: Path, partial: Path, meta: FeatureMeta, data_splits: dict, sizes: dict[str, int], dim: int,
+              shard_rows: int) -> None:
     """Copy the shards, in row order, into the final file; memory stays at one shard."""
-    tmp = out.with_name(out.name + ".tmp")
-    f = create_file(tmp, meta, {s: len(sp) for s, sp in data_splits.items()}, dim)
-    for s, sp in data_splits.items():
-        g = f[s]
-        for k in range(-(-len(sp) // shard_rows)):
-            x = np.load(partial / f"{s}-{k:05d}.npy")
-            g["features"][k * shard_rows : k * shard_rows + len(x)] = x
-        g["labels"][:] = sp.labels
-        g["ids"][:] = sp.ids
-    finish_file(f, tmp, out)
+    with replacing(out, need=file_bytes(meta, sizes, dim)) as tmp, create_file(tmp, meta, sizes, dim) as f:
+        for s, sp in data_splits.items():
+            g = f[s]
+            for k in range(-(-len(sp) // shard_rows)):
+                x = np.load(partial / f"{s}-{k:05d}.npy")
+                g["features"][k * shard_rows : k * shard_rows + len(x)] = x
+            g["labels"][:] = sp.labels
+            g["ids"][:] = sp.ids
+        f.attrs["complete"] = True  # last: readers trust only files that carry it
     shutil.rmtree(partial)

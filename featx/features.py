@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import h5py
 import numpy as np
 
 from featx.choices import ViewSelection
+from featx.atomic import replacing
 from featx.errors import FeatxError
 
 FORMAT = "featx-features-1"
@@ -213,7 +213,8 @@ def open_split(path: str | Path, split: str) -> Iterator[tuple[h5py.Dataset, np.
 
 
 def create_file(path: Path, meta: FeatureMeta, sizes: dict[str, int], dim: int) -> h5py.File:
-    """An empty, not yet complete feature file with one (N, V, D) dataset per split."""
+    """An empty, not yet complete feature file with one (N, V, D) dataset per split; written under a
+    `featx.atomic.replacing` name, it gets attrs["complete"] = True last."""
     f = h5py.File(path, "w")
     f.attrs["format"] = FORMAT
     f.attrs["complete"] = False
@@ -232,12 +233,10 @@ def create_file(path: Path, meta: FeatureMeta, sizes: dict[str, int], dim: int) 
     return f
 
 
-def finish_file(f: h5py.File, tmp: Path, path: Path) -> Path:
-    """Mark complete and move into place; only now does `path` exist."""
-    f.attrs["complete"] = True
-    f.close()
-    os.replace(tmp, path)
-    return path
+def file_bytes(meta: FeatureMeta, sizes: dict[str, int], dim: int) -> int:
+    """About what a feature file of these splits takes on disk (for the free-space check)."""
+    rows = sum(sizes.values())
+    return rows * (len(meta.views) * dim * np.dtype(meta.dtype).itemsize + 64) + (1 << 20)
 
 
 def write_features(path: str | Path, meta: FeatureMeta,
@@ -245,14 +244,16 @@ def write_features(path: str | Path, meta: FeatureMeta,
     """Write a whole feature file at once (atomic). Used for small files and tests."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     dims = {x.shape[2] for x, _, _ in splits.values()}
     if len(dims) != 1:
         raise ValueError(f"splits disagree on the feature dimension: {dims}")
-    f = create_file(tmp, meta, {s: len(v[0]) for s, v in splits.items()}, dims.pop())
-    for split, (x, labels, ids) in splits.items():
-        g = f[split]
-        g["features"][:] = x
-        g["labels"][:] = labels
-        g["ids"][:] = ids
-    return finish_file(f, tmp, path)
+    sizes = {s: len(v[0]) for s, v in splits.items()}
+    dim = dims.pop()
+    with replacing(path, need=file_bytes(meta, sizes, dim)) as tmp, create_file(tmp, meta, sizes, dim) as f:
+        for split, (x, labels, ids) in splits.items():
+            g = f[split]
+            g["features"][:] = x
+            g["labels"][:] = labels
+            g["ids"][:] = ids
+        f.attrs["complete"] = True  # last: readers trust only files that carry it
+    return path

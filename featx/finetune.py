@@ -32,7 +32,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from featx import runs
-from featx.atomic import replacing
+from featx.atomic import one_writer, replacing
 from featx.augment import Augment, check_augmentations, parse_augmentation
 from featx.backbones import get_spec, input_spec
 from featx.choices import BN_MODES, IMAGE_NORMALIZE
@@ -229,6 +229,7 @@ class FinetuneResult:
     snapshots: list[runs.Snapshot]  # kept checkpoints, best first
 
 
+@one_writer("out")
 def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, progress: bool = True) -> FinetuneResult:
     """Fine-tune (or train from scratch) `config.backbone` with a new head on `config.data`; writes the run to `out`."""
     c = config

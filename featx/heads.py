@@ -61,6 +61,10 @@ class StackedHeads(nn.Module):
     def num_heads(self) -> int:
         return self.weights[0].shape[0]
 
+    def finite_heads(self) -> torch.Tensor:
+        """(H,) bool: whether every weight and bias of each head is finite."""
+        return torch.stack([p.detach().isfinite().flatten(1).all(1) for p in (*self.weights, *self.biases)]).all(0)
+
     def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.norm_mean.copy_(mean)
         self.norm_std.copy_(std.clamp_min(1e-6))
@@ -152,9 +156,10 @@ def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing
 
 def label_rank(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(H, B, C) scores, (B,) labels -> (H, B) rank of each row's label, 1 = highest; ties rank against the
-    label, so a constant output is never right. One compare pass: several times faster than topk on CPU."""
+    label, so a constant output is never right; a row with NaN/inf is never right either (NaN compares false,
+    which would rank its label first). One compare pass: several times faster than topk on CPU."""
     true = scores.gather(-1, labels.view(1, -1, 1).expand(scores.shape[0], -1, 1))
-    return (scores >= true).sum(-1)
+    return (scores >= true).sum(-1).masked_fill_(~scores.isfinite().all(-1), scores.shape[-1] + 1)
 
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featx.atomic import replacing
+from featx.atomic import make_dirs, replacing
 from featx.backbones import Backbone, create_backbone
 from featx.choices import ENSEMBLES, EVAL_VIEWS, Device, EvalViews, Split
 from featx.data import dataset_info, prepare_cache, read_split
@@ -39,7 +38,7 @@ from featx.models import ModelSpec, load_model
 from featx.neighbors import heads_from_checkpoints
 from featx.plots import plot_ensemble
 from featx.runs import load_checkpoint, read_run
-from featx.sources import IMAGE_EXTS, decode_image
+from featx.sources import IMAGE_EXTS, decode_batch, skip_or_stop
 from featx.stats import apply_temperature, bootstrap_interval, holdout_rows, parse_select
 
 BATCH = 64  # images per forward pass
@@ -421,20 +420,13 @@ def read_images(paths: Sequence[str | Path], *, size: int, skip_bad: bool = Fals
             files.append(p)
         else:
             raise FeatxError(f"--images {p}: no such file or folder")
-    images, ids = [], []
-    for f in files:
-        try:
-            images.append(decode_image(f.read_bytes(), size))
-        except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-            reason = f"{type(e).__name__}: {e}".splitlines()[0]
-            if not skip_bad:
-                raise FeatxError(f"{f}: not a readable image ({reason}); remove it or pass --skip-bad") from None
-            print(f"featx: skipped {f}: {reason}", file=sys.stderr)
-            continue
-        ids.append(str(f))
-    if not images:
+    images, bad = decode_batch("", False, [str(f) for f in files], size)
+    skip_or_stop([(str(files[i]), reason) for i, reason in bad], skip_bad=skip_bad, fix="remove it")
+    keep = np.ones(len(files), bool)
+    keep[[i for i, _ in bad]] = False
+    if not keep.any():
         raise FeatxError(f"--images {' '.join(map(str, paths))}: no readable JPEG or PNG images there")
-    return np.stack(images), ids
+    return images[keep], [str(f) for f, k in zip(files, keep) if k]
 
 
 def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path], eval_views: EvalViews = "all",
@@ -461,9 +453,9 @@ def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path], 
 def write_predictions(p: Prediction, path: str | Path) -> Path:
     """predictions.csv: id, label (true class id, empty where unknown), top1, top5 (space-separated), prob1, name1."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent, option="--out", path=path.parent)
     top5 = p.top(5)
-    with open(path, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "label", "top1", "top5", "prob1", "name1"])
         for i, row in enumerate(top5):
@@ -492,7 +484,7 @@ def write_curve(p: Prediction, folder: str | Path) -> tuple[Path, Path]:
 def write_submission(p: Prediction, path: str | Path) -> Path:
     """The Tiny ImageNet challenge format: one `<image file> <wnid>` line per image."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent, option="--out", path=path.parent)
     with replacing(path) as tmp:
         tmp.write_text("".join(f"{Path(i).name} {p.classes[c]}\n" for i, c in zip(p.ids, p.top(1)[:, 0])))
     return path

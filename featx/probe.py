@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featx.atomic import replacing
+from featx.atomic import one_writer, replacing, require_space
 from featx.choices import (PROBE_HEADS, TRAINED_HEADS, Device, Normalize, Optimizer, ProbeHead,
                            ProbeSchedule, SaveMode, TrainedHead, ViewSelection)
 from featx.device import resolve_device
@@ -206,19 +206,23 @@ def evaluate(heads: StackedHeads, src) -> tuple[np.ndarray, np.ndarray, np.ndarr
 # --- training ----------------------------------------------------------------------------------------
 
 
-def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, heads: Sequence[HeadConfig],
-           head: str) -> None:
+def _check_heads(heads: Sequence[HeadConfig], head: str) -> None:
     if head not in TRAINED_HEADS:
         raise FeatxError(f"--head {head}: choose one of {', '.join(TRAINED_HEADS)}")
+    for c in heads:
+        if not (c.lr > 0 and c.weight_decay >= 0 and 0 <= c.label_smoothing < 1 and 0 <= c.dropout < 1):
+            raise FeatxError(f"head {c.label()}: need lr > 0, weight decay >= 0, label smoothing and dropout in [0, 1)")
+
+
+def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, heads: Sequence[HeadConfig],
+           head: str) -> None:
+    _check_heads(heads, head)
     require_same_extraction(features, val)
     if not (_labels(val) >= 0).any():
         raise FeatxError(f"{val.path}: split {val.split!r} has no labels to validate on; "
                          "extract a labelled split (e.g. --splits train,val)")
     if not (_labels(features) >= 0).any():
         raise FeatxError(f"{features.path}: split {features.split!r} has no labels to train on")
-    for c in heads:
-        if not (c.lr > 0 and c.weight_decay >= 0 and 0 <= c.label_smoothing < 1 and 0 <= c.dropout < 1):
-            raise FeatxError(f"head {c.label()}: need lr > 0, weight decay >= 0, label smoothing and dropout in [0, 1)")
 
 
 def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
@@ -258,6 +262,12 @@ def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
     step = 0
 
     def validate(epoch: int) -> tuple[np.ndarray, ...]:
+        # A step can turn weights NaN/inf with a finite loss, and the epoch's last step has no next loss to
+        # show it: such a head is stopped before it is evaluated, let alone saved.
+        for h in (~model.finite_heads()).nonzero().flatten().tolist():
+            if opt.active[h]:
+                opt.stop(h)
+                status[h] = f"stopped in epoch {epoch}: its weights turned NaN/inf"
         model.eval()
         val_loss, val_top1, val_top5 = evaluate(model, val_src)
         if on_eval is not None:
@@ -312,7 +322,7 @@ def _best(history: list[list[dict]]) -> tuple[int, int]:
     scored = [(-r["val_top1"], -r["val_top5"], h, r["epoch"]) for h, hist in enumerate(history) for r in hist
               if math.isfinite(r["val_top1"])]
     if not scored:
-        raise FeatxError("every head's loss turned NaN; lower --lr")
+        raise FeatxError("every head diverged (its loss or weights turned NaN/inf), none is saved; lower --lr")
     _, _, h, epoch = min(scored)
     return h, epoch
 
@@ -343,6 +353,7 @@ def _available_ram() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+@one_writer("out")
 def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConfig], head: ProbeHead = "linear",
               hidden: int = 1024, optimizer: Optimizer = "adam", lr_decay: float = 0.713,
               schedule: ProbeSchedule = "exponential", epochs: int = 10, batch_size: int = 100,
@@ -367,6 +378,8 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
         raise FeatxError(f"--keep {keep}: keep at least 1 checkpoint")
     if head not in PROBE_HEADS:
         raise FeatxError(f"--head {head}: choose one of {', '.join(PROBE_HEADS)}")
+    if head in TRAINED_HEADS:
+        _check_heads(heads, head)  # before anything is written to `out`
     if head == "knn" and (not k or min(k) < 1):
         raise FeatxError(f"--k {','.join(map(str, k))}: give neighbour counts >= 1 (e.g. 10,20,100)")
     if snapshot_every is not None and snapshot_every < 1:
@@ -377,6 +390,13 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
         select_views(meta, split, which, path=path)
     stream = stream or not _fits_in_memory(path, views, resolve_device(device))
     train_split, val_split = (_split(path, s, v, stream) for s, v in views.items())
+    dim, n_classes = _dim(train_split), len(meta.classes)
+    if head in ("knn", "ncm"):  # k-NN checkpoints hold the training bank, NCM's the class means
+        need = len(k) * _labels(train_split).size * (dim + 1) * 4 if head == "knn" else (dim + 1) * n_classes * 4
+    else:
+        params = (dim + 1) * hidden + (hidden + 1) * n_classes if head == "mlp" else (dim + 1) * n_classes
+        need = len(heads) * keep * params * 4  # every head's snapshots, until the end
+    require_space(Path(out) / "run.json", need)
     if not (_labels(val_split) >= 0).any():
         raise FeatxError(f"{path}: split 'val' has no labels to validate on; "
                          "extract a labelled split (e.g. --splits train,val)")
@@ -397,6 +417,9 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     feature_info = {"path": str(path.resolve()), "identity": meta.identity(), "backbone": meta.backbone,
                     "weights": meta.weights, "views": meta.views, "dataset": meta.dataset,
                     "dataset_fingerprint": meta.dataset_fingerprint}
+    dim, n_classes = _dim(train_split), len(meta.classes)
+    params = (dim + 1) * hidden + (hidden + 1) * n_classes if head == "mlp" else (dim + 1) * n_classes
+    require_space(Path(out) / "run.json", len(heads) * keep * params * 4)  # every head's snapshots, until the end
     run_dir = start_run(out, kind="probe", config={**config, "heads": [dataclasses.asdict(c) for c in heads]},
                         features=feature_info)
     # step-numbered names only when snapshots are taken within epochs, so that per-epoch runs keep theirs

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
-from featx.atomic import replacing
+from featx.atomic import make_dirs, replacing
 from featx.choices import Device, EvalViews, Split
 from featx.data import Split as DecodedSplit
 from featx.data import prepare_cache, read_split
@@ -69,7 +69,7 @@ def confused_pairs(cm: np.ndarray, classes: Sequence[str], names: Sequence[str],
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         w.writeheader()
         w.writerows(rows)
@@ -227,7 +227,7 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
     comparison = _comparison(out, scored, eval_views) if len(scored) > 1 else []
     run, r, pred = scored[0]
     tsne = _tsne_classes(tsne_classes, pred.classes)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out, option="--out", path=out)
 
     keep = pred.labels >= 0
     cm = confusion_matrix(pred.labels[keep], pred.top(1)[keep, 0], labels=np.arange(len(pred.classes)))

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from featx import __version__
-from featx.atomic import replacing
+from featx.atomic import make_dirs, replacing
 from featx.errors import FeatxError
 from featx.plots import plot_curves
 
@@ -110,7 +110,7 @@ def start_run(out: str | Path, *, kind: str, config: dict, features: dict | None
         raise FeatxError(f"--out {out}: is a file; name a directory")
     if (out / "run.json").exists() and read_run(out).kind != kind:
         raise FeatxError(f"--out {out}: holds a `featx {read_run(out).kind}` run; choose another --out")
-    (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    make_dirs(out / CHECKPOINTS, option="--out", path=out)
     for old in (out / CHECKPOINTS).glob("*.pt"):
         old.unlink()
     write_run(out, RunRecord(kind=kind, config=config, features=features, data=data, model=model,
@@ -136,9 +136,13 @@ def update_run(run_dir: str | Path, **fields) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as e:
         raise FeatxError(f"{path}: not a readable featx checkpoint ({e}); re-run the training") from None
+    state = checkpoint.get("state", {}) if isinstance(checkpoint, dict) else {}
+    if not all(t.isfinite().all() for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()):
+        raise FeatxError(f"{path}: holds NaN/inf weights (a diverged run); re-run the training with a lower --lr")
+    return checkpoint
 
 
 def write_metrics(run_dir: Path, heads: list[dict], best: dict) -> None:
@@ -179,8 +183,10 @@ class Snapshots:
                         val_top5, step)
         if not math.isfinite(val_top1) or (len(kept) >= self.keep and snap.rank() >= kept[-1].rank()):
             return False
-        with replacing(self.run_dir / snap.file) as tmp:
-            torch.save(payload(), tmp)
+        checkpoint = payload()
+        need = sum(t.nbytes for t in checkpoint["state"].values()) + (1 << 16)
+        with replacing(self.run_dir / snap.file, need=need) as tmp:
+            torch.save(checkpoint, tmp)
         kept.append(snap)
         kept.sort(key=Snapshot.rank)
         self.dropped += kept[self.keep :]

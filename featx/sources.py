@@ -12,6 +12,9 @@ import io
 import os
 import re
 import struct
+import sys
+import threading
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -20,7 +23,8 @@ from typing import BinaryIO
 
 import numpy as np
 import simplejpeg
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 from featx.errors import FeatxError
 
@@ -124,7 +128,10 @@ def _decode_jpeg_fast(data: bytes, size: int) -> np.ndarray | None:
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """uint8 (size, size, 3): grayscale, CMYK and palette images become RGB; other sizes are scaled so the
     shorter side is `size` and centre-cropped (the aspect ratio is kept)."""
-    im = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
+    try:
+        im = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
+    except UnidentifiedImageError:  # its message would name the in-memory buffer, not the file
+        raise UnidentifiedImageError("not a JPEG or PNG image") from None
     if min(im.size) >= 2 * size:
         im.draft("RGB", (size, size))  # JPEG: libjpeg scales down by 2, 4 or 8 while decoding, much faster
     if im.mode != "RGB":
@@ -147,6 +154,31 @@ def decode_batch(root: str, is_zip: bool, members: list[str], size: int) -> tupl
         except Exception as e:  # PIL and zipfile raise many types (OSError, SyntaxError, BadZipFile, ...)
             bad.append((i, f"{type(e).__name__}: {e}".splitlines()[0]))
     return out, bad
+
+
+def skip_or_stop(bad: list[tuple[str, str]], *, skip_bad: bool, fix: str) -> list[str]:
+    """What every reader does with undecodable images, given as (file as the user knows it, reason): stop at
+    the first with one line, or (skip_bad) list each on stderr, on its own line under any progress bar, and
+    return them as "file: reason"."""
+    skipped = []
+    for where, reason in bad:
+        if not skip_bad:
+            raise FeatxError(f"{where} is not a readable image ({reason}); {fix} or pass --skip-bad to skip "
+                             "undecodable images")
+        tqdm.write(f"featx: skipped {where}: {reason}", file=sys.stderr)
+        skipped.append(f"{where}: {reason}")
+    return skipped
+
+
+def exit_with_parent(parent: int) -> None:
+    """Initializer of decode worker processes: exit as soon as the process that started them is gone, even
+    after kill -9 (loky's workers would otherwise wait out their idle timeout)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 @dataclass

@@ -58,6 +58,6 @@ def mobilenet_features_20(real_cache: Path, shared_weights: Path, tmp_path_facto
 
     return extract_features(data=real_cache, backbone="mobilenet_v2",
                             weights=shared_weights / "mobilenet_v2_imagenet_tflite.pth", views="flip",
-                            classes=20, per_class=50, splits=["train", "val"],
+                            classes=20, per_class=50, splits=["train", "val"], precision="fp32",
                             out=tmp_path_factory.mktemp("mnv2") / "mnv2-flip.h5",
                             progress=False)

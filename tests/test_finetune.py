@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from featx.models import ModelSpec, build_model, load_model
 from featx.heads import StackedHeads
 from featx.lstm_head import LSTMHead
 
-FEATX = shutil.which("featx")
+FEATX = [sys.executable, "-m", "featx"]  # not through PATH: an unactivated virtualenv has no `featx` there
 # One thread per process: bitwise-reproducible CPU kernels, and two torchrun workers fit two cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -165,8 +165,8 @@ def _args(cache: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_resume_after_kill_9_matches_uninterrupted_run(synth_cache, tmp_path):
-    subprocess.run([FEATX, *_args(synth_cache, tmp_path / "a")], env=ENV, check=True, capture_output=True)
-    proc = subprocess.Popen([FEATX, *_args(synth_cache, tmp_path / "b")], env=ENV, stderr=subprocess.PIPE)
+    subprocess.run([*FEATX, *_args(synth_cache, tmp_path / "a")], env=ENV, check=True, capture_output=True)
+    proc = subprocess.Popen([*FEATX, *_args(synth_cache, tmp_path / "b")], env=ENV, stderr=subprocess.PIPE)
     metrics = tmp_path / "b" / "metrics.json"
     while not metrics.exists() and proc.poll() is None:
         time.sleep(0.05)
@@ -175,7 +175,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(synth_cache, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert runs.load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["epoch"] < 3
-    subprocess.run([FEATX, *_args(synth_cache, tmp_path / "b", "--resume")], env=ENV, check=True, capture_output=True)
+    subprocess.run([*FEATX, *_args(synth_cache, tmp_path / "b", "--resume")], env=ENV, check=True, capture_output=True)
     a = runs.load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
     b = runs.load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
     assert a["epoch"] == b["epoch"] == 3 and a["metrics"][-1]["train_loss"] == b["metrics"][-1]["train_loss"]
@@ -187,9 +187,9 @@ def test_torchrun_two_processes_match_one(synth_cache, tmp_path):
     # LayerNorm (ConvNeXt) and SGD: per-process batch statistics and Adam's normalisation would blur the match
     common = ["finetune", "--data", str(synth_cache), "--backbone", "convnext_tiny", "--weights", "none",
               "--size", "32", "--epochs", "1", "--batch-size", "8", "--aug", "none", "--drop-path", "0",
-              "--optimizer", "sgd", "--lr", "0.05", "--device", "cpu"]
-    subprocess.run([FEATX, *common, "--out", str(tmp_path / "one")], env=ENV, check=True, capture_output=True)
-    two = subprocess.run(["torchrun", "--nproc-per-node", "2", "--no-python", FEATX, *common,
+              "--optimizer", "sgd", "--lr", "0.05", "--device", "cpu", "--precision", "fp32"]
+    subprocess.run([*FEATX, *common, "--out", str(tmp_path / "one")], env=ENV, check=True, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--no-python", *FEATX, *common,
                           "--out", str(tmp_path / "two")], env=ENV, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     one = runs.load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
@@ -204,7 +204,7 @@ def test_user_errors_are_one_line(synth_cache, tmp_path):
     for extra, option in [(["--backbone", "vgg_tiny"], "--backbone vgg_tiny"),
                           (["--backbone", "resnet18", "--init", "xavier"], "--init xavier"),
                           (["--backbone", "resnet18", "--weights", "none", "--aug", "twirl"], "--aug twirl")]:
-        r = subprocess.run([FEATX, "finetune", "--data", str(synth_cache), "--out", str(tmp_path / "x"),
+        r = subprocess.run([*FEATX, "finetune", "--data", str(synth_cache), "--out", str(tmp_path / "x"),
                             "--batch-size", "8", "--size", "32", "--epochs", "1", *extra],
                            env=ENV, capture_output=True, text=True)
         assert r.returncode == 2 and option in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
