@@ -473,7 +473,7 @@ def format_curve(p: Prediction) -> str:
 def write_curve(p: Prediction, folder: str | Path) -> tuple[Path, Path]:
     """ensemble.csv (n, val_top1, best) and ensemble.png of a prediction made with curve=True."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder, option="--out", path=folder)
     with replacing(folder / "ensemble.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["n", "val_top1", "best"])

@@ -223,11 +223,10 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
                                              curve=True)))
         scored[-1][2].require_labels()
     scored.sort(key=lambda s: -s[2].top_k(1))
-    out.mkdir(parents=True, exist_ok=True)
-    comparison = _comparison(out, scored, eval_views) if len(scored) > 1 else []
     run, r, pred = scored[0]
     tsne = _tsne_classes(tsne_classes, pred.classes)
-    make_dirs(out, option="--out", path=out)
+    make_dirs(out, option="--out", path=out)  # only now: a refused report leaves no folder behind
+    comparison = _comparison(out, scored, eval_views) if len(scored) > 1 else []
 
     keep = pred.labels >= 0
     cm = confusion_matrix(pred.labels[keep], pred.top(1)[keep, 0], labels=np.arange(len(pred.classes)))
