@@ -104,22 +104,28 @@ def plot_tsne(path: Path, x: np.ndarray, labels: np.ndarray, names: Sequence[str
     return _save(fig, path)
 
 
-def plot_filters(path: Path, model: nn.Module) -> str:
-    """The first RGB convolution's filters, each scaled to [0, 1] on its own, in a square grid."""
+def first_filters(model: nn.Module) -> np.ndarray:
+    """The first RGB convolution's weights as (O, k, k, 3)."""
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3)
-    w = conv.weight.detach().float().cpu().numpy().transpose(0, 2, 3, 1)  # (O, k, k, 3)
-    lo, hi = w.min((1, 2, 3), keepdims=True), w.max((1, 2, 3), keepdims=True)
-    w = (w - lo) / np.maximum(hi - lo, 1e-12)
-    cols = math.ceil(math.sqrt(len(w)))
-    k = w.shape[1]
-    grid = np.ones((cols * (k + 1), cols * (k + 1), 3))
-    for i, f in enumerate(w):
-        r, c = divmod(i, cols)
-        grid[r * (k + 1) : r * (k + 1) + k, c * (k + 1) : c * (k + 1) + k] = f
-    fig = _figure(6, 6)
-    ax = fig.subplots()
-    ax.imshow(grid, interpolation="nearest")
-    ax.set(xticks=[], yticks=[], title=f"first-layer filters ({len(w)} of {k}x{k})")
+    return conv.weight.detach().float().cpu().numpy().transpose(0, 2, 3, 1)
+
+
+def plot_filters(path: Path, models: dict[str, nn.Module]) -> str:
+    """Each model's first-layer filters in a square grid, the models side by side (e.g. Ma's pretrained,
+    fine-tuned and from-scratch runs). One scale for all: 0 is mid-grey and the largest |weight| of any model
+    is black or white, so the panels compare in magnitude as well as in shape."""
+    weights = {title: first_filters(m) for title, m in models.items()}
+    scale = 2 * max(float(np.abs(w).max()) for w in weights.values()) or 1.0
+    fig = _figure(5 * len(weights), 5.4)
+    for ax, (title, w) in zip(np.atleast_1d(fig.subplots(1, len(weights))), weights.items()):
+        cols, k = math.ceil(math.sqrt(len(w))), w.shape[1]
+        grid = np.ones((cols * (k + 1), cols * (k + 1), 3))
+        for i, f in enumerate(0.5 + w / scale):
+            r, c = divmod(i, cols)
+            grid[r * (k + 1) : r * (k + 1) + k, c * (k + 1) : c * (k + 1) + k] = f
+        ax.imshow(grid, interpolation="nearest")
+        ax.set(xticks=[], yticks=[], title=f"{title}\n{len(w)} filters of {k}x{k}")
+    fig.suptitle(f"first-layer filters (one scale: |w| = {scale / 2:.3g} is black or white)")
     return _save(fig, path)
 
 

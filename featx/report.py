@@ -250,9 +250,10 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
     if len(x) >= 5:  # t-SNE needs a few points to place
         figures[f"t-SNE of {len(tsne)} classes ({len(x)} training images)"] = plot_tsne(out / "tsne.png", x, labels,
                                                                                        pred.class_names)
-    if isinstance(r, FinetuneRun):
-        model, _ = load_model(load_checkpoint(r.dir / r.checkpoints[0].file))
-        figures["First-layer filters"] = plot_filters(out / "filters.png", model)
+    finetuned = {str(d): o for d, o, _ in scored if isinstance(o, FinetuneRun)}  # best first
+    if finetuned:
+        models = {d: load_model(load_checkpoint(o.dir / o.checkpoints[0].file))[0] for d, o in finetuned.items()}
+        figures["First-layer filters"] = plot_filters(out / "filters.png", models)
 
     n = int(keep.sum())
     summary = [{"what": "run", "value": f"{run} ({type(r).__name__.removesuffix('Run').lower()})"},

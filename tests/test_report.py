@@ -7,6 +7,7 @@ import re
 import sys
 
 import numpy as np
+import torch
 import pytest
 from sklearn.metrics import confusion_matrix
 
@@ -115,3 +116,23 @@ def test_several_runs_give_a_leaderboard_and_a_paired_comparison(mobilenet_featu
     right_a = sum(round(float(r["top1_a"]) * int(r["images"])) for r in diff)
     assert right_a == round(max(a.top_k(1), b.top_k(1)) * 1000)
     assert {"reliability.png", "per_class_diff.csv"} <= linked_files(page)
+
+
+def test_filters_of_several_models_share_one_scale(tmp_path):
+    # Ma's comparison: pretrained, fine-tuned and scratch filters side by side; a shared scale keeps a model whose
+    # filters are twice as large looking twice as far from grey, where per-filter scaling made them identical.
+    from PIL import Image
+
+    from featx.plots import plot_filters
+
+    small = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    large = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    with torch.no_grad():
+        large[0].weight.copy_(2 * small[0].weight)
+    one = Image.open(tmp_path / plot_filters(tmp_path / "one.png", {"a": small})).size
+    two_path = tmp_path / plot_filters(tmp_path / "two.png", {"small": small, "large": large})
+    two = np.asarray(Image.open(two_path).convert("L"), dtype=float)
+    assert two.shape[1] > 1.8 * one[0]
+    left, right = two[:, : two.shape[1] // 2], two[:, two.shape[1] // 2 :]
+    grey = np.median(two)  # the background between filters is white; most filter pixels sit near grey
+    assert np.abs(right - grey).mean() > np.abs(left - grey).mean()
