@@ -13,8 +13,10 @@ import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from featx.data import read_split
+from featx.errors import FeatxError
 from featx.extract import extract_features
 from featx.features import FeatureMeta, feature_set_columns, load_features, read_meta, write_features
+from featx.finetune import FinetuneConfig, finetune
 from featx.predict import predict
 from featx.probe import HeadConfig, run_probe
 from featx.runs import load_checkpoint, read_run
@@ -113,7 +115,8 @@ def test_probe_on_last1_is_the_single_vector_probe(resnet_files, padded, tmp_pat
     np.testing.assert_allclose(p.probs.sum(1), 1, atol=1e-5)
 
 
-def test_feature_set_and_layers_mistakes_are_one_line(resnet_files, synth_cache, tmp_path, capsys, monkeypatch):
+def test_feature_set_and_layers_mistakes_are_one_line(resnet_files, padded, synth_cache, tmp_path, capsys,
+                                                      monkeypatch):
     probe = ["probe", "--out", str(tmp_path / "p"), "--epochs", "1", "--device", "cpu", "--features"]
     code, _, err = featx_cli(capsys, monkeypatch, *probe, str(resnet_files["last2"]), "--feature-set", "last1,last3")
     assert_one_line_error(code, err, "--feature-set last3: not in")
@@ -135,3 +138,10 @@ def test_feature_set_and_layers_mistakes_are_one_line(resnet_files, synth_cache,
         code, _, err = featx_cli(capsys, monkeypatch, *extract, backbone, "--layers", layers)
         assert_one_line_error(code, err, message)
     assert not (tmp_path / "p").exists() and not (tmp_path / "x.h5").exists()
+    # a head on two stages cannot start a fine-tuned network's head, which reads the pooled vector
+    run_probe(features=padded, out=tmp_path / "two", heads=[HeadConfig()], feature_sets=["last2"], epochs=1,
+              device="cpu")
+    with pytest.raises(FeatxError, match="its head reads 519 features \\(last2\\), this network's head 512"):
+        finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=1,
+                                batch_size=8, init_head=str(tmp_path / "two"), device="cpu"),
+                 out=tmp_path / "ft", progress=False)
