@@ -2,7 +2,8 @@
 
 `create_backbone(name, weights=...)` returns a model that maps normalised (B, 3, S, S) images to pooled
 features (B, D): the classifier layer named by `head` is replaced by Identity, so features come from the
-network's own pooling layer. Weights come from torchvision's weights API ("default"), a local state_dict
+network's own pooling layer. With `layers="lastN"` (or `"lastN+avg"`) the model returns features of several
+depths concatenated instead (see `LayerFeatures`); `Backbone.parts` names them. Weights come from torchvision's weights API ("default"), a local state_dict
 (PATH, loaded with weights_only=True) or seeded random init ("none"). `timm:<name>` uses timm when
 installed: its pretrained config, its loader and its pre-logits features.
 """
@@ -11,14 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import urllib.error
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from featx.errors import FeatxError
 
@@ -40,6 +43,8 @@ class BackboneSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     kwargs: dict = field(default_factory=dict)  # constructor arguments the weights need
     torchvision: bool = True  # default weights from torchvision's weights API
+    # graph nodes ending each resolution stage, shallowest first: `--layers lastN` pools the last N
+    stages: tuple[str, ...] = ()
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Backbone:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     weights_id: str  # torchvision weights name, "sha256:<hex>" of a file, or "none"
+    parts: list[tuple[str, int]] = field(default_factory=list)  # name and dim of each layer; [] = one vector
 
 
 REGISTRY: dict[str, BackboneSpec] = {}
@@ -65,15 +71,21 @@ def _tv(name: str) -> Callable[..., nn.Module]:
     return lambda **kw: torchvision.models.get_model(name, weights=None, **kw)
 
 
+# The stage ends at strides 4, 8, 16 and 32; the last is the node the network's own pooling reads, so
+# `--layers last1` stores the usual pooled vector (ConvNeXt's head norm aside).
+_RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+_MOBILE_STAGES = ("features.3", "features.6", "features.13", "features.18")
+_EFFICIENT_STAGES = ("features.2", "features.3", "features.5", "features.8")
+_CONVNEXT_STAGES = ("features.1", "features.3", "features.5", "features.7")
 for _name, _dim in [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("resnet101", 2048),
                     ("resnet152", 2048)]:
-    register_backbone(BackboneSpec(_name, _tv(_name), 224, _dim, "fc"))
-register_backbone(BackboneSpec("mobilenet_v2", _tv("mobilenet_v2"), 224, 1280, "classifier"))
+    register_backbone(BackboneSpec(_name, _tv(_name), 224, _dim, "fc", stages=_RESNET_STAGES))
+register_backbone(BackboneSpec("mobilenet_v2", _tv("mobilenet_v2"), 224, 1280, "classifier", stages=_MOBILE_STAGES))
 for _name, _dim in [("efficientnet_b0", 1280), ("efficientnet_b1", 1280), ("efficientnet_b2", 1408),
                     ("efficientnet_b3", 1536)]:
-    register_backbone(BackboneSpec(_name, _tv(_name), 224, _dim, "classifier"))
+    register_backbone(BackboneSpec(_name, _tv(_name), 224, _dim, "classifier", stages=_EFFICIENT_STAGES))
 for _name, _dim in [("convnext_tiny", 768), ("convnext_small", 768), ("convnext_base", 1024)]:
-    register_backbone(BackboneSpec(_name, _tv(_name), 224, _dim, "classifier.2"))
+    register_backbone(BackboneSpec(_name, _tv(_name), 224, _dim, "classifier.2", stages=_CONVNEXT_STAGES))
 register_backbone(BackboneSpec("vit_b_16", _tv("vit_b_16"), 224, 768, "heads"))
 for _name, _dim in [("swin_t", 768), ("swin_s", 768), ("swin_b", 1024)]:
     register_backbone(BackboneSpec(_name, _tv(_name), 224, _dim, "head"))
@@ -180,6 +192,96 @@ class TimmFeatures(nn.Module):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
 
+LAYERS_SPEC = re.compile(r"last([1-9][0-9]*)(\+avg)?")
+AVGPOOL = "avgpool"  # the part holding a ViT's average-pooled patch tokens
+
+
+def parse_layers(spec: str, option: str) -> tuple[int, bool]:
+    """`lastN` or `lastN+avg` -> (N, avg); `option` names the flag in the error."""
+    m = LAYERS_SPEC.fullmatch(spec)
+    if not m:
+        raise FeatxError(f"{option} {spec}: write lastN or lastN+avg, e.g. last2 or last4+avg")
+    return int(m[1]), m[2] is not None
+
+
+class LayerFeatures(nn.Module):
+    """Features of several depths, concatenated in `names` order: `parts(x)` gives them one by one."""
+
+    names: list[str]
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.parts(x), 1)
+
+    def layout(self, size: int) -> list[tuple[str, int]]:
+        """(name, dim) of each part, from one blank image."""
+        was_training = self.training
+        with torch.inference_mode():
+            dims = [p.shape[1] for p in self.eval().parts(torch.zeros(1, 3, size, size))]
+        self.train(was_training)
+        return list(zip(self.names, dims))
+
+
+class StageFeatures(LayerFeatures):
+    """Globally average-pooled outputs of a torchvision model's stage nodes (torchvision's feature extractor)."""
+
+    def __init__(self, model: nn.Module, nodes: Sequence[str]):
+        super().__init__()
+        self.names = list(nodes)
+        dual = create_feature_extractor(model, return_nodes=self.names).eval()
+        # Its eval graph as a plain GraphModule: frozen features never train, and the deepcopy that BatchNorm
+        # folding makes of a train/eval DualGraphModule comes back in train mode, which refuses folding.
+        self.extractor = torch.fx.GraphModule(dual, dual.graph)
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [f.mean((2, 3)) for f in self.extractor(x).values()]
+
+
+class TimmLayers(LayerFeatures):
+    """A timm model's last n blocks through its `forward_intermediates`: for a model with a class token (ViT,
+    EVA, DINOv2) the normed class token of each block and, with `avg`, the last block's mean patch token, as
+    DINOv2's linear evaluation takes them; for the others (CNNs, Swin) each stage's average-pooled output."""
+
+    def __init__(self, model: nn.Module, name: str, n: int, avg: bool):
+        super().__init__()
+        self.model, self.n, self.avg = model, n, avg
+        self.tokens = getattr(model, "cls_token", None) is not None
+        if self.tokens:
+            depth = len(model.blocks)
+            self.names = [f"block{i}" for i in range(depth - n, depth)] + ([AVGPOOL] if avg else [])
+        else:
+            if avg:
+                raise FeatxError(f"--layers last{n}+avg: timm:{name} has no class token and patch tokens; "
+                                 f"use --layers last{n}")
+            depth = len(model.feature_info)
+            self.names = [info["module"] for info in model.feature_info[-n:]]
+        if n > depth:
+            raise FeatxError(f"--layers last{n}: timm:{name} has {depth} blocks or stages; ask for at most {depth}")
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not self.tokens:
+            return [f.mean((2, 3)) for f in self.model.forward_intermediates(x, indices=self.n, intermediates_only=True)]
+        blocks = self.model.forward_intermediates(x, indices=self.n, return_prefix_tokens=True, norm=True,
+                                                  output_fmt="NLC", intermediates_only=True)
+        return [prefix[:, 0] for _, prefix in blocks] + ([blocks[-1][0].mean(1)] if self.avg else [])
+
+
+def _stage_features(model: nn.Module, spec: BackboneSpec, layers: str) -> StageFeatures:
+    n, avg = parse_layers(layers, "--layers")
+    if not spec.stages:
+        raise FeatxError(f"--layers {layers}: featx lists no stages for {spec.name}; drop --layers or pick a "
+                         "backbone that has them (ResNets, MobileNetV2, EfficientNets, ConvNeXts, timm:<name>)")
+    if avg:
+        raise FeatxError(f"--layers {layers}: +avg averages a ViT's patch tokens; {spec.name} is a CNN, "
+                         f"use --layers last{n}")
+    if n > len(spec.stages):
+        raise FeatxError(f"--layers {layers}: {spec.name} has {len(spec.stages)} stages; ask for at most "
+                         f"last{len(spec.stages)}")
+    return StageFeatures(model, spec.stages[-n:])
+
+
 def _timm_download_hint(cfg) -> str:
     """Where the default weights of a timm pretrained config come from, as the fix for an offline machine."""
     if cfg.hf_hub_id:
@@ -189,7 +291,7 @@ def _timm_download_hint(cfg) -> str:
     return f"place {cfg.url} at {target} or pass --weights PATH"
 
 
-def _create_timm(name: str, weights: str, *, size: int | None, seed: int) -> Backbone:
+def _create_timm(name: str, weights: str, *, size: int | None, seed: int, layers: str | None) -> Backbone:
     """A timm model through timm's own loader (its checkpoint filters adapt official checkpoints), with
     mean, std and input size from its pretrained config, or from a JSON beside a weights file."""
     try:
@@ -238,8 +340,14 @@ def _create_timm(name: str, weights: str, *, size: int | None, seed: int) -> Bac
         weights_id = "sha256:" + file_sha256(Path(weights))
     if size and size != input_size and hasattr(model, "set_input_size"):
         model.set_input_size(img_size=size)  # models with a fixed grid (ViT, Swin, EVA) resample it
+    input_size = size or input_size
+    if layers:
+        features = TimmLayers(model, name, *parse_layers(layers, "--layers"))
+        parts = features.layout(input_size)
+        return Backbone(f"timm:{name}", features, sum(d for _, d in parts), input_size, tuple(mean), tuple(std),
+                        weights_id, parts)
     return Backbone(f"timm:{name}", TimmFeatures(model), getattr(model, "head_hidden_size", model.num_features),
-                    size or input_size, tuple(mean), tuple(std), weights_id)
+                    input_size, tuple(mean), tuple(std), weights_id)
 
 
 def _seeded_id(seed: int) -> str:
@@ -256,15 +364,16 @@ def input_spec(name: str, weights: str | Path = "default") -> tuple[tuple[float,
 
 
 def create_backbone(name: str, *, weights: str | Path = "default", size: int | None = None,
-                    seed: int = 0) -> Backbone:
+                    seed: int = 0, layers: str | None = None) -> Backbone:
     """The frozen-feature model of a registered backbone with its normalisation and input size.
 
     weights: "default" (torchvision's ImageNet weights), "none" (random init from `seed`) or a state_dict
     path; a JSON beside the path may give mean, std and input_size. `size` overrides the input size.
+    `layers` ("lastN", "lastN+avg"): features of the last N stages or blocks, concatenated (see parse_layers).
     """
     weights = str(weights)
     if name.startswith("timm:"):
-        return _create_timm(name.removeprefix("timm:"), weights, size=size, seed=seed)
+        return _create_timm(name.removeprefix("timm:"), weights, size=size, seed=seed, layers=layers)
     spec = get_spec(name)
     kwargs = dict(spec.kwargs)
     mean, std, input_size = input_spec(name, weights)
@@ -292,6 +401,11 @@ def create_backbone(name: str, *, weights: str | Path = "default", size: int | N
     else:
         _load_state(model, spec.head, read_state_dict(Path(weights)), f"--weights {weights}")
         weights_id = "sha256:" + file_sha256(Path(weights))
+    if layers:
+        features = _stage_features(model, spec, layers)
+        parts = features.layout(input_size)
+        return Backbone(name, features, sum(d for _, d in parts), input_size, tuple(mean), tuple(std), weights_id,
+                        parts)
     _set_module(model, spec.head, nn.Identity())
     return Backbone(name, model, spec.feature_dim, input_size, tuple(mean), tuple(std), weights_id)
 

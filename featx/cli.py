@@ -175,8 +175,11 @@ def _list_backbones(ctx: click.Context, _param, value: bool) -> None:
               help="K augmented views per train image (aug0..augK-1): brightness/contrast jitter of the full "
                    "image or a corner crop, as Milani's v3 trained.")
 @click.option("--aug-seed", type=int, default=0, show_default=True, help="Seed of the augmented views.")
+@click.option("--layers", metavar="SPEC",
+              help="Several depths per view, concatenated: lastN (a CNN's last N stages, average-pooled; a ViT's "
+                   "class tokens of its last N blocks) or lastN+avg (a ViT's, plus its mean patch token).")
 def extract(data_, backbone, out, weights, size, views, crop, splits, classes, per_class, batch_size, device,
-            precision, mean, std, dtype, compile_, aug_views, aug_seed) -> None:
+            precision, mean, std, dtype, compile_, aug_views, aug_seed, layers) -> None:
     """Stage 1: frozen backbone -> transfer values in HDF5."""
     from featx.extract import extract_features
 
@@ -184,7 +187,7 @@ def extract(data_, backbone, out, weights, size, views, crop, splits, classes, p
         data=data_, backbone=backbone, out=out, weights=weights, size=size, views=views, crop=crop,
         splits=splits.split(",") if splits else None, classes=classes, per_class=per_class,
         batch_size=batch_size, device=device, precision=precision, mean=mean, std=std, compile=compile_,
-        dtype=dtype, aug_views=aug_views, aug_seed=aug_seed)
+        dtype=dtype, aug_views=aug_views, aug_seed=aug_seed, layers=layers)
     click.echo(f"features: {path}")
 
 
@@ -226,13 +229,16 @@ def extract(data_, backbone, out, weights, size, views, crop, splits, classes, p
 @click.option("--snapshot-every", type=int, metavar="STEPS",
               help="Also validate and offer a snapshot every STEPS training steps, not only after each epoch.")
 @click.option("--stream", is_flag=True, help="Read batches from HDF5 instead of RAM (automatic when too big).")
-def probe(features, out, lr, weight_decay, label_smoothing, dropout, k, **options) -> None:
+@click.option("--feature-set", default="all", show_default=True, metavar="SETS",
+              help="The columns heads see in a --layers file: all, lastN (the last N stages or class tokens), "
+                   "lastN+avg (and the mean patch token); a comma list sweeps several in one pass.")
+def probe(features, out, lr, weight_decay, label_smoothing, dropout, k, feature_set, **options) -> None:
     """Stage 2: train classifier heads on cached features; comma lists sweep every combination in one pass."""
     from featx.probe import format_summary, format_table, grid, run_probe
 
     heads = grid(lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, dropout=dropout)
-    result = run_probe(features=features, out=out, heads=heads, k=list(k), progress=sys.stderr.isatty(),
-                       **options)
+    result = run_probe(features=features, out=out, heads=heads, k=list(k), feature_sets=feature_set.split(","),
+                       progress=sys.stderr.isatty(), **options)
     click.echo(format_table(result))
     click.echo(f"{format_summary(result, options['select'])}; {len(result.names)} head(s) in "
                f"{result.seconds:.1f}s -> {out}")

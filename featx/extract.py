@@ -117,9 +117,11 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                      precision: Precision = "auto", mean: Sequence[float] | None = None,
                      std: Sequence[float] | None = None, compile: bool = False, dtype: FeatureDtype = "float16",
                      aug_views: int = 0, aug_seed: int = 0, shard_rows: int = SHARD_ROWS,
-                     progress: bool = True) -> Path:
+                     layers: str | None = None, progress: bool = True) -> Path:
     """Extract pooled features of every image and view; returns the finished feature file.
 
+    `layers` ("lastN", "lastN+avg"): store the last N stages' pooled outputs (CNNs) or blocks' class tokens
+    (ViTs, with "+avg" their mean patch token) concatenated per view, their layout in the file's meta.
     `data` is anything `featx.data.prepare_cache` accepts. `splits` defaults to every split in the data.
     `aug_views` K > 0 adds K augmented views per train image (featx.views.aug_pixels), drawn from `aug_seed`.
     Re-running a finished extraction is a no-op; an interrupted one resumes. Under torchrun every rank
@@ -134,11 +136,11 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                         per_class=per_class, batch_size=batch_size or default_batch,
                         autocast=resolve_precision(precision, d.device), mean=mean, std=std,
                         compile=compile, dtype=np.dtype(dtype), aug_views=aug_views, aug_seed=aug_seed,
-                        shard_rows=shard_rows, progress=progress and d.rank == 0)
+                        shard_rows=shard_rows, layers=layers, progress=progress and d.rank == 0)
 
 
 def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, crop, splits, classes,
-             per_class, batch_size, autocast, mean, std, compile, dtype, aug_views, aug_seed, shard_rows,
+             per_class, batch_size, autocast, mean, std, compile, dtype, aug_views, aug_seed, shard_rows, layers,
              progress) -> Path:
     device = ranks.device
     # Rank 0 decodes first so that the other ranks find the cache made instead of racing to make it.
@@ -153,7 +155,7 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
     if unknown:
         raise FeatxError(f"--splits {','.join(unknown)}: not in {cache} (has {','.join(info.splits)})")
     check_crop(crop, info.image_size, info.image_size)
-    bb = create_backbone(backbone, weights=weights, size=size)
+    bb = create_backbone(backbone, weights=weights, size=size, layers=layers)
     if mean is not None:
         bb.mean = tuple(mean)
     if std is not None:
@@ -162,6 +164,7 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
                        crop=crop, mean=list(bb.mean), std=list(bb.std), precision=precision_name(autocast),
                        dtype=dtype.name, dataset=info.name, dataset_fingerprint=info.fingerprint,
                        classes=list(info.wnids), class_names=list(info.names), featx_version=__version__,
+                       layers=layers or "", parts=[[name, dim] for name, dim in bb.parts],
                        **(dict(aug_views=aug_views, aug_seed=aug_seed, aug_brightness=AUG_BRIGHTNESS,
                                aug_contrast=AUG_CONTRAST) if aug_views else {}))
     if _check_existing(out, meta):

@@ -10,6 +10,9 @@ Layout::
 
 Views are stored in the fixed order of `featx.views.VIEW_SETS`, view 0 always being the full image. An
 extraction with augmented views stores them after those, in the train split only: `aug0`, `aug1`, ...
+An extraction with `--layers` stores, per view, the concatenation of several depths' features: `meta.parts`
+names each part and its dim, in column order, and `feature_set_columns` turns a feature set (`last2`,
+`last4+avg`) into the columns a head reads.
 A file is only ever renamed to its final name once complete, and `complete` is set just before that, so
 readers can trust any file that carries the mark.
 """
@@ -21,14 +24,15 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from featx.choices import ViewSelection
 from featx.atomic import replacing
+from featx.backbones import AVGPOOL, parse_layers
+from featx.choices import ViewSelection
 from featx.errors import FeatxError
 
 FORMAT = "featx-features-1"
@@ -56,15 +60,20 @@ class FeatureMeta:
     aug_seed: int = 0
     aug_brightness: float = 0.0
     aug_contrast: float = 0.0
+    layers: str = ""  # --layers of the extraction; "" = the backbone's one pooled vector
+    parts: list[list] = field(default_factory=list)  # [name, dim] of each layer, in column order
 
     def identity(self) -> str:
         """Hash of everything that determines the stored values (not the featx version or labels' names)."""
         d = dataclasses.asdict(self)
         for k in ("featx_version", "class_names"):
             d.pop(k)
-        if not self.aug_views:  # files without augmented views keep the identity they had before these fields
-            for k in ("aug_views", "aug_seed", "aug_brightness", "aug_contrast"):
-                d.pop(k)
+        # fields that came later are left out where unused, so older files keep their identity
+        unused = ["layers", "parts"] if not self.layers else []
+        if not self.aug_views:
+            unused += ["aug_views", "aug_seed", "aug_brightness", "aug_contrast"]
+        for k in unused:
+            d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def extraction(self) -> str:
@@ -82,6 +91,31 @@ class FeatureMeta:
     @classmethod
     def from_json(cls, text: str) -> "FeatureMeta":
         return cls(**json.loads(text))
+
+
+ALL = "all"  # the feature set of every stored column
+
+
+def feature_set_columns(meta: FeatureMeta, feature_set: str, *, path: str | Path) -> slice:
+    """The columns of `feature_set` in a file's per-view vectors: "all", or "lastN" (the last N stages or class
+    tokens) with "+avg" (the average-pooled patch tokens) after a --layers extraction."""
+    if feature_set == ALL:
+        return slice(None)
+    if not meta.parts:
+        raise FeatxError(f"--feature-set {feature_set}: {path} stores one vector per view; use all, or extract "
+                         "with --layers (e.g. last2) to probe feature sets")
+    n, avg = parse_layers(feature_set, "--feature-set")
+    depths = [name for name, _ in meta.parts if name != AVGPOOL]
+    if n > len(depths) or (avg and AVGPOOL not in dict(meta.parts)):
+        sets = [f"last{k}" for k in range(1, len(depths) + 1)]
+        sets += [f"{s}+avg" for s in sets] if AVGPOOL in dict(meta.parts) else []
+        raise FeatxError(f"--feature-set {feature_set}: not in {path} (extracted with --layers {meta.layers}); "
+                         f"choose from all, {', '.join(sets)}")
+    wanted = depths[len(depths) - n:] + ([AVGPOOL] if avg else [])
+    ends = np.cumsum([0] + [dim for _, dim in meta.parts])
+    first = [name for name, _ in meta.parts].index(wanted[0])
+    # Parts are stored deepest-last with the average at the end, so every set is one run of columns.
+    return slice(int(ends[first]), int(ends[first + len(wanted)]))
 
 
 @dataclass

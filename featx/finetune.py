@@ -174,6 +174,10 @@ def _probe_head(run_dir: str, *, backbone: str, classes: list[str], head: nn.Seq
         raise FeatxError(f"--init-head {run_dir}: only a linear probe head without l2 normalisation fits; "
                          "probe with --hidden 0 --normalize none|standard")
     w, b = state["weights.0"][0].T, state["biases.0"][0, 0]  # (C, D), (C,)
+    if w.shape != head[-1].weight.shape:  # a head on several depths (probe --feature-set) reads other features
+        raise FeatxError(f"--init-head {run_dir}: its head reads {w.shape[1]} features "
+                         f"({ckpt['config'].get('feature_set', 'all')}), this network's head {head[-1].in_features}; "
+                         "probe the pooled vector (--feature-set all, or last1 of a CNN's --layers file)")
     if normalize == "standard":  # fold (x - mean) / std into the linear layer
         w = w / state["norm_std"]
         b = b - w @ state["norm_mean"]

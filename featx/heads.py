@@ -111,6 +111,42 @@ class StackedHeads(nn.Module):
         return heads
 
 
+class FeatureSetHeads(nn.Module):
+    """Stacks of heads, each on its own columns of the same features (a feature set of a --layers file):
+    a sweep over feature sets in one pass. Heads are numbered stack by stack, then reordered by `order`
+    (position i holds head order[i]) when the caller's numbering differs."""
+
+    def __init__(self, stacks: Sequence[nn.Module], columns: Sequence[slice], order: Sequence[int] | None = None):
+        super().__init__()
+        self.stacks, self.columns = nn.ModuleList(stacks), list(columns)
+        self.order = None if order is None else list(order)
+
+    @property
+    def num_heads(self) -> int:
+        return sum(s.num_heads for s in self.stacks)
+
+    def _joined(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return out if self.order is None else out[self.order]
+
+    def forward(self, x: torch.Tensor, noise: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """(B, D) -> (H, B, C); `noise`: one uniform (B, d) per stack, for its dropout (training)."""
+        noise = noise or [None] * len(self.stacks)
+        return self._joined([s(x[:, c], n) for s, c, n in zip(self.stacks, self.columns, noise)])
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return self._joined([s.predict_proba(x[..., c]) for s, c in zip(self.stacks, self.columns)])
+
+    def head_state(self, h: int) -> dict[str, torch.Tensor]:
+        h = h if self.order is None else self.order[h]
+        for s in self.stacks:
+            if h < s.num_heads:
+                return s.head_state(h)
+            h -= s.num_heads
+        raise IndexError(h)
+
+
 class HeadOptimizer:
     """One torch optimizer over a stack, with a param group per head (weights) and per head (biases).
 

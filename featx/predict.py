@@ -35,8 +35,8 @@ from featx.extract import compute_features
 from featx.features import load_features, read_meta
 from featx.heads import label_rank
 from featx.models import ModelSpec, load_model
-from featx.neighbors import heads_from_checkpoints
 from featx.plots import plot_ensemble
+from featx.probe import probe_heads
 from featx.runs import load_checkpoint, read_run
 from featx.sources import IMAGE_EXTS, decode_batch, skip_or_stop
 from featx.stats import apply_temperature, bootstrap_interval, holdout_rows, parse_select
@@ -219,7 +219,7 @@ class ProbeRun:
     def _proba(self, x: np.ndarray, picks: Sequence[int]) -> np.ndarray:
         """(N, V, D) features -> (K, N, C) view-averaged softmax of the picked checkpoints."""
         ckpts = [load_checkpoint(self.dir / self.checkpoints[i].file) for i in picks]
-        heads = heads_from_checkpoints(ckpts).to(self.device).eval()
+        heads = probe_heads(ckpts, self.meta, path=self.path).to(self.device).eval()
         rows = max(1, 2048 // x.shape[1])
         probs = np.concatenate([heads.predict_proba(torch.from_numpy(x[i : i + rows]).to(self.device)).cpu().numpy()
                                 for i in range(0, len(x), rows)], axis=1)
@@ -252,7 +252,7 @@ class ProbeRun:
             source = str(weights)
         else:
             source = "none" if m.weights == "none" else "default"
-        bb = create_backbone(m.backbone, weights=source, size=m.input_size)
+        bb = create_backbone(m.backbone, weights=source, size=m.input_size, layers=m.layers or None)
         if bb.weights_id != m.weights:
             raise FeatxError(f"--weights {source}: not the weights {self.path} was extracted with ({m.weights})")
         bb.mean, bb.std = tuple(m.mean), tuple(m.std)

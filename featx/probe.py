@@ -30,9 +30,9 @@ from featx.choices import (PROBE_HEADS, TRAINED_HEADS, Device, Normalize, Optimi
                            ProbeSchedule, SaveMode, TrainedHead, ViewSelection)
 from featx.device import resolve_device
 from featx.errors import FeatxError
-from featx.features import (FeatureMeta, Features, feature_splits, load_features, open_split, read_meta,
-                            require_same_extraction, select_views)
-from featx.heads import HeadOptimizer, StackedHeads, label_rank, smoothed_cross_entropy
+from featx.features import (ALL, FeatureMeta, Features, feature_set_columns, feature_splits, load_features, open_split,
+                            read_meta, require_same_extraction, select_views)
+from featx.heads import FeatureSetHeads, HeadOptimizer, StackedHeads, label_rank, smoothed_cross_entropy
 from featx.neighbors import KNN_FORMAT, NCM_FORMAT, TEMPERATURE, KNNHeads, NCMHead, heads_from_checkpoints
 from featx.optim import make_scheduler
 from featx.runs import HEAD_FORMAT, Snapshots, load_checkpoint, start_run, update_run, write_metrics
@@ -76,8 +76,8 @@ class StreamedSplit:
 
 @dataclass
 class ProbeResult:
-    heads: StackedHeads  # final weights of every head, on the training device
-    configs: list[HeadConfig]
+    heads: FeatureSetHeads  # final weights of every head, on the training device
+    configs: list[HeadConfig]  # per head
     history: list[list[dict]]  # per head, per epoch: epoch, train_loss, train_top1, val_loss, val_top1, val_top5
     status: list[str]  # per head: "ok" or why it stopped
     best: int  # index of the head with the highest val top-1 (at its best epoch)
@@ -85,9 +85,13 @@ class ProbeResult:
     seconds: float
     names: list[str] = dataclasses.field(default_factory=list)  # per head, for tables; default: its config
     val: dict = dataclasses.field(default_factory=dict)  # run_probe: the selected checkpoint scored once on val
+    feature_sets: list[str] = dataclasses.field(default_factory=list)  # per head; default: all
 
     def __post_init__(self):
-        self.names = self.names or [c.label() for c in self.configs]
+        self.feature_sets = self.feature_sets or [ALL] * len(self.history)
+        swept = set(self.feature_sets) != {ALL}
+        self.names = self.names or [f"{s} {c.label()}" if swept else c.label()
+                                    for s, c in zip(self.feature_sets, self.configs)]
 
     @property
     def best_metrics(self) -> dict:
@@ -229,15 +233,17 @@ def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
           heads: Sequence[HeadConfig] = (HeadConfig(),), head: TrainedHead = "linear", hidden: int = 1024,
           optimizer: Optimizer = "adam", lr_decay: float = 0.713, schedule: ProbeSchedule = "exponential",
           epochs: int = 10, batch_size: int = 100, normalize: Normalize = "none", seed: int = 0,
-          device: Device = "auto",
-          on_eval: Callable[[int, int, StackedHeads, np.ndarray, np.ndarray], None] | None = None,
+          device: Device = "auto", feature_sets: Sequence[str] = (ALL,),
+          on_eval: Callable[[int, int, FeatureSetHeads, np.ndarray, np.ndarray], None] | None = None,
           eval_every: int | None = None, progress: bool = False) -> ProbeResult:
-    """Train one head per config on `features`, all over the same minibatches, validating on `val`.
+    """Train one head per config and feature set on `features`, all over the same minibatches, validating on
+    `val`. Heads are numbered set by set: head s * len(heads) + c is config c on feature_sets[s].
 
     Each step draws one stored view per training image (load with views="full" to train on full images);
     validation averages the softmax over `val`'s views. `on_eval(epoch, step, heads, val_top1, val_top5)` runs
     after each validation (the CLI saves snapshots there): at the end of every epoch and, with `eval_every`,
-    also every that many steps (counted from the start of training).
+    also every that many steps (counted from the start of training). `feature_sets` ("all", "last2", ...; see
+    featx.features.feature_set_columns): each set's heads are a stack of their own on its columns.
     """
     _check(features, val, heads, head)
     start = time.perf_counter()
@@ -245,69 +251,84 @@ def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
     train_src, val_src = _source(features, dev), _source(val, dev)
     meta = features.meta
     n_train = int((_labels(features) >= 0).sum())
-    model = StackedHeads(heads=len(heads), in_dim=_dim(features), num_classes=len(meta.classes),
-                         hidden=hidden if head == "mlp" else 0, dropout=[c.dropout for c in heads],
-                         normalize=normalize, seed=seed).to(dev)
+    columns = [feature_set_columns(meta, s, path=features.path) for s in feature_sets]
+    dims = [len(range(_dim(features))[c]) for c in columns]
+    stacks = [StackedHeads(heads=len(heads), in_dim=d, num_classes=len(meta.classes),
+                           hidden=hidden if head == "mlp" else 0, dropout=[c.dropout for c in heads],
+                           normalize=normalize, seed=seed).to(dev) for d in dims]
+    model = FeatureSetHeads(stacks, columns)
     if normalize == "standard":
-        model.set_standardization(*_standardization(train_src))
-    opt = HeadOptimizer(model, kind=optimizer, lr=[c.lr for c in heads], weight_decay=[c.weight_decay for c in heads])
-    sched = make_scheduler(opt.opt, schedule, steps_per_epoch=math.ceil(n_train / batch_size), epochs=epochs,
-                           decay=lr_decay)
-    smoothing = torch.tensor([c.label_smoothing for c in heads], device=dev)
+        mean, std = _standardization(train_src)
+        for stack, c in zip(stacks, columns):
+            stack.set_standardization(mean[c], std[c])
+    opts = [HeadOptimizer(s, kind=optimizer, lr=[c.lr for c in heads], weight_decay=[c.weight_decay for c in heads])
+            for s in stacks]
+    scheds = [make_scheduler(o.opt, schedule, steps_per_epoch=math.ceil(n_train / batch_size), epochs=epochs,
+                             decay=lr_decay) for o in opts]
+    n_heads = len(heads) * len(columns)
+    smoothing = torch.tensor([c.label_smoothing for c in heads] * len(columns), device=dev)
     with_dropout = any(c.dropout > 0 for c in heads)
     gen = torch.Generator().manual_seed(seed)  # minibatch order and views: the same for every head
-    noise_gen = torch.Generator(device=dev).manual_seed(seed)
-    history: list[list[dict]] = [[] for _ in heads]
-    status = ["ok"] * len(heads)
+    # a generator per feature set, so that each set's heads see the dropout masks they would see alone
+    noise_gens = [torch.Generator(device=dev).manual_seed(seed) for _ in dims]
+    history: list[list[dict]] = [[] for _ in range(n_heads)]
+    status = ["ok"] * n_heads
     step = 0
+
+    def stop(h: int, why: str) -> None:
+        opt, local = opts[h // len(heads)], h % len(heads)
+        if opt.active[local]:
+            opt.stop(local)
+            status[h] = why
+
+    def active() -> list[bool]:
+        return [a for opt in opts for a in opt.active]
 
     def validate(epoch: int) -> tuple[np.ndarray, ...]:
         # A step can turn weights NaN/inf with a finite loss, and the epoch's last step has no next loss to
         # show it: such a head is stopped before it is evaluated, let alone saved.
-        for h in (~model.finite_heads()).nonzero().flatten().tolist():
-            if opt.active[h]:
-                opt.stop(h)
-                status[h] = f"stopped in epoch {epoch}: its weights turned NaN/inf"
+        for s, stack in enumerate(stacks):
+            for local in (~stack.finite_heads()).nonzero().flatten().tolist():
+                stop(s * len(heads) + local, f"stopped in epoch {epoch}: its weights turned NaN/inf")
         model.eval()
         val_loss, val_top1, val_top5 = evaluate(model, val_src)
         if on_eval is not None:
-            on_eval(epoch, step, model, np.where(opt.active, val_top1, np.nan), np.where(opt.active, val_top5, np.nan))
+            on_eval(epoch, step, model, np.where(active(), val_top1, np.nan), np.where(active(), val_top5, np.nan))
         model.train()
         return val_loss, val_top1, val_top5
 
     for epoch in tqdm(range(1, epochs + 1), desc="probe", unit="epoch", disable=not progress):
         model.train()
-        loss_sum = torch.zeros(len(heads), device=dev, dtype=torch.float64)
-        correct = torch.zeros(len(heads), device=dev, dtype=torch.long)
+        loss_sum = torch.zeros(n_heads, device=dev, dtype=torch.float64)
+        correct = torch.zeros(n_heads, device=dev, dtype=torch.long)
         seen = 0
         for i, (x, y) in enumerate(_batches(train_src, gen, batch_size)):
             if eval_every and step % eval_every == 0 and i:  # the epoch's end validates anyway
                 validate(epoch)
-            noise = torch.rand(x.shape, generator=noise_gen, device=dev) if with_dropout else None
+            noise = [torch.rand((len(x), d), generator=g, device=dev) for d, g in zip(dims, noise_gens)] \
+                if with_dropout else None
             logits = model(x, noise)
             loss = smoothed_cross_entropy(logits, y, smoothing)
             loss.sum().backward()
             # one host sync per step, so a diverged head is frozen before its NaN reaches the optimizer state
-            bad = (~torch.isfinite(loss.detach())).nonzero().flatten().tolist()
-            for h in bad:
-                if opt.active[h]:
-                    opt.stop(h)
-                    status[h] = f"stopped in epoch {epoch}: training loss turned NaN"
-            opt.step()
-            sched.step()
+            for h in (~torch.isfinite(loss.detach())).nonzero().flatten().tolist():
+                stop(h, f"stopped in epoch {epoch}: training loss turned NaN")
+            for opt, sched in zip(opts, scheds):
+                opt.step()
+                sched.step()
             step += 1
             loss_sum += loss.detach().double() * len(y)
             correct += (logits.detach().argmax(-1) == y).sum(1)
             seen += len(y)
         val_loss, val_top1, val_top5 = validate(epoch)
         train_loss, train_top1 = (loss_sum / seen).cpu().numpy(), (correct.double() / seen).cpu().numpy()
-        for h, hist in enumerate(history):
-            ok = opt.active[h]
+        for h, (hist, ok) in enumerate(zip(history, active())):
             hist.append({"epoch": epoch, **{k: float(v[h]) if ok else math.nan for k, v in [
                 ("train_loss", train_loss), ("train_top1", train_top1), ("val_loss", val_loss),
                 ("val_top1", val_top1), ("val_top5", val_top5)]}})
     best, best_epoch = _best(history)
-    return ProbeResult(model, list(heads), history, status, best, best_epoch, time.perf_counter() - start)
+    return ProbeResult(model, list(heads) * len(columns), history, status, best, best_epoch,
+                       time.perf_counter() - start, feature_sets=[s for s in feature_sets for _ in heads])
 
 
 def _dim(f: Features | StreamedSplit) -> int:
@@ -360,15 +381,18 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
               train_views: ViewSelection = "all", eval_views: ViewSelection = "all", normalize: Normalize = "none",
               seed: int = 0, device: Device = "auto", save: SaveMode = "best", keep: int = 20,
               snapshot_every: int | None = None, stream: bool = False, select: str = "holdout:0.1",
-              k: Sequence[int] = (10, 20, 100), progress: bool = False) -> ProbeResult:
+              k: Sequence[int] = (10, 20, 100), feature_sets: Sequence[str] = (ALL,),
+              progress: bool = False) -> ProbeResult:
     """`featx probe`: fit the heads (trained, or k-NN/NCM) on the file's train split, choose the head, epoch and
     k on the selection split (`select`: a stratified holdout of train, or val), score val once, write the run.
 
     `train_views`, `eval_views`: "all" (every deterministic view), "full" or a comma list of stored view names
     (augmented views train only). Snapshots are offered after every epoch and, with `snapshot_every`, every
-    that many steps; the `keep` best of each head are kept, and run.json's best is the best of them all."""
+    that many steps; the `keep` best of each head are kept, and run.json's best is the best of them all.
+    `feature_sets`: the columns heads see (see featx.features.feature_set_columns); several sweep in one pass."""
     path = Path(features)
     meta = read_meta(path)
+    feature_sets = _check_feature_sets(meta, feature_sets, path=path, head=head)
     have = feature_splits(path)
     for split in ("train", "val"):
         if split not in have:
@@ -395,7 +419,7 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
         need = len(k) * _labels(train_split).size * (dim + 1) * 4 if head == "knn" else (dim + 1) * n_classes * 4
     else:
         params = (dim + 1) * hidden + (hidden + 1) * n_classes if head == "mlp" else (dim + 1) * n_classes
-        need = len(heads) * keep * params * 4  # every head's snapshots, until the end
+        need = len(heads) * len(feature_sets) * keep * params * 4  # every head's snapshots (at most all columns)
     require_space(Path(out) / "run.json", need)
     if not (_labels(val_split) >= 0).any():
         raise FeatxError(f"{path}: split 'val' has no labels to validate on; "
@@ -411,7 +435,7 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
               "lr_decay": lr_decay, "schedule": schedule, "epochs": epochs, "batch_size": batch_size,
               "train_views": train_views, "eval_views": eval_views, "normalize": normalize, "seed": seed,
               "device": device, "save": save, "keep": keep, "snapshot_every": snapshot_every, "stream": stream,
-              "select": select}
+              "select": select, "feature_sets": feature_sets}
     if head == "knn":
         config["k"] = list(k)
     feature_info = {"path": str(path.resolve()), "identity": meta.identity(), "backbone": meta.backbone,
@@ -430,25 +454,27 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     if head in ("knn", "ncm"):
         bank = load_features(path, "train", views="full")  # as DINO: the training images' centre view only
         result = _fit_neighbors(bank if held is None else _only(bank, ~held), chosen_on, head=head, ks=k,
-                                device=device)
+                                device=device, feature_set=feature_sets[0])
         for h, hist in enumerate(result.history):
             r = hist[0]
             snapshots.offer(h, 1, r["val_top1"], r["val_top5"], lambda h=h, r=r: {
-                **_neighbor_payload(result.heads, head, h), "config": config, **common, "epoch": 1,
-                "val_top1": r["val_top1"], "val_top5": r["val_top5"]})
+                **_neighbor_payload(result.heads.stacks[0], head, h), "config": {**config, "feature_set":
+                feature_sets[0]}, **common, "epoch": 1, "val_top1": r["val_top1"], "val_top5": r["val_top5"]})
     else:
-        def on_eval(epoch: int, step: int, model: StackedHeads, top1: np.ndarray, top5: np.ndarray) -> None:
-            for h, c in enumerate(heads):
-                snapshots.offer(h, epoch, float(top1[h]), float(top5[h]), lambda h=h, c=c: {
+        plan = [(s, c) for s in feature_sets for c in heads]  # train's numbering of the heads
+
+        def on_eval(epoch: int, step: int, model: FeatureSetHeads, top1: np.ndarray, top5: np.ndarray) -> None:
+            for h, (fs, c) in enumerate(plan):
+                snapshots.offer(h, epoch, float(top1[h]), float(top5[h]), lambda h=h, fs=fs, c=c: {
                     "format": HEAD_FORMAT, "normalize": normalize, "state": model.head_state(h),
-                    "config": {**config, **dataclasses.asdict(c)}, **common, "epoch": epoch, "step": step,
-                    "val_top1": float(top1[h]), "val_top5": float(top5[h])}, step=step)
+                    "config": {**config, **dataclasses.asdict(c), "feature_set": fs}, **common, "epoch": epoch,
+                    "step": step, "val_top1": float(top1[h]), "val_top5": float(top5[h])}, step=step)
             snapshots.prune()
 
         result = train(fit, val=chosen_on, heads=heads, head=head, hidden=hidden, optimizer=optimizer,
                        lr_decay=lr_decay, schedule=schedule, epochs=epochs, batch_size=batch_size,
-                       normalize=normalize, seed=seed, device=device, on_eval=on_eval, eval_every=snapshot_every,
-                       progress=progress)
+                       normalize=normalize, seed=seed, device=device, feature_sets=feature_sets, on_eval=on_eval,
+                       eval_every=snapshot_every, progress=progress)
     # Snapshot.rank orders as _best does, so without --snapshot-every this is result's best head and epoch;
     # with it, the best may fall within an epoch.
     top = snapshots.listing()[0]
@@ -457,12 +483,14 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
         snapshots.retain({top.key})
     result.val = _calibrate_and_score(run_dir, snapshots, chosen_on, val_split, select=select, device=device)
     best = {"head": top.key, "epoch": top.epoch, "step": top.step, "name": result.names[top.key],
-            "config": dataclasses.asdict(heads[top.key]) if result.configs else {},
+            "config": dataclasses.asdict(result.configs[top.key]) if result.configs else {},
+            "feature_set": result.feature_sets[top.key],
             "select": select, "select_top1": top.val_top1, "select_top5": top.val_top5, **result.val,
             "checkpoint": top.file}
     write_metrics(run_dir, [{"index": h, "config": dataclasses.asdict(c) if result.configs else {"name": name},
-                             "status": result.status[h], "epochs": result.history[h]}
-                            for h, (c, name) in enumerate(zip(result.configs or result.names, result.names))], best)
+                             "feature_set": fs, "status": result.status[h], "epochs": result.history[h]}
+                            for h, (c, name, fs) in enumerate(zip(result.configs or result.names, result.names,
+                                                                  result.feature_sets))], best)
     update_run(run_dir, checkpoints=snapshots.listing(), best=best, seconds=round(result.seconds, 2))
     return result
 
@@ -471,25 +499,50 @@ def _split(path: Path, split: str, views: str, stream: bool) -> Features | Strea
     return StreamedSplit(path, split, views) if stream else load_features(path, split, views=views)
 
 
+def _check_feature_sets(meta: FeatureMeta, feature_sets: Sequence[str], *, path: Path, head: str) -> list[str]:
+    """The distinct sets, each checked against the file's layout; k-NN and NCM take one."""
+    sets = list(dict.fromkeys(feature_sets))
+    for s in sets:
+        feature_set_columns(meta, s, path=path)
+    if not sets or (head in ("knn", "ncm") and len(sets) > 1):
+        raise FeatxError(f"--feature-set {','.join(sets)}: --head {head} takes exactly one feature set")
+    return sets
+
+
+def probe_heads(ckpts: Sequence[dict], meta: FeatureMeta, *, path: str | Path) -> FeatureSetHeads:
+    """A run's checkpoints as one module giving a head per checkpoint, in order: checkpoints of one feature set
+    stacked (see featx.neighbors.heads_from_checkpoints), each stack reading its set's columns."""
+    sets = [c.get("config", {}).get("feature_set", ALL) for c in ckpts]
+    names = list(dict.fromkeys(sets))
+    groups = [[i for i, s in enumerate(sets) if s == name] for name in names]
+    stacked = [i for g in groups for i in g]
+    return FeatureSetHeads([heads_from_checkpoints([ckpts[i] for i in g]) for g in groups],
+                           [feature_set_columns(meta, name, path=path) for name in names],
+                           order=None if len(groups) == 1 else [stacked.index(i) for i in range(len(ckpts))])
+
+
 # --- k-NN and nearest class mean ---------------------------------------------------------------------
 
 
 def _fit_neighbors(bank: Features, chosen_on: Features | StreamedSplit, *, head: str, ks: Sequence[int],
-                   device: str) -> ProbeResult:
+                   device: str, feature_set: str = ALL) -> ProbeResult:
     """k-NN (a head per k) or NCM on the labelled rows of `bank` (full view), scored on `chosen_on`."""
     start = time.perf_counter()
     dev = resolve_device(device)
     rows = bank.labels >= 0
-    x = torch.from_numpy(bank.features[rows, 0]).to(dev)
+    columns = feature_set_columns(bank.meta, feature_set, path=bank.path)
+    x = torch.from_numpy(bank.features[rows, 0][:, columns]).to(dev)
     y = torch.from_numpy(bank.labels[rows]).to(dev)
     n_classes = len(bank.meta.classes)
-    model = (KNNHeads(x, y, num_classes=n_classes, ks=ks) if head == "knn" else NCMHead.fit(x, y, n_classes))
+    model = FeatureSetHeads([KNNHeads(x, y, num_classes=n_classes, ks=ks) if head == "knn"
+                             else NCMHead.fit(x, y, n_classes)], [columns])
     loss, top1, top5 = evaluate(model, _source(chosen_on, dev))
     history = [[{"epoch": 1, "train_loss": math.nan, "train_top1": math.nan, "val_loss": float(loss[h]),
                  "val_top1": float(top1[h]), "val_top5": float(top5[h])}] for h in range(model.num_heads)]
     best, _ = _best(history)
     names = [f"k={k_}" for k_ in ks] if head == "knn" else ["ncm"]
-    return ProbeResult(model, [], history, ["ok"] * len(history), best, 1, time.perf_counter() - start, names)
+    return ProbeResult(model, [], history, ["ok"] * len(history), best, 1, time.perf_counter() - start, names,
+                       feature_sets=[feature_set] * len(history))
 
 
 def _neighbor_payload(model: KNNHeads | NCMHead, head: str, h: int) -> dict:
@@ -519,12 +572,13 @@ def _calibrate_and_score(run_dir: Path, snapshots: Snapshots, chosen_on, val, *,
     dev = resolve_device(device)
     listing = snapshots.listing()
     ckpts = [load_checkpoint(run_dir / s.file) for s in listing]
-    probs, labels = _probabilities(heads_from_checkpoints(ckpts).to(dev).eval(), _source(chosen_on, dev))
+    meta, path = chosen_on.meta, chosen_on.path
+    probs, labels = _probabilities(probe_heads(ckpts, meta, path=path).to(dev).eval(), _source(chosen_on, dev))
     for s, c, p in zip(listing, ckpts, probs):
         c["calibration"] = {"temperature": fit_temperature(p, labels), "fitted_on": select}
         with replacing(run_dir / s.file) as tmp:
             torch.save(c, tmp)
-    probs, labels = _probabilities(heads_from_checkpoints(ckpts[:1]).to(dev).eval(), _source(val, dev))
+    probs, labels = _probabilities(probe_heads(ckpts[:1], meta, path=path).to(dev).eval(), _source(val, dev))
     rank = label_rank(torch.from_numpy(probs), torch.from_numpy(labels))[0].numpy()
     calibrated = apply_temperature(probs[0], ckpts[0]["calibration"]["temperature"])
     return {"val_top1": float((rank <= 1).mean()), "val_top1_interval": bootstrap_interval(rank <= 1),
@@ -535,8 +589,10 @@ def _calibrate_and_score(run_dir: Path, snapshots: Snapshots, chosen_on, val, *,
 
 def format_table(result: ProbeResult) -> str:
     """Selection-split top-1/top-5 of each head at its best epoch; the chosen head marked with *."""
-    lines = [f"  {'#':>3} {'lr':>9} {'wd':>9} {'ls':>5} {'drop':>5} {'sel top-1':>9} {'sel top-5':>9} {'epoch':>5}"
-             if result.configs else f"  {'#':>3} {'head':>21} {'sel top-1':>9} {'sel top-5':>9} {'epoch':>5}"]
+    sets = set(result.feature_sets) != {ALL}  # a column of its own only when the run chose sets
+    lines = [f"  {'#':>3}" + (f" {'set':>9}" if sets else "") +
+             (f" {'lr':>9} {'wd':>9} {'ls':>5} {'drop':>5}" if result.configs else f" {'head':>21}") +
+             f" {'sel top-1':>9} {'sel top-5':>9} {'epoch':>5}"]
     for h, (name, hist) in enumerate(zip(result.names, result.history)):
         finite = [r for r in hist if math.isfinite(r["val_top1"])]
         r = max(finite, key=lambda r: (r["val_top1"], r["val_top5"]), default=None)
@@ -547,7 +603,9 @@ def format_table(result: ProbeResult) -> str:
             c = result.configs[h]
             head = f"{c.lr:>9.3g} {c.weight_decay:>9.3g} {c.label_smoothing:>5.3g} {c.dropout:>5.3g}"
         else:
-            head = f"{name:>21}"
+            head = f"{name.removeprefix(result.feature_sets[h] + ' '):>21}"
+        if sets:
+            head = f"{result.feature_sets[h]:>9} {head}"
         lines.append(f"{mark} {h:>3} {head} {scores}{note}")
     return "\n".join(lines)
 
