@@ -178,7 +178,8 @@ def test_best_recipe_runs_with_a_small_stand_in(tmp_path):
     smallest sibling (same family: rotary ViT, patch 14) stands in, randomly initialised, at 56 pixels."""
     source = write_tiny_imagenet(tmp_path, classes=4, train_per_class=6, val_per_class=3, test=4)
     sets = [f"prepare.data={source}", "extract.backbone=timm:eva02_tiny_patch14_224.mim_in22k",
-            "extract.weights=none", "extract.size=56", "probe.epochs=2", "probe.lr=[1e-3, 3e-3]"]
+            "extract.weights=none", "extract.size=56", "probe.epochs=2", "probe.lr=[1e-3, 3e-3]",
+            "probe.select=holdout:0.25"]  # 24 training images: 10% would hold out fewer than the 4 classes
     run = subprocess.run([sys.executable, "-m", "featx", "run", str(BEST), *(f"--set={s}" for s in sets)],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
