@@ -110,6 +110,16 @@ def first_filters(model: nn.Module) -> np.ndarray:
     return conv.weight.detach().float().cpu().numpy().transpose(0, 2, 3, 1)
 
 
+def filter_grid(w: np.ndarray, scale: float) -> np.ndarray:
+    """(O, k, k, 3) filters as one RGB image: a square grid on white, each weight at 0.5 + w / scale."""
+    cols, k = math.ceil(math.sqrt(len(w))), w.shape[1]
+    grid = np.ones((cols * (k + 1), cols * (k + 1), 3))
+    for i, f in enumerate(0.5 + w / scale):
+        r, c = divmod(i, cols)
+        grid[r * (k + 1) : r * (k + 1) + k, c * (k + 1) : c * (k + 1) + k] = f
+    return grid
+
+
 def plot_filters(path: Path, models: dict[str, nn.Module]) -> str:
     """Each model's first-layer filters in a square grid, the models side by side (e.g. Ma's pretrained,
     fine-tuned and from-scratch runs). One scale for all: 0 is mid-grey and the largest |weight| of any model
@@ -118,13 +128,8 @@ def plot_filters(path: Path, models: dict[str, nn.Module]) -> str:
     scale = 2 * max(float(np.abs(w).max()) for w in weights.values()) or 1.0
     fig = _figure(5 * len(weights), 5.4)
     for ax, (title, w) in zip(np.atleast_1d(fig.subplots(1, len(weights))), weights.items()):
-        cols, k = math.ceil(math.sqrt(len(w))), w.shape[1]
-        grid = np.ones((cols * (k + 1), cols * (k + 1), 3))
-        for i, f in enumerate(0.5 + w / scale):
-            r, c = divmod(i, cols)
-            grid[r * (k + 1) : r * (k + 1) + k, c * (k + 1) : c * (k + 1) + k] = f
-        ax.imshow(grid, interpolation="nearest")
-        ax.set(xticks=[], yticks=[], title=f"{title}\n{len(w)} filters of {k}x{k}")
+        ax.imshow(filter_grid(w, scale), interpolation="nearest")
+        ax.set(xticks=[], yticks=[], title=f"{title}\n{len(w)} filters of {w.shape[1]}x{w.shape[1]}")
     fig.suptitle(f"first-layer filters (one scale: |w| = {scale / 2:.3g} is black or white)")
     return _save(fig, path)
 
