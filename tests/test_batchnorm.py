@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +19,9 @@ from featx.finetune import FinetuneConfig, finetune
 from featx.models import ModelSpec, build_model, load_model
 from featx.predict import predict
 
-FEATX = shutil.which("featx")
+# the CLI of the interpreter running the tests, not whatever `featx` PATH finds (issue 12)
+FEATX = [sys.executable, "-m", "featx"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 MNV2 = "mobilenet_v2_imagenet_tflite.pth"
 
@@ -116,7 +118,7 @@ def test_auto_trains_batchnorm_of_fresh_and_statistics_carrying_weights():
 
 def test_sync_on_cpu_is_refused_with_one_line(synth_cache, tmp_path):
     # torch's SyncBatchNorm raises for CPU tensors once a process group exists (gloo included)
-    r = subprocess.run([FEATX, "finetune", "--data", str(synth_cache), "--backbone", "resnet18", "--weights", "none",
+    r = subprocess.run([*FEATX, "finetune", "--data", str(synth_cache), "--backbone", "resnet18", "--weights", "none",
                         "--size", "32", "--epochs", "1", "--batch-size", "8", "--bn", "sync", "--device", "cpu",
                         "--out", str(tmp_path / "sync")], env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--bn sync" in r.stderr, r.stderr
@@ -130,9 +132,9 @@ def test_sync_two_gpus_match_one_process(synth_cache, tmp_path):
     common = ["finetune", "--data", str(synth_cache), "--backbone", "resnet18", "--weights", "none", "--size", "32",
               "--epochs", "1", "--batch-size", "8", "--aug", "none", "--optimizer", "sgd", "--lr", "0.05",
               "--precision", "fp32", "--no-channels-last", "--device", "cuda"]
-    subprocess.run([FEATX, *common, "--bn", "train", "--out", str(tmp_path / "one")], env=ENV, check=True,
+    subprocess.run([*FEATX, *common, "--bn", "train", "--out", str(tmp_path / "one")], env=ENV, check=True,
                    capture_output=True)
-    two = subprocess.run(["torchrun", "--nproc-per-node", "2", "--no-python", FEATX, *common, "--bn", "sync",
+    two = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--no-python", *FEATX, *common, "--bn", "sync",
                           "--out", str(tmp_path / "two")], env=ENV, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     one = runs.load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
@@ -147,7 +149,7 @@ def test_sync_two_gpus_match_one_process(synth_cache, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sync_trains_on_cuda_and_loads_anywhere(synth_cache, tmp_path):
     out = tmp_path / "sync"
-    r = subprocess.run(["torchrun", "--nproc-per-node", "1", "--no-python", FEATX, "finetune", "--data",
+    r = subprocess.run([*TORCHRUN, "--nproc-per-node", "1", "--no-python", *FEATX, "finetune", "--data",
                         str(synth_cache), "--backbone", "resnet18", "--weights", "none", "--size", "32", "--epochs",
                         "2", "--batch-size", "8", "--bn", "sync", "--device", "cuda", "--out", str(out)],
                        env=ENV, capture_output=True, text=True)
