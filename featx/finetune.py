@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -42,6 +43,8 @@ from featx.choices import (Activation, BatchNormMode, Device, FinetuneHead, Fine
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, resolve_precision
 from featx.errors import FeatxError
+from featx.outputs import Existing, decide, promote, target
+from featx.stats import bootstrap_interval
 from featx.heads import topk_correct
 from featx.lstm_head import GROUP, STAGES
 from featx.models import ACTIVATIONS, MODEL_FORMAT, ModelSpec, build_model, pick_batchnorm, set_batchnorm
@@ -234,24 +237,25 @@ class FinetuneResult:
 
 
 @one_writer("out")
-def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, progress: bool = True) -> FinetuneResult:
-    """Fine-tune (or train from scratch) `config.backbone` with a new head on `config.data`; writes the run to `out`."""
+def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, force: bool = False,
+             progress: bool = True) -> FinetuneResult:
+    """Fine-tune (or train from scratch) `config.backbone` with a new head on `config.data`; writes the run to `out`.
+    An existing run in `out` follows featx.outputs' contract: a finished one of the same settings is up to date,
+    an interrupted one resumes (`resume` is no longer needed: kept so that old scripts run), one of other settings
+    is refused unless `force`."""
     c = config
     c.check()
-    out = Path(out)
+    asked = Path(out)
     recorded = dataclasses.asdict(c)
+    out, state = _claim(asked, recorded, epochs=c.epochs, force=force)
+    if state is not None and state["epoch"] >= c.epochs:
+        promote(out, asked)  # a forced run killed after its last epoch: its staging folder is complete
+        return FinetuneResult(asked, state["metrics"], max(r["val_top1"] for r in state["metrics"]),
+                              [runs.Snapshot(**s) for s in state["snapshots"]])
     aug = [] if c.overfit else c.aug
     mixup, cutmix = (0.0, 0.0) if c.overfit else (c.mixup, c.cutmix)
     batch_size = min(c.batch_size, c.overfit) if c.overfit else c.batch_size
     last_path = out / runs.CHECKPOINTS / "last.pt"
-    state = None
-    if last_path.exists():
-        if not resume:
-            raise FeatxError(f"--out {out}: holds a finetune run already; pass --resume to continue it or choose another --out")
-        state = runs.load_checkpoint(last_path)
-        changed = [k for k in recorded if k not in RESUME_FREE and state["config"].get(k) != recorded[k]]
-        if changed:
-            raise FeatxError(f"--resume: options differ from the run in {out} ({', '.join(changed)}); use its options or another --out")
 
     with distributed(c.device) as d:
         if c.bn == "sync" and d.device.type != "cuda":
@@ -410,13 +414,49 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
                 runs.write_metrics(out, [{"index": 0, "config": {"backbone": spec.backbone, "head_type": spec.head},
                                           "status": "done", "unfrozen_epoch": unfrozen, "epochs": rows}], best)
                 runs.update_run(out, checkpoints=snapshots.listing())
-                if progress:
+                if progress:  # the views named: predict's default averages more of them (its mirror too)
                     print(f"epoch {epoch + 1}/{c.epochs}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}"
-                          f" | val loss {val_loss:.4f} top-1 {val_top1:.2%} top-5 {val_top5:.2%}"
+                          f" | val ({'+'.join(spec.views)} view) loss {val_loss:.4f} top-1 {val_top1:.2%} top-5 {val_top5:.2%}"
                           f" | {row['train_images_per_s']:.0f} img/s", file=sys.stderr)
         if c.overfit and d.rank == 0 and rows and rows[-1]["train_top1"] < 1.0:
             print(f"featx: warning: --overfit {c.overfit}: reached {rows[-1]['train_top1']:.1%} train accuracy, not 100%, "
                   f"after {c.epochs} epochs; the model or its optimisation is broken, or it needs more --epochs",
                   file=sys.stderr)
     best = max((r["val_top1"] for r in rows), default=float("nan"))
-    return FinetuneResult(out, rows, best, snapshots.listing())
+    if rows and d.rank == 0:
+        _write_results(out, rows, recorded, spec.views, val_n=len(val_y))
+        promote(out, asked)
+    return FinetuneResult(asked, rows, best, snapshots.listing())
+
+
+def _claim(out: Path, recorded: dict, *, epochs: int, force: bool) -> tuple[Path, dict | None]:
+    """featx.outputs' contract for a finetune `out`: the folder to write (a staging folder when forced over a run
+    of other settings) and the state to resume from (None: start afresh)."""
+    last = out / runs.CHECKPOINTS / "last.pt"
+    if not last.exists():
+        return out, None
+    state = runs.load_checkpoint(last)
+
+    def settings(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in RESUME_FREE}
+
+    have = Existing(settings(state["config"]), complete=state["epoch"] >= epochs, done=state["epoch"], total=epochs,
+                    unit="epochs")
+    if decide(out, have, settings(recorded), force=force) != "fresh":
+        return out, state
+    staged = target(out, forced=True)  # a killed forced run's staging folder resumes; one of other settings restarts
+    nested, state = _claim(staged, recorded, epochs=epochs, force=True)
+    return staged, state if nested == staged else None
+
+
+def _write_results(out: Path, rows: list[dict], recorded: dict, views: list[str], *, val_n: int) -> dict:
+    """results.json: the best epoch's val scores, on the views finetune evaluates on (one, where predict's default
+    averages several), chosen on val itself."""
+    best = max(rows, key=lambda r: (r["val_top1"], r["val_top5"]))
+    right = round(best["val_top1"] * val_n)  # the interval of a 0/1 vector depends only on its count
+    interval = bootstrap_interval(np.r_[np.ones(right), np.zeros(val_n - right)]) if val_n else None
+    return runs.write_results(out, kind="finetune", split="val", top1=best["val_top1"], top1_interval=interval,
+                              top5=best["val_top5"], views=views,
+                              selection={"protocol": "val (optimistic)", "chosen": {"epoch": best["epoch"]}},
+                              settings=recorded, seconds={"train": round(sum(r["seconds"] for r in rows), 2)},
+                              epochs=len(rows))

@@ -5,7 +5,7 @@
 - partial, same settings: resumed, saying `resuming: N of M done`;
 - complete or partial with other settings: refused in one line naming each differing setting (old → new) and
   `--force` (the API's force=True). Where a setting differs only because `auto` resolved otherwise (another
-  CPU kind), the line says so. With force the old output stays until the new one is complete (`staged`).
+  CPU kind), the line says so. With force the old output stays until the new one is complete (`target`).
 
 Settings are plain dicts of resolved values (what the output records); `decide` compares them. The lines it
 says go to stderr through `say`, the one channel a stage's status lines take, so the CLI needs no parsing.
@@ -13,12 +13,11 @@ says go to stderr through `say`, the one channel a stage's status lines take, so
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import shutil
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -96,27 +95,23 @@ def decide(path: str | Path, have: Existing, want: Mapping, *, force: bool = Fal
     return "resume"
 
 
-def staging(out: str | Path) -> Path:
-    """Where a forced replacement of the folder `out` is built until it is complete."""
+def target(out: str | Path, *, forced: bool) -> Path:
+    """The folder a stage writes: `out`, or for a forced run over an existing `out` a staging folder beside it
+    (`promote` moves it into place once complete), so an interrupted forced run loses nothing. A staging folder
+    a killed forced run left is reused: the stage's own contract resumes or replaces it."""
     out = Path(out)
-    return out.with_name(out.name + ".new")
+    return out.with_name(out.name + ".new") if forced and out.exists() else out
 
 
-@contextlib.contextmanager
-def staged(out: str | Path, *, replace: bool) -> Iterator[Path]:
-    """The folder to write: `out` itself, or (`replace`: a forced run over an existing `out`) a staging folder
-    beside it that takes `out`'s place only when the block completes, so an interrupted forced run loses nothing.
-    A staging folder left by a killed forced run is reused: the stage's own contract resumes or replaces it."""
+def promote(folder: Path, out: str | Path) -> None:
+    """Put the complete `folder` (from `target`) in `out`'s place; the old output goes only now."""
     out = Path(out)
-    if not replace or not out.exists():
-        yield out
+    if folder == out:
         return
-    new = staging(out)
-    yield new
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     os.replace(out, old)
-    os.replace(new, out)
+    os.replace(folder, out)
     shutil.rmtree(old)
 
 

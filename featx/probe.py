@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import time
@@ -35,7 +36,9 @@ from featx.features import (ALL, FeatureMeta, Features, feature_set_columns, fea
 from featx.heads import FeatureSetHeads, HeadOptimizer, StackedHeads, label_rank, smoothed_cross_entropy
 from featx.neighbors import KNN_FORMAT, NCM_FORMAT, TEMPERATURE, KNNHeads, NCMHead, heads_from_checkpoints
 from featx.optim import make_scheduler
-from featx.runs import HEAD_FORMAT, Snapshots, load_checkpoint, start_run, update_run, write_metrics
+from featx.outputs import Existing, decide, promote, target
+from featx.runs import (HEAD_FORMAT, Snapshots, load_checkpoint, read_run, start_run, update_run, write_metrics,
+                        write_results)
 from featx.stats import (apply_temperature, bootstrap_interval, expected_calibration_error, fit_temperature,
                          holdout_rows, parse_select)
 
@@ -381,7 +384,7 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
               train_views: ViewSelection = "all", eval_views: ViewSelection = "all", normalize: Normalize = "none",
               seed: int = 0, device: Device = "auto", save: SaveMode = "best", keep: int = 20,
               snapshot_every: int | None = None, stream: bool = False, select: str = "holdout:0.1",
-              k: Sequence[int] = (10, 20, 100), feature_sets: Sequence[str] = (ALL,),
+              k: Sequence[int] = (10, 20, 100), feature_sets: Sequence[str] = (ALL,), force: bool = False,
               progress: bool = False) -> ProbeResult:
     """`featx probe`: fit the heads (trained, or k-NN/NCM) on the file's train split, choose the head, epoch and
     k on the selection split (`select`: a stratified holdout of train, or val), score val once, write the run.
@@ -389,7 +392,9 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     `train_views`, `eval_views`: "all" (every deterministic view), "full" or a comma list of stored view names
     (augmented views train only). Snapshots are offered after every epoch and, with `snapshot_every`, every
     that many steps; the `keep` best of each head are kept, and run.json's best is the best of them all.
-    `feature_sets`: the columns heads see (see featx.features.feature_set_columns); several sweep in one pass."""
+    `feature_sets`: the columns heads see (see featx.features.feature_set_columns); several sweep in one pass.
+    An existing run in `out` follows featx.outputs' contract: up to date when finished with the same settings
+    (its recorded result is returned), refused when made with others unless `force`."""
     path = Path(features)
     meta = read_meta(path)
     feature_sets = _check_feature_sets(meta, feature_sets, path=path, head=head)
@@ -444,8 +449,12 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     dim, n_classes = _dim(train_split), len(meta.classes)
     params = (dim + 1) * hidden + (hidden + 1) * n_classes if head == "mlp" else (dim + 1) * n_classes
     require_space(Path(out) / "run.json", len(heads) * keep * params * 4)  # every head's snapshots, until the end
-    run_dir = start_run(out, kind="probe", config={**config, "heads": [dataclasses.asdict(c) for c in heads]},
-                        features=feature_info)
+    recorded = {**config, "heads": [dataclasses.asdict(c) for c in heads]}
+    action = decide(out, _existing_probe(Path(out)), _probe_settings(recorded, feature_info), force=force)
+    if action == "up to date":
+        return recorded_result(Path(out))
+    written = target(out, forced=(Path(out) / "run.json").exists())
+    run_dir = start_run(written, kind="probe", config=recorded, features=feature_info)
     # step-numbered names only when snapshots are taken within epochs, so that per-epoch runs keep theirs
     name = "head{key:02d}-epoch{epoch:03d}" + ("-step{step:06d}" if snapshot_every else "") + ".pt"
     snapshots = Snapshots(run_dir, keep=keep, name=name)
@@ -492,7 +501,61 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
                             for h, (c, name, fs) in enumerate(zip(result.configs or result.names, result.names,
                                                                   result.feature_sets))], best)
     update_run(run_dir, checkpoints=snapshots.listing(), best=best, seconds=round(result.seconds, 2))
+    write_probe_results(run_dir, best, recorded, feature_info, result.seconds, 0 if held is None else int(held.sum()),
+                        n_classes)
+    promote(run_dir, out)
     return result
+
+
+PROBE_FREE = ("device", "stream", "features")  # options that leave a probe's results as they are (the file: by identity)
+
+
+def _probe_settings(config: dict, features: dict) -> dict:
+    """A probe run's resolved settings as featx.outputs compares them (JSON-shaped, as run.json holds them)."""
+    d = {k: v for k, v in config.items() if k not in PROBE_FREE}
+    return json.loads(json.dumps({**d, "features_identity": features["identity"]}))
+
+
+def _existing_probe(out: Path) -> Existing:
+    """What a probe `out` holds, for featx.outputs.decide: finished once run.json records its best."""
+    if not (out / "run.json").exists():
+        return Existing(None)
+    run = read_run(out)
+    if run.kind != "probe":
+        raise FeatxError(f"--out {out}: holds a `featx {run.kind}` run; choose another --out")
+    return Existing(_probe_settings(run.config, run.features or {"identity": None}), complete=run.best is not None)
+
+
+def recorded_result(run_dir: Path) -> ProbeResult:
+    """The ProbeResult a finished run recorded (metrics.json, run.json), for a run found up to date; `heads`
+    is None: the weights are in its checkpoints."""
+    run = read_run(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    hs = metrics["heads"]
+    trained = run.config["head"] in TRAINED_HEADS
+    configs = [HeadConfig(**{k: h["config"][k] for k in ("lr", "weight_decay", "label_smoothing", "dropout")})
+               for h in hs] if trained else []
+    best = run.best
+    val = {k: best[k] for k in ("val_top1", "val_top1_interval", "val_top5", "val_ece", "val_ece_calibrated",
+                                "temperature")}
+    return ProbeResult(heads=None, configs=configs, history=[h["epochs"] for h in hs], status=[h["status"] for h in hs],
+                       best=best["head"], best_epoch=best["epoch"], seconds=run.seconds or 0.0,
+                       names=[] if trained else [h["config"]["name"] for h in hs],
+                       val=val, feature_sets=[h["feature_set"] for h in hs])
+
+
+def write_probe_results(run_dir: Path, best: dict, config: dict, features: dict, seconds: float, held: int,
+                        classes: int) -> dict:
+    """results.json of a probe run (featx.runs.write_results)."""
+    select = config["select"]
+    return write_results(run_dir, kind="probe", split="val", top1=best["val_top1"],
+                         top1_interval=best["val_top1_interval"], top5=best["val_top5"],
+                         selection={"protocol": "holdout of train" if select != "val" else "val (optimistic)",
+                                    "select": select, "images": held or None, "top1": best["select_top1"],
+                                    "chosen": {k: best[k] for k in ("head", "epoch", "step", "name", "feature_set")}},
+                         views=config["eval_views"], settings=config, seconds={"train": seconds},
+                         calibration={k: best[k] for k in ("val_ece", "val_ece_calibrated", "temperature")},
+                         features=features, classes=classes)
 
 
 def _split(path: Path, split: str, views: str, stream: bool) -> Features | StreamedSplit:
