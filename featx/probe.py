@@ -39,8 +39,8 @@ from featx.optim import make_scheduler
 from featx.outputs import Existing, decide, promote, target
 from featx.runs import (HEAD_FORMAT, Snapshots, load_checkpoint, read_run, start_run, update_run, write_metrics,
                         write_results)
-from featx.stats import (apply_temperature, bootstrap_interval, expected_calibration_error, fit_temperature,
-                         holdout_rows, parse_select)
+from featx.stats import (apply_temperature, bootstrap_interval, calibration_temperature, expected_calibration_error,
+                         holdout_rows, parse_select, selection_too_small)
 
 
 
@@ -430,6 +430,8 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
         raise FeatxError(f"{path}: split 'val' has no labels to validate on; "
                          "extract a labelled split (e.g. --splits train,val)")
     held = None if fraction is None else holdout_rows(_labels(train_split), fraction, seed)
+    if held is not None and selection_too_small(_labels(train_split), held, len(meta.classes)):
+        held, select = None, "val"
     if held is None:
         fit, chosen_on = train_split, val_split
     else:
@@ -638,7 +640,7 @@ def _calibrate_and_score(run_dir: Path, snapshots: Snapshots, chosen_on, val, *,
     meta, path = chosen_on.meta, chosen_on.path
     probs, labels = _probabilities(probe_heads(ckpts, meta, path=path).to(dev).eval(), _source(chosen_on, dev))
     for s, c, p in zip(listing, ckpts, probs):
-        c["calibration"] = {"temperature": fit_temperature(p, labels), "fitted_on": select}
+        c["calibration"] = {"temperature": calibration_temperature(p, labels), "fitted_on": select}
         with replacing(run_dir / s.file) as tmp:
             torch.save(c, tmp)
     probs, labels = _probabilities(probe_heads(ckpts[:1], meta, path=path).to(dev).eval(), _source(val, dev))

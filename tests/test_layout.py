@@ -12,14 +12,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featx"
 
 # Lowest first. A module may import modules of its own layer or of lower ones, never of a higher one.
 LAYERS = [
-    {"errors", "choices", "atomic", "device", "plots", "stats"},  # foundations, used everywhere
+    {"errors", "choices", "atomic", "device", "plots", "stats", "outputs"},  # foundations, used everywhere
     {"sources", "download", "data"},  # datasets and the decoded cache
     {"backbones", "tinynets", "views", "augment"},  # networks and what they see
     {"features", "extract"},  # stage 1 and its file
     {"heads", "optim", "lstm_head", "models", "runs", "neighbors"},  # what stages 2 and 3 train, and the run directory
     {"probe", "finetune"},  # the training loops
     {"predict"},
-    {"report"},
+    {"report", "info"},
     {"pipeline", "cli", "__main__", "__init__"},
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
