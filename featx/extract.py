@@ -163,6 +163,20 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                         auto={"precision": "--precision"} if precision == "auto" else {})
 
 
+def _meta(bb: Backbone, info, cache: Path, *, views, crop, autocast, dtype, layers, per_class, aug_views,
+          aug_seed) -> FeatureMeta:
+    """What the file records: the resolved settings, the dataset, and the cache its images came from."""
+    return FeatureMeta(backbone=bb.name, weights=bb.weights_id, input_size=bb.input_size, views=list(views),
+                       crop=crop, mean=list(bb.mean), std=list(bb.std), precision=precision_name(autocast),
+                       dtype=dtype.name, dataset=info.name, dataset_fingerprint=info.fingerprint,
+                       classes=list(info.wnids), class_names=list(info.names), featx_version=__version__,
+                       layers=layers or "", parts=[[name, dim] for name, dim in bb.parts],
+                       source={"cache": str(Path(cache).resolve()), "fingerprint": info.fingerprint,
+                               "per_class": per_class},
+                       **(dict(aug_views=aug_views, aug_seed=aug_seed, aug_brightness=AUG_BRIGHTNESS,
+                               aug_contrast=AUG_CONTRAST) if aug_views else {}))
+
+
 def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, crop, splits, classes,
              per_class, batch_size, autocast, mean, std, compile, dtype, aug_views, aug_seed, shard_rows, layers,
              force, progress, auto) -> Path:
@@ -184,15 +198,8 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
         bb.mean = tuple(mean)
     if std is not None:
         bb.std = tuple(std)
-    meta = FeatureMeta(backbone=bb.name, weights=bb.weights_id, input_size=bb.input_size, views=list(views),
-                       crop=crop, mean=list(bb.mean), std=list(bb.std), precision=precision_name(autocast),
-                       dtype=dtype.name, dataset=info.name, dataset_fingerprint=info.fingerprint,
-                       classes=list(info.wnids), class_names=list(info.names), featx_version=__version__,
-                       layers=layers or "", parts=[[name, dim] for name, dim in bb.parts],
-                       source={"cache": str(Path(cache).resolve()), "fingerprint": info.fingerprint,
-                               "per_class": per_class},
-                       **(dict(aug_views=aug_views, aug_seed=aug_seed, aug_brightness=AUG_BRIGHTNESS,
-                               aug_contrast=AUG_CONTRAST) if aug_views else {}))
+    meta = _meta(bb, info, cache, views=views, crop=crop, autocast=autocast, dtype=dtype, layers=layers,
+                 per_class=per_class, aug_views=aug_views, aug_seed=aug_seed)
     kept = _existing_splits(out, meta, splits, force=force, auto=auto)  # every rank reads it: no broadcast
     if kept is None:
         return out

@@ -22,7 +22,7 @@ from featx.errors import FeatxError
 from featx.features import feature_splits, load_features, read_meta
 from featx.info import format_info, info
 from featx.outputs import Existing, FeatxWarning, decide, differences, promote, resume_hint, target
-from featx.predict import predict, write_prediction_results
+from featx.predict import open_run, predict, write_prediction_results
 from featx.probe import grid, run_probe
 from featx.report import write_report
 from featx.stats import apply_temperature, calibration_temperature, expected_calibration_error, selection_too_small
@@ -177,7 +177,9 @@ def test_the_feature_file_records_its_source_and_report_finds_the_images_through
                            "per_class": None}
     page = write_report(run=probed["run"], out=tmp_path / "report", device="cpu")
     text = page.read_text()
-    assert "gallery/val-" in text and "Pass <code>--data</code>" not in text  # no --data: found through the file
+    assert "Pass <code>--data</code>" not in text  # no --data: the images found through the file
+    images = open_run(probed["run"], device="cpu").images(None, "val")
+    assert images.ids == load_features(probed["features"], "val").ids and images.read_images().shape == (16, 64, 64, 3)
     # the page opens with its summary and pictures; the per-class table comes last, collapsed
     order = [text.index(s) for s in ("top-1 [95% bootstrap interval]", "Training curves", "Most-confused pairs on val",
                                      "Error gallery on val", "Confusion matrix", "Reliability diagram", "<details>")]
