@@ -117,6 +117,9 @@ class FinetuneConfig:
 
     def check(self) -> None:
         """Refuse inconsistent options before any data is read."""
+        if self.backbone.startswith("timm:"):  # get_spec's "unknown" would blame timm's absence
+            raise FeatxError(f"--backbone {self.backbone}: finetune trains the registered backbones only (timm "
+                             "backbones extract and probe); see `featx extract --list-backbones`")
         get_spec(self.backbone)
         for option, value, allowed in (("--head", self.head, HEADS), ("--optimizer", self.optimizer, OPTIMIZERS),
                                        ("--schedule", self.schedule, SCHEDULES), ("--bn", self.bn, BN_MODES),

@@ -216,7 +216,9 @@ class ProbeRun:
                              "re-run `featx probe` on it")
         self.classes, self.class_names = self.meta.classes, self.meta.class_names
         # runs from before held-out selection chose on val
-        self.select, self.seed = run.config.get("select", "val"), run.config.get("seed", 0)
+        # where it selected: best's (a holdout too small to choose on falls back to val), else its option
+        self.select = (run.best or {}).get("select") or run.config.get("select", "val")
+        self.seed = run.config.get("seed", 0)
 
     def view_names(self, views: str) -> list[str]:
         """The stored views a score averages under --eval-views `views`."""

@@ -430,8 +430,9 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
         raise FeatxError(f"{path}: split 'val' has no labels to validate on; "
                          "extract a labelled split (e.g. --splits train,val)")
     held = None if fraction is None else holdout_rows(_labels(train_split), fraction, seed)
+    chosen_by = select  # what the run selects on: the user's option, or val where the holdout is too small
     if held is not None and selection_too_small(_labels(train_split), held, len(meta.classes)):
-        held, select = None, "val"
+        held, chosen_by = None, "val"
     if held is None:
         fit, chosen_on = train_split, val_split
     else:
@@ -492,11 +493,11 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     result.best, result.best_epoch = top.key, top.epoch
     if save == "best":
         snapshots.retain({top.key})
-    result.val = _calibrate_and_score(run_dir, snapshots, chosen_on, val_split, select=select, device=device)
+    result.val = _calibrate_and_score(run_dir, snapshots, chosen_on, val_split, select=chosen_by, device=device)
     best = {"head": top.key, "epoch": top.epoch, "step": top.step, "name": result.names[top.key],
             "config": dataclasses.asdict(result.configs[top.key]) if result.configs else {},
             "feature_set": result.feature_sets[top.key],
-            "select": select, "select_top1": top.val_top1, "select_top5": top.val_top5, **result.val,
+            "select": chosen_by, "select_top1": top.val_top1, "select_top5": top.val_top5, **result.val,
             "checkpoint": top.file}
     write_metrics(run_dir, [{"index": h, "config": dataclasses.asdict(c) if result.configs else {"name": name},
                              "feature_set": fs, "status": result.status[h], "epochs": result.history[h]}
@@ -549,7 +550,7 @@ def recorded_result(run_dir: Path) -> ProbeResult:
 def write_probe_results(run_dir: Path, best: dict, config: dict, features: dict, seconds: float, held: int,
                         classes: int) -> dict:
     """results.json of a probe run (featx.runs.write_results)."""
-    select = config["select"]
+    select = best["select"]
     return write_results(run_dir, kind="probe", split="val", top1=best["val_top1"],
                          top1_interval=best["val_top1_interval"], top5=best["val_top5"],
                          selection={"protocol": "holdout of train" if select != "val" else "val (optimistic)",

@@ -266,3 +266,24 @@ def test_a_tiny_selection_split_warns_and_selects_on_val():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not selection_too_small(labels, held, 10)
+
+
+def test_finetune_names_why_a_timm_backbone_is_refused(tmp_path):
+    r = subprocess.run([*FEATX, "finetune", "--backbone", "timm:resnet18", "--out", str(tmp_path / "x")], env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "finetune trains the registered backbones only" in r.stderr
+    assert "with timm installed" not in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_a_probe_on_a_tiny_holdout_warns_and_selects_on_val(tmp_path):
+    from test_probe import write_synthetic
+
+    features = write_synthetic(tmp_path / "s.h5")  # 120 train images of 4 classes: 10% holds out 3 a class
+    with pytest.warns(FeatxWarning, match="too few to choose on; selecting on val instead"):
+        run_probe(features=features, out=tmp_path / "run", heads=grid(lr=[1e-2]), epochs=1, batch_size=20,
+                  device="cpu")
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["select"] == "holdout:0.1" and run["best"]["select"] == "val"  # the option as given
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["selection"]["protocol"] == "val (optimistic)"
+    assert predict(runs=[tmp_path / "run"], split="val", device="cpu").optimistic
