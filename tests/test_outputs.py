@@ -169,6 +169,8 @@ def test_results_json_of_probe_and_predict(probed):
                                        eval_views="all", seconds=1.5)
     assert written["views"] == "full" and written["top1"] == p.top_k(1) and written["images"] == 16
     assert json.loads((probed["root"] / "preds" / "results.json").read_text()) == written
+    described = info(probed["root"] / "preds")
+    assert described["kind"] == "predict" and described["metrics"]["top1"] == p.top_k(1)
 
 
 def test_the_feature_file_records_its_source_and_report_finds_the_images_through_it(probed, synth_cache, tmp_path):
@@ -184,6 +186,9 @@ def test_the_feature_file_records_its_source_and_report_finds_the_images_through
     order = [text.index(s) for s in ("top-1 [95% bootstrap interval]", "Training curves", "Most-confused pairs on val",
                                      "Error gallery on val", "Confusion matrix", "Reliability diagram", "<details>")]
     assert order == sorted(order) and text.index("Per-class errors") > text.index("<details>")
+    described = info(tmp_path / "report")
+    assert described["kind"] == "report" and described["settings"]["runs"] == [str(probed["run"])]
+    assert described["metrics"]["views"] == ["full"] and 0 <= described["metrics"]["top1"] <= 1
 
 
 def test_a_moved_source_is_one_line(probed, synth_cache, tmp_path):
@@ -287,3 +292,20 @@ def test_a_probe_on_a_tiny_holdout_warns_and_selects_on_val(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["selection"]["protocol"] == "val (optimistic)"
     assert predict(runs=[tmp_path / "run"], split="val", device="cpu").optimistic
+
+
+def test_info_on_a_finetune_run_and_an_interrupted_extraction(synth_cache, tmp_path):
+    from featx.finetune import FinetuneConfig, finetune
+
+    run = tmp_path / "ft"
+    finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=1, batch_size=16,
+                            device="cpu"), out=run, progress=False)
+    d = info(run)
+    assert d["kind"] == "finetune" and d["complete"] and d["settings"]["epochs"] == 1
+    assert d["metrics"]["views"] == "full" and d["source"]["source"] == str(synth_cache)
+    partial = tmp_path / "f.h5.partial"
+    partial.mkdir()
+    meta = read_meta(extract_features(data=synth_cache, out=tmp_path / "done.h5", splits=["val"], **TINY))
+    (partial / "meta.json").write_text(json.dumps({"shard_rows": 1024, "meta": json.loads(meta.to_json())}))
+    d = info(partial)
+    assert d["kind"] == "features" and not d["complete"] and d["metrics"]["shards_done"] == 0
