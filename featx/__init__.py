@@ -31,7 +31,7 @@ _API = {
     "run_probe": "featx.probe",
     "train_heads": "featx.probe:train",
     # stage 3: end-to-end training
-    "FinetuneConfig": "featx.finetune",
+    "FinetuneConfig": "featx.configs",
     "run_finetune": "featx.finetune:finetune",
     # stage 4: predictions, submission, report
     "predict_split": "featx.predict:predict",

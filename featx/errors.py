@@ -7,8 +7,11 @@ any exception. It knows nothing of click: the library does not depend on its com
 
 
 class FeatxError(Exception):
+    """`option`: the config field (featx.configs) the fix changes, where there is one, so that a recipe's error
+    can say which key to set."""
+
     exit_code = 2
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, option: str | None = None) -> None:
         super().__init__(message)
-        self.message = message
+        self.message, self.option = message, option

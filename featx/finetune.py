@@ -22,7 +22,7 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,108 +35,41 @@ from featx import runs
 from featx.atomic import one_writer, replacing
 from featx.augment import Augment, check_augmentations, parse_augmentation
 from featx.backbones import get_spec, input_spec
-from featx.choices import BN_MODES, IMAGE_NORMALIZE
-from featx.choices import FINETUNE_HEADS as HEADS
-from featx.choices import (Activation, BatchNormMode, Device, FinetuneHead, FinetuneSchedule, ImageNormalize, Optimizer,
-                           Precision)
+from featx.configs import FinetuneConfig, from_dict, to_dict, validate
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, resolve_precision
 from featx.errors import FeatxError
 from featx.heads import topk_correct
 from featx.lstm_head import GROUP, STAGES
-from featx.models import ACTIVATIONS, MODEL_FORMAT, ModelSpec, build_model, pick_batchnorm, set_batchnorm
-from featx.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
+from featx.models import MODEL_FORMAT, ModelSpec, build_model, pick_batchnorm, set_batchnorm
+from featx.optim import make_optimizer, make_scheduler
 from featx.views import render_views, to_input
 
 NAN_CHECK_STEPS = 50  # how often the loss is checked for NaN: each check waits for the device
 RESUME_FREE = ("device", "compile", "eval_batch_size")  # options a resumed run may change: they leave results as they are
 
 
-@dataclass
-class FinetuneConfig:
-    """Every option of a finetune run (what run.json records and --resume compares).
+def check_config(c: FinetuneConfig) -> None:
+    """Refuse inconsistent options before any data is read (featx.configs.validate checks each on its own)."""
+    validate(c)
+    get_spec(c.backbone)
+    if c.init and c.weights != "none":
+        raise FeatxError(f"--init {c.init}: only for training from scratch; add --weights none")
+    if c.init_head and c.head != "linear":
+        raise FeatxError("--init-head: probe heads are linear; use --head linear")
+    if not 0 <= c.freeze_epochs <= c.epochs:
+        raise FeatxError(f"--freeze-epochs {c.freeze_epochs}: must be between 0 and --epochs {c.epochs}")
+    if c.head != "lstm" and (c.lstm_group != GROUP or list(c.lstm_stages) != list(STAGES)):
+        raise FeatxError("--lstm-group/--lstm-stages: options of the LSTM head; add --head lstm")
+    if not c.overfit:
+        check_augmentations(c.aug)
 
-    batch_size is the global batch: under torchrun each of the K processes takes batch_size / K.
-    overfit=N trains on N training images only, without augmentation (the sanity check that a model can
-    memorise them); a warning is printed when the last epoch's train top-1 is not 100%.
-    bn is the BatchNorm mode (featx.models.set_batchnorm); auto resolves to frozen or train once the weights
-    are loaded, and the checkpoints' ModelSpec records the result.
-    The body trains from the start, or after the head alone for freeze_epochs epochs; with unfreeze_on_plateau=P
-    the head trains alone for at least freeze_epochs epochs and until val top-1 has not improved for P epochs.
-    """
 
-    backbone: str
-    data: str | None = None  # zip, folder, ImageFolder root or cache; None: ./data
-    weights: str = "default"
-    size: int | None = None
-    head: FinetuneHead = "linear"
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: Optimizer = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: FinetuneSchedule = "cosine"
-    warmup_epochs: float = 0.0
-    decay: float | None = None
-    step_epochs: int | None = None
-    label_smoothing: float = 0.0
-    dropout: float = 0.0
-    drop_path: float | None = None
-    aug: list[str] = field(default_factory=lambda: ["flip"])
-    crop: int = 56
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    freeze_epochs: int = 0
-    bn: BatchNormMode = "auto"
-    unfreeze_on_plateau: int | None = None
-    init_head: str | None = None
-    init: str | None = None
-    classes: int | None = None
-    per_class: int | None = None
-    overfit: int | None = None
-    seed: int = 0
-    precision: Precision = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    device: Device = "auto"
-    keep: int = 3
-    eval_batch_size: int = 256
-    activation: Activation = "relu"
-    normalize: ImageNormalize = "channel"
-    lstm_group: int = GROUP
-    lstm_stages: list[str] = field(default_factory=lambda: list(STAGES))
-    snapshot_every: int | None = None
-
-    def __post_init__(self):
-        self.data = None if self.data is None else str(self.data)
-        self.aug = list(self.aug)
-        self.lstm_stages = list(self.lstm_stages)
-
-    def check(self) -> None:
-        """Refuse inconsistent options before any data is read."""
-        get_spec(self.backbone)
-        for option, value, allowed in (("--head", self.head, HEADS), ("--optimizer", self.optimizer, OPTIMIZERS),
-                                       ("--schedule", self.schedule, SCHEDULES), ("--bn", self.bn, BN_MODES),
-                                       ("--activation", self.activation, tuple(ACTIVATIONS)),
-                                       ("--normalize", self.normalize, IMAGE_NORMALIZE)):
-            if value not in allowed:
-                raise FeatxError(f"{option} {value}: choose one of {', '.join(allowed)}")
-        if self.init and self.weights != "none":
-            raise FeatxError(f"--init {self.init}: only for training from scratch; add --weights none")
-        if self.init_head and self.head != "linear":
-            raise FeatxError("--init-head: probe heads are linear; use --head linear")
-        if not 0 <= self.freeze_epochs <= self.epochs:
-            raise FeatxError(f"--freeze-epochs {self.freeze_epochs}: must be between 0 and --epochs {self.epochs}")
-        if self.head != "lstm" and (self.lstm_group != GROUP or self.lstm_stages != list(STAGES)):
-            raise FeatxError("--lstm-group/--lstm-stages: options of the LSTM head; add --head lstm")
-        if not self.overfit:
-            check_augmentations(self.aug)
-
-    def eval_views(self) -> list[str]:
-        """What evaluation feeds the model: training on random --crop windows (upsampled to the input size) is
-        evaluated on the centre window of that size, so objects appear at the scale training saw them."""
-        crops = not self.overfit and any(parse_augmentation(a)[0] == "crop" for a in self.aug)
-        return ["center"] if crops else ["full"]
+def eval_views(c: FinetuneConfig) -> list[str]:
+    """What evaluation feeds the model: training on random --crop windows (upsampled to the input size) is
+    evaluated on the centre window of that size, so objects appear at the scale training saw them."""
+    crops = not c.overfit and any(parse_augmentation(a)[0] == "crop" for a in c.aug)
+    return ["center"] if crops else ["full"]
 
 
 def trains_head_alone(c: FinetuneConfig, rows: list[dict]) -> bool:
@@ -237,10 +170,10 @@ class FinetuneResult:
 def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, progress: bool = True) -> FinetuneResult:
     """Fine-tune (or train from scratch) `config.backbone` with a new head on `config.data`; writes the run to `out`."""
     c = config
-    c.check()
+    check_config(c)
     out = Path(out)
-    recorded = dataclasses.asdict(c)
-    aug = [] if c.overfit else c.aug
+    recorded = to_dict(c)
+    aug = [] if c.overfit else list(c.aug)
     mixup, cutmix = (0.0, 0.0) if c.overfit else (c.mixup, c.cutmix)
     batch_size = min(c.batch_size, c.overfit) if c.overfit else c.batch_size
     last_path = out / runs.CHECKPOINTS / "last.pt"
@@ -249,7 +182,8 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
         if not resume:
             raise FeatxError(f"--out {out}: holds a finetune run already; pass --resume to continue it or choose another --out")
         state = runs.load_checkpoint(last_path)
-        changed = [k for k in recorded if k not in RESUME_FREE and state["config"].get(k) != recorded[k]]
+        before = to_dict(from_dict(FinetuneConfig, state["config"], where=str(last_path), strict=False))
+        changed = [k for k in recorded if k not in RESUME_FREE and before.get(k) != recorded[k]]
         if changed:
             raise FeatxError(f"--resume: options differ from the run in {out} ({', '.join(changed)}); use its options or another --out")
 
@@ -281,8 +215,8 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
         if c.normalize == "mean-image":  # the mean image replaces the weights' per-channel statistics
             mean, std = (0.0,) * 3, (1.0,) * 3
         spec = ModelSpec(c.backbone, c.size or input_size, len(info.wnids), c.head, list(mean), list(std), c.crop,
-                         c.dropout, c.drop_path, views=c.eval_views(), activation=c.activation,
-                         normalize=c.normalize, lstm_group=c.lstm_group, lstm_stages=c.lstm_stages)
+                         c.dropout, c.drop_path, views=eval_views(c), activation=c.activation,
+                         normalize=c.normalize, lstm_group=c.lstm_group, lstm_stages=list(c.lstm_stages))
         torch.manual_seed(c.seed)
         mean_image = _mean_image(train_x, spec.size).cpu() if c.normalize == "mean-image" else None
         model = build_model(spec, weights=c.weights, init=c.init, seed=c.seed, mean_image=mean_image)

@@ -175,7 +175,8 @@ def test_extract_and_probe_on_a_full_disk_are_one_line_and_resume(features, synt
             "--views", "flip", "--precision", "fp32", "--out", fs / "x.h5"]
     code, out, err = featx_cli(capsys, monkeypatch, *args)
     one_line(code, err, f"{fs / 'x.h5'}: no space left on device", "MB needed")
-    probe = ["probe", "--features", features, "--epochs", "1", "--device", "cpu", "--out", fs / "run"]
+    # the seed's single head (--lr): the disk check counts every head of a sweep
+    probe = ["probe", "--features", features, "--epochs", "1", "--lr", "6.5e-4", "--device", "cpu", "--out", fs / "run"]
     code, out, err = featx_cli(capsys, monkeypatch, *probe, "--keep", "200")
     one_line(code, err, "no space left on device", "MB needed")
     assert not (fs / "run").exists()
