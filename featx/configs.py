@@ -411,7 +411,8 @@ def coerce(f: Field, value):
         if f.kind == "names":
             return tuple(str(v) for v in items if v != "none") if items != ["none"] else ()
         kind = "int" if f.item is int else "float"
-        return tuple(_scalar(f, v, kind) if isinstance(v, str) else v for v in items)
+        return tuple(_scalar(f, v, kind) if isinstance(v, str) else float(v) if kind == "float" and
+                     isinstance(v, int) and not isinstance(v, bool) else v for v in items)
     if f.kind in ("int", "float") and isinstance(value, str):
         return _scalar(f, value)
     if f.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
