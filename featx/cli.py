@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -19,7 +20,7 @@ import click
 from featx import __version__
 from featx.configs import (ExtractConfig, Field, FinetuneConfig, OptionError, PredictConfig, PrepareConfig,
                            ProbeConfig, ReportConfig, STAGE_CONFIGS, field_named, from_dict, schema)
-from featx.errors import FeatxError
+from featx.errors import FeatxError, FeatxWarning
 
 
 class CliError(click.ClickException):
@@ -38,13 +39,23 @@ class FeatxGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", FeatxWarning)
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except OptionError as e:
             raise CliError(e.named(f"--{_flag(e.field)}")) from None
         except FeatxError as e:
             error = CliError(e.message)
             error.exit_code = e.exit_code
             raise error from None
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, FeatxWarning):
+        click.echo(f"featx: warning: {message}", err=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 class NumberList(click.ParamType):

@@ -1,4 +1,4 @@
-"""The one exception type for user mistakes.
+"""The one exception type for user mistakes, and the one warning type.
 
 A FeatxError carries a single line that names the file or option at fault and the fix. The CLI prints it
 as `featx: error: <message>` and exits with `exit_code`, without a traceback; library users catch it like
@@ -15,3 +15,9 @@ class FeatxError(Exception):
     def __init__(self, message: str, *, option: str | None = None) -> None:
         super().__init__(message)
         self.message, self.option = message, option
+
+
+class FeatxWarning(UserWarning):
+    """What a user should know that does not stop the work: a fallback taken, a choice `auto` made, a result
+    that looks wrong. Library code warns through `warnings.warn(..., FeatxWarning)`, never print; the CLI shows
+    each as one line `featx: warning: <message>`."""

@@ -170,3 +170,22 @@ def test_a_run_repeats_from_its_run_json(synth_cache, tmp_path, capsys, monkeypa
     assert a.config["options"] == b.config["options"] and a.config["options"]["lr"] == [1e-3, 3e-3]
     assert a.config["resolved"] == b.config["resolved"] and a.config["resolved"]["device"] == "cpu"
     assert a.best["val_top1"] == b.best["val_top1"] and a.best["config"] == b.best["config"]
+
+
+def test_library_warnings_are_one_line_on_the_command_line(capsys, monkeypatch):
+    import warnings
+
+    from featx.errors import FeatxWarning
+
+    @cli.command("warns")
+    def warns():
+        warnings.warn("the holdout is small; selecting on loss", FeatxWarning, stacklevel=2)
+
+    try:
+        monkeypatch.setattr(sys, "argv", ["featx", "warns"])
+        with pytest.raises(SystemExit) as exit:
+            main()
+        assert exit.value.code == 0
+        assert capsys.readouterr().err == "featx: warning: the holdout is small; selecting on loss\n"
+    finally:
+        del cli.commands["warns"]
