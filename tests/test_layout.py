@@ -18,7 +18,7 @@ LAYERS = [
     {"features", "extract"},  # stage 1 and its file
     # what stages 2 and 3 train and read, and the run directory
     {"heads", "optim", "lstm_head", "models", "runs", "neighbors", "feature_batches", "head_checkpoints"},
-    {"sweep", "calibration", "probe_tables", "probe", "finetune"},  # the training loops and the probe run
+    {"sweep", "calibration", "probe_tables", "probe", "finetune_epoch", "finetune"},  # the training loops and runs
     {"predict"},
     {"report"},
     {"pipeline", "cli", "__main__", "__init__"},
@@ -53,7 +53,7 @@ def test_imports_point_down(module):
     assert not upward, f"featx.{module} (layer {RANK[module]}) imports higher layers: {upward}"
 
 
-TRAINING_LOOPS = {"sweep", "probe", "finetune"}
+TRAINING_LOOPS = {"sweep", "probe", "finetune_epoch", "finetune"}
 
 
 def reachable(module: str) -> set[str]:
