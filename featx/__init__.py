@@ -34,10 +34,10 @@ _API = {
     "load_features": "featx.features",
     "load": "featx.features",
     # stage 2: heads on cached features
-    "HeadConfig": "featx.probe",
-    "grid": "featx.probe",
+    "HeadConfig": "featx.sweep",
+    "grid": "featx.sweep",
     "run_probe": "featx.probe",
-    "train_heads": "featx.probe:train",
+    "train_heads": "featx.sweep:train",
     # stage 3: end-to-end training
     "FinetuneConfig": "featx.configs",
     "run_finetune": "featx.finetune:finetune",

@@ -156,7 +156,7 @@ def test_every_cli_choice_comes_from_featx_choices():
 
 
 def test_module_constants_are_the_choices_and_the_api_is_typed_with_the_literals():
-    from featx import device, finetune, heads, optim, predict, probe, report, views
+    from featx import device, finetune, heads, optim, predict, probe, report, sweep, views
 
     assert heads.NORMALIZE is choices.NORMALIZE and optim.OPTIMIZERS is choices.OPTIMIZERS
     assert optim.SCHEDULES is choices.FINETUNE_SCHEDULES
@@ -170,7 +170,7 @@ def test_module_constants_are_the_choices_and_the_api_is_typed_with_the_literals
     assert hints(predict.predict)["eval_views"] is hints(report.write_report)["eval_views"] is choices.EvalViews
     assert hints(featx.extract_features)["views"] is choices.ViewSet
     with pytest.raises(FeatxError, match="--head rbf: choose one of linear, mlp"):
-        probe._check(None, None, [], "rbf")
+        sweep._check(None, None, [], "rbf")
 
 
 # --- views ---------------------------------------------------------------------------------------------
