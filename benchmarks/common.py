@@ -67,3 +67,10 @@ def matmul_peak_gflops(n: int = 2048, repeat: int = 5) -> float:
 
 def machine() -> str:
     return f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+
+
+def cpu_flags() -> str:
+    """The vector-unit flags of this CPU that decide the speed of float and bf16 kernels."""
+    flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"

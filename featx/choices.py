@@ -43,6 +43,11 @@ ImageNormalize = Literal["channel", "mean-image"]  # finetune: per-channel mean/
 IMAGE_NORMALIZE = get_args(ImageNormalize)
 Normalize = Literal["none", "l2", "standard"]
 NORMALIZE = get_args(Normalize)
+# predict, report: how checkpoint probabilities are combined: each at the temperature fitted on its run's selection
+# split (a probe run's calibration), or the raw softmax (Milani's snapshot ensembles, report Eq. 2). A finetune run's
+# checkpoints carry no temperature, so both give its raw softmax.
+Combine = Literal["calibrated", "raw"]
+COMBINES = get_args(Combine)
 SaveMode = Literal["best", "all"]  # probe: snapshots of the best head only, or of every head
 SAVE_MODES = get_args(SaveMode)
 

@@ -41,7 +41,10 @@ class FeatxGroup(click.Group):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", FeatxWarning)
-                warnings.showwarning = _show_warning
+                # Leave warnings to a caller that records them (warnings.catch_warnings(record=True), as
+                # pytest.warns does): it appends each to a list in place of showing it.
+                if not isinstance(getattr(warnings._showwarnmsg_impl, "__self__", None), list):
+                    warnings.showwarning = _show_warning
                 return super().invoke(ctx)
         except OptionError as e:
             raise CliError(e.named(f"--{_flag(e.field)}")) from None

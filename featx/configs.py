@@ -28,7 +28,7 @@ import typing
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
-from featx.choices import (Activation, BatchNormMode, CompileMode, Device, FeatureDtype, FinetuneHead,
+from featx.choices import (Activation, BatchNormMode, Combine, CompileMode, Device, FeatureDtype, FinetuneHead,
                            FinetuneSchedule, ImageNormalize, Normalize, Optimizer, Precision, ProbeHead,
                            ProbeSchedule, SaveMode, Split, ViewSet)
 from featx.errors import FeatxError
@@ -245,6 +245,8 @@ class PredictConfig:
                                  "extracted with.", metavar="PATH")
     data: str | None = option(None, "A finetune run's dataset [default: the one it trained on].", metavar="SRC")
     device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
+    combine: Combine = option("calibrated", "How checkpoint probabilities are combined: calibrated (each probe "
+                              "checkpoint at its fitted temperature) or raw softmax (Milani's Eq. 2).")
 
 
 @dataclass
@@ -263,6 +265,7 @@ class ReportConfig:
                               "the dataset its features came from, to show the error gallery's images.",
                               metavar="SRC")
     device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
+    combine: Combine = option("calibrated", "How checkpoint probabilities are combined, as in predict.")
 
 
 STAGE_CONFIGS: dict[str, type] = {"prepare": PrepareConfig, "extract": ExtractConfig, "probe": ProbeConfig,

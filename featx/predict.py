@@ -8,6 +8,8 @@
 A probe run is scored on its feature file (its checkpoints' heads stacked into one matmul), a finetune run on
 the images of its dataset. Each checkpoint gives the softmax averaged over the views; the ensemble is the mean
 of the selected checkpoints' softmaxes within a run, then the mean over runs (each run weighs the same).
+`combine` "calibrated" takes each probe checkpoint's softmax at its fitted temperature, "raw" the softmax as
+it is (Milani's Eq. 2 sums them: the mean has the same argmax).
 Checkpoints are selected in the run's best-first order (by val top-1), so every selection starts with the best.
 """
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from featx.atomic import make_dirs, replacing
 from featx.backbones import Backbone, create_backbone
-from featx.choices import ENSEMBLES, EVAL_VIEWS, Device, EvalViews, Split
+from featx.choices import COMBINES, ENSEMBLES, EVAL_VIEWS, Combine, Device, EvalViews, Split
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import resolve_device
 from featx.errors import FeatxError
@@ -204,8 +206,8 @@ def _first_of_classes(labels: np.ndarray, classes: Sequence[int], per_class: int
 class ProbeRun:
     """A `featx probe` run: heads scored on its feature file, or on new images through its backbone."""
 
-    def __init__(self, run_dir: Path, run: dict, device: torch.device):
-        self.dir, self.device = run_dir, device
+    def __init__(self, run_dir: Path, run: dict, device: torch.device, combine: Combine = "calibrated"):
+        self.dir, self.device, self.combine = run_dir, device, combine
         self.checkpoints = run.checkpoints
         self.path = Path(run.features["path"])
         self.meta = read_meta(self.path)
@@ -223,7 +225,7 @@ class ProbeRun:
         rows = max(1, 2048 // x.shape[1])
         probs = np.concatenate([heads.predict_proba(torch.from_numpy(x[i : i + rows]).to(self.device)).cpu().numpy()
                                 for i in range(0, len(x), rows)], axis=1)
-        return np.stack([calibrated(p, c) for p, c in zip(probs, ckpts)])
+        return probs if self.combine == "raw" else np.stack([calibrated(p, c) for p, c in zip(probs, ckpts)])
 
     def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
         """`split` may be SELECTION: the rows of train the run chose its checkpoints on (see selection_split)."""
@@ -330,25 +332,28 @@ class FinetuneRun:
         return torch.cat(seen).numpy(), s.labels
 
 
-def open_run(run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto") -> ProbeRun | FinetuneRun:
+def open_run(run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto",
+             combine: Combine = "calibrated") -> ProbeRun | FinetuneRun:
+    if combine not in COMBINES:
+        raise FeatxError(f"--combine {combine}: choose {' or '.join(COMBINES)}")
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     if not run.checkpoints:
         raise FeatxError(f"{run_dir}: has no checkpoints; let its `featx {run.kind}` run finish")
     dev = resolve_device(device)
     if run.kind == "probe":
-        return ProbeRun(run_dir, run, dev)
+        return ProbeRun(run_dir, run, dev, combine)
     if run.kind == "finetune":
         return FinetuneRun(run_dir, run, dev, data)
     raise FeatxError(f"{run_dir}: a {run.kind!r} run; predict takes probe and finetune runs")
 
 
-def open_runs(runs: Sequence[str | Path], *, data: str | Path | None = None,
-              device: str = "auto") -> list[ProbeRun | FinetuneRun]:
+def open_runs(runs: Sequence[str | Path], *, data: str | Path | None = None, device: str = "auto",
+              combine: Combine = "calibrated") -> list[ProbeRun | FinetuneRun]:
     """Open runs to be averaged together: they must share their classes."""
     if not runs:
         raise FeatxError("--run: name at least one run directory")
-    opened = [open_run(r, data=data, device=device) for r in runs]
+    opened = [open_run(r, data=data, device=device, combine=combine) for r in runs]
     first = opened[0]
     for run in opened[1:]:
         if run.classes != first.classes:
@@ -387,10 +392,10 @@ def _combine(runs: list, scored: list[Scored], picks: list[list[int]], split: st
 
 def predict(*, runs: Sequence[str | Path], split: Split = "val", eval_views: EvalViews = "all",
             ensemble: str = "best", curve: bool = False, data: str | Path | None = None,
-            device: Device = "auto") -> Prediction:
+            device: Device = "auto", combine: Combine = "calibrated") -> Prediction:
     """Score the runs' selected checkpoints on a split; `data` overrides a finetune run's dataset. `curve`: also
     the val top-1 of top:N for every N (Prediction.curve), which scores every checkpoint on val."""
-    return score_runs(open_runs(runs, data=data, device=device), split=split, eval_views=eval_views,
+    return score_runs(open_runs(runs, data=data, device=device, combine=combine), split=split, eval_views=eval_views,
                       ensemble=ensemble, curve=curve)
 
 
@@ -432,12 +437,12 @@ def read_images(paths: Sequence[str | Path], *, size: int, skip_bad: bool = Fals
 def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path], eval_views: EvalViews = "all",
                    ensemble: str = "best", skip_bad: bool = False, image_size: int = 64,
                    weights: str | Path | None = None, data: str | Path | None = None,
-                   device: Device = "auto") -> Prediction:
+                   device: Device = "auto", combine: Combine = "calibrated") -> Prediction:
     """Classify image files: each is scaled to `image_size` (the dataset's, 64 for Tiny ImageNet), then goes
     through each run's backbone, views and heads. `weights`: the backbone's weights file, where a probe run's
     features were extracted with weights from a file."""
     _check_views(eval_views)
-    opened = open_runs(runs, data=data, device=device)
+    opened = open_runs(runs, data=data, device=device, combine=combine)
     x, ids = read_images(images, size=image_size, skip_bad=skip_bad)
     scored, picks = [], []
     for run in opened:

@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix
 
 from featx.atomic import make_dirs, replacing
-from featx.choices import Device, EvalViews, Split
+from featx.choices import Combine, Device, EvalViews, Split
 from featx.data import Split as DecodedSplit
 from featx.data import prepare_cache, read_split
 from featx.errors import FeatxError
@@ -207,14 +207,15 @@ figure img{image-rendering:pixelated}"""
 
 
 def _score(run: str | Path | Sequence[str | Path], *, split: str, eval_views: str, ensemble: str,
-           data: str | Path | None, device: str) -> list[tuple[str | Path, ProbeRun | FinetuneRun, Prediction]]:
+           data: str | Path | None, device: str,
+           combine: Combine = "calibrated") -> list[tuple[str | Path, ProbeRun | FinetuneRun, Prediction]]:
     """Each run (directory, opened, its prediction on the split), the best top-1 first."""
     runs = [run] if isinstance(run, (str, Path)) else list(run)
     if not runs:
         raise FeatxError("--run: name at least one run directory")
     scored = []
     for d in runs:
-        opened = open_run(d, data=data, device=device)
+        opened = open_run(d, data=data, device=device, combine=combine)
         scored.append((d, opened, score_runs([opened], split=split, eval_views=eval_views, ensemble=ensemble,
                                              curve=True)))
         scored[-1][2].require_labels()
@@ -248,12 +249,13 @@ def _figures(out: Path, scored: list, cm: np.ndarray, ece: float, tsne: list[int
 
 def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "report", split: Split = "val",
                  eval_views: EvalViews = "all", ensemble: str = "best", tsne_classes: Sequence[str] | None = None,
-                 data: str | Path | None = None, device: Device = "auto") -> Path:
+                 data: str | Path | None = None, device: Device = "auto", combine: Combine = "calibrated") -> Path:
     """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page.
     Several runs: a leaderboard and the paired comparison of the best two head the page, whose analysis is then
     of the best run."""
     out = Path(out)
-    scored = _score(run, split=split, eval_views=eval_views, ensemble=ensemble, data=data, device=device)
+    scored = _score(run, split=split, eval_views=eval_views, ensemble=ensemble, data=data, device=device,
+                    combine=combine)
     run, r, pred = scored[0]
     tsne = _tsne_classes(tsne_classes, pred.classes)
     make_dirs(out, option="--out", path=out)  # only now: a refused report leaves no folder behind

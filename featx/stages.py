@@ -87,10 +87,11 @@ def predict(config: PredictConfig):
     if config.images:
         return predict_images(runs=config.runs, images=config.images, eval_views=config.eval_views,
                               ensemble=config.ensemble, skip_bad=config.skip_bad, image_size=config.image_size,
-                              weights=config.weights, data=config.data, device=config.device)
+                              weights=config.weights, data=config.data, device=config.device,
+                              combine=config.combine)
     return predict_split(runs=config.runs, split=config.split, eval_views=config.eval_views,
                          ensemble=config.ensemble, curve=config.split == "val", data=config.data,
-                         device=config.device)
+                         device=config.device, combine=config.combine)
 
 
 def report(config: ReportConfig, *, out: str | Path = "report") -> Path:
@@ -100,7 +101,7 @@ def report(config: ReportConfig, *, out: str | Path = "report") -> Path:
     validate(config)
     return write_report(run=list(config.runs), out=out, split=config.split, eval_views=config.eval_views,
                         ensemble=config.ensemble, tsne_classes=config.tsne_classes, data=config.data,
-                        device=config.device)
+                        device=config.device, combine=config.combine)
 
 
 ENTRY_POINTS = {PrepareConfig: prepare, ExtractConfig: extract, ProbeConfig: probe, FinetuneConfig: finetune,

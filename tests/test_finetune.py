@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -100,9 +101,14 @@ def test_drop_path_resnet_and_native():
 
 @pytest.mark.parametrize("init, std", [("gaussian:0.1", 0.1), ("xavier", (2 / (576 + 1152)) ** 0.5)])
 def test_init(init, std):
-    model = build_model(spec("resnet18"), init=init)
+    model = build_model(dataclasses.replace(spec("resnet18"), num_classes=200), init=init)
     w = model.body.layer2[0].conv1.weight.detach()  # (128, 64, 3, 3): fan_in 576, fan_out 1152
     assert float(w.std()) == pytest.approx(std, rel=0.05)
+    # the new 200-way classifier too (it used to keep PyTorch's default, std ~0.0255, issue 23): (200, 512)
+    head = model.head[1].weight.detach()
+    head_std = 0.1 if init.startswith("gaussian") else (2 / (512 + 200)) ** 0.5
+    assert head.shape == (200, 512) and float(head.std()) == pytest.approx(head_std, rel=0.05)
+    assert not model.head[1].bias.any()
     with pytest.raises(FeatxError, match="--init"):
         build_model(spec("resnet18"), init="gaussian:wide")
 
