@@ -25,7 +25,8 @@ from featx.atomic import one_writer, replacing, require_space
 from featx.backbones import Backbone, create_backbone
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, precision_name, resolve_precision
-from featx.choices import Device, FeatureDtype, Precision, ViewSet
+from featx.choices import CompileMode, Device, FeatureDtype, Precision, ViewSet
+from featx.compiled import compile_frozen, decide, ran_compiled
 from featx.errors import FeatxError
 from featx.features import FeatureMeta, create_file, file_bytes, read_meta
 from featx.views import AUG_BRIGHTNESS, AUG_CONTRAST, check_crop, render_aug_views, render_views, view_names
@@ -115,7 +116,7 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                      splits: Sequence[str] | None = None, classes: int | None = None,
                      per_class: int | None = None, batch_size: int | None = None, device: Device = "auto",
                      precision: Precision = "auto", mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None, compile: bool = False, dtype: FeatureDtype = "float16",
+                     std: Sequence[float] | None = None, compile: CompileMode = "auto", dtype: FeatureDtype = "float16",
                      aug_views: int = 0, aug_seed: int = 0, shard_rows: int = SHARD_ROWS,
                      layers: str | None = None, progress: bool = True) -> Path:
     """Extract pooled features of every image and view; returns the finished feature file.
@@ -124,6 +125,8 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
     (ViTs, with "+avg" their mean patch token) concatenated per view, their layout in the file's meta.
     `data` is anything `featx.data.prepare_cache` accepts. `splits` defaults to every split in the data.
     `aug_views` K > 0 adds K augmented views per train image (featx.views.aug_pixels), drawn from `aug_seed`.
+    `compile` (featx.compiled): on = torch.compile with Inductor's freezing, auto = that when the job repays the
+    compilation (one CompileWarning line says which and why); the file's meta records what ran.
     Re-running a finished extraction is a no-op; an interrupted one resumes. Under torchrun every rank
     takes its share of the shards and rank 0 writes the file.
     """
@@ -186,9 +189,12 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
                       + left * len(views) * bb.feature_dim * dtype.itemsize)
 
     model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(device, memory_format=torch.channels_last)
-    if compile:
-        model = torch.compile(model)
-    total = sum(min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo)
+    counts = {(s, k): min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo}
+    per_image = {s: len(views) + (aug_views if s == "train" else 0) for s in splits}
+    choice = decide(compile, model, size=bb.input_size, device=device, quiet=ranks.rank != 0,
+                    views=sum(n * per_image[s] for (s, _), n in counts.items()))
+    model = compile_frozen(model, choice, rows=batch_size * max(per_image.values()))
+    total = sum(counts.values())
     bar = tqdm(total=total, unit="img", desc=f"extract {bb.name} x{len(views)} views", disable=not progress)
 
     def read(shard):
@@ -219,6 +225,7 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
 
     ranks.barrier()
     if ranks.rank == 0:
+        meta.compile = ran_compiled(model)
         _assemble(out, partial, meta, data_splits, sizes, bb.feature_dim, shard_rows)
     ranks.barrier()
     return out
