@@ -37,10 +37,11 @@ from featx.augment import Augment, check_augmentations, parse_augmentation
 from featx.backbones import get_spec, input_spec
 from featx.choices import BN_MODES, IMAGE_NORMALIZE
 from featx.choices import FINETUNE_HEADS as HEADS
-from featx.choices import (Activation, BatchNormMode, Device, FinetuneHead, FinetuneSchedule, ImageNormalize, Optimizer,
-                           Precision)
+from featx.choices import (Activation, BatchNormMode, CompileMode, Device, FinetuneHead, FinetuneSchedule,
+                           ImageNormalize, Optimizer, Precision)
+from featx.compiled import compile_training, decide, ran_compiled
 from featx.data import dataset_info, prepare_cache, read_split
-from featx.device import Dist, distributed, resolve_precision
+from featx.device import Dist, distributed, precision_name, resolve_precision
 from featx.errors import FeatxError
 from featx.heads import topk_correct
 from featx.lstm_head import GROUP, STAGES
@@ -97,7 +98,7 @@ class FinetuneConfig:
     seed: int = 0
     precision: Precision = "auto"
     channels_last: bool = True
-    compile: bool = False
+    compile: CompileMode = "auto"  # run.json's "resolved" says what ran
     device: Device = "auto"
     keep: int = 3
     eval_batch_size: int = 256
@@ -111,6 +112,8 @@ class FinetuneConfig:
         self.data = None if self.data is None else str(self.data)
         self.aug = list(self.aug)
         self.lstm_stages = list(self.lstm_stages)
+        if isinstance(self.compile, bool):  # run.json and checkpoints before --compile auto|on|off
+            self.compile = "on" if self.compile else "off"
 
     def check(self) -> None:
         """Refuse inconsistent options before any data is read."""
@@ -321,6 +324,12 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
             runs.start_run(out, kind="finetune", config=recorded, model=dataclasses.asdict(spec), data={
                 "source": c.data, "dataset": info.name, "dataset_fingerprint": info.fingerprint,
                 "classes": c.classes, "per_class": c.per_class})
+        # auto decides on the steps still to run; a training step costs about three forward passes
+        choice = decide(c.compile, model, size=spec.size, device=d.device, passes=3, quiet=d.rank != 0,
+                        views=(c.epochs - start) * steps * per_rank)
+        resolved = {"precision": precision_name(dtype), "compile": "on" if choice.compiled else "off"}
+        if d.rank == 0:  # what ran, beside what was asked (config)
+            runs.update_run(out, resolved=resolved)
         name = "step{step:07d}.pt" if c.snapshot_every else "epoch{epoch:03d}.pt"
         snapshots = runs.Snapshots(out, keep=c.keep, name=name, kept=kept)
         if d.rank == 0:  # snapshots an interrupted epoch wrote after the last full checkpoint
@@ -343,7 +352,7 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
             _freeze_body(model, frozen)
             if frozen != was_frozen:  # DDP only tracks the parameters that train
                 net = DistributedDataParallel(model) if d.world > 1 else model
-                net = torch.compile(net) if c.compile else net
+                net = compile_training(net, choice)
             sampler.set_epoch(epoch)
             order = torch.tensor(list(sampler), device=d.device)
             loss_sum, correct = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
@@ -409,7 +418,8 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
                 unfrozen = next((r["epoch"] for r in rows if not r["frozen"]), None)  # the first epoch the body trained
                 runs.write_metrics(out, [{"index": 0, "config": {"backbone": spec.backbone, "head_type": spec.head},
                                           "status": "done", "unfrozen_epoch": unfrozen, "epochs": rows}], best)
-                runs.update_run(out, checkpoints=snapshots.listing())
+                resolved["compile"] = ran_compiled(net)  # "off" once a failed compilation fell back to eager
+                runs.update_run(out, checkpoints=snapshots.listing(), resolved=resolved)
                 if progress:
                     print(f"epoch {epoch + 1}/{c.epochs}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}"
                           f" | val loss {val_loss:.4f} top-1 {val_top1:.2%} top-5 {val_top5:.2%}"

@@ -18,6 +18,7 @@ from featx.backbones import create_backbone
 from featx.compiled import BREAK_EVEN_GFLOP, CompileWarning, choose_compile, gflop_per_view
 from featx.errors import FeatxError
 from featx.features import load_features, read_meta
+from featx.finetune import FinetuneConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,3 +87,8 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_line(synth_cache, tmp_p
                              out=tmp_path / "eager.h5", progress=False)
     np.testing.assert_array_equal(load_features(tmp_path / "f.h5", "val").features,
                                   load_features(eager, "val").features)
+
+
+def test_finetune_runs_recorded_with_a_boolean_compile_still_load():
+    for old, new in ((True, "on"), (False, "off")):
+        assert FinetuneConfig(backbone="resnet18", compile=old).compile == new

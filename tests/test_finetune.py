@@ -17,6 +17,7 @@ from featx import runs
 from featx.backbones import list_backbones
 from featx.errors import FeatxError
 from featx.finetune import FinetuneConfig, _probe_head, finetune
+from featx.device import precision_name, resolve_precision
 from featx.models import ModelSpec, build_model, load_model
 from featx.heads import StackedHeads
 from featx.lstm_head import LSTMHead
@@ -132,7 +133,12 @@ def test_run_directory_and_checkpoint_rebuilds_model(synth_cache, tmp_path):
     for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
         assert all(0 <= r[key] for r in metrics) and all(r[key] <= 1 for r in metrics if "top" in key)
     assert (out / "metrics.csv").read_text().count("\n") == 4 and (out / "curves.png").stat().st_size > 0
-    listed = runs.read_run(out).checkpoints
+    record = runs.read_run(out)
+    listed = record.checkpoints
+    # what ran beside what was asked: auto precision is this machine's, and a job this small runs eager
+    assert record.config["precision"] == record.config["compile"] == "auto"
+    assert record.resolved == {"precision": precision_name(resolve_precision("auto", torch.device("cpu"))),
+                               "compile": "off"}
     assert len(listed) == 2 == len(list((out / "checkpoints").glob("epoch*.pt")))
     assert listed == result.snapshots and listed[0].val_top1 >= listed[1].val_top1
     model, model_spec = load_model(runs.load_checkpoint(out / listed[0].file))
