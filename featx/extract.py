@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -69,6 +69,18 @@ def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
         return fuse(model)
     except Exception:  # noqa: BLE001 - any tracing failure just means no folding
         return model
+
+
+def _frozen_model(bb: Backbone, device: torch.device, compile: CompileMode, *, counts: dict[tuple[str, int], int],
+                  views: int, aug_views: int, batch_size: int, quiet: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The backbone as extraction runs it: eval, no gradients, BatchNorm folded, channels_last, and compiled as
+    `compile` decides for the images still to do (`counts`: per (split, shard)), each making `views` rows and
+    in train `aug_views` more."""
+    model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(device, memory_format=torch.channels_last)
+    per_image = {s: views + (aug_views if s == "train" else 0) for s, _ in counts} or {"": views}
+    choice = decide(compile, model, size=bb.input_size, device=device, quiet=quiet,
+                    views=sum(n * per_image[s] for (s, _), n in counts.items()))
+    return compile_frozen(model, choice, rows=batch_size * max(per_image.values()))
 
 
 @torch.inference_mode()
@@ -188,14 +200,10 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
         require_space(out, file_bytes(meta, sizes, bb.feature_dim)
                       + left * len(views) * bb.feature_dim * dtype.itemsize)
 
-    model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(device, memory_format=torch.channels_last)
     counts = {(s, k): min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo}
-    per_image = {s: len(views) + (aug_views if s == "train" else 0) for s in splits}
-    choice = decide(compile, model, size=bb.input_size, device=device, quiet=ranks.rank != 0,
-                    views=sum(n * per_image[s] for (s, _), n in counts.items()))
-    model = compile_frozen(model, choice, rows=batch_size * max(per_image.values()))
-    total = sum(counts.values())
-    bar = tqdm(total=total, unit="img", desc=f"extract {bb.name} x{len(views)} views", disable=not progress)
+    model = _frozen_model(bb, device, compile, counts=counts, views=len(views), aug_views=aug_views,
+                          batch_size=batch_size, quiet=ranks.rank != 0)
+    bar = tqdm(total=sum(counts.values()), unit="img", desc=f"extract {bb.name} x{len(views)} views", disable=not progress)
 
     def read(shard):
         s, k = shard
