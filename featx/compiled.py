@@ -21,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from featx.choices import COMPILE_MODES, CompileMode
-from featx.errors import FeatxError
+from featx.errors import FeatxError, FeatxWarning
 
 # The work (GFLOP, multiply-adds counted twice) past which compiling pays: about 40 s of compilation on 2 cores
 # (MobileNetV2 and Inception-v3 alike; the graph's size, not its FLOPs, sets it) repaid by running 1.2-2x
@@ -29,8 +29,9 @@ from featx.errors import FeatxError
 BREAK_EVEN_GFLOP = 40_000.0
 
 
-class CompileWarning(UserWarning):
-    """A line about compilation for the user: what `auto` chose and why, or that compiling failed."""
+class CompileWarning(FeatxWarning):
+    """A line about compilation for the user (the CLI renders it as one line): what `auto` chose and why, or
+    that compiling failed."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from featx import __version__
 from featx.atomic import one_writer, replacing, require_space
 from featx.backbones import Backbone, create_backbone
-from featx.data import dataset_info, prepare_cache, read_split
+from featx.data import DatasetInfo, dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, precision_name, resolve_precision
 from featx.choices import CompileMode, Device, FeatureDtype, Precision, ViewSet
 from featx.compiled import compile_frozen, decide, ran_compiled
@@ -175,13 +175,8 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
         bb.mean = tuple(mean)
     if std is not None:
         bb.std = tuple(std)
-    meta = FeatureMeta(backbone=bb.name, weights=bb.weights_id, input_size=bb.input_size, views=list(views),
-                       crop=crop, mean=list(bb.mean), std=list(bb.std), precision=precision_name(autocast),
-                       dtype=dtype.name, dataset=info.name, dataset_fingerprint=info.fingerprint,
-                       classes=list(info.wnids), class_names=list(info.names), featx_version=__version__,
-                       layers=layers or "", parts=[[name, dim] for name, dim in bb.parts],
-                       **(dict(aug_views=aug_views, aug_seed=aug_seed, aug_brightness=AUG_BRIGHTNESS,
-                               aug_contrast=AUG_CONTRAST) if aug_views else {}))
+    meta = _feature_meta(bb, info, views=views, crop=crop, autocast=autocast, dtype=dtype, layers=layers,
+                         aug_views=aug_views, aug_seed=aug_seed)
     if _check_existing(out, meta):
         return out
     partial = out.with_name(out.name + ".partial")
@@ -203,7 +198,37 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
     counts = {(s, k): min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo}
     model = _frozen_model(bb, device, compile, counts=counts, views=len(views), aug_views=aug_views,
                           batch_size=batch_size, quiet=ranks.rank != 0)
-    bar = tqdm(total=sum(counts.values()), unit="img", desc=f"extract {bb.name} x{len(views)} views", disable=not progress)
+    _write_shards(bb, model, data_splits, todo, partial, shard_rows=shard_rows, batch_size=batch_size, views=views,
+                  crop=crop, device=device, autocast=autocast, dtype=dtype, aug_views=aug_views, aug_seed=aug_seed,
+                  progress=progress)
+
+    ranks.barrier()
+    if ranks.rank == 0:
+        meta.compile = ran_compiled(model)
+        _assemble(out, partial, meta, data_splits, sizes, bb.feature_dim, shard_rows)
+    ranks.barrier()
+    return out
+
+
+def _feature_meta(bb: Backbone, info: DatasetInfo, *, views: list[str], crop: int, autocast, dtype: np.dtype,
+                  layers: str | None, aug_views: int, aug_seed: int) -> FeatureMeta:
+    """What the feature file records of its backbone, views, precision and dataset."""
+    return FeatureMeta(backbone=bb.name, weights=bb.weights_id, input_size=bb.input_size, views=list(views),
+                       crop=crop, mean=list(bb.mean), std=list(bb.std), precision=precision_name(autocast),
+                       dtype=dtype.name, dataset=info.name, dataset_fingerprint=info.fingerprint,
+                       classes=list(info.wnids), class_names=list(info.names), featx_version=__version__,
+                       layers=layers or "", parts=[[name, dim] for name, dim in bb.parts],
+                       **(dict(aug_views=aug_views, aug_seed=aug_seed, aug_brightness=AUG_BRIGHTNESS,
+                               aug_contrast=AUG_CONTRAST) if aug_views else {}))
+
+
+def _write_shards(bb: Backbone, model: torch.nn.Module, data_splits: dict, todo: list[tuple[str, int]],
+                  partial: Path, *, shard_rows: int, batch_size: int, views: list[str], crop: int,
+                  device: torch.device, autocast, dtype: np.dtype, aug_views: int, aug_seed: int,
+                  progress: bool) -> None:
+    """Compute this process's shards still to do, each saved as its own .npy under `partial`."""
+    total = sum(min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo)
+    bar = tqdm(total=total, unit="img", desc=f"extract {bb.name} x{len(views)} views", disable=not progress)
 
     def read(shard):
         s, k = shard
@@ -230,13 +255,6 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
         for p in pending:
             p.result()
     bar.close()
-
-    ranks.barrier()
-    if ranks.rank == 0:
-        meta.compile = ran_compiled(model)
-        _assemble(out, partial, meta, data_splits, sizes, bb.feature_dim, shard_rows)
-    ranks.barrier()
-    return out
 
 
 def _assemble(out: Path, partial: Path, meta: FeatureMeta, data_splits: dict, sizes: dict[str, int], dim: int,

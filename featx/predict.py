@@ -34,10 +34,10 @@ from featx.errors import FeatxError
 # images computed exactly as the stored features were.
 from featx.extract import compute_features
 from featx.features import load_features, read_meta
+from featx.head_checkpoints import probe_heads
 from featx.heads import label_rank
 from featx.models import ModelSpec, load_model
 from featx.plots import plot_ensemble
-from featx.probe import probe_heads
 from featx.runs import load_checkpoint, read_run
 from featx.sources import IMAGE_EXTS, decode_batch, skip_or_stop
 from featx.stats import apply_temperature, bootstrap_interval, holdout_rows, parse_select

@@ -26,7 +26,7 @@ from featx.data import prepare_cache, read_split
 from featx.errors import FeatxError
 from featx.models import load_model
 from featx.plots import plot_confusion, plot_curves, plot_filters, plot_reliability, plot_tsne
-from featx.predict import FinetuneRun, Prediction, open_run, score_runs, write_curve, write_predictions
+from featx.predict import FinetuneRun, Prediction, ProbeRun, open_run, score_runs, write_curve, write_predictions
 from featx.runs import load_checkpoint, read_run
 from featx.stats import expected_calibration_error, paired_comparison, reliability
 
@@ -206,13 +206,9 @@ th{background:#eee}img{max-width:100%;border:1px solid #ddd}h2{margin-top:2em}
 figure img{image-rendering:pixelated}"""
 
 
-def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "report", split: Split = "val",
-                 eval_views: EvalViews = "all", ensemble: str = "best", tsne_classes: Sequence[str] | None = None,
-                 data: str | Path | None = None, device: Device = "auto") -> Path:
-    """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page.
-    Several runs: a leaderboard and the paired comparison of the best two head the page, whose analysis is then
-    of the best run."""
-    out = Path(out)
+def _score(run: str | Path | Sequence[str | Path], *, split: str, eval_views: str, ensemble: str,
+           data: str | Path | None, device: str) -> list[tuple[str | Path, ProbeRun | FinetuneRun, Prediction]]:
+    """Each run (directory, opened, its prediction on the split), the best top-1 first."""
     runs = [run] if isinstance(run, (str, Path)) else list(run)
     if not runs:
         raise FeatxError("--run: name at least one run directory")
@@ -223,22 +219,15 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
                                              curve=True)))
         scored[-1][2].require_labels()
     scored.sort(key=lambda s: -s[2].top_k(1))
+    return scored
+
+
+def _figures(out: Path, scored: list, cm: np.ndarray, ece: float, tsne: list[int]) -> dict[str, str]:
+    """The best run's figures, title -> PNG name: confusion, reliability, training and ensemble curves, t-SNE,
+    and the first-layer filters of every finetuned run."""
     run, r, pred = scored[0]
-    tsne = _tsne_classes(tsne_classes, pred.classes)
-    make_dirs(out, option="--out", path=out)  # only now: a refused report leaves no folder behind
-    comparison = _comparison(out, scored, eval_views) if len(scored) > 1 else []
-
     keep = pred.labels >= 0
-    cm = confusion_matrix(pred.labels[keep], pred.top(1)[keep, 0], labels=np.arange(len(pred.classes)))
-    per_class = class_errors(cm, pred.classes, pred.class_names)
-    pairs = confused_pairs(cm, pred.classes, pred.class_names)
-    write_predictions(pred, out / "predictions.csv")
-    gallery = _gallery(out, pred, _decoded_split(r, split, data), per_class)
-    _write_csv(out / "per_class.csv", per_class)
-    _write_csv(out / "confused_pairs.csv", pairs)
-
     figures = {"Confusion matrix": plot_confusion(out / "confusion.png", cm, pred.class_names)}
-    ece = expected_calibration_error(pred.probs[keep], pred.labels[keep])
     figures["Reliability diagram"] = plot_reliability(out / "reliability.png",
                                                       reliability(pred.probs[keep], pred.labels[keep]), ece)
     metrics_path = Path(run) / "metrics.json"
@@ -254,7 +243,33 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
     if finetuned:
         models = {d: load_model(load_checkpoint(o.dir / o.checkpoints[0].file))[0] for d, o in finetuned.items()}
         figures["First-layer filters"] = plot_filters(out / "filters.png", models)
+    return figures
 
+
+def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "report", split: Split = "val",
+                 eval_views: EvalViews = "all", ensemble: str = "best", tsne_classes: Sequence[str] | None = None,
+                 data: str | Path | None = None, device: Device = "auto") -> Path:
+    """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page.
+    Several runs: a leaderboard and the paired comparison of the best two head the page, whose analysis is then
+    of the best run."""
+    out = Path(out)
+    scored = _score(run, split=split, eval_views=eval_views, ensemble=ensemble, data=data, device=device)
+    run, r, pred = scored[0]
+    tsne = _tsne_classes(tsne_classes, pred.classes)
+    make_dirs(out, option="--out", path=out)  # only now: a refused report leaves no folder behind
+    comparison = _comparison(out, scored, eval_views) if len(scored) > 1 else []
+
+    keep = pred.labels >= 0
+    cm = confusion_matrix(pred.labels[keep], pred.top(1)[keep, 0], labels=np.arange(len(pred.classes)))
+    per_class = class_errors(cm, pred.classes, pred.class_names)
+    pairs = confused_pairs(cm, pred.classes, pred.class_names)
+    write_predictions(pred, out / "predictions.csv")
+    gallery = _gallery(out, pred, _decoded_split(r, split, data), per_class)
+    _write_csv(out / "per_class.csv", per_class)
+    _write_csv(out / "confused_pairs.csv", pairs)
+
+    ece = expected_calibration_error(pred.probs[keep], pred.labels[keep])
+    figures = _figures(out, scored, cm, ece, tsne)
     n = int(keep.sum())
     summary = [{"what": "run", "value": f"{run} ({type(r).__name__.removesuffix('Run').lower()})"},
                {"what": "split", "value": f"{split}, {n} labelled images, views {eval_views}"},
@@ -287,3 +302,4 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
         tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>featx report</title>"
                        f"<style>{STYLE}</style></head><body>{''.join(sections)}<script>{SORT_SCRIPT}</script></body></html>\n")
     return page
+

@@ -84,7 +84,7 @@ for recipe, stage in INAN_LSTM + [INAN_EARLY]:
     rows([recipe], stage, "lstm_group", 64, INAN, '3. Approach: "we separate them into groups of length 64"')
 rows(["inan_resnet_lstm_group128"], "finetune", "lstm_group", 128, INAN,
      '4. Experiment: "using different sequence lengths, for instance, 128 instead of 64"')
-rows(["inan_resnet_lstm_early"], "finetune", "lstm_stages", "layer2,layer3", INAN,
+rows(["inan_resnet_lstm_early"], "finetune", "lstm_stages", ["layer2", "layer3"], INAN,
      '4. Experiment: "We also tried adding LSTM\'s to the earlier layers"')
 rows(["inan_ensemble"], "predict", "runs", ["runs/inan_resnet_baseline/finetune", "runs/inan_resnet_lstm/finetune"],
      INAN, '4. Experiment: "we took the average of the scores produced by these networks"')
@@ -135,7 +135,7 @@ rows(MILANI_ALL, "finetune", "decay", 0.9, MILANI, '3.2: "decayed by 0.9 at ever
 rows([MILANI_BASE], "finetune", "lr", 1e-3, MILANI, '3.2: "settled on 1 x 10^{-3}"')
 rows([MILANI_BASE], "finetune", "step_epochs", 1, MILANI, '3.2: "decayed by 0.9 at every epoch"')
 rows([MILANI_BASE], "finetune", "dropout", 0.0, MILANI, '3.2: "I also decided not to use the dropout layer"')
-rows([MILANI_BASE], "finetune", "aug", "none", MILANI,
+rows([MILANI_BASE], "finetune", "aug", [], MILANI,
      '3.3: the second attempt "added data augmentation at training time" (the baseline had none)')
 rows([MILANI_BASE], "finetune", "epochs", 30, MILANI,
      '3.3: "at 30 epochs, the training ... was already above 80%"', check="min")

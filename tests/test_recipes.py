@@ -23,13 +23,14 @@ COVERED = ("ma_", "inan_", "sun_", "bastidas_", "milani_scratch_")
 
 @functools.cache
 def resolved(recipe: str) -> dict[str, dict]:
-    """stage name -> the options click resolved for it, defaults included."""
+    """stage name -> the stage's config (and control options) as JSON values, defaults included."""
     return {s.name: s.params for s in run_recipe(recipe=PIPELINES / f"{recipe}.toml", commands=cli, dry_run=True)}
 
 
 def _items(value, *, names: bool = False) -> set[str]:
     """A comma list's items; names=True drops magnitudes (rotate:45 -> rotate)."""
-    items = {a.strip() for a in str(value).split(",")} - {"", "none"}
+    listed = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    items = {str(a).strip() for a in listed} - {"", "none"}
     return {a.partition(":")[0] for a in items} if names else items
 
 
