@@ -91,7 +91,8 @@ class ExtractConfig:
     mean: tuple[float, ...] | None = option(None, "Normalisation mean override, e.g. 0.5,0.5,0.5.", count=3)
     std: tuple[float, ...] | None = option(None, "Normalisation std override, e.g. 0.5,0.5,0.5.", count=3)
     dtype: FeatureDtype = option("float16", "Storage type of the features.")
-    compile: CompileMode = option("off", "torch.compile the backbone: on, off, or auto.")
+    compile: CompileMode = option("auto", "torch.compile the backbone with Inductor's freezing: on, off, or auto "
+                                  "(compile when the job is long enough to repay compiling).")
     aug_views: int = option(0, "K augmented views per train image (aug0..augK-1): brightness/contrast jitter of "
                             "the full image or a corner crop, as Milani's v3 trained.", min=0)
     aug_seed: int = option(0, "Seed of the augmented views.")
@@ -212,7 +213,8 @@ class FinetuneConfig:
     precision: Precision = option("auto", "auto: bf16 on CUDA (fp16 where it lacks bf16); on CPU bf16 where it "
                                   "has AVX-512 BF16/AMX, else fp32.")
     channels_last: bool = option(True, "")
-    compile: CompileMode = option("off", "torch.compile the model: on, off, or auto.")
+    compile: CompileMode = option("auto", "torch.compile the model: on, off, or auto (compile when the steps "
+                                  "to run repay compiling).")
     device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
     keep: int = option(3, "Keep the K best checkpoints by val top-1.", min=1)
     snapshot_every: int | None = option(None, "Also evaluate on val every STEPS optimizer steps and offer those "
@@ -247,6 +249,8 @@ class PredictConfig:
     device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
     combine: Combine = option("calibrated", "How checkpoint probabilities are combined: calibrated (each probe "
                               "checkpoint at its fitted temperature) or raw softmax (Milani's Eq. 2).")
+    compile: CompileMode = option("auto", "With --images: torch.compile each run's model with Inductor's "
+                                  "freezing: on, off, or auto (when the images x views repay compiling).")
 
 
 @dataclass

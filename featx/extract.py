@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +25,8 @@ from featx.atomic import one_writer, replacing, require_space
 from featx.backbones import Backbone, create_backbone
 from featx.data import DatasetInfo, dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, precision_name, resolve_precision
-from featx.choices import Device, FeatureDtype, Precision, ViewSet
+from featx.choices import CompileMode, Device, FeatureDtype, Precision, ViewSet
+from featx.compiled import compile_frozen, decide, ran_compiled
 from featx.errors import FeatxError
 from featx.features import FeatureMeta, create_file, file_bytes, read_meta
 from featx.views import AUG_BRIGHTNESS, AUG_CONTRAST, check_crop, render_aug_views, render_views, view_names
@@ -68,6 +69,18 @@ def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
         return fuse(model)
     except Exception:  # noqa: BLE001 - any tracing failure just means no folding
         return model
+
+
+def _frozen_model(bb: Backbone, device: torch.device, compile: CompileMode, *, counts: dict[tuple[str, int], int],
+                  views: int, aug_views: int, batch_size: int, quiet: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The backbone as extraction runs it: eval, no gradients, BatchNorm folded, channels_last, and compiled as
+    `compile` decides for the images still to do (`counts`: per (split, shard)), each making `views` rows and
+    in train `aug_views` more."""
+    model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(device, memory_format=torch.channels_last)
+    per_image = {s: views + (aug_views if s == "train" else 0) for s, _ in counts} or {"": views}
+    choice = decide(compile, model, size=bb.input_size, device=device, quiet=quiet,
+                    views=sum(n * per_image[s] for (s, _), n in counts.items()))
+    return compile_frozen(model, choice, rows=batch_size * max(per_image.values()))
 
 
 @torch.inference_mode()
@@ -115,7 +128,7 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                      splits: Sequence[str] | None = None, classes: int | None = None,
                      per_class: int | None = None, batch_size: int | None = None, device: Device = "auto",
                      precision: Precision = "auto", mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None, compile: bool = False, dtype: FeatureDtype = "float16",
+                     std: Sequence[float] | None = None, compile: CompileMode = "auto", dtype: FeatureDtype = "float16",
                      aug_views: int = 0, aug_seed: int = 0, shard_rows: int = SHARD_ROWS,
                      layers: str | None = None, progress: bool = True) -> Path:
     """Extract pooled features of every image and view; returns the finished feature file.
@@ -124,6 +137,8 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
     (ViTs, with "+avg" their mean patch token) concatenated per view, their layout in the file's meta.
     `data` is anything `featx.data.prepare_cache` accepts. `splits` defaults to every split in the data.
     `aug_views` K > 0 adds K augmented views per train image (featx.views.aug_pixels), drawn from `aug_seed`.
+    `compile` (featx.compiled): on = torch.compile with Inductor's freezing, auto = that when the job repays the
+    compilation (one CompileWarning line says which and why); the file's meta records what ran.
     Re-running a finished extraction is a no-op; an interrupted one resumes. Under torchrun every rank
     takes its share of the shards and rank 0 writes the file.
     """
@@ -180,15 +195,16 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
         require_space(out, file_bytes(meta, sizes, bb.feature_dim)
                       + left * len(views) * bb.feature_dim * dtype.itemsize)
 
-    model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(device, memory_format=torch.channels_last)
-    if compile:
-        model = torch.compile(model)
+    counts = {(s, k): min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo}
+    model = _frozen_model(bb, device, compile, counts=counts, views=len(views), aug_views=aug_views,
+                          batch_size=batch_size, quiet=ranks.rank != 0)
     _write_shards(bb, model, data_splits, todo, partial, shard_rows=shard_rows, batch_size=batch_size, views=views,
                   crop=crop, device=device, autocast=autocast, dtype=dtype, aug_views=aug_views, aug_seed=aug_seed,
                   progress=progress)
 
     ranks.barrier()
     if ranks.rank == 0:
+        meta.compile = ran_compiled(model)
         _assemble(out, partial, meta, data_splits, sizes, bb.feature_dim, shard_rows)
     ranks.barrier()
     return out

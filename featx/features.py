@@ -62,11 +62,15 @@ class FeatureMeta:
     aug_contrast: float = 0.0
     layers: str = ""  # --layers of the extraction; "" = the backbone's one pooled vector
     parts: list[list] = field(default_factory=list)  # [name, dim] of each layer, in column order
+    # what the run that finished the file ran: "on" compiled, "off" eager ("" before it was recorded); not part
+    # of the identity, since compiling leaves the values within rounding of eager
+    compile: str = ""
 
     def identity(self) -> str:
-        """Hash of everything that determines the stored values (not the featx version or labels' names)."""
+        """Hash of everything that determines the stored values (not the featx version, labels' names or whether
+        the model was compiled)."""
         d = dataclasses.asdict(self)
-        for k in ("featx_version", "class_names"):
+        for k in ("featx_version", "class_names", "compile"):
             d.pop(k)
         # fields that came later are left out where unused, so older files keep their identity
         unused = ["layers", "parts"] if not self.layers else []

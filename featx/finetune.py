@@ -39,7 +39,8 @@ from featx.augment import Augment, check_augmentations, parse_augmentation
 from featx.backbones import get_spec, input_spec
 from featx.configs import FinetuneConfig, from_dict, to_dict, validate
 from featx.data import DatasetInfo, Split, dataset_info, prepare_cache, read_split
-from featx.device import Dist, distributed, resolve_precision
+from featx.compiled import CompileChoice, compile_training, decide, ran_compiled
+from featx.device import Dist, distributed, precision_name, resolve_precision
 from featx.errors import FeatxError, FeatxWarning
 from featx.finetune_epoch import Training, evaluate_and_offer, freeze_body, train_epoch
 from featx.head_checkpoints import init_from_probe
@@ -213,8 +214,20 @@ def _setup(c: FinetuneConfig, d: Dist, out: Path, recorded: dict, state: dict | 
                     c.eval_batch_size, progress)
 
 
-def _save_epoch(t: Training, epoch: int) -> None:
-    """Rank 0's record of the epoch just done: last.pt, the snapshots kept, the metrics, the progress line."""
+def _compile_choice(c: FinetuneConfig, t: Training) -> CompileChoice:
+    """--compile for the steps still to run (a training step costs about three forward passes); run.json's
+    `resolved` records it beside the precision auto became."""
+    choice = decide(c.compile, t.model, size=t.spec.size, device=t.d.device, passes=3, quiet=t.d.rank != 0,
+                    views=(c.epochs - t.start) * t.steps * t.per_rank)
+    if t.d.rank == 0:
+        runs.update_run(t.out, resolved={"precision": precision_name(t.dtype),
+                                         "compile": "on" if choice.compiled else "off"})
+    return choice
+
+
+def _save_epoch(t: Training, epoch: int, compiled: str) -> None:
+    """Rank 0's record of the epoch just done: last.pt, the snapshots kept, the metrics, the progress line;
+    `compiled`: what ran ("off" once a failed compilation fell back to eager)."""
     with replacing(t.last_path) as tmp:
         torch.save({"config": t.recorded, "state": t.model.state_dict(), "optimizer": t.opt.state_dict(),
                     "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict(), "epoch": epoch + 1,
@@ -224,7 +237,8 @@ def _save_epoch(t: Training, epoch: int) -> None:
     unfrozen = next((r["epoch"] for r in t.rows if not r["frozen"]), None)  # the first epoch the body trained
     runs.write_metrics(t.out, [{"index": 0, "config": {"backbone": t.spec.backbone, "head_type": t.spec.head},
                                 "status": "done", "unfrozen_epoch": unfrozen, "epochs": t.rows}], best)
-    runs.update_run(t.out, checkpoints=t.snapshots.listing())
+    runs.update_run(t.out, checkpoints=t.snapshots.listing(),
+                    resolved={"precision": precision_name(t.dtype), "compile": compiled})
     if t.progress:
         row = t.rows[-1]
         print(f"epoch {epoch + 1}/{t.epochs}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}"
@@ -252,6 +266,7 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
     state = _resumed(c, out, resume, recorded)
     with distributed(c.device) as d:
         t = _setup(c, d, out, recorded, state, progress)
+        choice = _compile_choice(c, t)
         net, frozen = None, None
         for epoch in range(t.start, c.epochs):
             torch.manual_seed(c.seed * 100003 + epoch * 1009 + d.rank)
@@ -260,7 +275,7 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
             freeze_body(t.model, frozen)
             if frozen != was_frozen:  # DDP only tracks the parameters that train
                 net = DistributedDataParallel(t.model) if d.world > 1 else t.model
-                net = torch.compile(net) if c.compile else net
+                net = compile_training(net, choice)
             train_loss, train_top1, seen, seconds = train_epoch(t, net, epoch, frozen)
             val_loss, val_top1, val_top5 = evaluate_and_offer(t, epoch + 1,
                                                               (epoch + 1) * t.steps if c.snapshot_every else None)
@@ -271,7 +286,7 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
             if epoch == 0 and d.rank == 0 and _not_learning(t.rows[-1], t.spec.num_classes):
                 _warn_not_learning(t, t.rows[-1], c.lr)
             if d.rank == 0:
-                _save_epoch(t, epoch)
+                _save_epoch(t, epoch, ran_compiled(net))
         if c.overfit and d.rank == 0 and t.rows and t.rows[-1]["train_top1"] < 1.0:
             warnings.warn(f"--overfit {c.overfit}: reached {t.rows[-1]['train_top1']:.1%} train accuracy, not 100%, "
                           f"after {c.epochs} epochs; the model or its optimisation is broken, or it needs more --epochs",

@@ -27,7 +27,8 @@ from torch import nn
 
 from featx.atomic import make_dirs, replacing
 from featx.backbones import Backbone, create_backbone
-from featx.choices import COMBINES, ENSEMBLES, EVAL_VIEWS, Combine, Device, EvalViews, Split
+from featx.choices import COMBINES, ENSEMBLES, EVAL_VIEWS, Combine, CompileMode, Device, EvalViews, Split
+from featx.compiled import compile_frozen, decide
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import resolve_device
 from featx.errors import FeatxError
@@ -182,9 +183,11 @@ class Prediction:
 
 
 def _run_model(bb: Backbone, images: np.ndarray, *, views: Sequence[str], crop: int,
-               device: torch.device) -> np.ndarray:
+               device: torch.device, compile: CompileMode = "off") -> np.ndarray:
     """bb.model's outputs (N, V, out) for uint8 images (N, H, W, 3), in batches."""
-    return np.concatenate([compute_features(bb, bb.model, images[i : i + BATCH], views=views, crop=crop,
+    choice = decide(compile, bb.model, size=bb.input_size, device=device, views=len(images) * len(views))
+    model = compile_frozen(bb.model, choice, rows=BATCH * len(views))
+    return np.concatenate([compute_features(bb, model, images[i : i + BATCH], views=views, crop=crop,
                                             device=device, autocast=None, out_dtype=np.dtype(np.float32))
                            for i in range(0, len(images), BATCH)])
 
@@ -240,10 +243,11 @@ class ProbeRun:
         return Scored(f.ids, f.labels, self._proba(f.features, picks))
 
     def score_images(self, images: np.ndarray, views: str, picks: Sequence[int], *,
-                     weights: str | Path | None) -> np.ndarray:
+                     weights: str | Path | None, compile: CompileMode = "off") -> np.ndarray:
         bb = self._backbone(weights)
         names = self.meta.views if views == "all" else ["full"]
-        return self._proba(_run_model(bb, images, views=names, crop=self.meta.crop, device=self.device), picks)
+        return self._proba(_run_model(bb, images, views=names, crop=self.meta.crop, device=self.device,
+                                      compile=compile), picks)
 
     def _backbone(self, weights: str | Path | None) -> Backbone:
         m = self.meta
@@ -300,16 +304,17 @@ class FinetuneRun:
         return Backbone(spec.backbone, model.to(self.device), spec.num_classes, spec.size, tuple(spec.mean),
                         tuple(spec.std), ""), spec
 
-    def _logits(self, i: int, images: np.ndarray, views: str) -> np.ndarray:
+    def _logits(self, i: int, images: np.ndarray, views: str, compile: CompileMode = "off") -> np.ndarray:
         """Checkpoint i's outputs (N, V, C) on the view its training evaluated, and with all also its mirror."""
         bb, spec = self._model(i)
         names = [*spec.views, *(f"{v}_flip" for v in spec.views if views == "all")]
-        return _run_model(bb, images, views=names, crop=spec.crop, device=self.device)
+        return _run_model(bb, images, views=names, crop=spec.crop, device=self.device, compile=compile)
 
     def score_images(self, images: np.ndarray, views: str, picks: Sequence[int], *,
-                     weights: str | Path | None = None) -> np.ndarray:
+                     weights: str | Path | None = None, compile: CompileMode = "off") -> np.ndarray:
         """`weights` is not needed: a finetune checkpoint holds its whole model."""
-        return np.stack([torch.from_numpy(self._logits(i, images, views)).softmax(-1).mean(1).numpy() for i in picks])
+        return np.stack([torch.from_numpy(self._logits(i, images, views, compile)).softmax(-1).mean(1).numpy()
+                         for i in picks])
 
     def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
         s = self._split("val" if split == SELECTION else split)
@@ -437,10 +442,11 @@ def read_images(paths: Sequence[str | Path], *, size: int, skip_bad: bool = Fals
 def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path], eval_views: EvalViews = "all",
                    ensemble: str = "best", skip_bad: bool = False, image_size: int = 64,
                    weights: str | Path | None = None, data: str | Path | None = None,
-                   device: Device = "auto", combine: Combine = "calibrated") -> Prediction:
+                   device: Device = "auto", combine: Combine = "calibrated",
+                   compile: CompileMode = "auto") -> Prediction:
     """Classify image files: each is scaled to `image_size` (the dataset's, 64 for Tiny ImageNet), then goes
     through each run's backbone, views and heads. `weights`: the backbone's weights file, where a probe run's
-    features were extracted with weights from a file."""
+    features were extracted with weights from a file. `compile`: as extract's (featx.compiled), per model run."""
     _check_views(eval_views)
     opened = open_runs(runs, data=data, device=device, combine=combine)
     x, ids = read_images(images, size=image_size, skip_bad=skip_bad)
@@ -448,7 +454,8 @@ def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path], 
     for run in opened:
         p, _ = _choose(run, eval_views, ensemble)
         picks.append(p)
-        scored.append(Scored(ids, np.full(len(ids), -1), run.score_images(x, eval_views, p, weights=weights)))
+        scored.append(Scored(ids, np.full(len(ids), -1), run.score_images(x, eval_views, p, weights=weights,
+                                                                              compile=compile)))
     return _combine(opened, scored, picks, "images")
 
 

@@ -88,7 +88,7 @@ def predict(config: PredictConfig):
         return predict_images(runs=config.runs, images=config.images, eval_views=config.eval_views,
                               ensemble=config.ensemble, skip_bad=config.skip_bad, image_size=config.image_size,
                               weights=config.weights, data=config.data, device=config.device,
-                              combine=config.combine)
+                              combine=config.combine, compile=config.compile)
     return predict_split(runs=config.runs, split=config.split, eval_views=config.eval_views,
                          ensemble=config.ensemble, curve=config.split == "val", data=config.data,
                          device=config.device, combine=config.combine)

@@ -19,6 +19,7 @@ from featx.backbones import list_backbones
 from featx.errors import FeatxError, FeatxWarning
 from featx.finetune import FinetuneConfig, finetune
 from featx.head_checkpoints import init_from_probe
+from featx.device import precision_name, resolve_precision
 from featx.models import ModelSpec, build_model, load_model
 from featx.heads import StackedHeads
 from featx.lstm_head import LSTMHead
@@ -139,7 +140,12 @@ def test_run_directory_and_checkpoint_rebuilds_model(synth_cache, tmp_path):
     for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
         assert all(0 <= r[key] for r in metrics) and all(r[key] <= 1 for r in metrics if "top" in key)
     assert (out / "metrics.csv").read_text().count("\n") == 4 and (out / "curves.png").stat().st_size > 0
-    listed = runs.read_run(out).checkpoints
+    record = runs.read_run(out)
+    listed = record.checkpoints
+    # what ran beside what was asked: auto precision is this machine's, and a job this small runs eager
+    assert record.config["precision"] == "auto"
+    assert record.resolved == {"precision": precision_name(resolve_precision("auto", torch.device("cpu"))),
+                               "compile": "off"}
     assert len(listed) == 2 == len(list((out / "checkpoints").glob("epoch*.pt")))
     assert listed == result.snapshots and listed[0].val_top1 >= listed[1].val_top1
     model, model_spec = load_model(runs.load_checkpoint(out / listed[0].file))
