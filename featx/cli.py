@@ -41,10 +41,7 @@ class FeatxGroup(click.Group):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", FeatxWarning)
-                # Leave warnings to a caller that records them (warnings.catch_warnings(record=True), as
-                # pytest.warns does): it appends each to a list in place of showing it.
-                if not isinstance(getattr(warnings._showwarnmsg_impl, "__self__", None), list):
-                    warnings.showwarning = _show_warning
+                warnings.showwarning = _warning_shower(warnings._showwarnmsg_impl)
                 return super().invoke(ctx)
         except OptionError as e:
             raise CliError(e.named(f"--{_flag(e.field)}")) from None
@@ -54,11 +51,21 @@ class FeatxGroup(click.Group):
             raise error from None
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    if issubclass(category, FeatxWarning):
-        click.echo(f"featx: warning: {message}", err=True)
-    else:
-        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+def _warning_shower(outer):
+    """showwarning for the commands: a FeatxWarning is one line on stderr. `outer` is what showed warnings
+    before; where a caller records them (warnings.catch_warnings(record=True): pytest.warns, a notebook) it is
+    the record's list.append, and every warning still reaches it."""
+    recording = isinstance(getattr(outer, "__self__", None), list)
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, FeatxWarning):
+            click.echo(f"featx: warning: {message}", err=True)
+        if recording:
+            outer(warnings.WarningMessage(message, category, filename, lineno, file, line))
+        elif not issubclass(category, FeatxWarning):
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    return show
 
 
 class NumberList(click.ParamType):
