@@ -50,12 +50,12 @@ def measure(script: str, args: list[str]) -> dict:
     return {**result, "peak_rss": peak, "cpu": sum(cpu.values()) / os.sysconf("SC_CLK_TCK")}
 
 
-def matmul_peak_gflops(n: int = 2048, repeat: int = 5) -> float:
-    """This machine's fp32 matrix-multiply rate, best of `repeat`. No convolution or linear head computes
-    faster, so it bounds the throughput of either side of a benchmark."""
+def matmul_peak_gflops(n: int = 2048, repeat: int = 5, dtype: str = "fp32") -> float:
+    """This machine's matrix-multiply rate in fp32 or bf16, best of `repeat`. No convolution or linear layer
+    computes faster in that precision, so it bounds what a side running in it can reach."""
     import torch
 
-    a = torch.randn(n, n)
+    a = torch.randn(n, n, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     a @ a
     best = float("inf")
     for _ in range(repeat):
@@ -65,5 +65,22 @@ def matmul_peak_gflops(n: int = 2048, repeat: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def matmul_peaks() -> dict[str, float]:
+    """The fp32 matmul peak, and the bf16 one where the CPU has bf16 instructions."""
+    from featx.device import cpu_has_bf16
+
+    return {p: matmul_peak_gflops(dtype=p) for p in ("fp32", *(("bf16",) if cpu_has_bf16() else ()))}
+
+
+def cpu_flags() -> str:
+    """The CPU's vector and matrix extensions that decide its precision: AVX2, AVX-512, BF16, AMX."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
+    except (OSError, IndexError):
+        return "flags unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "no AVX2"
+
+
 def machine() -> str:
-    return f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    return f"{os.cpu_count()} cores ({cpu_flags()}), load average {os.getloadavg()[0]:.1f}"

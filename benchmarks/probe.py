@@ -40,7 +40,7 @@ CS = tuple(float(c) for c in np.logspace(-4, 2, 12))
 
 def run_featx(features: Path) -> dict:
     from featx.features import load_features
-    from featx.probe import grid, train
+    from featx.sweep import grid, train
 
     start = time.perf_counter()
     result = train(load_features(features, "train"), val=load_features(features, "val"),

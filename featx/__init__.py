@@ -1,21 +1,29 @@
 """featx: transfer learning on small-image classification.
 
-The stages are plain functions; the CLI (`featx ...`) is a thin layer over them::
+Each stage takes its typed config, the same the CLI (`featx ...`) and the recipes build::
 
-    from featx import extract_features, grid, predict_split, prepare_cache, run_probe
-    cache = prepare_cache("tiny-imagenet-200.zip")
-    features = extract_features(data=cache, backbone="resnet50", views="ten", out="features/r50.h5")
-    run_probe(features=features, out="runs/r50", heads=grid(lr=[3e-4, 1e-3]))
-    p = predict_split(runs=["runs/r50"], split="val", eval_views="all", ensemble="greedy")
+    from featx import ExtractConfig, PredictConfig, ProbeConfig, run_stage
+    features = run_stage(ExtractConfig(backbone="resnet50", data="tiny-imagenet-200.zip"), out="features/r50.h5")
+    run_stage(ProbeConfig(features=str(features), lr=(3e-4, 1e-3)), out="runs/r50")
+    p = run_stage(PredictConfig(runs=("runs/r50",), ensemble="greedy"))
+
+The stages' keyword functions (`extract_features`, `run_probe`, `predict_split`, ...) stay for convenience.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public API -> "module" or "module:attribute" defining it. Imported lazily so that `featx --help` does not pay
 # for torch. Names differ from featx's submodules (finetune, predict, ...): once a submodule is imported, the
 # package attribute of that name is the module, which would shadow a function exported under it.
 _API = {
     "FeatxError": "featx.errors",
+    # every stage's options, one typed config each, and the one call that runs any of them
+    "PrepareConfig": "featx.configs",
+    "ExtractConfig": "featx.configs",
+    "ProbeConfig": "featx.configs",
+    "PredictConfig": "featx.configs",
+    "ReportConfig": "featx.configs",
+    "run_stage": "featx.stages",
     # stage 1: data and transfer values
     "prepare_cache": "featx.data",
     "read_split": "featx.data",
@@ -26,12 +34,12 @@ _API = {
     "load_features": "featx.features",
     "load": "featx.features",
     # stage 2: heads on cached features
-    "HeadConfig": "featx.probe",
-    "grid": "featx.probe",
+    "HeadConfig": "featx.sweep",
+    "grid": "featx.sweep",
     "run_probe": "featx.probe",
-    "train_heads": "featx.probe:train",
+    "train_heads": "featx.sweep:train",
     # stage 3: end-to-end training
-    "FinetuneConfig": "featx.finetune",
+    "FinetuneConfig": "featx.configs",
     "run_finetune": "featx.finetune:finetune",
     # stage 4: predictions, submission, report
     "predict_split": "featx.predict:predict",

@@ -175,7 +175,8 @@ def _load_default(model: nn.Module, spec: BackboneSpec) -> str:
         state = weights.get_state_dict(progress=True, check_hash=True)
     except (urllib.error.URLError, OSError) as e:
         target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise FeatxError(f"cannot download {weights.url} ({getattr(e, 'reason', e)}): place that file at {target} or pass --weights PATH") from None
+        raise FeatxError(f"cannot download {weights.url} ({getattr(e, 'reason', e)}): place that file at {target} or pass --weights PATH",
+                         option="weights") from None
     _load_state(model, spec.head, state, str(weights))
     return f"torchvision:{weights}"
 

@@ -11,6 +11,8 @@ Device = Literal["auto", "cpu", "cuda"]  # resolve_device also takes "cuda:N"
 DEVICES = get_args(Device)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS = get_args(Precision)
+CompileMode = Literal["auto", "on", "off"]  # torch.compile: auto compiles where the job is long enough to pay
+COMPILE_MODES = get_args(CompileMode)
 FeatureDtype = Literal["float16", "float32"]
 FEATURE_DTYPES = get_args(FeatureDtype)
 Split = Literal["train", "val", "test"]
@@ -41,6 +43,11 @@ ImageNormalize = Literal["channel", "mean-image"]  # finetune: per-channel mean/
 IMAGE_NORMALIZE = get_args(ImageNormalize)
 Normalize = Literal["none", "l2", "standard"]
 NORMALIZE = get_args(Normalize)
+# predict, report: how checkpoint probabilities are combined: each at the temperature fitted on its run's selection
+# split (a probe run's calibration), or the raw softmax (Milani's snapshot ensembles, report Eq. 2). A finetune run's
+# checkpoints carry no temperature, so both give its raw softmax.
+Combine = Literal["calibrated", "raw"]
+COMBINES = get_args(Combine)
 SaveMode = Literal["best", "all"]  # probe: snapshots of the best head only, or of every head
 SAVE_MODES = get_args(SaveMode)
 

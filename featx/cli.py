@@ -1,21 +1,26 @@
 """The `featx` command line: a thin click layer over the Python API.
 
-Every command parses and validates its options, calls one API function and prints its summary. User
-mistakes surface as FeatxError (one line, exit 2); Ctrl-C exits 130 with a hint that the work resumes.
+A stage command's options are its config's fields (featx.configs), generated here: a new field appears in
+`--help` with no other edit. The few options without a field are control options (`--out`, `--resume`,
+`--config`, ...). Every stage command takes `--config FILE` (a TOML table of options, or a run's run.json) so
+a run can be repeated exactly; options given on the command line override the file's. Each command builds
+its config, calls its stage's entry point (featx.stages) and prints its summary. User mistakes surface as
+FeatxError (one line, exit 2); Ctrl-C exits 130 with a hint that the work resumes.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
 from featx import __version__
-from featx.choices import (ACTIVATION_NAMES, BN_MODES, DEVICES, IMAGE_NORMALIZE, EVAL_VIEWS, FEATURE_DTYPES, FINETUNE_HEADS, FINETUNE_SCHEDULES, NORMALIZE,
-                           OPTIMIZERS, PRECISIONS, PROBE_HEADS, PROBE_SCHEDULES, SAVE_MODES, SPLITS, VIEW_SET_NAMES)
-from featx.errors import FeatxError
+from featx.configs import (ExtractConfig, Field, FinetuneConfig, OptionError, PredictConfig, PrepareConfig,
+                           ProbeConfig, ReportConfig, STAGE_CONFIGS, field_named, from_dict, schema)
+from featx.errors import FeatxError, FeatxWarning
 
 
 class CliError(click.ClickException):
@@ -34,11 +39,33 @@ class FeatxGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", FeatxWarning)
+                warnings.showwarning = _warning_shower(warnings._showwarnmsg_impl)
+                return super().invoke(ctx)
+        except OptionError as e:
+            raise CliError(e.named(f"--{_flag(e.field)}")) from None
         except FeatxError as e:
             error = CliError(e.message)
             error.exit_code = e.exit_code
             raise error from None
+
+
+def _warning_shower(outer):
+    """showwarning for the commands: a FeatxWarning is one line on stderr. `outer` is what showed warnings
+    before; where a caller records them (warnings.catch_warnings(record=True): pytest.warns, a notebook) it is
+    the record's list.append, and every warning still reaches it."""
+    recording = isinstance(getattr(outer, "__self__", None), list)
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, FeatxWarning):
+            click.echo(f"featx: warning: {message}", err=True)
+        if recording:
+            outer(warnings.WarningMessage(message, category, filename, lineno, file, line))
+        elif not issubclass(category, FeatxWarning):
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    return show
 
 
 class NumberList(click.ParamType):
@@ -66,6 +93,153 @@ class NumberList(click.ParamType):
         return numbers
 
 
+class NameList(click.ParamType):
+    """A comma list of names, e.g. `flip,crop` or `train,val`; `none` is the empty list."""
+
+    name = "NAME[,NAME...]"
+
+    def __init__(self, choices: tuple = ()) -> None:
+        self.choices = choices
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        items = tuple(v.strip() for v in str(value).split(",") if v.strip() and v.strip() != "none")
+        bad = [v for v in items if self.choices and v not in self.choices]
+        if bad:
+            self.fail(f"{', '.join(bad)}: choose from {', '.join(self.choices)}", param, ctx)
+        return items
+
+
+def _flag(field: str) -> str:
+    """The flag of a field of any stage (the fields of one name are one option everywhere)."""
+    for cls in STAGE_CONFIGS.values():
+        f = field_named(cls, field)
+        if f is not None:
+            return f.flag
+    return field.replace("_", "-")
+
+
+def _click_type(f: Field):
+    m = f.meta
+    if f.name == "device":  # a choice, or cuda:N
+        return click.STRING
+    if f.kind == "choice":
+        return click.Choice(f.choices)
+    if f.kind == "numbers":
+        return NumberList(m["count"], whole=f.item is int)
+    if f.kind == "names":
+        return str if m["repeat"] else NameList(f.choices)
+    if f.kind in ("int", "float") and (m["min"] is not None or m["max"] is not None):
+        kind = click.IntRange if f.kind == "int" else click.FloatRange
+        return kind(m["min"], m["max"], min_open=m["min_open"], max_open=m["max_open"])
+    return {"int": int, "float": float}.get(f.kind, str)
+
+
+def _display(value):
+    if value is None or value == () or isinstance(value, (bool, int, float)):
+        return value
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _option(f: Field) -> click.Option:
+    """The click option of a config field, with the field's default: a value left at it (click's
+    ParameterSource.DEFAULT) yields to --config FILE's."""
+    m = f.meta
+    name = f.flag
+    if f.kind == "bool":
+        decls = [f"--{name}/--no-{name}" if f.default else f"--{name}", f.name]
+        return click.Option(decls, is_flag=True, default=f.default, show_default=True, help=m["help"])
+    if f.name == "compile":  # the bare flag, as before 0.2, still means on
+        return click.Option([f"--{name}", f.name], type=click.Choice(f.choices), is_flag=False, flag_value="on",
+                            default=f.default, show_default=True, help=m["help"])
+    return click.Option([f"--{name}", f.name], type=_click_type(f), multiple=m["repeat"],
+                        default=None if f.required else _display(f.default),
+                        show_default=m["show_default"] and not f.required, metavar=m["metavar"],
+                        help=m["help"] + (" [required]" if f.required else ""))
+
+
+def _alias(f: Field, old: str) -> click.Option:
+    def warn(ctx, _param, value):
+        if value is not None:
+            click.echo(f"featx: warning: --{old} is deprecated; use --{f.flag}", err=True)
+        return value
+
+    return click.Option([f"--{old}", f"{f.name}__{old.replace('-', '_')}"], type=_click_type(f), hidden=True,
+                        default=None, callback=warn, expose_value=True)
+
+
+def read_config_file(path: Path, cls: type) -> dict:
+    """The options a --config file gives: a TOML table, or a run's run.json (its recorded options)."""
+    import json
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise FeatxError(f"--config {path}: cannot read it ({e.strerror})") from None
+    if Path(path).suffix == ".json":
+        try:
+            record = json.loads(text)
+        except ValueError as e:
+            raise FeatxError(f"--config {path}: not valid JSON ({e})") from None
+        config = record.get("config", record)
+        options = config.get("options", config)  # a probe run.json keeps the options as given apart
+        return {k: v for k, v in options.items() if field_named(cls, k) is not None}
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise FeatxError(f"--config {path}: not valid TOML ({e})") from None
+
+
+def build_config(cls: type, ctx: click.Context, params: dict, config_file: Path | None):
+    """The config from --config FILE's options overridden by those given on the command line."""
+    from click.core import ParameterSource
+
+    given = dict(read_config_file(config_file, cls)) if config_file else {}
+    for key, value in params.items():
+        name = key.split("__")[0]  # a deprecated alias fills its field
+        if value is not None and ctx.get_parameter_source(key) != ParameterSource.DEFAULT and value != ():
+            given[name] = value
+    for f in schema(cls):
+        if f.required and f.name not in given:
+            raise click.UsageError(f"Missing option '--{f.flag}'", ctx)
+    return from_dict(cls, given, where=f"--config {config_file}" if config_file else ctx.command_path)
+
+
+def stage_command(group: click.Group, name: str, cls: type, *control: click.Parameter):
+    """A command whose options are `cls`'s fields plus `control`; the decorated function takes (config,
+    **control) and is also what `featx run` calls for a recipe stage (as `command.run`)."""
+
+    def decorate(run):
+        def callback(config_file, **params):
+            fields = {k: params.pop(k) for k in list(params) if field_named(cls, k.split("__")[0])}
+            config = build_config(cls, click.get_current_context(), fields, config_file)
+            return run(config, **params)
+
+        options = [_option(f) for f in schema(cls)]
+        options += [_alias(f, old) for f in schema(cls) for old in f.meta["aliases"]]
+        config_option = click.Option(["--config", "config_file"], type=click.Path(dir_okay=False, path_type=Path),
+                                     help="A TOML table of options or a run's run.json; options given here "
+                                          "override its values.")
+        command = click.Command(name, callback=callback, params=[*control, *options, config_option],
+                                help=run.__doc__, short_help=(run.__doc__ or "").split("\n")[0])
+        command.run, command.config_class = run, cls
+        group.add_command(command)
+        return command
+
+    return decorate
+
+
+OUT_FILE = click.Option(["--out"], required=True, type=click.Path(dir_okay=False, path_type=Path),
+                        help="Feature file to write (.h5).")
+OUT_RUN = click.Option(["--out"], required=True, type=click.Path(file_okay=False, path_type=Path),
+                       help="Run directory to write.")
+
+
 @click.group(cls=FeatxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="featx")
 def cli() -> None:
@@ -90,26 +264,15 @@ def data() -> None:
     """Decode datasets into the cache that every stage reads."""
 
 
-@data.command("prepare")
-@click.option("--data", "source", metavar="SRC",
-              help="tiny-imagenet-200.zip, its extracted folder, an ImageFolder root (train/<class>/*.jpg, "
-                   "val/<class>/..., test/...) or a cache .h5. Default: data/tiny-imagenet-200.zip, downloaded "
-                   "if absent.")
-@click.option("--cache", type=click.Path(dir_okay=False),
-              help="Cache file to write. Default: data/cache/<dataset>-<size>[-c<K>][-p<N>].h5")
-@click.option("--image-size", default=64, show_default=True, type=click.IntRange(min=8),
-              help="Side of the square images in the cache (others are scaled and centre-cropped).")
-@click.option("--classes", type=click.IntRange(min=1), help="Keep only the first K classes (wnids order).")
-@click.option("--per-class", type=click.IntRange(min=1), help="Keep only the first N train images per class.")
-@click.option("--skip-bad", is_flag=True, help="Skip undecodable images (listed, and recorded in the cache).")
-@click.option("--jobs", default=-1, show_default=True, type=int, help="Decoding processes (-1: all cores).")
-def data_prepare(source, cache, image_size, classes, per_class, skip_bad, jobs) -> None:
+@stage_command(data, "prepare", PrepareConfig,
+               click.Option(["--cache"], type=click.Path(dir_okay=False, path_type=Path),
+                            help="Cache file to write. Default: data/cache/<dataset>-<size>[-c<K>][-p<N>].h5"))
+def data_prepare(config: PrepareConfig, *, cache: Path | None = None) -> None:
     """Decode a dataset once into the HDF5 cache (reused while the source is unchanged)."""
-    from featx.data import cache_info, prepare_cache
+    from featx.data import cache_info
+    from featx.stages import prepare
 
-    path = prepare_cache(source, cache=cache, image_size=image_size, classes=classes, per_class=per_class,
-                         skip_bad=skip_bad, n_jobs=jobs)
-    _echo_cache_info(cache_info(path))
+    _echo_cache_info(cache_info(prepare(config, cache=cache)))
 
 
 @data.command("info")
@@ -150,101 +313,34 @@ def _list_backbones(ctx: click.Context, _param, value: bool) -> None:
     ctx.exit(0)
 
 
-@cli.command()
-@click.option("--list-backbones", is_flag=True, expose_value=False, is_eager=True, callback=_list_backbones,
-              help="Print the registered backbones with feature dims and input sizes, then exit.")
-@click.option("--data", "data_", metavar="SRC", help="Zip, folder, ImageFolder root or decoded cache (default: ./data).")
-@click.option("--backbone", required=True, help="Registered name (see --list-backbones) or timm:<name>.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Feature file to write (.h5).")
-@click.option("--weights", default="default", show_default=True, help="default (torchvision), none, or a state_dict PATH.")
-@click.option("--size", type=click.IntRange(16), help="Input resolution [default: per backbone].")
-@click.option("--views", type=click.Choice(VIEW_SET_NAMES), default="ten", show_default=True,
-              help="The views to compute and store: the full image, its mirror too, or five crops and their mirrors.")
-@click.option("--crop", type=click.IntRange(1), default=56, show_default=True, help="Corner-crop size in pixels.")
-@click.option("--splits", help="Comma-separated splits [default: all in the data].")
-@click.option("--classes", type=click.IntRange(1), help="Only the first K classes.")
-@click.option("--per-class", type=click.IntRange(1), help="Only the first N train images per class.")
-@click.option("--batch-size", type=click.IntRange(1), help="Images per batch [default: 256 on CUDA; on CPU 16 views' worth: 16 full, 8 flip, 1 ten].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
-@click.option("--mean", type=NumberList(3), help="Normalisation mean override, e.g. 0.5,0.5,0.5.")
-@click.option("--std", type=NumberList(3), help="Normalisation std override, e.g. 0.5,0.5,0.5.")
-@click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default="float16", show_default=True)
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone.")
-@click.option("--aug-views", type=click.IntRange(0), default=0, show_default=True,
-              help="K augmented views per train image (aug0..augK-1): brightness/contrast jitter of the full "
-                   "image or a corner crop, as Milani's v3 trained.")
-@click.option("--aug-seed", type=int, default=0, show_default=True, help="Seed of the augmented views.")
-@click.option("--layers", metavar="SPEC",
-              help="Several depths per view, concatenated: lastN (a CNN's last N stages, average-pooled; a ViT's "
-                   "class tokens of its last N blocks) or lastN+avg (a ViT's, plus its mean patch token).")
-def extract(data_, backbone, out, weights, size, views, crop, splits, classes, per_class, batch_size, device,
-            precision, mean, std, dtype, compile_, aug_views, aug_seed, layers) -> None:
+@stage_command(cli, "extract", ExtractConfig, OUT_FILE,
+               click.Option(["--list-backbones"], is_flag=True, expose_value=False, is_eager=True,
+                            callback=_list_backbones,
+                            help="Print the registered backbones with feature dims and input sizes, then exit."))
+def extract(config: ExtractConfig, *, out: Path) -> None:
     """Stage 1: frozen backbone -> transfer values in HDF5."""
-    from featx.extract import extract_features
+    from featx.stages import extract as run_extract
 
-    path = extract_features(
-        data=data_, backbone=backbone, out=out, weights=weights, size=size, views=views, crop=crop,
-        splits=splits.split(",") if splits else None, classes=classes, per_class=per_class,
-        batch_size=batch_size, device=device, precision=precision, mean=mean, std=std, compile=compile_,
-        dtype=dtype, aug_views=aug_views, aug_seed=aug_seed, layers=layers)
-    click.echo(f"features: {path}")
+    click.echo(f"features: {run_extract(config, out=out)}")
 
 
 # --- probe -------------------------------------------------------------------------------------------
 
 
-@cli.command()
-@click.option("--features", required=True, type=click.Path(path_type=Path), help="Feature file from `featx extract`.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
-@click.option("--head", type=click.Choice(PROBE_HEADS), default="linear", show_default=True,
-              help="knn: cosine k-NN with votes exp(sim/0.07) (DINO); ncm: nearest class mean (cosine); no training.")
-@click.option("--hidden", type=click.IntRange(1), default=1024, show_default=True, help="MLP hidden units.")
-@click.option("--k", type=NumberList(whole=True), default="10,20,100", show_default=True,
-              help="--head knn: neighbour counts, all scored in one pass.")
-@click.option("--select", default="holdout:0.1", show_default=True,
-              help="Where head, epoch, k and ensembles are chosen: holdout:F (a stratified share F of train, "
-                   "val then scored once) or val (the reports' protocol: optimistic).")
-@click.option("--label-smoothing", type=NumberList(), default="0.1", show_default=True)
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--lr", type=NumberList(), default="6.5e-4", show_default=True)
-@click.option("--lr-decay", type=float, default=0.713, show_default=True, help="Exponential decay per epoch.")
-@click.option("--schedule", type=click.Choice(PROBE_SCHEDULES), default="exponential", show_default=True)
-@click.option("--weight-decay", type=NumberList(), default="0.0116", show_default=True,
-              help="L2 (decoupled with adamw); weights only.")
-@click.option("--dropout", type=NumberList(), default="0", show_default=True, help="On the head's input.")
-@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True)
-@click.option("--train-views", default="all", show_default=True, metavar="all|full|NAME,...",
-              help="Views drawn from, one at random per image and step: all (every deterministic view), full, or "
-                   "stored view names such as full,top_left,aug0,aug1.")
-@click.option("--eval-views", default="all", show_default=True, metavar="all|full|NAME,...",
-              help="Views whose softmax is averaged on val: all, full, or deterministic view names.")
-@click.option("--normalize", type=click.Choice(NORMALIZE), default="none", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--save", type=click.Choice(SAVE_MODES), default="best", show_default=True,
-              help="Keep snapshots of the best head only, or of every head.")
-@click.option("--keep", type=int, default=20, show_default=True, help="Best snapshots kept per head.")
-@click.option("--snapshot-every", type=int, metavar="STEPS",
-              help="Also validate and offer a snapshot every STEPS training steps, not only after each epoch.")
-@click.option("--stream", is_flag=True, help="Read batches from HDF5 instead of RAM (automatic when too big).")
-@click.option("--feature-set", default="all", show_default=True, metavar="SETS",
-              help="The columns heads see in a --layers file: all, lastN (the last N stages or class tokens), "
-                   "lastN+avg (and the mean patch token); a comma list sweeps several in one pass.")
-def probe(features, out, lr, weight_decay, label_smoothing, dropout, k, feature_set, **options) -> None:
-    """Stage 2: train classifier heads on cached features; comma lists sweep every combination in one pass."""
-    from featx.probe import format_summary, format_table, grid, run_probe
+@stage_command(cli, "probe", ProbeConfig, OUT_RUN)
+def probe(config: ProbeConfig, *, out: Path) -> None:
+    """Stage 2: train classifier heads on cached features; comma lists sweep every combination in one pass.
+    Given no --lr, --weight-decay, --label-smoothing or --dropout, a small default sweep (featx.configs.
+    DEFAULT_SWEEP) is trained and chosen on the holdout; given any, only those are swept."""
+    from featx.probe import format_summary, format_table
+    from featx.runs import read_run
+    from featx.stages import probe as run_probe
 
-    heads = grid(lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, dropout=dropout)
-    result = run_probe(features=features, out=out, heads=heads, k=list(k), feature_sets=feature_set.split(","),
-                       progress=sys.stderr.isatty(), **options)
+    result = run_probe(config, out=out, progress=sys.stderr.isatty())
     click.echo(format_table(result))
-    click.echo(f"{format_summary(result, options['select'])}; {len(result.names)} head(s) in "
+    click.echo(f"{format_summary(result, config.select)}; {len(result.names)} head(s) in "
                f"{result.seconds:.1f}s -> {out}")
-    if options["snapshot_every"]:
-        from featx.runs import read_run
-
+    if config.snapshot_every:
         snap = read_run(out).checkpoints[0]
         click.echo(f"best snapshot: head {snap.key}, epoch {snap.epoch}, step {snap.step}: val top-1 "
                    f"{snap.val_top1:.2%} ({snap.file})")
@@ -253,62 +349,12 @@ def probe(features, out, lr, weight_decay, label_smoothing, dropout, k, feature_
 # --- finetune ----------------------------------------------------------------------------------------
 
 
-@cli.command()
-@click.option("--data", "data_", metavar="SRC", help="Zip, folder, ImageFolder root or decoded cache (default: ./data).")
-@click.option("--backbone", required=True, help="Registered name (see `featx extract --list-backbones`).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
-@click.option("--weights", default="default", show_default=True, help="default (torchvision), none, or a state_dict PATH.")
-@click.option("--size", type=click.IntRange(16), help="Input resolution the images are upsampled to [default: per backbone].")
-@click.option("--head", type=click.Choice(FINETUNE_HEADS), default="linear", show_default=True)
-@click.option("--lstm-group", type=click.IntRange(1), default=64, show_default=True, help="LSTM head: channels per group, the sequence length.")
-@click.option("--lstm-stages", default="layer3,layer4", show_default=True, help="LSTM head: the ResNet stages it reads (layer1..layer4).")
-@click.option("--activation", type=click.Choice(ACTIVATION_NAMES), default="relu", show_default=True, help="ResNets: every ReLU of the body.")
-@click.option("--normalize", type=click.Choice(IMAGE_NORMALIZE), default="channel", show_default=True,
-              help="channel: the weights' mean/std; mean-image: subtract the mean training image.")
-@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Global batch (split over torchrun processes).")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True)
-@click.option("--schedule", type=click.Choice(FINETUNE_SCHEDULES), default="cosine", show_default=True)
-@click.option("--warmup-epochs", type=click.FloatRange(0), default=0.0, show_default=True)
-@click.option("--decay", type=click.FloatRange(0, 1, min_open=True), help="lr factor per epoch (exponential, default 0.9) or per --step-epochs (step, default 0.1).")
-@click.option("--step-epochs", type=click.IntRange(1), help="Epochs between lr steps [default: epochs / 3].")
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Before the head.")
-@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), help="Stochastic depth of the last block [default: the backbone's own].")
-@click.option("--aug", default="flip", show_default=True, help="Comma-separated: flip,crop,corners,color,rotate,scale,shift,shear,noise,invert (or none); NAME:VALUE sets a magnitude, e.g. rotate:45.")
-@click.option("--crop", type=click.IntRange(1), default=56, show_default=True, help="Crop size of the crop/corners augmentations.")
-@click.option("--mixup", type=click.FloatRange(0), default=0.0, show_default=True, help="MixUp alpha (0: off).")
-@click.option("--cutmix", type=click.FloatRange(0), default=0.0, show_default=True, help="CutMix alpha (0: off).")
-@click.option("--freeze-epochs", type=click.IntRange(0), default=0, show_default=True, help="Train only the head for the first N epochs.")
-@click.option("--bn", type=click.Choice(BN_MODES), default="auto", show_default=True,
-              help="BatchNorm: frozen statistics and affine, train (batch statistics), sync (across torchrun processes, CUDA); auto: frozen for folded weights (identity statistics), else train.")
-@click.option("--unfreeze-on-plateau", type=click.IntRange(1), metavar="PATIENCE",
-              help="Train only the head (for at least --freeze-epochs) until val top-1 has not improved for PATIENCE epochs.")
-@click.option("--init-head", metavar="RUN", help="Start the head from the best head of this `featx probe` run.")
-@click.option("--init", help="From scratch (--weights none): kaiming, xavier or gaussian:STD.")
-@click.option("--classes", type=click.IntRange(1), help="Only the first K classes.")
-@click.option("--per-class", type=click.IntRange(1), help="Only the first N train images per class.")
-@click.option("--overfit", type=click.IntRange(1), help="Sanity check: train on N training images, expect 100%.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="auto: bf16 on CUDA (fp16 where it lacks bf16); on CPU bf16 where it has AVX-512 BF16/AMX, else fp32.")
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--keep", type=click.IntRange(1), default=3, show_default=True, help="Keep the K best checkpoints by val top-1.")
-@click.option("--snapshot-every", type=click.IntRange(1), metavar="STEPS",
-              help="Also evaluate on val every STEPS optimizer steps and offer those snapshots to --keep.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-def finetune(data_, aug, compile_, out, resume, lstm_stages, **options) -> None:
+@stage_command(cli, "finetune", FinetuneConfig, OUT_RUN,
+               click.Option(["--resume"], is_flag=True, help="Continue the run in --out from its last checkpoint."))
+def finetune(config: FinetuneConfig, *, out: Path, resume: bool = False) -> None:
     """Stage 3: end-to-end training (fine-tuning or from scratch); torchrun for several GPUs."""
-    from featx.finetune import FinetuneConfig
-    from featx.finetune import finetune as run_finetune
+    from featx.stages import finetune as run_finetune
 
-    augs = [] if aug.strip() in ("", "none") else [a.strip() for a in aug.split(",")]
-    config = FinetuneConfig(data=data_, aug=augs, compile=compile_, lstm_stages=[a.strip() for a in lstm_stages.split(",")],
-                            **options)
     result = run_finetune(config, out=out, resume=resume)
     if result.epochs:
         click.echo(f"best val top-1 {result.best_val_top1:.2%}; run: {result.out}")
@@ -317,53 +363,33 @@ def finetune(data_, aug, compile_, out, resume, lstm_stages, **options) -> None:
 # --- predict -----------------------------------------------------------------------------------------
 
 
-@cli.command()
-@click.option("--run", "runs", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Run directory of `featx probe` or `featx finetune`; repeat to average several runs.")
-@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True)
-@click.option("--eval-views", type=click.Choice(EVAL_VIEWS), default="all", show_default=True,
-              help="all: softmax averaged over a probe run's stored views (a finetune run: the image and its "
-                   "mirror); full: the full image only.")
-@click.option("--ensemble", default="best", show_default=True,
-              help="Each run's checkpoints averaged: best, top:K, greedy (added best first while val top-1 "
-                   "improves) or all.")
-@click.option("--out", default="preds", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for predictions.csv (and submission.txt for the test split).")
-@click.option("--images", multiple=True, type=click.Path(path_type=Path),
-              help="Classify these image files or folders instead of a split (`--images *.jpg` works).")
-@click.option("--skip-bad", is_flag=True, help="With --images: skip undecodable images instead of stopping.")
-@click.option("--image-size", type=click.IntRange(8), default=64, show_default=True,
-              help="With --images: the side the dataset's images had (64 for Tiny ImageNet).")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
-              help="With --images: the backbone weights file a probe run's features were extracted with.")
-@click.option("--data", "data_", metavar="SRC", help="A finetune run's dataset [default: the one it trained on].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.argument("more_images", nargs=-1, type=click.Path(path_type=Path))
-def predict(runs, split, eval_views, ensemble, out, images, skip_bad, image_size, weights, data_, device,
-            more_images) -> None:
+@stage_command(cli, "predict", PredictConfig,
+               click.Option(["--out"], default="preds", show_default=True,
+                            type=click.Path(file_okay=False, path_type=Path),
+                            help="Folder for predictions.csv (and submission.txt for the test split)."),
+               click.Argument(["more_images"], nargs=-1, type=click.Path(path_type=Path)))
+def predict(config: PredictConfig, *, out: Path = Path("preds"), more_images: tuple = ()) -> None:
     """Score runs on a split or on image files: view, snapshot and run ensembles; the challenge submission."""
-    from featx.predict import predict as predict_split
-    from featx.predict import format_curve, predict_images, write_curve, write_predictions, write_submission
+    from featx.predict import format_curve, write_curve, write_predictions, write_submission
+    from featx.stages import predict as run_predict
 
-    if more_images and not images:
+    if more_images and not config.images:
         raise FeatxError(f"{more_images[0]}: unexpected argument; to classify image files pass --images")
-    if images:
-        p = predict_images(runs=runs, images=[*images, *more_images], eval_views=eval_views, ensemble=ensemble,
-                           skip_bad=skip_bad, image_size=image_size, weights=weights, data=data_, device=device)
+    config.images = (*config.images, *map(str, more_images))
+    p = run_predict(config)
+    if config.images:
         for i, row in enumerate(p.top(5)):
             click.echo(f"{p.ids[i]}: " + ", ".join(f"{p.class_names[c]} {p.probs[i, c]:.1%}" for c in row))
     else:
-        p = predict_split(runs=runs, split=split, eval_views=eval_views, ensemble=ensemble, curve=split == "val",
-                          data=data_, device=device)
         if p.has_labels:
-            click.echo(f"{split}: {p.accuracy_text(1)}, {p.accuracy_text(5)} (95% bootstrap intervals) on "
-                       f"{len(p.ids)} images; {len(p.members)} checkpoint(s) of {len(runs)} run(s): "
+            click.echo(f"{config.split}: {p.accuracy_text(1)}, {p.accuracy_text(5)} (95% bootstrap intervals) on "
+                       f"{len(p.ids)} images; {len(p.members)} checkpoint(s) of {len(config.runs)} run(s): "
                        f"{100 * p.gain():+.2f} points top-1 over the best single checkpoint"
                        + ("; selected on val (optimistic)" if p.optimistic else ""))
         if p.curve is not None:
             click.echo(f"val top-1 of the best N checkpoints (top:N), best marked *:\n{format_curve(p)}")
             click.echo(f"ensemble size: {', '.join(map(str, write_curve(p, out)))}")
-        if split == "test":
+        if config.split == "test":
             click.echo(f"submission: {write_submission(p, out / 'submission.txt')}")
     click.echo(f"predictions: {write_predictions(p, out / 'predictions.csv')}")
 
@@ -371,31 +397,14 @@ def predict(runs, split, eval_views, ensemble, out, images, skip_bad, image_size
 # --- report ------------------------------------------------------------------------------------------
 
 
-@cli.command()
-@click.option("--run", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Run directory to report on; repeat for a leaderboard and a paired comparison of the best two.")
-@click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--split", type=click.Choice(SPLITS), default="val", show_default=True,
-              help="The split to analyse; it needs labels.")
-@click.option("--eval-views", type=click.Choice(EVAL_VIEWS), default="all", show_default=True,
-              help="The stored views averaged, as in predict.")
-@click.option("--ensemble", default="best", show_default=True, help="best, top:K, greedy or all (as in predict).")
-@click.option("--tsne-classes", metavar="WNID,...",
-              help="Classes of the t-SNE map of training images [default: the seed report's seven: convertible, "
-                   "sports car, plunger, Egyptian cat, Persian cat, golden retriever, bullet train where present, "
-                   "else the first 7].")
-@click.option("--data", "data_", metavar="SRC",
-              help="A finetune run's dataset [default: the one it trained on]; for a probe run, the dataset its "
-                   "features came from, to show the error gallery's images.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def report(run, out, split, eval_views, ensemble, tsne_classes, data_, device) -> None:
+@stage_command(cli, "report", ReportConfig,
+               click.Option(["--out"], default="report", show_default=True,
+                            type=click.Path(file_okay=False, path_type=Path), help="Folder of the report page."))
+def report(config: ReportConfig, *, out: Path = Path("report")) -> None:
     """Accuracy, per-class errors, confusions, curves, t-SNE (and a finetune run's filters) as HTML."""
-    from featx.report import write_report
+    from featx.stages import report as run_report
 
-    tsne = [w.strip() for w in tsne_classes.split(",") if w.strip()] if tsne_classes else None
-    page = write_report(run=run, out=out, split=split, eval_views=eval_views, ensemble=ensemble, data=data_,
-                        device=device, tsne_classes=tsne)
-    click.echo(f"report: {page}")
+    click.echo(f"report: {run_report(config, out=out)}")
 
 
 # --- run ---------------------------------------------------------------------------------------------

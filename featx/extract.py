@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,12 +24,14 @@ from tqdm import tqdm
 from featx import __version__
 from featx.atomic import one_writer, replacing, require_space
 from featx.backbones import Backbone, create_backbone
-from featx.data import dataset_info, prepare_cache, read_split
+from featx.data import DatasetInfo, dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, precision_name, resolve_precision
-from featx.choices import Device, FeatureDtype, Precision, ViewSet
+from featx.choices import CompileMode, Device, FeatureDtype, Precision, ViewSet
+from featx.compiled import compile_frozen, decide, ran_compiled
 from featx.errors import FeatxError
 from featx.features import FeatureMeta, create_file, feature_splits, file_bytes, read_meta
-from featx.outputs import Existing, decide, say
+from featx.outputs import Existing, say
+from featx.outputs import decide as output_action
 from featx.views import AUG_BRIGHTNESS, AUG_CONTRAST, check_crop, render_aug_views, render_views, view_names
 
 SHARD_ROWS = 1024
@@ -46,7 +48,7 @@ def _existing_splits(out: Path, meta: FeatureMeta, splits: list[str], *, force: 
     stored = feature_splits(out)
     missing = [s for s in splits if s not in stored]
     done = Existing(have.settings(), complete=not missing)
-    if decide(out, done, meta.settings(), force=force, auto=auto) == "up to date":
+    if output_action(out, done, meta.settings(), force=force, auto=auto) == "up to date":
         return None
     if have.settings() != meta.settings():  # forced over other settings
         return []
@@ -68,8 +70,8 @@ def _open_partial(partial: Path, meta: FeatureMeta, shard_rows: int, shards: lis
             have, want = {"identity": stored.get("identity")}, {"identity": meta.identity()}
         done = sum(n for s, k, n in shards if (partial / f"{s}-{k:05d}.npy").exists())
         total = sum(n for *_, n in shards)
-        if decide(partial, Existing(have, done=done, total=total, unit="images"), want, force=force,
-                  auto=auto) == "resume":
+        if output_action(partial, Existing(have, done=done, total=total, unit="images"), want, force=force,
+                         auto=auto) == "resume":
             return
         shutil.rmtree(partial)  # forced: a partial output of other settings holds nothing of the new one
     partial.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,18 @@ def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
         return fuse(model)
     except Exception:  # noqa: BLE001 - any tracing failure just means no folding
         return model
+
+
+def _frozen_model(bb: Backbone, device: torch.device, compile: CompileMode, *, counts: dict[tuple[str, int], int],
+                  views: int, aug_views: int, batch_size: int, quiet: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The backbone as extraction runs it: eval, no gradients, BatchNorm folded, channels_last, and compiled as
+    `compile` decides for the images still to do (`counts`: per (split, shard)), each making `views` rows and
+    in train `aug_views` more."""
+    model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(device, memory_format=torch.channels_last)
+    per_image = {s: views + (aug_views if s == "train" else 0) for s, _ in counts} or {"": views}
+    choice = decide(compile, model, size=bb.input_size, device=device, quiet=quiet,
+                    views=sum(n * per_image[s] for (s, _), n in counts.items()))
+    return compile_frozen(model, choice, rows=batch_size * max(per_image.values()))
 
 
 @torch.inference_mode()
@@ -137,7 +151,7 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                      splits: Sequence[str] | None = None, classes: int | None = None,
                      per_class: int | None = None, batch_size: int | None = None, device: Device = "auto",
                      precision: Precision = "auto", mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None, compile: bool = False, dtype: FeatureDtype = "float16",
+                     std: Sequence[float] | None = None, compile: CompileMode = "auto", dtype: FeatureDtype = "float16",
                      aug_views: int = 0, aug_seed: int = 0, shard_rows: int = SHARD_ROWS,
                      layers: str | None = None, force: bool = False, progress: bool = True) -> Path:
     """Extract pooled features of every image and view; returns the finished feature file.
@@ -148,7 +162,10 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
     `aug_views` K > 0 adds K augmented views per train image (featx.views.aug_pixels), drawn from `aug_seed`.
     An existing `out` follows featx.outputs' contract: a finished extraction of the same settings is up to date
     (asked for splits it lacks, it gains them), an interrupted one resumes, one of other settings is refused
-    unless `force`. Under torchrun every rank takes its share of the shards and rank 0 writes the file.
+    unless `force`. `compile` (featx.compiled): on = torch.compile with Inductor's freezing, auto = that when the
+    job repays the compilation (one CompileWarning line says which and why); the file's meta records what ran,
+    outside the settings compared. Under torchrun every rank takes its share of the shards and rank 0 writes the
+    file.
     """
     views = view_names(views)
     with distributed(device) as d:
@@ -161,20 +178,6 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                         compile=compile, dtype=np.dtype(dtype), aug_views=aug_views, aug_seed=aug_seed,
                         shard_rows=shard_rows, layers=layers, force=force, progress=progress and d.rank == 0,
                         auto={"precision": "--precision"} if precision == "auto" else {})
-
-
-def _meta(bb: Backbone, info, cache: Path, *, views, crop, autocast, dtype, layers, per_class, aug_views,
-          aug_seed) -> FeatureMeta:
-    """What the file records: the resolved settings, the dataset, and the cache its images came from."""
-    return FeatureMeta(backbone=bb.name, weights=bb.weights_id, input_size=bb.input_size, views=list(views),
-                       crop=crop, mean=list(bb.mean), std=list(bb.std), precision=precision_name(autocast),
-                       dtype=dtype.name, dataset=info.name, dataset_fingerprint=info.fingerprint,
-                       classes=list(info.wnids), class_names=list(info.names), featx_version=__version__,
-                       layers=layers or "", parts=[[name, dim] for name, dim in bb.parts],
-                       source={"cache": str(Path(cache).resolve()), "fingerprint": info.fingerprint,
-                               "per_class": per_class},
-                       **(dict(aug_views=aug_views, aug_seed=aug_seed, aug_brightness=AUG_BRIGHTNESS,
-                               aug_contrast=AUG_CONTRAST) if aug_views else {}))
 
 
 def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, crop, splits, classes,
@@ -198,8 +201,8 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
         bb.mean = tuple(mean)
     if std is not None:
         bb.std = tuple(std)
-    meta = _meta(bb, info, cache, views=views, crop=crop, autocast=autocast, dtype=dtype, layers=layers,
-                 per_class=per_class, aug_views=aug_views, aug_seed=aug_seed)
+    meta = _feature_meta(bb, info, cache, views=views, crop=crop, autocast=autocast, dtype=dtype, layers=layers,
+                         per_class=per_class, aug_views=aug_views, aug_seed=aug_seed)
     kept = _existing_splits(out, meta, splits, force=force, auto=auto)  # every rank reads it: no broadcast
     if kept is None:
         return out
@@ -219,9 +222,42 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
         require_space(out, file_bytes(meta, sizes, bb.feature_dim)
                       + left * len(views) * bb.feature_dim * dtype.itemsize)
 
-    model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(device, memory_format=torch.channels_last)
-    if compile:
-        model = torch.compile(model)
+    counts = {(s, k): min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo}
+    model = _frozen_model(bb, device, compile, counts=counts, views=len(views), aug_views=aug_views,
+                          batch_size=batch_size, quiet=ranks.rank != 0)
+    _write_shards(bb, model, data_splits, todo, partial, shard_rows=shard_rows, batch_size=batch_size, views=views,
+                  crop=crop, device=device, autocast=autocast, dtype=dtype, aug_views=aug_views, aug_seed=aug_seed,
+                  progress=progress)
+
+    ranks.barrier()
+    if ranks.rank == 0:
+        meta.compile = ran_compiled(model)
+        _assemble(out, partial, meta, data_splits, sizes, bb.feature_dim, shard_rows, kept)
+    ranks.barrier()
+    return out
+
+
+def _feature_meta(bb: Backbone, info: DatasetInfo, cache: Path, *, views: list[str], crop: int, autocast,
+                  dtype: np.dtype, layers: str | None, per_class: int | None, aug_views: int,
+                  aug_seed: int) -> FeatureMeta:
+    """What the feature file records: its backbone, views, precision, dataset, and the cache its images came
+    from."""
+    return FeatureMeta(backbone=bb.name, weights=bb.weights_id, input_size=bb.input_size, views=list(views),
+                       crop=crop, mean=list(bb.mean), std=list(bb.std), precision=precision_name(autocast),
+                       dtype=dtype.name, dataset=info.name, dataset_fingerprint=info.fingerprint,
+                       classes=list(info.wnids), class_names=list(info.names), featx_version=__version__,
+                       layers=layers or "", parts=[[name, dim] for name, dim in bb.parts],
+                       source={"cache": str(Path(cache).resolve()), "fingerprint": info.fingerprint,
+                               "per_class": per_class},
+                       **(dict(aug_views=aug_views, aug_seed=aug_seed, aug_brightness=AUG_BRIGHTNESS,
+                               aug_contrast=AUG_CONTRAST) if aug_views else {}))
+
+
+def _write_shards(bb: Backbone, model: torch.nn.Module, data_splits: dict, todo: list[tuple[str, int]],
+                  partial: Path, *, shard_rows: int, batch_size: int, views: list[str], crop: int,
+                  device: torch.device, autocast, dtype: np.dtype, aug_views: int, aug_seed: int,
+                  progress: bool) -> None:
+    """Compute this process's shards still to do, each saved as its own .npy under `partial`."""
     total = sum(min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo)
     bar = tqdm(total=total, unit="img", desc=f"extract {bb.name} x{len(views)} views", disable=not progress)
 
@@ -250,12 +286,6 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
         for p in pending:
             p.result()
     bar.close()
-
-    ranks.barrier()
-    if ranks.rank == 0:
-        _assemble(out, partial, meta, data_splits, sizes, bb.feature_dim, shard_rows, kept)
-    ranks.barrier()
-    return out
 
 
 def _assemble(out: Path, partial: Path, meta: FeatureMeta, data_splits: dict, sizes: dict[str, int], dim: int,

@@ -65,11 +65,15 @@ class FeatureMeta:
     # where the images came from: {"cache": path, "fingerprint": the cache's, "per_class": N or None}; later
     # stages find the images through it. Not part of the identity: a moved cache holds the same images.
     source: dict = field(default_factory=dict)
+    # what the run that finished the file ran: "on" compiled, "off" eager ("" before it was recorded); not part
+    # of the identity, since compiling leaves the values within rounding of eager
+    compile: str = ""
 
     def identity(self) -> str:
-        """Hash of everything that determines the stored values (not the featx version or labels' names)."""
+        """Hash of everything that determines the stored values (not the featx version, labels' names or whether
+        the model was compiled)."""
         d = dataclasses.asdict(self)
-        for k in ("featx_version", "class_names", "source"):
+        for k in ("featx_version", "class_names", "source", "compile"):
             d.pop(k)
         # fields that came later are left out where unused, so older files keep their identity
         unused = ["layers", "parts"] if not self.layers else []
@@ -83,8 +87,8 @@ class FeatureMeta:
         """The resolved settings an extraction is compared on (featx.outputs): the identity's fields, readable,
         with the class list as its count and the subset's images per class."""
         d = {k: v for k, v in dataclasses.asdict(self).items()
-             if k not in ("featx_version", "class_names", "source", "classes", "parts", "aug_brightness",
-                          "aug_contrast")}
+             if k not in ("featx_version", "class_names", "source", "compile", "classes", "parts",
+                          "aug_brightness", "aug_contrast")}
         d["classes"] = len(self.classes)
         if "per_class" in self.source:  # files from before featx recorded it compare without it
             d["per_class"] = self.source["per_class"]

@@ -73,8 +73,6 @@ def build_model(spec: ModelSpec, *, weights: str = "none", init: str | None = No
     mean_image: with spec.normalize "mean-image", the (3, size, size) image the body subtracts first (zeros when
     absent: load_model fills it from the checkpoint)."""
     bb = create_backbone(spec.backbone, weights=weights, size=spec.size, seed=seed)
-    if init:
-        init_weights(bb.model, init)
     if spec.activation != "relu":
         set_activation(bb.model, spec.activation, spec.backbone)
     if spec.drop_path is not None:
@@ -87,6 +85,9 @@ def build_model(spec: ModelSpec, *, weights: str = "none", init: str | None = No
         # either way, so checkpoints and --init-head address it alike.
         drop = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         model = Classifier(bb.model, nn.Sequential(drop, nn.Linear(bb.feature_dim, spec.num_classes)))
+    if init:
+        # after the head exists, so the init study covers the new classifier too (issue 23)
+        init_weights(model, init)
     if spec.normalize == "mean-image":
         image = mean_image if mean_image is not None else torch.zeros(3, spec.size, spec.size)
         model.body = nn.Sequential(SubtractImage(image), model.body)

@@ -6,7 +6,8 @@ training images (cosine similarity s of L2-normalised features), each voting exp
 one head per k of a sweep, all from one top-k search. NCM scores the cosine similarity to each class's mean of
 normalised training features, turned into probabilities by softmax(s / T).
 
-`heads_from_checkpoints` rebuilds any probe checkpoint (trained head, k-NN or NCM) as such a module.
+`fit_neighbors` fits either on a feature file's training rows; featx.head_checkpoints rebuilds them from their
+checkpoints.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featx.heads import StackedHeads
-from featx.runs import HEAD_FORMAT
+from featx.features import ALL, Features, feature_set_columns
+from featx.heads import FeatureSetHeads
 
 KNN_FORMAT = "featx-knn-1"  # a k-NN probe checkpoint: the training features and labels, and k
 NCM_FORMAT = "featx-ncm-1"  # a nearest-class-mean checkpoint: the class means
@@ -55,6 +56,10 @@ class KNNHeads(nn.Module):
     def state(self) -> dict[str, torch.Tensor]:
         return {"bank": self.bank.cpu(), "labels": self.labels.cpu()}
 
+    def checkpoint(self, h: int) -> dict:
+        """What the checkpoint of head h (its k) holds besides the run's common entries."""
+        return {"format": KNN_FORMAT, "state": self.state(), "k": self.ks[h], "temperature": self.temperature}
+
 
 class NCMHead(nn.Module):
     """Nearest class mean: cosine similarity to each class's mean of normalised training features."""
@@ -81,20 +86,17 @@ class NCMHead(nn.Module):
     def state(self) -> dict[str, torch.Tensor]:
         return {"means": self.means.cpu()}
 
+    def checkpoint(self, h: int) -> dict:
+        return {"format": NCM_FORMAT, "state": self.state(), "temperature": self.temperature}
 
-def heads_from_checkpoints(ckpts: Sequence[dict]) -> nn.Module:
-    """The checkpoints of one run (one format) as one module whose predict_proba gives a head per checkpoint."""
-    fmt = ckpts[0]["format"]
-    if fmt == KNN_FORMAT:  # a run's k-NN checkpoints share their bank and differ in k
-        state = ckpts[0]["state"]
-        return KNNHeads(state["bank"], state["labels"], num_classes=len(ckpts[0]["classes"]),
-                        ks=[c["k"] for c in ckpts], temperature=ckpts[0]["temperature"])
-    if fmt == NCM_FORMAT:  # an NCM run has one checkpoint
-        return NCMHead(ckpts[0]["state"]["means"], temperature=ckpts[0]["temperature"])
-    if fmt != HEAD_FORMAT:
-        raise ValueError(f"unknown checkpoint format {fmt!r}")
-    # snapshots of one run share the architecture and normalisation, so they stack into one StackedHeads
-    state = {k: v if k.startswith("norm_") else torch.cat([c["state"][k] for c in ckpts])
-             for k, v in ckpts[0]["state"].items()}
-    return StackedHeads.from_state(state, normalize=ckpts[0]["normalize"])
 
+def fit_neighbors(bank: Features, *, head: str, ks: Sequence[int], device: torch.device,
+                  feature_set: str = ALL) -> FeatureSetHeads:
+    """k-NN (a head per k) or NCM on the labelled rows of `bank` (its first view), on `feature_set`'s columns."""
+    rows = bank.labels >= 0
+    columns = feature_set_columns(bank.meta, feature_set, path=bank.path)
+    x = torch.from_numpy(bank.features[rows, 0][:, columns]).to(device)
+    y = torch.from_numpy(bank.labels[rows]).to(device)
+    n_classes = len(bank.meta.classes)
+    return FeatureSetHeads([KNNHeads(x, y, num_classes=n_classes, ks=ks) if head == "knn"
+                            else NCMHead.fit(x, y, n_classes)], [columns])

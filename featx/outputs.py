@@ -28,11 +28,6 @@ FORCE = "--force"
 Action = Literal["fresh", "up to date", "resume"]
 
 
-class FeatxWarning(UserWarning):
-    """Something the user should know that does not stop the run (a small selection split, a worse temperature);
-    the message says the fallback taken."""
-
-
 def say(line: str) -> None:
     """A status line of the output contract (`up to date: ...`, `resuming: ...`), on stderr."""
     print(f"featx: {line}", file=sys.stderr, flush=True)

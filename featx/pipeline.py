@@ -13,11 +13,12 @@ A recipe is a TOML file of stage tables, run in the order written::
     [lstm]                             # a second stage of one kind takes another name and says its command
     command = "finetune"
 
-Commands: prepare (`featx data prepare`), extract, probe, finetune, predict, report. Keys are the command's
-long options, with dashes or underscores (`per-class`, `per_class`); `true`/`false` set a flag (or its
-`--no-` form); a list becomes a comma list (`lr = [1e-4, 3e-4]` is a sweep), or one option per item for an
-option that repeats (predict's `run`). The command's own click parameters check the options, so a recipe
-accepts exactly what the command line does. `--set probe.lr=1e-3` overrides one value: a TOML literal, else
+Commands: prepare (`featx data prepare`), extract, probe, finetune, predict, report. Keys are the fields of
+the command's config (featx.configs) or their flags, with dashes or underscores (`per-class`, `per_class`,
+predict's `run` for `runs`), plus the command's control options (`out`, `cache`, finetune's `resume`). A
+table loads straight into the config, which checks it as the command line's does: a list is a list
+(`lr = [1e-4, 3e-4]` is a sweep), a comma string too, `true`/`false` set a flag; an unknown key is one error
+naming the nearest option. `--set probe.lr=1e-3` overrides one value: a TOML literal, else
 a string (`--set extract.weights=../shared/weights/x.pth`).
 
 Every stage names its output (`cache` for prepare, `out` for the others). When a stage finishes, a record
@@ -55,6 +56,7 @@ else:
     import tomli as tomllib
 
 from featx import __version__
+from featx.configs import OptionError, field_named, from_dict, schema, to_dict
 from featx.errors import FeatxError
 
 COMMANDS = {"prepare": ("data", "prepare"), "extract": ("extract",), "probe": ("probe",),
@@ -69,8 +71,9 @@ class Stage:
     name: str
     command: str  # a key of COMMANDS
     options: dict  # as in the recipe, after --set and ${...} substitution
-    argv: list[str]  # the same options as command-line arguments
-    params: dict  # what click resolved from argv, defaults included (JSON values): what the hash covers
+    config: object  # the stage's config (featx.configs), defaults included
+    control: dict  # its options without a config field: the output, finetune's resume
+    params: dict  # config and control as JSON values: what the hash covers
     depends: dict[str, str]  # referenced stage -> its hash
     hash: str
     output: Path
@@ -79,7 +82,7 @@ class Stage:
     seconds: float | None = None
 
     def command_line(self) -> str:
-        return shlex.join(["featx", *COMMANDS[self.command], *self.argv])
+        return shlex.join(["featx", *COMMANDS[self.command], *_argv(self.config, self.control)])
 
 
 def _command(commands: click.Group, name: str) -> click.Command:
@@ -144,32 +147,49 @@ def _substitute(table: dict, earlier: dict[str, Stage], where: str) -> tuple[dic
     return {k: sub(v) for k, v in table.items()}, depends
 
 
-def _argv(cmd: click.Command, command: str, options: dict, where: str) -> list[str]:
-    known = {_key(opt.lstrip("-")): (p, opt) for p in cmd.params
-             if isinstance(p, click.Option) and p.expose_value for opt in p.opts}
-    argv = []
-    for key, value in options.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean `{close[0]}`?" if close else f"see `featx {' '.join(COMMANDS[command])} --help`"
-            raise FeatxError(f"{where}: `{key}` is not an option of `featx {' '.join(COMMANDS[command])}`; {hint}")
-        param, opt = known[key]
-        if param.is_flag and param.is_bool_flag:
-            if not isinstance(value, bool):
-                raise FeatxError(f"{where}: `{key}` is a flag; write {key} = true or false")
-            argv += [opt] if value else param.secondary_opts[:1]
-            continue
-        values = [str(v) for v in (value if isinstance(value, list) else [value])]
-        argv += [a for v in values for a in (opt, v)] if param.multiple else [opt, ",".join(values)]
-    return argv
+def _control_keys(cmd: click.Command) -> set[str]:
+    """The command's options without a config field: its output and flags such as finetune's resume."""
+    fields = {f.name for f in schema(cmd.config_class)}
+    return {p.name for p in cmd.params if p.expose_value and p.name not in fields and "__" not in p.name
+            and p.name not in ("config_file", "more_images")}
 
 
-def _resolve(cmd: click.Command, command: str, argv: list[str], where: str) -> dict:
+def _configure(cmd: click.Command, options: dict, where: str) -> tuple[object, dict]:
+    """The stage's config and control values from its table: the TOML loads straight into the config."""
+    control_keys = _control_keys(cmd)
+    control = {k: options[k] for k in options if k in control_keys}
+    fields = {k: v for k, v in options.items() if k not in control_keys}
+    unknown = [k for k in fields if field_named(cmd.config_class, k) is None]
+    if unknown:
+        names = [f.name for f in schema(cmd.config_class)] + sorted(control_keys)
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"did you mean `{close[0]}`?" if close else f"see `{cmd.name} --help`"
+        raise FeatxError(f"{where}: `{unknown[0]}` is not an option of `featx {cmd.name}`; {hint}")
+    for key, value in control.items():
+        if isinstance(value, bool) != (key == "resume"):
+            raise FeatxError(f"{where}: `{key}` = {value!r}: " +
+                             ("a flag; write resume = true or false" if key == "resume" else "give a path"))
     try:
-        with cmd.make_context(f"featx {' '.join(COMMANDS[command])}", list(argv)) as ctx:
-            return json.loads(json.dumps(ctx.params, default=str))  # tuples -> lists, paths -> strings
-    except click.ClickException as e:
-        raise FeatxError(f"{where}: {e.format_message()}") from None
+        config = from_dict(cmd.config_class, fields, where=where)
+    except OptionError as e:
+        raise FeatxError(f"{where}: {e.named(e.field + ' =')}") from None
+    return config, control
+
+
+def _argv(config, control: dict) -> list[str]:
+    """The command line that runs the same config: the options that differ from their defaults."""
+    argv = [a for k, v in control.items() if v is not False for a in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
+    for f in schema(type(config)):
+        value = getattr(config, f.name)
+        if not f.required and value == f.default:
+            continue
+        if f.kind == "bool":
+            argv.append(f"--{f.flag}" if value else f"--no-{f.flag}")
+        elif isinstance(value, tuple) and f.meta["repeat"]:
+            argv += [a for v in value for a in (f"--{f.flag}", str(v))]
+        elif value is not None:
+            argv += [f"--{f.flag}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return argv
 
 
 def _record_path(output: Path) -> Path:
@@ -214,8 +234,8 @@ def plan(*, recipe: str | Path, commands: click.Group, overrides: Sequence[str] 
                              "named otherwise")
         options, depends = _substitute(table, stages, where)
         cmd = _command(commands, command)
-        argv = _argv(cmd, command, options, where)
-        params = _resolve(cmd, command, argv, where)
+        config, control = _configure(cmd, options, where)
+        params = {**to_dict(config), **control}
         output_key = OUTPUT.get(command, "out")
         if output_key not in options:
             raise FeatxError(f"{where}: set `{output_key}`; a stage names its output so that a re-run finds it")
@@ -223,7 +243,7 @@ def plan(*, recipe: str | Path, commands: click.Group, overrides: Sequence[str] 
         if output.resolve() in (cwd, *cwd.parents):  # outputs may be deleted when stale: never the working tree
             raise FeatxError(f"{where}: {output_key} = {output}: give the stage a directory of its own")
         digest = hashlib.sha256(json.dumps([command, params, depends], sort_keys=True).encode()).hexdigest()[:16]
-        stage = Stage(name, command, options, argv, params, depends, digest, output)
+        stage = Stage(name, command, options, config, control, params, depends, digest, output)
         stage.run, stage.reason = _decide(stage, stages)
         stages[name] = stage
     return list(stages.values())
@@ -251,14 +271,13 @@ def _execute(stage: Stage, *, commands: click.Group, recipe: dict) -> None:
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     cmd = _command(commands, stage.command)
     try:
-        with cmd.make_context(f"featx {' '.join(COMMANDS[stage.command])}", list(stage.argv)) as ctx:
-            cmd.invoke(ctx)  # the options were checked when planning: what fails now is the work, a FeatxError
+        cmd.run(stage.config, **{k: Path(v) if isinstance(v, str) else v for k, v in stage.control.items()})
+    except OptionError as e:
+        raise FeatxError(f"[{stage.name}] {e.named(e.field + ' =')} (in the recipe: --set {stage.name}.{e.field}=...)") \
+            from None
     except FeatxError as e:
-        # The command's message names its CLI option; say how to change that option in a recipe.
-        message = e.message
-        named = re.findall(r"--([a-z][\w-]*)", message)
-        hint = f"{stage.name}.{_key(named[-1])}=..." if named else f"{stage.name}.OPTION=VALUE"
-        raise FeatxError(f"[{stage.name}] {message} (in the recipe: --set {hint})") from None
+        raise FeatxError(f"[{stage.name}] {e.message} (in the recipe: --set {stage.name}.{e.option or 'KEY'}="
+                         f"{'...' if e.option else 'VALUE'})") from None
     stage.seconds = time.perf_counter() - t0
     if not stage.output.exists():
         raise FeatxError(f"[{stage.name}] finished without writing {stage.output}")

@@ -8,6 +8,8 @@
 A probe run is scored on its feature file (its checkpoints' heads stacked into one matmul), a finetune run on
 the images of its dataset. Each checkpoint gives the softmax averaged over the views; the ensemble is the mean
 of the selected checkpoints' softmaxes within a run, then the mean over runs (each run weighs the same).
+`combine` "calibrated" takes each probe checkpoint's softmax at its fitted temperature, "raw" the softmax as
+it is (Milani's Eq. 2 sums them: the mean has the same argmax).
 Checkpoints are selected in the run's best-first order (by val top-1), so every selection starts with the best.
 """
 
@@ -25,7 +27,8 @@ from torch import nn
 
 from featx.atomic import make_dirs, replacing
 from featx.backbones import Backbone, create_backbone
-from featx.choices import ENSEMBLES, EVAL_VIEWS, Device, EvalViews, Split
+from featx.choices import COMBINES, ENSEMBLES, EVAL_VIEWS, Combine, CompileMode, Device, EvalViews, Split
+from featx.compiled import compile_frozen, decide
 from featx.data import Split as DecodedSplit
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import resolve_device
@@ -34,10 +37,10 @@ from featx.errors import FeatxError
 # images computed exactly as the stored features were.
 from featx.extract import compute_features
 from featx.features import FeatureMeta, load_features, read_meta
+from featx.head_checkpoints import probe_heads
 from featx.heads import label_rank
 from featx.models import ModelSpec, load_model
 from featx.plots import plot_ensemble
-from featx.probe import probe_heads
 from featx.runs import load_checkpoint, read_run, write_results
 from featx.sources import IMAGE_EXTS, decode_batch, skip_or_stop
 from featx.stats import apply_temperature, bootstrap_interval, holdout_rows, parse_select
@@ -182,9 +185,11 @@ class Prediction:
 
 
 def _run_model(bb: Backbone, images: np.ndarray, *, views: Sequence[str], crop: int,
-               device: torch.device) -> np.ndarray:
+               device: torch.device, compile: CompileMode = "off") -> np.ndarray:
     """bb.model's outputs (N, V, out) for uint8 images (N, H, W, 3), in batches."""
-    return np.concatenate([compute_features(bb, bb.model, images[i : i + BATCH], views=views, crop=crop,
+    choice = decide(compile, bb.model, size=bb.input_size, device=device, views=len(images) * len(views))
+    model = compile_frozen(bb.model, choice, rows=BATCH * len(views))
+    return np.concatenate([compute_features(bb, model, images[i : i + BATCH], views=views, crop=crop,
                                             device=device, autocast=None, out_dtype=np.dtype(np.float32))
                            for i in range(0, len(images), BATCH)])
 
@@ -206,8 +211,8 @@ def _first_of_classes(labels: np.ndarray, classes: Sequence[int], per_class: int
 class ProbeRun:
     """A `featx probe` run: heads scored on its feature file, or on new images through its backbone."""
 
-    def __init__(self, run_dir: Path, run: dict, device: torch.device):
-        self.dir, self.device = run_dir, device
+    def __init__(self, run_dir: Path, run: dict, device: torch.device, combine: Combine = "calibrated"):
+        self.dir, self.device, self.combine = run_dir, device, combine
         self.checkpoints = run.checkpoints
         self.path = Path(run.features["path"])
         self.meta = read_meta(self.path)
@@ -236,7 +241,7 @@ class ProbeRun:
         rows = max(1, 2048 // x.shape[1])
         probs = np.concatenate([heads.predict_proba(torch.from_numpy(x[i : i + rows]).to(self.device)).cpu().numpy()
                                 for i in range(0, len(x), rows)], axis=1)
-        return np.stack([calibrated(p, c) for p, c in zip(probs, ckpts)])
+        return probs if self.combine == "raw" else np.stack([calibrated(p, c) for p, c in zip(probs, ckpts)])
 
     def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
         """`split` may be SELECTION: the rows of train the run chose its checkpoints on (see selection_split)."""
@@ -251,10 +256,11 @@ class ProbeRun:
         return Scored(f.ids, f.labels, self._proba(f.features, picks))
 
     def score_images(self, images: np.ndarray, views: str, picks: Sequence[int], *,
-                     weights: str | Path | None) -> np.ndarray:
+                     weights: str | Path | None, compile: CompileMode = "off") -> np.ndarray:
         bb = self._backbone(weights)
         names = self.meta.views if views == "all" else ["full"]
-        return self._proba(_run_model(bb, images, views=names, crop=self.meta.crop, device=self.device), picks)
+        return self._proba(_run_model(bb, images, views=names, crop=self.meta.crop, device=self.device,
+                                      compile=compile), picks)
 
     def _backbone(self, weights: str | Path | None) -> Backbone:
         m = self.meta
@@ -319,16 +325,17 @@ class FinetuneRun:
         return Backbone(spec.backbone, model.to(self.device), spec.num_classes, spec.size, tuple(spec.mean),
                         tuple(spec.std), ""), spec
 
-    def _logits(self, i: int, images: np.ndarray, views: str) -> np.ndarray:
+    def _logits(self, i: int, images: np.ndarray, views: str, compile: CompileMode = "off") -> np.ndarray:
         """Checkpoint i's outputs (N, V, C) on the view its training evaluated, and with all also its mirror."""
         bb, spec = self._model(i)
         names = [*spec.views, *(f"{v}_flip" for v in spec.views if views == "all")]
-        return _run_model(bb, images, views=names, crop=spec.crop, device=self.device)
+        return _run_model(bb, images, views=names, crop=spec.crop, device=self.device, compile=compile)
 
     def score_images(self, images: np.ndarray, views: str, picks: Sequence[int], *,
-                     weights: str | Path | None = None) -> np.ndarray:
+                     weights: str | Path | None = None, compile: CompileMode = "off") -> np.ndarray:
         """`weights` is not needed: a finetune checkpoint holds its whole model."""
-        return np.stack([torch.from_numpy(self._logits(i, images, views)).softmax(-1).mean(1).numpy() for i in picks])
+        return np.stack([torch.from_numpy(self._logits(i, images, views, compile)).softmax(-1).mean(1).numpy()
+                         for i in picks])
 
     def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
         s = self._split("val" if split == SELECTION else split)
@@ -351,25 +358,28 @@ class FinetuneRun:
         return torch.cat(seen).numpy(), s.labels
 
 
-def open_run(run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto") -> ProbeRun | FinetuneRun:
+def open_run(run_dir: str | Path, *, data: str | Path | None = None, device: str = "auto",
+             combine: Combine = "calibrated") -> ProbeRun | FinetuneRun:
+    if combine not in COMBINES:
+        raise FeatxError(f"--combine {combine}: choose {' or '.join(COMBINES)}")
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     if not run.checkpoints:
         raise FeatxError(f"{run_dir}: has no checkpoints; let its `featx {run.kind}` run finish")
     dev = resolve_device(device)
     if run.kind == "probe":
-        return ProbeRun(run_dir, run, dev)
+        return ProbeRun(run_dir, run, dev, combine)
     if run.kind == "finetune":
         return FinetuneRun(run_dir, run, dev, data)
     raise FeatxError(f"{run_dir}: a {run.kind!r} run; predict takes probe and finetune runs")
 
 
-def open_runs(runs: Sequence[str | Path], *, data: str | Path | None = None,
-              device: str = "auto") -> list[ProbeRun | FinetuneRun]:
+def open_runs(runs: Sequence[str | Path], *, data: str | Path | None = None, device: str = "auto",
+              combine: Combine = "calibrated") -> list[ProbeRun | FinetuneRun]:
     """Open runs to be averaged together: they must share their classes."""
     if not runs:
         raise FeatxError("--run: name at least one run directory")
-    opened = [open_run(r, data=data, device=device) for r in runs]
+    opened = [open_run(r, data=data, device=device, combine=combine) for r in runs]
     first = opened[0]
     for run in opened[1:]:
         if run.classes != first.classes:
@@ -408,10 +418,10 @@ def _combine(runs: list, scored: list[Scored], picks: list[list[int]], split: st
 
 def predict(*, runs: Sequence[str | Path], split: Split = "val", eval_views: EvalViews = "all",
             ensemble: str = "best", curve: bool = False, data: str | Path | None = None,
-            device: Device = "auto") -> Prediction:
+            device: Device = "auto", combine: Combine = "calibrated") -> Prediction:
     """Score the runs' selected checkpoints on a split; `data` overrides a finetune run's dataset. `curve`: also
     the val top-1 of top:N for every N (Prediction.curve), which scores every checkpoint on val."""
-    return score_runs(open_runs(runs, data=data, device=device), split=split, eval_views=eval_views,
+    return score_runs(open_runs(runs, data=data, device=device, combine=combine), split=split, eval_views=eval_views,
                       ensemble=ensemble, curve=curve)
 
 
@@ -450,7 +460,7 @@ def feature_source(meta: FeatureMeta, data: str | Path | None, *, path: Path) ->
 
 
 def write_prediction_results(p: Prediction, folder: str | Path, *, runs: Sequence[str | Path], ensemble: str,
-                             eval_views: str, seconds: float) -> dict:
+                             eval_views: str, seconds: float, combine: Combine = "calibrated") -> dict:
     """results.json of `featx predict` (featx.runs.write_results): the ensemble's scores on its split, which
     checkpoints and views it averages, where they were chosen."""
     folder = make_dirs(folder, option="--out", path=folder)
@@ -461,7 +471,7 @@ def write_prediction_results(p: Prediction, folder: str | Path, *, runs: Sequenc
                                                    "optimistic": p.optimistic, "ensemble": ensemble,
                                                    "members": p.members},
                          settings={"runs": [str(r) for r in runs], "split": p.split, "eval_views": eval_views,
-                                   "ensemble": ensemble},
+                                   "ensemble": ensemble, "combine": combine},
                          seconds={"predict": round(seconds, 2)}, images=len(p.ids),
                          single_best_top1=top_k(p.single, p.labels, 1) if scored else None)
 
@@ -489,18 +499,20 @@ def read_images(paths: Sequence[str | Path], *, size: int, skip_bad: bool = Fals
 def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path], eval_views: EvalViews = "all",
                    ensemble: str = "best", skip_bad: bool = False, image_size: int = 64,
                    weights: str | Path | None = None, data: str | Path | None = None,
-                   device: Device = "auto") -> Prediction:
+                   device: Device = "auto", combine: Combine = "calibrated",
+                   compile: CompileMode = "auto") -> Prediction:
     """Classify image files: each is scaled to `image_size` (the dataset's, 64 for Tiny ImageNet), then goes
     through each run's backbone, views and heads. `weights`: the backbone's weights file, where a probe run's
-    features were extracted with weights from a file."""
+    features were extracted with weights from a file. `compile`: as extract's (featx.compiled), per model run."""
     _check_views(eval_views)
-    opened = open_runs(runs, data=data, device=device)
+    opened = open_runs(runs, data=data, device=device, combine=combine)
     x, ids = read_images(images, size=image_size, skip_bad=skip_bad)
     scored, picks = [], []
     for run in opened:
         p, _ = _choose(run, eval_views, ensemble)
         picks.append(p)
-        scored.append(Scored(ids, np.full(len(ids), -1), run.score_images(x, eval_views, p, weights=weights)))
+        scored.append(Scored(ids, np.full(len(ids), -1), run.score_images(x, eval_views, p, weights=weights,
+                                                                              compile=compile)))
     return _combine(opened, scored, picks, "images")
 
 

@@ -20,13 +20,13 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix
 
 from featx.atomic import make_dirs, replacing
-from featx.choices import Device, EvalViews, Split
+from featx.choices import Combine, Device, EvalViews, Split
 from featx.data import Split as DecodedSplit
 from featx.errors import FeatxError
 from featx.models import load_model
 from featx.plots import plot_confusion, plot_curves, plot_filters, plot_reliability, plot_tsne
-from featx.predict import FinetuneRun, Prediction, open_run, score_runs, write_curve, write_predictions
 from featx import __version__
+from featx.predict import FinetuneRun, Prediction, ProbeRun, open_run, score_runs, write_curve, write_predictions
 from featx.runs import load_checkpoint, read_run, write_json
 from featx.stats import expected_calibration_error, paired_comparison, reliability
 
@@ -238,39 +238,29 @@ th{background:#eee}img{max-width:100%;border:1px solid #ddd}h2{margin-top:2em}
 figure img{image-rendering:pixelated}"""
 
 
-def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "report", split: Split = "val",
-                 eval_views: EvalViews = "all", ensemble: str = "best", tsne_classes: Sequence[str] | None = None,
-                 data: str | Path | None = None, device: Device = "auto") -> Path:
-    """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page.
-    Several runs: a leaderboard and the paired comparison of the best two head the page, whose analysis is then
-    of the best run."""
-    out = Path(out)
+def _score(run: str | Path | Sequence[str | Path], *, split: str, eval_views: str, ensemble: str,
+           data: str | Path | None, device: str,
+           combine: Combine = "calibrated") -> list[tuple[str | Path, ProbeRun | FinetuneRun, Prediction]]:
+    """Each run (directory, opened, its prediction on the split), the best top-1 first."""
     runs = [run] if isinstance(run, (str, Path)) else list(run)
     if not runs:
         raise FeatxError("--run: name at least one run directory")
     scored = []
     for d in runs:
-        opened = open_run(d, data=data, device=device)
+        opened = open_run(d, data=data, device=device, combine=combine)
         scored.append((d, opened, score_runs([opened], split=split, eval_views=eval_views, ensemble=ensemble,
                                              curve=True)))
         scored[-1][2].require_labels()
     scored.sort(key=lambda s: -s[2].top_k(1))
+    return scored
+
+
+def _figures(out: Path, scored: list, cm: np.ndarray, ece: float, tsne: list[int]) -> dict[str, str]:
+    """The best run's figures, title -> PNG name: confusion, reliability, training and ensemble curves, t-SNE,
+    and the first-layer filters of every finetuned run."""
     run, r, pred = scored[0]
-    tsne = _tsne_classes(tsne_classes, pred.classes)
-    make_dirs(out, option="--out", path=out)  # only now: a refused report leaves no folder behind
-    comparison = _comparison(out, scored, eval_views) if len(scored) > 1 else []
-
     keep = pred.labels >= 0
-    cm = confusion_matrix(pred.labels[keep], pred.top(1)[keep, 0], labels=np.arange(len(pred.classes)))
-    per_class = class_errors(cm, pred.classes, pred.class_names)
-    pairs = confused_pairs(cm, pred.classes, pred.class_names)
-    write_predictions(pred, out / "predictions.csv")
-    gallery = _gallery(out, pred, _decoded_split(r, split, data), per_class)
-    _write_csv(out / "per_class.csv", per_class)
-    _write_csv(out / "confused_pairs.csv", pairs)
-
     figures = {"Confusion matrix": plot_confusion(out / "confusion.png", cm, pred.class_names)}
-    ece = expected_calibration_error(pred.probs[keep], pred.labels[keep])
     figures["Reliability diagram"] = plot_reliability(out / "reliability.png",
                                                       reliability(pred.probs[keep], pred.labels[keep]), ece)
     metrics_path = Path(run) / "metrics.json"
@@ -286,7 +276,34 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
     if finetuned:
         models = {d: load_model(load_checkpoint(o.dir / o.checkpoints[0].file))[0] for d, o in finetuned.items()}
         figures["First-layer filters"] = plot_filters(out / "filters.png", models)
+    return figures
 
+
+def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "report", split: Split = "val",
+                 eval_views: EvalViews = "all", ensemble: str = "best", tsne_classes: Sequence[str] | None = None,
+                 data: str | Path | None = None, device: Device = "auto", combine: Combine = "calibrated") -> Path:
+    """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page.
+    Several runs: a leaderboard and the paired comparison of the best two head the page, whose analysis is then
+    of the best run."""
+    out = Path(out)
+    scored = _score(run, split=split, eval_views=eval_views, ensemble=ensemble, data=data, device=device,
+                    combine=combine)
+    run, r, pred = scored[0]
+    tsne = _tsne_classes(tsne_classes, pred.classes)
+    make_dirs(out, option="--out", path=out)  # only now: a refused report leaves no folder behind
+    comparison = _comparison(out, scored, eval_views) if len(scored) > 1 else []
+
+    keep = pred.labels >= 0
+    cm = confusion_matrix(pred.labels[keep], pred.top(1)[keep, 0], labels=np.arange(len(pred.classes)))
+    per_class = class_errors(cm, pred.classes, pred.class_names)
+    pairs = confused_pairs(cm, pred.classes, pred.class_names)
+    write_predictions(pred, out / "predictions.csv")
+    gallery = _gallery(out, pred, _decoded_split(r, split, data), per_class)
+    _write_csv(out / "per_class.csv", per_class)
+    _write_csv(out / "confused_pairs.csv", pairs)
+
+    ece = expected_calibration_error(pred.probs[keep], pred.labels[keep])
+    figures = _figures(out, scored, cm, ece, tsne)
     n = int(keep.sum())
     summary = [{"what": "run", "value": f"{run} ({type(r).__name__.removesuffix('Run').lower()})"},
                {"what": "split", "value": f"{split}, {n} labelled images, views averaged: {'+'.join(pred.views)}"},
@@ -302,7 +319,8 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
                 *_pictures(figures, gallery, pairs, pred, split), *_per_class_section(per_class)]
     sections.append("<p><a href='predictions.csv'>predictions.csv</a>: every image's top-5</p>")
     write_json(out / "report.json", {"featx_version": __version__, "settings": {
-        "runs": [str(d) for d, _, _ in scored], "split": split, "eval_views": eval_views, "ensemble": ensemble},
+        "runs": [str(d) for d, _, _ in scored], "split": split, "eval_views": eval_views, "ensemble": ensemble,
+        "combine": combine},
         "metrics": {"top1": pred.top_k(1), "top1_interval": list(pred.interval(1)), "top5": pred.top_k(5),
                     "views": pred.views, "selection": _selection_text(pred), "ece": ece}})  # for `featx info`
     page = out / "report.html"
@@ -310,3 +328,4 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
         tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>featx report</title>"
                        f"<style>{STYLE}</style></head><body>{''.join(sections)}<script>{SORT_SCRIPT}</script></body></html>\n")
     return page
+

@@ -8,7 +8,8 @@ Layout of `--out`::
                        "data": {"source", "dataset", "dataset_fingerprint", "classes", "per_class"}  (finetune)
                        "model": {...the ModelSpec...}                               (finetune)
                        "checkpoints": [{"file", "key", "epoch", "val_top1", "val_top5", "step"}, ...]  best first,
-                       "best": {...} | null, "seconds": float | null}
+                       "best": {...} | null, "seconds": float | null,
+                       "resolved": {"precision", "compile"} | null}   (finetune: what ran where options said auto)
     metrics.json      {"heads": [{"index", "config", "status", "epochs": [{"epoch", "train_loss", "train_top1",
                        "val_loss", "val_top1", "val_top5"}, ...]}, ...], "best": {...}}   accuracies in [0, 1]
     metrics.csv       the same per-epoch rows, flat, one per (head, epoch)
@@ -89,6 +90,7 @@ class RunRecord:
     checkpoints: list[Snapshot] = field(default_factory=list)  # best first
     best: dict | None = None
     seconds: float | None = None
+    resolved: dict | None = None  # finetune: what its auto options became ({"precision": "bf16", "compile": "on"})
     featx_version: str = __version__
     created: str = ""
     format: str = RUN_FORMAT

@@ -12,9 +12,9 @@ import io
 import os
 import re
 import struct
-import sys
 import threading
 import time
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -24,9 +24,8 @@ from typing import BinaryIO
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, FeatxWarning
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
@@ -158,14 +157,13 @@ def decode_batch(root: str, is_zip: bool, members: list[str], size: int) -> tupl
 
 def skip_or_stop(bad: list[tuple[str, str]], *, skip_bad: bool, fix: str) -> list[str]:
     """What every reader does with undecodable images, given as (file as the user knows it, reason): stop at
-    the first with one line, or (skip_bad) list each on stderr, on its own line under any progress bar, and
-    return them as "file: reason"."""
+    the first with one line, or (skip_bad) warn of each (a FeatxWarning) and return them as "file: reason"."""
     skipped = []
     for where, reason in bad:
         if not skip_bad:
             raise FeatxError(f"{where} is not a readable image ({reason}); {fix} or pass --skip-bad to skip "
                              "undecodable images")
-        tqdm.write(f"featx: skipped {where}: {reason}", file=sys.stderr)
+        warnings.warn(f"skipped {where}: {reason}", FeatxWarning, stacklevel=2)
         skipped.append(f"{where}: {reason}")
     return skipped
 

@@ -3,6 +3,7 @@ expected calibration error and temperature scaling. numpy, scipy and sklearn onl
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,10 +11,7 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import binomtest
 from sklearn.model_selection import train_test_split
 
-import warnings
-
-from featx.errors import FeatxError
-from featx.outputs import FeatxWarning
+from featx.errors import FeatxError, FeatxWarning
 
 RESAMPLES = 1000
 LEVEL = 0.95

@@ -84,7 +84,7 @@ for recipe, stage in INAN_LSTM + [INAN_EARLY]:
     rows([recipe], stage, "lstm_group", 64, INAN, '3. Approach: "we separate them into groups of length 64"')
 rows(["inan_resnet_lstm_group128"], "finetune", "lstm_group", 128, INAN,
      '4. Experiment: "using different sequence lengths, for instance, 128 instead of 64"')
-rows(["inan_resnet_lstm_early"], "finetune", "lstm_stages", "layer2,layer3", INAN,
+rows(["inan_resnet_lstm_early"], "finetune", "lstm_stages", ["layer2", "layer3"], INAN,
      '4. Experiment: "We also tried adding LSTM\'s to the earlier layers"')
 rows(["inan_ensemble"], "predict", "runs", ["runs/inan_resnet_baseline/finetune", "runs/inan_resnet_lstm/finetune"],
      INAN, '4. Experiment: "we took the average of the scores produced by these networks"')
@@ -93,8 +93,10 @@ rows(["inan_ensemble"], "predict", "runs", ["runs/inan_resnet_baseline/finetune"
 rows(["sun_resnet_stochastic_depth"], "finetune", "drop_path", None, SUN,
      'Improved Model #2: "Stochastic Depth ... Entire layers get dropped randomly"', check="set")
 rows(["sun_resnet"], "finetune", "drop_path", None, SUN, 'Resnet and Model #1 (the plain ResNet that overfits)')
-rows(["sun_resnet_augmented"], "finetune", "aug", "invert,color,noise,flip,rotate,scale,shift,shear", SUN,
+rows(["sun_resnet_augmented"], "finetune", "aug", "invert,brightness,noise,flip,rotate,scale,shift,shear", SUN,
      'More is coming (Model #3): its list Invert, Brightness, Noise, Flip, Rotate, Scale, Shift, Shear', check="items")
+rows(["sun_resnet_augmented"], "finetune", "aug", "brightness", SUN,
+     'More is coming (Model #3): "Brightness" (brightness alone: the list names no contrast)', check="has")
 rows(["sun_resnet_augmented"], "finetune", "drop_path", None, SUN,
      'More is coming (Model #3): built on model #2 ("Even more Image Augmentation")', check="set")
 
@@ -135,7 +137,7 @@ rows(MILANI_ALL, "finetune", "decay", 0.9, MILANI, '3.2: "decayed by 0.9 at ever
 rows([MILANI_BASE], "finetune", "lr", 1e-3, MILANI, '3.2: "settled on 1 x 10^{-3}"')
 rows([MILANI_BASE], "finetune", "step_epochs", 1, MILANI, '3.2: "decayed by 0.9 at every epoch"')
 rows([MILANI_BASE], "finetune", "dropout", 0.0, MILANI, '3.2: "I also decided not to use the dropout layer"')
-rows([MILANI_BASE], "finetune", "aug", "none", MILANI,
+rows([MILANI_BASE], "finetune", "aug", [], MILANI,
      '3.3: the second attempt "added data augmentation at training time" (the baseline had none)')
 rows([MILANI_BASE], "finetune", "epochs", 30, MILANI,
      '3.3: "at 30 epochs, the training ... was already above 80%"', check="min")
@@ -153,6 +155,38 @@ rows([MILANI_BASE], "predict", "ensemble", "top:9", MILANI,
      '3.4: "the highest accuracy was obtained from an ensemble of the best 9 networks"')
 rows(MILANI_ALL, "predict", "eval_views", "full", MILANI,
      '3.4, Eq. 2: one score per network and example (test-time crops only come in section 4)')
+
+rows([MILANI_BASE, MILANI_REG], "predict", "combine", "raw", MILANI, '3.4: "taking the softmax function of the '
+     'scores, summing them for all the N networks of the ensemble, and predicting the class with the maximum '
+     'probability"')
+rows(MILANI_ALL, "submission", "combine", "raw", MILANI, '3.4: "summing them for all the N networks of the ensemble"')
+rows(MILANI_ALL, "report", "combine", "raw", MILANI, '3.4: "summing them for all the N networks of the ensemble"')
+rows([MILANI_BASE], "submission", "ensemble", "top:9", MILANI,
+     '3.4: "the highest accuracy was obtained from an ensemble of the best 9 networks"')
+
+# --- test submissions: every recipe whose report gives a test number writes the file the report sent ----------
+SUBMITTED = {
+    MA: (["ma_resnet18"], 'Abstract: "We use ResNet-18 to achieve 53.9% error rate on the test dataset"'),
+    INAN: (["inan_resnet_baseline", "inan_resnet_lstm", "inan_ensemble"], '4. Experiment: "the final predictions are '
+           'obtained using test images and sent to the online server for the performance on the test set"'),
+    SUN: (["sun_resnet", "sun_resnet_stochastic_depth"], 'Introduction: "ranking the 3rd on the evaluation server"; '
+          'Result #1 "Test Err 48%", Improved Results #2 "Test Err 43%"'),
+    MILANI: (MILANI_ALL, '3.4: "only the ensembles were submitted to the evaluation server to determine the test error"'),
+}
+for report, (recipes, section) in SUBMITTED.items():
+    rows(recipes, "submission", "split", "test", report, section)
+
+# The recipe's readings of figures and lines the conversion garbled or lost: its opening comment says "featx's
+# reading" and quotes these words of the report.
+READINGS: dict[str, tuple[str, list[str]]] = {
+    MILANI_BASE: (MILANI, ["It contains the same inception layers as Inception-v3, but it is shallower and narrower: "
+                           "the number of layers and number of filters was reduced when compared to Fig. 3(a)"]),
+    MILANI_REG: (MILANI, ["It contains the same inception layers as Inception-v3, but it is shallower and narrower: "
+                          "the number of layers and number of filters was reduced when compared to Fig. 3(a)"]),
+    "bastidas_vgg_like": (BASTIDAS, ["2 2x1, stride 1,1", "2,3x3, stride 1,1", "Flatten", "SoftMax-200"]),
+    "bastidas_inception_like": (BASTIDAS, ["Google's Inceptionv3 framework", "once again, all filters were",
+                                           "inception modules used was reduced as well", "Global Average Pool"]),
+}
 
 # The numbers each recipe's opening comment quotes (checked verbatim), with their source.
 NUMBERS: dict[str, tuple[str, list[str]]] = {

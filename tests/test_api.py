@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import featx
-from featx import choices
+from featx import choices, configs
 from featx.cli import NumberList, cli, main
 from featx.errors import FeatxError
 
@@ -118,7 +118,7 @@ def test_one_number_list_type_for_every_comma_list_option():
                      ("probe", "label_smoothing"), ("probe", "dropout"), ("probe", "k")}
     import featx.cli as module
     assert [n for n, v in vars(module).items() if inspect.isclass(v) and issubclass(v, click.ParamType)
-            and v.__module__ == "featx.cli"] == ["NumberList"]
+            and v.__module__ == "featx.cli"] == ["NumberList", "NameList"]
     assert NumberList().convert("1e-4, 3e-4,", None, None) == (1e-4, 3e-4)
     assert NumberList(3).convert("0.5,0.25,1", None, None) == (0.5, 0.25, 1.0)
     assert NumberList(whole=True).convert("10,20", None, None) == (10, 20)
@@ -156,20 +156,21 @@ def test_every_cli_choice_comes_from_featx_choices():
 
 
 def test_module_constants_are_the_choices_and_the_api_is_typed_with_the_literals():
-    from featx import device, finetune, heads, optim, predict, probe, report, views
+    from featx import device, finetune, heads, optim, predict, probe, report, sweep, views
 
     assert heads.NORMALIZE is choices.NORMALIZE and optim.OPTIMIZERS is choices.OPTIMIZERS
-    assert finetune.HEADS is choices.FINETUNE_HEADS and optim.SCHEDULES is choices.FINETUNE_SCHEDULES
+    assert optim.SCHEDULES is choices.FINETUNE_SCHEDULES
     assert device.PRECISIONS is choices.PRECISIONS and predict.ENSEMBLES is choices.ENSEMBLES
     assert tuple(views.VIEW_SETS) == choices.VIEW_SET_NAMES
     hints = typing.get_type_hints
     assert hints(probe.run_probe)["eval_views"] == hints(probe.run_probe)["train_views"] == choices.ViewSelection
     assert hints(probe.run_probe)["head"] is choices.ProbeHead
     assert hints(finetune.FinetuneConfig)["schedule"] is choices.FinetuneSchedule
+    assert all(hints(c)["device"] is choices.Device for c in configs.STAGE_CONFIGS.values() if "device" in hints(c))
     assert hints(predict.predict)["eval_views"] is hints(report.write_report)["eval_views"] is choices.EvalViews
     assert hints(featx.extract_features)["views"] is choices.ViewSet
     with pytest.raises(FeatxError, match="--head rbf: choose one of linear, mlp"):
-        probe._check(None, None, [], "rbf")
+        sweep._check(None, None, [], "rbf")
 
 
 # --- views ---------------------------------------------------------------------------------------------

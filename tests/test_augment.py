@@ -1,9 +1,11 @@
-"""Each augmentation on a real batch, checked for its defining property."""
+"""Each augmentation on a real batch, checked for its defining property; every image draws its own parameters,
+each from the distribution its magnitude states."""
 
 import pytest
 import torch
+from scipy import stats
 
-from featx.augment import AUGMENTATIONS, Augment, pixel_transform
+from featx.augment import AUGMENTATIONS, Augment, apply_draws, check_augmentations, draw
 from featx.errors import FeatxError
 from featx.views import crop_view, to_input
 
@@ -18,14 +20,18 @@ def blobs(n: int = 8, size: int = 32, at: tuple[int, int] = (8, 16)) -> torch.Te
 
 
 def apply(name: str, x: torch.Tensor, *, crop: int | None = None, size: int | None = None) -> torch.Tensor:
-    """The single augmentation, on each image alone (one draw each), resized to `size` as training does, back
+    """The single augmentation on the whole batch (one draw per image), resized to `size` as training does, back
     to uint8 values (as floats)."""
-    tf = pixel_transform([name], crop=crop or x.shape[-1])
     torch.manual_seed(0)
-    out = [tf(img[None]) for img in x]
-    if size:
-        out = [to_input(y, size=size, mean=(0.0,) * 3, std=(1.0,) * 3) for y in out]
-    return (torch.cat(out) * 255).round()
+    crop = crop or x.shape[-1]
+    groups = apply_draws(x, draw([name], n=len(x), height=x.shape[-2], width=x.shape[-1], crop=crop), crop=crop)
+    out = [torch.empty(0)] * len(x)
+    for rows, images in groups:
+        if size:
+            images = to_input(images, size=size, mean=(0.0,) * 3, std=(1.0,) * 3)
+        for row, image in zip(rows.tolist(), images):
+            out[row] = image
+    return (torch.stack(out) * 255).round()
 
 
 def centroid(x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +114,7 @@ def test_magnitudes_set_the_range():
     ("spin:3", "--aug spin:3: unknown")])
 def test_bad_magnitudes_are_one_line_user_errors(item, message):
     with pytest.raises(FeatxError) as e:
-        pixel_transform(["flip", item], crop=8)
+        check_augmentations(["flip", item])
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
@@ -182,8 +188,8 @@ def test_cutmix_pastes_a_box():
 
 def test_unknown_augmentation_is_a_user_error():
     with pytest.raises(FeatxError, match="--aug"):
-        pixel_transform(["flip", "twirl"], crop=8)
-    assert set(AUGMENTATIONS) >= {"flip", "crop", "color", "rotate", "scale", "shift", "shear", "noise", "invert"}
+        check_augmentations(["flip", "twirl"])
+    assert set(AUGMENTATIONS) >= {"flip", "crop", "color", "brightness", "rotate", "scale", "shift", "shear", "noise", "invert"}
 
 
 def test_without_augmentation_training_sees_what_evaluation_sees():
@@ -196,3 +202,58 @@ def test_without_augmentation_training_sees_what_evaluation_sees():
     trained, _ = Augment([], crop=32, num_classes=4, **kw)(images, torch.zeros(4, dtype=torch.long))
     evaluated = render_views(images, views=["full"], crop=32, **kw)
     assert torch.allclose(trained, evaluated, atol=1e-6)
+
+
+ALL = ["flip", "corners", "crop", "rotate:30", "scale:0.2", "shift:0.25", "shear:10", "color:0.4", "brightness:0.3",
+       "invert:0.2", "noise"]
+
+
+def drawn(n: int = 4096) -> dict:
+    torch.manual_seed(0)
+    return {d.name: d.value for d in draw(ALL, n=n, height=64, width=64, crop=56)}
+
+
+def uniform_fits(values: torch.Tensor, low: float, high: float) -> bool:
+    """Kolmogorov-Smirnov against uniform(low, high), fixed seed: p > 0.01."""
+    return stats.kstest(values.double().numpy(), "uniform", args=(low, high - low)).pvalue > 0.01
+
+
+def test_each_image_draws_its_own_parameters():
+    # the 16-group pipeline gave every 8 consecutive images of a batch of 128 one draw: now runs of 8 equal
+    # flips are as rare as chance makes them (2 / 2^8), and no two angles, scales or shears coincide
+    d = drawn(128)
+    runs_of_8 = d["flip"].view(16, 8)
+    assert (runs_of_8.all(1) | ~runs_of_8.any(1)).sum() <= 1
+    for name in ("rotate", "scale", "shear", "brightness"):
+        assert len(torch.unique(d[name])) == 128
+    assert len(torch.unique(d["crop"][d["corners"] == 0], dim=0)) > 10 and len(torch.unique(d["shift"], dim=0)) > 100
+
+
+def test_every_marginal_matches_its_magnitude():
+    d, n = drawn(), 4096
+    tol = lambda p: 4 * (p * (1 - p) / n) ** 0.5  # noqa: E731  four standard errors of a rate
+    assert abs(float(d["flip"].float().mean()) - 0.5) < tol(0.5)
+    assert abs(float(d["invert"].float().mean()) - 0.2) < tol(0.2)
+    assert abs(float(d["color"][:, 2].mean()) - 0.5) < tol(0.5)  # brightness first or contrast first
+    assert uniform_fits(d["rotate"], -30, 30) and d["rotate"].abs().max() <= 30
+    assert uniform_fits(d["scale"], 0.8, 1.2) and uniform_fits(d["shear"], -10, 10)
+    assert uniform_fits(d["color"][:, 0], 0.6, 1.4) and uniform_fits(d["color"][:, 1], 0.6, 1.4)
+    assert uniform_fits(d["brightness"], 0.7, 1.3)
+    # crop: whole-pixel offsets, each of the 9 windows of 56 in 64 (after corners: of 56 in 56 for most images)
+    # as likely; shift: whole pixels within a quarter of the 56-pixel side of the crop before it
+    full = d["corners"] == 0
+    counts = torch.bincount(d["crop"][full].long().flatten(), minlength=9)
+    assert stats.chisquare(counts.numpy()).pvalue > 0.01 and d["crop"][~full].abs().max() == 0
+    assert stats.chisquare(torch.bincount(d["corners"], minlength=5).numpy()).pvalue > 0.01
+    assert d["shift"].abs().max() == 14 and torch.equal(d["shift"], d["shift"].round())
+    assert abs(float(d["shift"].mean())) < 4 * (28 ** 2 / 3 / (2 * n)) ** 0.5
+
+
+def test_a_batch_of_one_image_comes_out_in_many_versions():
+    x = blobs(1, 32, at=(16, 26)).expand(64, -1, -1, -1).permute(0, 2, 3, 1).contiguous()
+    torch.manual_seed(0)
+    y, _ = Augment(["flip", "rotate", "color"], crop=32, size=32, mean=(0.0,) * 3, std=(1.0,) * 3,
+                   num_classes=2)(x, torch.zeros(64, dtype=torch.long))
+    assert len(torch.unique(y.flatten(1), dim=0)) == 64
+    flipped = centroid(y[:8] * 255)[:, 1] < 15.5  # the blob right of the centre, mirrored to the left
+    assert flipped.any() and not flipped.all()

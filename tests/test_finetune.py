@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import os
@@ -16,8 +17,10 @@ import torch
 
 from featx import runs
 from featx.backbones import list_backbones
-from featx.errors import FeatxError
-from featx.finetune import FinetuneConfig, _probe_head, finetune
+from featx.errors import FeatxError, FeatxWarning
+from featx.finetune import FinetuneConfig, finetune
+from featx.head_checkpoints import init_from_probe
+from featx.device import precision_name, resolve_precision
 from featx.models import ModelSpec, build_model, load_model
 from featx.heads import StackedHeads
 from featx.lstm_head import LSTMHead
@@ -100,9 +103,14 @@ def test_drop_path_resnet_and_native():
 
 @pytest.mark.parametrize("init, std", [("gaussian:0.1", 0.1), ("xavier", (2 / (576 + 1152)) ** 0.5)])
 def test_init(init, std):
-    model = build_model(spec("resnet18"), init=init)
+    model = build_model(dataclasses.replace(spec("resnet18"), num_classes=200), init=init)
     w = model.body.layer2[0].conv1.weight.detach()  # (128, 64, 3, 3): fan_in 576, fan_out 1152
     assert float(w.std()) == pytest.approx(std, rel=0.05)
+    # the new 200-way classifier too (it used to keep PyTorch's default, std ~0.0255, issue 23): (200, 512)
+    head = model.head[1].weight.detach()
+    head_std = 0.1 if init.startswith("gaussian") else (2 / (512 + 200)) ** 0.5
+    assert head.shape == (200, 512) and float(head.std()) == pytest.approx(head_std, rel=0.05)
+    assert not model.head[1].bias.any()
     with pytest.raises(FeatxError, match="--init"):
         build_model(spec("resnet18"), init="gaussian:wide")
 
@@ -116,11 +124,11 @@ def test_init_head_folds_a_standardised_probe_head(tmp_path):
                 "classes": ["a", "b", "c"]}, run / "checkpoints" / "head00.pt")
     runs.update_run(run, checkpoints=[runs.Snapshot("checkpoints/head00.pt", 0, 1, 1.0, 1.0)])
     model = build_model(spec("resnet18"))
-    _probe_head(str(run), backbone="resnet18", classes=["a", "b", "c"], head=model.head)
+    init_from_probe(str(run), backbone="resnet18", classes=["a", "b", "c"], head=model.head)
     f = torch.randn(4, 512)
     assert torch.allclose(model.head.eval()(f), probe(f)[0], atol=1e-4)
     with pytest.raises(FeatxError, match="--init-head"):
-        _probe_head(str(run), backbone="resnet50", classes=["a", "b", "c"], head=model.head)
+        init_from_probe(str(run), backbone="resnet50", classes=["a", "b", "c"], head=model.head)
 
 
 def test_run_directory_and_checkpoint_rebuilds_model(synth_cache, tmp_path):
@@ -133,7 +141,12 @@ def test_run_directory_and_checkpoint_rebuilds_model(synth_cache, tmp_path):
     for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
         assert all(0 <= r[key] for r in metrics) and all(r[key] <= 1 for r in metrics if "top" in key)
     assert (out / "metrics.csv").read_text().count("\n") == 4 and (out / "curves.png").stat().st_size > 0
-    listed = runs.read_run(out).checkpoints
+    record = runs.read_run(out)
+    listed = record.checkpoints
+    # what ran beside what was asked: auto precision is this machine's, and a job this small runs eager
+    assert record.config["precision"] == "auto"
+    assert record.resolved == {"precision": precision_name(resolve_precision("auto", torch.device("cpu"))),
+                               "compile": "off"}
     assert len(listed) == 2 == len(list((out / "checkpoints").glob("epoch*.pt")))
     assert listed == result.snapshots and listed[0].val_top1 >= listed[1].val_top1
     model, model_spec = load_model(runs.load_checkpoint(out / listed[0].file))
@@ -147,13 +160,13 @@ def test_run_directory_and_checkpoint_rebuilds_model(synth_cache, tmp_path):
     assert results["top1_interval"][0] <= results["top1"] <= results["top1_interval"][1]
 
 
-def test_overfit_reaches_100_percent_on_real_images(real_cache, tmp_path, capsys):
+def test_overfit_reaches_100_percent_on_real_images(real_cache, tmp_path, recwarn):
     kw = dict(data=real_cache, backbone="resnet18", weights="none", size=32, classes=4, overfit=20, batch_size=10)
     result = finetune(FinetuneConfig(epochs=8, **kw), out=tmp_path / "ok", progress=False)
     assert result.epochs[-1]["train_top1"] == 1.0
-    assert "warning" not in capsys.readouterr().err
-    finetune(FinetuneConfig(epochs=1, **kw), out=tmp_path / "short", progress=False)
-    assert "warning: --overfit 20" in capsys.readouterr().err
+    assert not [w for w in recwarn if w.category is FeatxWarning]
+    with pytest.warns(FeatxWarning, match="^--overfit 20: reached"):
+        finetune(FinetuneConfig(epochs=1, **kw), out=tmp_path / "short", progress=False)
 
 
 def test_nan_loss_stops_and_names_the_step(synth_cache, tmp_path):

@@ -12,14 +12,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featx"
 
 # Lowest first. A module may import modules of its own layer or of lower ones, never of a higher one.
 LAYERS = [
-    {"errors", "choices", "atomic", "device", "plots", "stats", "outputs"},  # foundations, used everywhere
+    # foundations, used everywhere
+    {"errors", "choices", "configs", "atomic", "device", "compiled", "plots", "stats", "outputs"},
     {"sources", "download", "data"},  # datasets and the decoded cache
     {"backbones", "tinynets", "views", "augment"},  # networks and what they see
     {"features", "extract"},  # stage 1 and its file
-    {"heads", "optim", "lstm_head", "models", "runs", "neighbors"},  # what stages 2 and 3 train, and the run directory
-    {"probe", "finetune"},  # the training loops
+    # what stages 2 and 3 train and read, and the run directory
+    {"heads", "optim", "lstm_head", "models", "runs", "neighbors", "feature_batches", "head_checkpoints"},
+    {"sweep", "calibration", "probe_tables", "probe", "finetune_epoch", "finetune"},  # the training loops and runs
     {"predict"},
     {"report", "info"},
+    {"stages"},  # each stage's entry point, taking its config
     {"pipeline", "cli", "__main__", "__init__"},
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
@@ -50,6 +53,24 @@ def test_every_module_has_a_layer():
 def test_imports_point_down(module):
     upward = sorted(m for m in GRAPH[module] if RANK[m] > RANK[module])
     assert not upward, f"featx.{module} (layer {RANK[module]}) imports higher layers: {upward}"
+
+
+TRAINING_LOOPS = {"sweep", "probe", "finetune_epoch", "finetune"}
+
+
+def reachable(module: str) -> set[str]:
+    """Every featx module that importing `module` imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        for m in GRAPH[todo.pop()] - seen:
+            seen.add(m)
+            todo.append(m)
+    return seen
+
+
+@pytest.mark.parametrize("module", ["predict", "head_checkpoints", "calibration"])
+def test_scoring_imports_no_training_loop(module):
+    assert not reachable(module) & TRAINING_LOOPS, f"featx.{module} imports {sorted(reachable(module) & TRAINING_LOOPS)}"
 
 
 def test_no_import_cycle():

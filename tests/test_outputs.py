@@ -18,10 +18,10 @@ import pytest
 
 from featx import extract_features
 from featx.data import prepare_cache
-from featx.errors import FeatxError
+from featx.errors import FeatxError, FeatxWarning
 from featx.features import feature_splits, load_features, read_meta
 from featx.info import format_info, info
-from featx.outputs import Existing, FeatxWarning, decide, differences, promote, resume_hint, target
+from featx.outputs import Existing, decide, differences, promote, resume_hint, target
 from featx.predict import open_run, predict, write_prediction_results
 from featx.probe import grid, run_probe
 from featx.report import write_report

@@ -35,13 +35,13 @@ def test_every_recipe_resolves(recipe: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing exists here, so every stage is planned to run
     assert recipe.read_text().startswith("# "), "a recipe opens with what it reproduces and the reported number"
     stages = run_recipe(recipe=recipe, commands=cli, dry_run=True)
-    assert stages and all(s.run and s.argv and s.params for s in stages)
+    assert stages and all(s.run and s.command_line() and s.params for s in stages)
     assert not any(tmp_path.iterdir()), "a dry run writes nothing"
 
 
 @pytest.mark.parametrize("edit, message", [
     (("backbone =", "backbon ="), "`backbon` is not an option of `featx extract`; did you mean `backbone`?"),
-    (('views = "flip"', 'views = "eleven"'), "'eleven' is not one of"),
+    (('views = "flip"', 'views = "eleven"'), "[extract]: views = eleven: choose one of full, flip, ten"),
     (("[probe]", "[probes]"), "[probes]: not a command"),
     (("${extract.out}", "${predict.out}"), "${predict.out} names no earlier stage"),
     (('cache = "data/cache/quickstart.h5"', ""), "[prepare]: set `cache`"),
@@ -64,7 +64,7 @@ def test_set_overrides_parse_toml_literals_and_are_checked(tmp_path, monkeypatch
     assert stages["extract"].params["weights"] == "../shared/w.pth"
     assert stages["prepare"].params["per_class"] == 7
     for bad, message in (("probe.lrr=1", "did you mean `lr`?"), ("probes.lr=1", "has no stage [probes]"),
-                         ("probe.epochs=0", "--epochs"), ("probe", "write STAGE.KEY=VALUE")):
+                         ("probe.epochs=0", "[probe]: epochs = 0: must be >= 1"), ("probe", "write STAGE.KEY=VALUE")):
         with pytest.raises(FeatxError) as e:
             run_recipe(recipe=QUICKSTART, commands=cli, dry_run=True, overrides=[bad])
         assert message in e.value.message

@@ -4,6 +4,7 @@ one-line errors, and views on real features."""
 from __future__ import annotations
 
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from featx.cli import main
 from featx.data import dataset_info, read_split
-from featx.errors import FeatxError
+from featx.errors import FeatxError, FeatxWarning
 from featx.extract import extract_features
 from featx.features import FeatureMeta, write_features
 from featx.finetune import FinetuneConfig, finetune
@@ -60,8 +61,10 @@ def expected_probs(checkpoints: list[int]) -> np.ndarray:
     return np.mean([[softmax(np.array(LOGITS[k])[views]).mean(0) for views in VIEWS_OF] for k in checkpoints], axis=0)
 
 
-def hand_made_run(tmp_path: Path, *, classes: list[str] | None = None) -> Path:
-    """A probe run whose checkpoints are the heads of LOGITS, on a feature file of one-hot features."""
+def hand_made_run(tmp_path: Path, *, classes: list[str] | None = None,
+                  temperatures: list[float] | None = None) -> Path:
+    """A probe run whose checkpoints are the heads of LOGITS, on a feature file of one-hot features; with
+    `temperatures`, each checkpoint carries its fitted temperature as probe's calibration stores it."""
     classes = classes or ["n01", "n02", "n03"]
     meta = FeatureMeta(backbone="hand", weights="none", input_size=64, views=["full", "full_flip"], crop=56,
                        mean=[0.5] * 3, std=[0.5] * 3, precision="fp32", dtype="float32", dataset="hand",
@@ -81,7 +84,9 @@ def hand_made_run(tmp_path: Path, *, classes: list[str] | None = None) -> Path:
         file = f"checkpoints/head00-epoch{k + 1:03d}.pt"
         torch.save({"format": "featx-head-1", "normalize": "none", "state": heads.head_state(0), "config": {},
                     "features": features, "classes": classes, "epoch": k + 1, "val_top1": 1 - k / 10,
-                    "val_top5": 1.0}, run / file)
+                    "val_top5": 1.0,
+                    **({"calibration": {"temperature": temperatures[k], "fitted_on": "val"}} if temperatures else {})},
+                   run / file)
         listing.append(Snapshot(file, 0, k + 1, 1 - k / 10, 1.0))
     update_run(run, checkpoints=listing)
     return run
@@ -171,6 +176,25 @@ def test_ensembles_average_the_softmax_of_views_and_checkpoints(tmp_path):
     np.testing.assert_allclose(twice.probs, expected_probs([0, 1]), atol=1e-6)
 
 
+def test_combine_raw_sums_the_softmax_as_milani_eq2_calibrated_applies_each_temperature(tmp_path):
+    # Milani (004), 3.4 Ensemble: "taking the softmax function of the scores, summing them for all the N networks
+    # of the ensemble, and predicting the class with the maximum probability" (Eq. 2)
+    from featx.stats import apply_temperature
+
+    temperatures = [0.5, 2.0, 4.0]
+    run = hand_made_run(tmp_path, temperatures=temperatures)
+    raw = predict(runs=[run], split="val", ensemble="all", device="cpu", combine="raw")
+    np.testing.assert_allclose(raw.probs, expected_probs([0, 1, 2]), atol=1e-6)
+    eq2 = np.sum([expected_probs([k]) for k in range(3)], axis=0)
+    assert np.array_equal(raw.probs.argmax(1), eq2.argmax(1))
+    calibrated = predict(runs=[run], split="val", ensemble="all", device="cpu")  # the default
+    expected = np.mean([apply_temperature(expected_probs([k]), t) for k, t in enumerate(temperatures)], axis=0)
+    np.testing.assert_allclose(calibrated.probs, expected, atol=1e-5)
+    assert not np.allclose(calibrated.probs, raw.probs, atol=1e-3)
+    with pytest.raises(FeatxError, match="--combine mean: choose calibrated or raw"):
+        predict(runs=[run], device="cpu", combine="mean")
+
+
 # --- a synthetic dataset end to end ------------------------------------------------------------------
 
 
@@ -251,9 +275,9 @@ def test_new_images_match_the_split_and_bad_ones_are_named_or_skipped(synth_runs
             "--images", str(folder)]
     code, stdout, stderr = featx_cli(capsys, monkeypatch, *args, str(big))
     assert_one_line_error(code, stderr, f"{bad} is not a readable image")
-    code, stdout, stderr = featx_cli(capsys, monkeypatch, *args, str(big), "--skip-bad")
+    with pytest.warns(FeatxWarning, match=f"^skipped {re.escape(str(bad))}"):
+        code, stdout, stderr = featx_cli(capsys, monkeypatch, *args, str(big), "--skip-bad")
     assert code == 0, stderr
-    assert f"skipped {bad}" in stderr
     lines = stdout.strip().splitlines()
     assert len(lines) == 16 + 1 + 1 and lines[-1].startswith("predictions: ")
     assert lines[-2].startswith(f"{big}: thing ") and lines[-2].count("%") == 4  # top-5 of 4 classes

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from featx.cli import cli
+from featx.augment import draw
 from featx.models import ModelSpec, build_model
 from featx.pipeline import run_recipe
-from report_values import NUMBERS, ROWS, SILENT, Row
+from report_values import MA, MILANI, NUMBERS, READINGS, ROWS, SILENT, Row
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 REPORTS = Path(__file__).resolve().parents[2] / "shared" / "reports"
@@ -23,13 +24,14 @@ COVERED = ("ma_", "inan_", "sun_", "bastidas_", "milani_scratch_")
 
 @functools.cache
 def resolved(recipe: str) -> dict[str, dict]:
-    """stage name -> the options click resolved for it, defaults included."""
+    """stage name -> the stage's config (and control options) as JSON values, defaults included."""
     return {s.name: s.params for s in run_recipe(recipe=PIPELINES / f"{recipe}.toml", commands=cli, dry_run=True)}
 
 
 def _items(value, *, names: bool = False) -> set[str]:
     """A comma list's items; names=True drops magnitudes (rotate:45 -> rotate)."""
-    items = {a.strip() for a in str(value).split(",")} - {"", "none"}
+    listed = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    items = {str(a).strip() for a in listed} - {"", "none"}
     return {a.partition(":")[0] for a in items} if names else items
 
 
@@ -121,3 +123,39 @@ def test_inan_lstm_head_is_the_reports():
     assert (head.fc.in_features, head.fc.out_features) == (1176, 200)
     with torch.no_grad():
         assert build_model(spec).eval()(torch.zeros(1, 3, 224, 224)).shape == (1, 200)
+
+
+@pytest.mark.parametrize("recipe", sorted(READINGS))
+def test_a_reading_of_a_lost_or_garbled_figure_says_so_and_quotes_the_report(recipe: str):
+    report, quotes = READINGS[recipe]
+    text, opening = _report_text(report), _opening(recipe)
+    assert "featx's reading" in opening and report in opening, f"pipelines/{recipe}.toml: say \"featx's reading\""
+    for quote in quotes:
+        assert quote in text, f"{report}: {quote!r} is not in the report"
+        assert quote in opening, f"pipelines/{recipe}.toml: its opening comment does not quote {quote!r}"
+
+
+@pytest.mark.parametrize("recipe, std", [("ma_resnet18_scratch_gaussian", 0.1 ** 0.5),
+                                         ("ma_resnet18_scratch_xavier", (2 / (512 + 200)) ** 0.5)])
+def test_ma_init_reaches_the_new_classifier(recipe: str, std: float):
+    # MA, Weight initialization: "Gaussian initialization mean=0, variance=0.1" / "Xavier initialization" of the
+    # ResNet, whose "last layer being fc-1000 instead of fc-200": the 200-way fc is initialised the same way
+    # (it kept PyTorch's default, std ~0.0255, before issue 23)
+    assert "Gaussian initialization mean=0, variance=0.1" in _report_text(MA)
+    p = resolved(recipe)["finetune"]
+    spec = ModelSpec(p["backbone"], p["size"], 200, p["head"], [0.5] * 3, [0.5] * 3, p["crop"])
+    fc = build_model(spec, init=p["init"]).head[1]
+    assert fc.weight.shape == (200, 512)
+    assert float(fc.weight.detach().std()) == pytest.approx(std, rel=0.05) and not fc.bias.any()
+
+
+def test_milani_flips_and_jitters_each_image_on_its_own():
+    # MILANI 3.3: "each image was randomly flipped left-right (with probability 50%) and its brightness and
+    # contrast were randomly adjusted": per image, not per group of images
+    assert "each image was randomly flipped left-right (with probability 50%)" in _report_text(MILANI)
+    aug = resolved("milani_scratch_inception_regularized")["finetune"]["aug"]
+    torch.manual_seed(0)
+    d = {x.name: x.value for x in draw(aug, n=1024, height=64, width=64, crop=56)}
+    assert abs(float(d["flip"].float().mean()) - 0.5) < 4 * (0.25 / 1024) ** 0.5
+    assert (d["flip"][1:] != d["flip"][:-1]).float().mean() > 0.4  # neighbours differ about half the time
+    assert len(torch.unique(d["color"][:, :2], dim=0)) == 1024

@@ -28,6 +28,10 @@ STATED = [
     *[(r, "probe", "keep", 20, "3.4: at most 20 snapshots saved during one run") for r in ("vanilla", "v2", "v3")],
     *[(r, "predict", "ensemble", "greedy", "4.2: the best val top-1, whether or not it is an ensemble")
       for r in ("vanilla", "v2", "v3")],
+    *[(r, s, "combine", "raw", "4.2: the crops' predictions \"combined as explained in section 3.4\" (Eq. 2: the "
+       "softmax summed)") for r in ("vanilla", "v2", "v3") for s in ("predict", "submission", "report")],
+    *[(r, "submission", "split", "test", "4.2: \"the final predictions were submitted on the test set\"")
+      for r in ("vanilla", "v2", "v3")],
     ("vanilla", "extract", "views", "full", "4.2: vanilla uses the image as it is"),
     ("vanilla", "probe", "lr", [6.5e-4], "4.2: initial learning rate 6.5e-4"),
     ("vanilla", "probe", "schedule", "exponential", "4.2: decayed per epoch"),
