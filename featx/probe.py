@@ -212,18 +212,7 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     for split, which in views.items():  # a misnamed view fails here, before any training
         select_views(meta, split, which, path=path)
     stream = stream or not _fits_in_memory(path, views, resolve_device(device))
-    train_split, val_split = (load_or_stream(path, s, v, stream) for s, v in views.items())
-    require_space(Path(out) / "run.json", _checkpoint_bytes(train_split, len(meta.classes), head=head, heads=heads,
-                                                            hidden=hidden, feature_sets=feature_sets, keep=keep, k=k))
-    if not (split_labels(val_split) >= 0).any():
-        raise FeatxError(f"{path}: split 'val' has no labels to validate on; "
-                         "extract a labelled split (e.g. --splits train,val)")
-    held = None if fraction is None else holdout_rows(split_labels(train_split), fraction, seed)
-    chosen_by = select  # what the run selects on: the user's option, or val where the holdout is too small
-    if held is not None and selection_too_small(split_labels(train_split), held, len(meta.classes)):
-        held, chosen_by = None, "val"
-    fit, chosen_on = _selection(path, train_split, val_split, held, train_views=train_views, eval_views=eval_views,
-                                stream=stream)
+    # the output contract first: an up-to-date run reads no features, a refused one warns of nothing
     config = {"features": str(path), "head": head, "hidden": hidden if head == "mlp" else 0, "optimizer": optimizer,
               "lr_decay": lr_decay, "schedule": schedule, "epochs": epochs, "batch_size": batch_size,
               "train_views": train_views, "eval_views": eval_views, "normalize": normalize, "seed": seed,
@@ -238,6 +227,18 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     if output_action(out, _existing_probe(Path(out)), _probe_settings(recorded, feature_info),
                      force=force) == "up to date":
         return recorded_result(Path(out))
+    train_split, val_split = (load_or_stream(path, s, v, stream) for s, v in views.items())
+    require_space(Path(out) / "run.json", _checkpoint_bytes(train_split, len(meta.classes), head=head, heads=heads,
+                                                            hidden=hidden, feature_sets=feature_sets, keep=keep, k=k))
+    if not (split_labels(val_split) >= 0).any():
+        raise FeatxError(f"{path}: split 'val' has no labels to validate on; "
+                         "extract a labelled split (e.g. --splits train,val)")
+    held = None if fraction is None else holdout_rows(split_labels(train_split), fraction, seed)
+    chosen_by = select  # what the run selects on: the user's option, or val where the holdout is too small
+    if held is not None and selection_too_small(split_labels(train_split), held, len(meta.classes)):
+        held, chosen_by = None, "val"
+    fit, chosen_on = _selection(path, train_split, val_split, held, train_views=train_views, eval_views=eval_views,
+                                stream=stream)
     run_dir = start_run(target(out, forced=(Path(out) / "run.json").exists()), kind="probe", config=recorded,
                         features=feature_info)
     # step-numbered names only when snapshots are taken within epochs, so that per-epoch runs keep theirs
