@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.fx.experimental.optimization import fuse
-from tqdm import tqdm
 
 from featx import __version__
 from featx.atomic import one_writer, replacing, require_space
 from featx.backbones import Backbone, create_backbone
 from featx.data import DatasetInfo, dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, precision_name, resolve_precision
+from featx.progress import progress_bar
 from featx.choices import Device, FeatureDtype, Precision, ViewSet
 from featx.errors import FeatxError
 from featx.features import FeatureMeta, create_file, file_bytes, read_meta
@@ -183,9 +183,11 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
     model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(device, memory_format=torch.channels_last)
     if compile:
         model = torch.compile(model)
+    done = sum(min(shard_rows, sizes[s] - k * shard_rows) for i, (s, k) in enumerate(shards)
+               if i % ranks.world == ranks.rank and (s, k) not in todo)  # this process's share a resumed run has
     _write_shards(bb, model, data_splits, todo, partial, shard_rows=shard_rows, batch_size=batch_size, views=views,
                   crop=crop, device=device, autocast=autocast, dtype=dtype, aug_views=aug_views, aug_seed=aug_seed,
-                  progress=progress)
+                  progress=progress, done=done)
 
     ranks.barrier()
     if ranks.rank == 0:
@@ -209,10 +211,12 @@ def _feature_meta(bb: Backbone, info: DatasetInfo, *, views: list[str], crop: in
 def _write_shards(bb: Backbone, model: torch.nn.Module, data_splits: dict, todo: list[tuple[str, int]],
                   partial: Path, *, shard_rows: int, batch_size: int, views: list[str], crop: int,
                   device: torch.device, autocast, dtype: np.dtype, aug_views: int, aug_seed: int,
-                  progress: bool) -> None:
-    """Compute this process's shards still to do, each saved as its own .npy under `partial`."""
+                  progress: bool, done: int) -> None:
+    """Compute this process's shards still to do, each saved as its own .npy under `partial` (`done` rows of
+    its share are there already)."""
     total = sum(min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo)
-    bar = tqdm(total=total, unit="img", desc=f"extract {bb.name} x{len(views)} views", disable=not progress)
+    bar = progress_bar(total=done + total, initial=done, unit="img", desc=f"extract {bb.name} x{len(views)} views",
+                       enabled=progress)
 
     def read(shard):
         s, k = shard
