@@ -143,6 +143,7 @@ def test_run_directory_and_checkpoint_rebuilds_model(synth_cache, tmp_path):
                  progress=False)
 
 
+@pytest.mark.numerics
 def test_overfit_reaches_100_percent_on_real_images(real_cache, tmp_path, recwarn):
     kw = dict(data=real_cache, backbone="resnet18", weights="none", size=32, classes=4, overfit=20, batch_size=10)
     result = finetune(FinetuneConfig(epochs=8, **kw), out=tmp_path / "ok", progress=False)
@@ -165,6 +166,7 @@ def _args(cache: Path, out: Path, *extra: str) -> list[str]:
             "--out", str(out), *extra]
 
 
+@pytest.mark.numerics
 def test_resume_after_kill_9_matches_uninterrupted_run(synth_cache, tmp_path):
     subprocess.run([*FEATX, *_args(synth_cache, tmp_path / "a")], env=ENV, check=True, capture_output=True)
     proc = subprocess.Popen([*FEATX, *_args(synth_cache, tmp_path / "b")], env=ENV, stderr=subprocess.PIPE)
