@@ -49,7 +49,7 @@ class _Lines(tqdm):
 
 
 def progress_bar(iterable: Iterable | None = None, *, desc: str, total: float | None = None, initial: float = 0,
-        unit: str = "it", unit_scale: bool = False, leave: bool = True, enabled: bool = True) -> tqdm:
+                 unit: str = "it", unit_scale: bool = False, leave: bool = True, enabled: bool = True) -> tqdm:
     """A progress bar on stderr: tqdm on a terminal, plain lines elsewhere, silent when not `enabled` or quiet.
     `initial` is the work already done, so a resumed run starts where the last one stopped."""
     kwargs = dict(desc=desc, total=total, initial=initial, unit=unit, unit_scale=unit_scale, leave=leave,
