@@ -55,7 +55,7 @@ def test_a_resumed_extract_counts_from_the_rows_already_done(synth_cache, tmp_pa
     out, partial = tmp_path / "f.h5", tmp_path / "f.h5.partial"
     proc = subprocess.Popen([sys.executable, "-c", RESUMABLE, str(synth_cache), str(out)],
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a loaded machine takes long to start the first shard
     while len(list(partial.glob("*-*.npy"))) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
