@@ -24,6 +24,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from featx.errors import FeatxError
+from featx.progress import bars_shown
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -172,7 +173,7 @@ def _load_state(model: nn.Module, head: str, state: dict[str, torch.Tensor], sou
 def _load_default(model: nn.Module, spec: BackboneSpec) -> str:
     weights = torchvision.models.get_model_weights(spec.name).DEFAULT
     try:
-        state = weights.get_state_dict(progress=True, check_hash=True)
+        state = weights.get_state_dict(progress=bars_shown(), check_hash=True)
     except (urllib.error.URLError, OSError) as e:
         target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise FeatxError(f"cannot download {weights.url} ({getattr(e, 'reason', e)}): place that file at {target} or pass --weights PATH",

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from featx.choices import TRAINED_HEADS, Device, Normalize, Optimizer, ProbeSchedule, TrainedHead
 from featx.device import resolve_device
@@ -30,6 +29,7 @@ from featx.feature_batches import Source, StreamedSplit, batches, feature_dim, p
 from featx.features import ALL, Features, feature_set_columns, require_same_extraction
 from featx.heads import FeatureSetHeads, HeadOptimizer, StackedHeads, label_rank, smoothed_cross_entropy
 from featx.optim import make_scheduler
+from featx.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
                  seed=seed, device=dev, on_eval=on_eval)
     gen = torch.Generator().manual_seed(seed)  # minibatch order and views: the same for every head
     history: list[list[dict]] = [[] for _ in range(model.num_heads)]
-    for epoch in tqdm(range(1, epochs + 1), desc="probe", unit="epoch", disable=not progress):
+    for epoch in progress_bar(range(1, epochs + 1), desc="probe", unit="epoch", enabled=progress):
         train_loss, train_top1 = loop.epoch(epoch, batches(train_src, gen, batch_size), eval_every)
         val_loss, val_top1, val_top5 = loop.validate(epoch)
         for h, (hist, ok) in enumerate(zip(history, loop.active())):
