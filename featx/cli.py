@@ -215,7 +215,10 @@ def stage_command(group: click.Group, name: str, cls: type, *control: click.Para
     **control) and is also what `featx run` calls for a recipe stage (as `command.run`)."""
 
     def decorate(run):
-        def callback(config_file, **params):
+        def callback(config_file, quiet, **params):
+            from featx import progress
+
+            progress.quiet = quiet
             fields = {k: params.pop(k) for k in list(params) if field_named(cls, k.split("__")[0])}
             config = build_config(cls, click.get_current_context(), fields, config_file)
             return run(config, **params)
@@ -225,7 +228,9 @@ def stage_command(group: click.Group, name: str, cls: type, *control: click.Para
         config_option = click.Option(["--config", "config_file"], type=click.Path(dir_okay=False, path_type=Path),
                                      help="A TOML table of options or a run's run.json; options given here "
                                           "override its values.")
-        command = click.Command(name, callback=callback, params=[*control, *options, config_option],
+        quiet_option = click.Option(["--quiet", "-q"], is_flag=True,
+                                    help="No progress bars or progress lines; results and errors still print.")
+        command = click.Command(name, callback=callback, params=[*control, *options, config_option, quiet_option],
                                 help=run.__doc__, short_help=(run.__doc__ or "").split("\n")[0])
         command.run, command.config_class = run, cls
         group.add_command(command)
@@ -336,7 +341,7 @@ def probe(config: ProbeConfig, *, out: Path) -> None:
     from featx.runs import read_run
     from featx.stages import probe as run_probe
 
-    result = run_probe(config, out=out, progress=sys.stderr.isatty())
+    result = run_probe(config, out=out, progress=True)
     click.echo(format_table(result))
     click.echo(f"{format_summary(result, config.select)}; {len(result.names)} head(s) in "
                f"{result.seconds:.1f}s -> {out}")

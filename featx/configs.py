@@ -87,7 +87,8 @@ class ExtractConfig:
                                     "full, 8 flip, 1 ten].", min=1)
     device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
     precision: Precision = option("auto", "auto: bf16 on GPUs that have it (else fp16), bf16 on CPUs with "
-                                  "AVX-512 BF16/AMX, fp32 elsewhere.")
+                                  "AVX-512 BF16/AMX, fp32 elsewhere; the environment variable FEATX_CPU_BF16=1|0 "
+                                  "makes auto act as on a BF16 / an AVX2 CPU.")
     mean: tuple[float, ...] | None = option(None, "Normalisation mean override, e.g. 0.5,0.5,0.5.", count=3)
     std: tuple[float, ...] | None = option(None, "Normalisation std override, e.g. 0.5,0.5,0.5.", count=3)
     dtype: FeatureDtype = option("float16", "Storage type of the features.")
@@ -211,7 +212,8 @@ class FinetuneConfig:
     overfit: int | None = option(None, "Sanity check: train on N training images, expect 100%.", min=1)
     seed: int = option(0, "")
     precision: Precision = option("auto", "auto: bf16 on CUDA (fp16 where it lacks bf16); on CPU bf16 where it "
-                                  "has AVX-512 BF16/AMX, else fp32.")
+                                  "has AVX-512 BF16/AMX, else fp32 (FEATX_CPU_BF16=1|0 makes auto act as on a "
+                                  "BF16 / an AVX2 CPU).")
     channels_last: bool = option(True, "")
     compile: CompileMode = option("auto", "torch.compile the model: on, off, or auto (compile when the steps "
                                   "to run repay compiling).")
