@@ -335,5 +335,6 @@ def test_skipped_images_in_predict_come_from_the_same_reader(tmp_path):
     (tmp_path / "b.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(FeatxError, match=r"b\.png is not a readable image \(UnidentifiedImageError"):
         read_images([tmp_path], size=64)
-    images, ids = read_images([tmp_path], size=64, skip_bad=True)
+    with pytest.warns(FeatxWarning, match=r"^skipped .*b\.png: UnidentifiedImageError"):
+        images, ids = read_images([tmp_path], size=64, skip_bad=True)
     assert ids == [str(tmp_path / "a.png")] and (images == 9).all()
