@@ -22,6 +22,7 @@ LAYERS = [
     {"estimator"},  # the probe as scikit-learn estimators on arrays
     {"predict"},
     {"report"},
+    {"compare"},  # several backbones, one leaderboard
     {"stages"},  # each stage's entry point, taking its config
     {"pipeline", "cli", "__main__", "__init__"},
 ]
