@@ -149,10 +149,11 @@ def compare(*, data: str | Path | None, backbones: Sequence[str], out: str | Pat
 def format_leaderboard(board: Sequence[Entry]) -> str:
     """One line per backbone, best top-1 first: accuracy with intervals, the paired test against the best,
     and the costs."""
-    lines = [f"{'backbone':<28} {'top-1 [95% CI]':<24} {'top-5 [95% CI]':<24} {'vs best (top-1, McNemar p)':<30} "
+    names = [e.backbone + ("" if e.weights == "default" else f" ({Path(e.weights).name})") for e in board]
+    width = max(len("backbone"), *map(len, names))
+    lines = [f"{'backbone':<{width}} {'top-1 [95% CI]':<24} {'top-5 [95% CI]':<24} {'vs best (top-1, McNemar p)':<30} "
              f"{'dim':>5} {'params':>8} {'img/s':>7} {'features':>9}"]
-    for e in board:
-        name = e.backbone + ("" if e.weights == "default" else f" ({Path(e.weights).name})")
+    for name, e in zip(names, board):
         acc = [f"{v:.2%} [{100 * lo:.2f}, {100 * hi:.2f}]" for v, (lo, hi) in
                ((e.top1, e.top1_interval), (e.top5, e.top5_interval))]
         if e.vs_best is None:
@@ -160,6 +161,6 @@ def format_leaderboard(board: Sequence[Entry]) -> str:
         else:
             lo, hi = e.vs_best["interval"]
             vs = f"{100 * e.vs_best['difference']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] p={e.vs_best['p_value']:.2g}"
-        lines.append(f"{name:<28} {acc[0]:<24} {acc[1]:<24} {vs:<30} {e.feature_dim:>5} "
+        lines.append(f"{name:<{width}} {acc[0]:<24} {acc[1]:<24} {vs:<30} {e.feature_dim:>5} "
                      f"{e.parameters / 1e6:>7.2f}M {e.images_per_second:>7.1f} {e.feature_bytes / 2**20:>7.1f}MB")
     return "\n".join(lines)
