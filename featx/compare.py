@@ -32,7 +32,7 @@ from featx.errors import FeatxError
 from featx.estimator import DEFAULT_GRID
 from featx.extract import compute_features, extract_features
 from featx.features import open_split
-from featx.predict import Prediction, predict
+from featx.predict import predict
 from featx.probe import grid, run_probe
 from featx.report import write_report
 from featx.runs import write_json

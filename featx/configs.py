@@ -75,7 +75,8 @@ class ExtractConfig:
     backbone: str = option(MISSING, "Registered name (see --list-backbones) or timm:<name>.")
     data: str | None = option(None, "Zip, folder, ImageFolder root or decoded cache [default: ./data].",
                               metavar="SRC")
-    weights: str = option("default", "default (torchvision), none, or a state_dict PATH.")
+    weights: str = option("default", "default, none, a torchvision weights name of the backbone (IMAGENET1K_V1, "
+                          "IMAGENET1K_V2, DEFAULT, ...), or a state_dict PATH.")
     size: int | None = option(None, "Input resolution [default: per backbone].", min=16)
     views: ViewSet = option("ten", "The views to compute and store: the full image, its mirror too, or five "
                             "crops and their mirrors.")
@@ -167,7 +168,8 @@ class FinetuneConfig:
     backbone: str = option(MISSING, "Registered name (see `featx extract --list-backbones`).")
     data: str | None = option(None, "Zip, folder, ImageFolder root or decoded cache [default: ./data].",
                               metavar="SRC")
-    weights: str = option("default", "default (torchvision), none, or a state_dict PATH.")
+    weights: str = option("default", "default, none, a torchvision weights name of the backbone (IMAGENET1K_V1, "
+                          "IMAGENET1K_V2, DEFAULT, ...), or a state_dict PATH.")
     size: int | None = option(None, "Input resolution the images are upsampled to [default: per backbone].",
                               min=16)
     head: FinetuneHead = option("linear", "")
@@ -274,8 +276,34 @@ class ReportConfig:
     combine: Combine = option("calibrated", "How checkpoint probabilities are combined, as in predict.")
 
 
+@dataclass
+class CompareConfig:
+    """`featx compare`: several backbones on one dataset, extracted, probed with the default sweep and scored on
+    val; one leaderboard."""
+
+    backbones: tuple[str, ...] = option(MISSING, "Backbones to compare (registered names or timm:<name>).",
+                                        flag="backbone")
+    data: str | None = option(None, "Zip, folder, ImageFolder root or decoded cache [default: ./data].",
+                              metavar="SRC")
+    weights: tuple[str, ...] | None = option(None, "One per backbone: default, none, a torchvision weights name "
+                                             "or a state_dict PATH [default: default for each].")
+    classes: int | None = option(None, "Only the first K classes.", min=1)
+    per_class: int | None = option(None, "Only the first N train images per class.", min=1)
+    size: int | None = option(None, "Input resolution [default: per backbone].", min=16)
+    views: ViewSet = option("full", "The views extracted, as in extract; one view keeps a comparison quick.")
+    crop: int = option(56, "Corner-crop size in pixels.", min=1)
+    eval_views: str = option("all", "Views whose softmax is averaged: " + VIEWS_HELP + ".",
+                             metavar="all|full|NAME,...")
+    select: str = option("holdout:0.1", "Where each probe chooses its head and epoch, as in probe.")
+    epochs: int = option(10, "Probe epochs.", min=1)
+    seed: int = option(0, "")
+    device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
+    precision: Precision = option("auto", "As in extract.")
+
+
 STAGE_CONFIGS: dict[str, type] = {"prepare": PrepareConfig, "extract": ExtractConfig, "probe": ProbeConfig,
-                                  "finetune": FinetuneConfig, "predict": PredictConfig, "report": ReportConfig}
+                                  "finetune": FinetuneConfig, "predict": PredictConfig, "report": ReportConfig,
+                                  "compare": CompareConfig}
 
 
 # --- reading the schema --------------------------------------------------------------------------------------
@@ -418,7 +446,7 @@ def coerce(f: Field, value):
         items = [v.strip() if isinstance(v, str) else v for v in items]
         items = [v for v in items if v != ""]
         if f.kind == "names":
-            return tuple(str(v) for v in items if v != "none") if items != ["none"] else ()
+            return () if items == ["none"] else tuple(str(v) for v in items)  # aug = "none": no item
         kind = "int" if f.item is int else "float"
         return tuple(_scalar(f, v, kind) if isinstance(v, str) else float(v) if kind == "float" and
                      isinstance(v, int) and not isinstance(v, bool) else v for v in items)

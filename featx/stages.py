@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from featx.configs import (DEFAULT_SWEEP, ExtractConfig, FinetuneConfig, PredictConfig, PrepareConfig, ProbeConfig,
+from featx.configs import (DEFAULT_SWEEP, CompareConfig, ExtractConfig, FinetuneConfig, PredictConfig, PrepareConfig, ProbeConfig,
                            ReportConfig, to_dict, validate)
 from featx.device import resolve_device
 from featx.runs import read_run, update_run
@@ -104,8 +104,16 @@ def report(config: ReportConfig, *, out: str | Path = "report") -> Path:
                         device=config.device, combine=config.combine)
 
 
+def compare(config: CompareConfig, *, out: str | Path = "compare", progress: bool = True) -> list:
+    """Compare the backbones; returns the leaderboard (featx.compare.Entry), best first."""
+    from featx.compare import compare as compare_backbones
+
+    validate(config)
+    return compare_backbones(**dataclasses.asdict(config), out=out, progress=progress)
+
+
 ENTRY_POINTS = {PrepareConfig: prepare, ExtractConfig: extract, ProbeConfig: probe, FinetuneConfig: finetune,
-                PredictConfig: predict, ReportConfig: report}
+                PredictConfig: predict, ReportConfig: report, CompareConfig: compare}
 
 
 def run_stage(config, **control):
