@@ -103,9 +103,23 @@ class ExtractConfig:
                                 "plus its mean patch token).", metavar="SPEC")
 
 
+@dataclass(frozen=True)
+class HeadConfig:
+    """What differs between the heads of a probe sweep; the defaults are the seed's single head (Milani's
+    vanilla transfer learning, tuned for Inception-v3's 2048-d features)."""
+
+    lr: float = 6.5e-4
+    weight_decay: float = 0.0116
+    label_smoothing: float = 0.1
+    dropout: float = 0.0
+
+    def label(self) -> str:
+        return f"lr={self.lr:g} wd={self.weight_decay:g} ls={self.label_smoothing:g} dropout={self.dropout:g}"
+
+
 # `featx probe` with no hyperparameter sweeps this grid in its one pass and chooses on the holdout; given any of
 # lr, weight_decay, label_smoothing, dropout it sweeps only those and the others keep the seed's values
-# (featx.probe.HeadConfig). A sweep is cheap: the heads share every minibatch.
+# (HeadConfig). A sweep is cheap: the heads share every minibatch.
 DEFAULT_SWEEP = {"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (1e-3, 0.0116, 3e-2)}
 
 

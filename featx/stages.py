@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from featx.configs import (DEFAULT_SWEEP, CompareConfig, ExtractConfig, FinetuneConfig, PredictConfig, PrepareConfig, ProbeConfig,
-                           ReportConfig, to_dict, validate)
+from featx.configs import (DEFAULT_SWEEP, CompareConfig, ExtractConfig, FinetuneConfig, HeadConfig, PredictConfig,
+                           PrepareConfig, ProbeConfig, ReportConfig, to_dict, validate)
 from featx.device import resolve_device
 from featx.runs import read_run, update_run
 
@@ -45,8 +45,8 @@ def extract(config: ExtractConfig, *, out: str | Path, progress: bool = True) ->
 
 def probe_heads(config: ProbeConfig) -> list:
     """The sweep a probe config trains: the default sweep when it gives no hyperparameter; else every
-    combination of those it gives, the others at the seed's values (featx.probe.HeadConfig)."""
-    from featx.probe import HeadConfig, grid
+    combination of those it gives, the others at the seed's values (featx.configs.HeadConfig)."""
+    from featx.sweep import grid
 
     given = {h: getattr(config, h) for h in HYPERPARAMETERS if getattr(config, h) is not None}
     seed = HeadConfig()
