@@ -20,6 +20,12 @@ The speedup depends on how many lbfgs iterations the features need: featx's cost
 every head, plus a val pass per epoch), about 15 full-data gradient evaluations per head, while each
 sklearn fit costs one per lbfgs iteration. On real features lbfgs runs 40-100 iterations per fit; on the
 well-conditioned stand-in it stops after 2-35, and the stand-in is no showcase for featx's speed.
+
+    python benchmarks/probe.py --estimators --features F.h5   # featx.LinearProbeCV vs LogisticRegressionCV
+
+The estimators' side: both fitted on the same arrays (the full-image view of train as numpy, float32), each
+choosing by itself (LinearProbeCV: DEFAULT_GRID in one pass, chosen on a 10% holdout; LogisticRegressionCV:
+its defaults, 10 Cs x 5 folds and a refit), then scored on val; time, val top-1 and peak RSS per side.
 """
 
 from __future__ import annotations
@@ -71,6 +77,52 @@ def run_sklearn(features: Path) -> dict:
             "best": f"C={best:g}", "iterations": list(iters.values())}
 
 
+def _arrays(features: Path):
+    from featx.features import load_features
+
+    tr, va = load_features(features, "train", views="full"), load_features(features, "val", views="full")
+    return tr.features[:, 0].astype(np.float32), tr.labels, va.features[:, 0].astype(np.float32), va.labels
+
+
+def run_linear_probe_cv(features: Path) -> dict:
+    from featx.estimator import LinearProbeCV
+
+    start = time.perf_counter()
+    x, y, xv, yv = _arrays(features)
+    clf = LinearProbeCV(device="cpu").fit(x, y)
+    return {"seconds": time.perf_counter() - start, "models": len(clf.configs_), "best_val_top1": clf.score(xv, yv),
+            "best": f"lr={clf.best_params_['lr']:g} wd={clf.best_params_['weight_decay']:g}"}
+
+
+def run_logistic_regression_cv(features: Path) -> dict:
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegressionCV
+
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    start = time.perf_counter()
+    x, y, xv, yv = _arrays(features)
+    clf = LogisticRegressionCV().fit(x, y)
+    return {"seconds": time.perf_counter() - start, "models": len(clf.Cs_) * 5 + 1,
+            "best_val_top1": float(clf.score(xv, yv)), "best": f"C={float(np.ravel(clf.C_)[0]):g}"}
+
+
+PARTS = {"featx": run_featx, "sklearn": run_sklearn, "cv": run_linear_probe_cv, "sklearn-cv": run_logistic_regression_cv}
+
+
+def compare_estimators(features: Path) -> None:
+    from featx.env import environment
+
+    ours, theirs = child("cv", features), child("sklearn-cv", features)
+    for name, r in (("LinearProbeCV", ours), ("LogisticRegressionCV", theirs)):
+        print(f"{name:20} {r['models']:3d} fits {r['seconds']:8.1f} s  val top-1 {r['best_val_top1']:.2%} "
+              f"({r['best']})  peak RSS {r['peak_rss'] / 2**20:.0f} MiB")
+    cpu = environment()["cpu"]
+    print(f"LinearProbeCV {theirs['seconds'] / ours['seconds']:.1f}x faster, val top-1 {ours['best_val_top1']:.2%} vs "
+          f"{theirs['best_val_top1']:.2%} ({common.machine()}; {cpu['model']}, {' '.join(cpu['flags'])})")
+
+
 def sweep_gflops(shapes: dict[str, tuple[int, int, int]], classes: int, epochs: int = 10) -> float:
     """featx's matmul work: per epoch and training row a forward and a weight-gradient matmul of every
     head at once, and a forward per val row and view (what dominates its time)."""
@@ -116,11 +168,16 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=REPO / "features" / "bench-synthetic-2048.h5",
                     help="where the synthetic stand-in is written")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--part", choices=["featx", "sklearn"], help=argparse.SUPPRESS)
+    ap.add_argument("--estimators", action="store_true",
+                    help="LinearProbeCV vs LogisticRegressionCV instead of the sweep vs single fits")
+    ap.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     features = args.features or make_features(args.cache)
     if args.part:
-        print(json.dumps((run_featx if args.part == "featx" else run_sklearn)(features)))
+        print(json.dumps(PARTS[args.part](features)))
+        return
+    if args.estimators:
+        compare_estimators(features)
         return
 
     from featx.features import open_split, read_meta

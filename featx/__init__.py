@@ -38,6 +38,9 @@ _API = {
     "grid": "featx.sweep",
     "run_probe": "featx.probe",
     "train_heads": "featx.sweep:train",
+    # the probe on arrays, as scikit-learn estimators
+    "LinearProbe": "featx.estimator",
+    "LinearProbeCV": "featx.estimator",
     # stage 3: end-to-end training
     "FinetuneConfig": "featx.configs",
     "run_finetune": "featx.finetune:finetune",

@@ -3,7 +3,7 @@
 `create_backbone(name, weights=...)` returns a model that maps normalised (B, 3, S, S) images to pooled
 features (B, D): the classifier layer named by `head` is replaced by Identity, so features come from the
 network's own pooling layer. With `layers="lastN"` (or `"lastN+avg"`) the model returns features of several
-depths concatenated instead (see `LayerFeatures`); `Backbone.parts` names them. Weights come from torchvision's weights API ("default"), a local state_dict
+depths concatenated instead (see `LayerFeatures`); `Backbone.parts` names them. Weights come from torchvision's weights API ("default", or a name such as "IMAGENET1K_V2"), a local state_dict
 (PATH, loaded with weights_only=True) or seeded random init ("none"). `timm:<name>` uses timm when
 installed: its pretrained config, its loader and its pre-logits features.
 """
@@ -24,6 +24,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from featx.errors import FeatxError
+from featx.progress import bars_shown
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -169,13 +170,36 @@ def _load_state(model: nn.Module, head: str, state: dict[str, torch.Tensor], sou
         raise FeatxError(f"{source}: does not fit this backbone ({what}); pick the matching --backbone")
 
 
-def _load_default(model: nn.Module, spec: BackboneSpec) -> str:
-    weights = torchvision.models.get_model_weights(spec.name).DEFAULT
+def named_weights(name: str, weights: str | Path) -> torchvision.models.WeightsEnum | None:
+    """The torchvision weights that `weights` names for registered backbone `name`: "default" (the registry's
+    choice, torchvision's DEFAULT) or a member of its enum ("IMAGENET1K_V1", "IMAGENET1K_V2", "DEFAULT", ...).
+    None for "none" and for an existing file, which wins over a name; anything else is no such file."""
+    spec, weights = get_spec(name), str(weights)
+    if weights == "default" and not spec.torchvision:
+        raise FeatxError(f"--backbone {name} has no pretrained weights; use --weights none or PATH")
+    if weights == "none" or (weights != "default" and Path(weights).exists()) or not spec.torchvision:
+        return None
+    members = torchvision.models.get_model_weights(spec.name).__members__
+    if weights == "default":
+        return members["DEFAULT"]
+    if weights not in members and "/" not in weights and Path(weights).suffix == "":
+        raise FeatxError(f"--weights {weights}: no such file, nor torchvision weights of {name}; name one of "
+                         f"{', '.join(members)}, a state_dict file, 'default' or 'none'", option="weights")
+    return members.get(weights)
+
+
+def weights_file(weights: torchvision.models.WeightsEnum) -> Path:
+    """Where torchvision looks for these weights before downloading them (the URL's file name)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def _load_torchvision(model: nn.Module, spec: BackboneSpec, weights: torchvision.models.WeightsEnum) -> str:
     try:
-        state = weights.get_state_dict(progress=True, check_hash=True)
+        state = weights.get_state_dict(progress=bars_shown(), check_hash=True)
     except (urllib.error.URLError, OSError) as e:
-        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise FeatxError(f"cannot download {weights.url} ({getattr(e, 'reason', e)}): place that file at {target} or pass --weights PATH",
+        target = weights_file(weights)
+        raise FeatxError(f"--weights {weights.name}: cannot download {weights.url} ({getattr(e, 'reason', e)}); "
+                         f"save that file as {target} or pass --weights PATH",
                          option="weights") from None
     _load_state(model, spec.head, state, str(weights))
     return f"torchvision:{weights}"
@@ -356,10 +380,18 @@ def _seeded_id(seed: int) -> str:
 
 
 def input_spec(name: str, weights: str | Path = "default") -> tuple[tuple[float, ...], tuple[float, ...], int]:
-    """(mean, std, input size) that the weights expect: the registry's, or the JSON beside a weights file."""
+    """(mean, std, input size) that the weights expect: the registry's for "default" and "none", torchvision's
+    transform for named weights (its crop size), or the JSON beside a weights file."""
     spec = get_spec(name)
     if str(weights) in ("default", "none"):
         return spec.mean, spec.std, spec.input_size
+    named = named_weights(name, weights)
+    if named is not None:
+        t = named.transforms()
+        # Inception's registry normalisation replaces torchvision's transform_input, which featx switches off
+        own = spec.kwargs.get("transform_input") is False
+        mean, std = (spec.mean, spec.std) if own else (tuple(t.mean), tuple(t.std))
+        return mean, std, t.crop_size[0]
     side = read_sidecar(Path(weights))
     return tuple(side.get("mean", spec.mean)), tuple(side.get("std", spec.std)), side.get("input_size", spec.input_size)
 
@@ -368,8 +400,9 @@ def create_backbone(name: str, *, weights: str | Path = "default", size: int | N
                     seed: int = 0, layers: str | None = None) -> Backbone:
     """The frozen-feature model of a registered backbone with its normalisation and input size.
 
-    weights: "default" (torchvision's ImageNet weights), "none" (random init from `seed`) or a state_dict
-    path; a JSON beside the path may give mean, std and input_size. `size` overrides the input size.
+    weights: "default" (torchvision's ImageNet weights), a torchvision weights name of the model
+    ("IMAGENET1K_V2", with that recipe's normalisation and crop size), "none" (random init from `seed`) or a
+    state_dict path; a JSON beside the path may give mean, std and input_size. `size` overrides the input size.
     `layers` ("lastN", "lastN+avg"): features of the last N stages or blocks, concatenated (see parse_layers).
     """
     weights = str(weights)
@@ -377,11 +410,12 @@ def create_backbone(name: str, *, weights: str | Path = "default", size: int | N
         return _create_timm(name.removeprefix("timm:"), weights, size=size, seed=seed, layers=layers)
     spec = get_spec(name)
     kwargs = dict(spec.kwargs)
-    mean, std, input_size = input_spec(name, weights)
-    input_size = size or input_size
-    if name == "vit_b_16" and input_size != 224:
-        if weights != "none":
-            raise FeatxError(f"--size {input_size}: vit_b_16 weights are for 224 only; use --size 224")
+    mean, std, trained_size = input_spec(name, weights)
+    input_size = size or trained_size
+    if name == "vit_b_16" and input_size != 224:  # its position embeddings fix the input size
+        if weights != "none" and input_size != trained_size:
+            raise FeatxError(f"--size {input_size}: these vit_b_16 weights are for {trained_size} only; "
+                             f"use --size {trained_size}", option="size")
         kwargs["image_size"] = input_size
     if weights == "none" and "init_weights" in kwargs:
         kwargs["init_weights"] = True
@@ -393,10 +427,9 @@ def create_backbone(name: str, *, weights: str | Path = "default", size: int | N
     if getattr(model, "AuxLogits", None) is not None:
         model.AuxLogits = None  # only used in training mode; frozen features never need it
         model.aux_logits = False
-    if weights == "default":
-        if not spec.torchvision:
-            raise FeatxError(f"--backbone {name} has no pretrained weights; use --weights none or PATH")
-        weights_id = _load_default(model, spec)
+    named = named_weights(name, weights)
+    if named is not None:
+        weights_id = _load_torchvision(model, spec, named)
     elif weights == "none":
         weights_id = _seeded_id(seed)
     else:

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from featx import __version__
-from featx.configs import (ExtractConfig, Field, FinetuneConfig, OptionError, PredictConfig, PrepareConfig,
+from featx.configs import (CompareConfig, ExtractConfig, Field, FinetuneConfig, OptionError, PredictConfig, PrepareConfig,
                            ProbeConfig, ReportConfig, STAGE_CONFIGS, field_named, from_dict, schema)
 from featx.errors import FeatxError, FeatxWarning
 
@@ -104,7 +104,8 @@ class NameList(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
             return tuple(value)
-        items = tuple(v.strip() for v in str(value).split(",") if v.strip() and v.strip() != "none")
+        items = tuple(v.strip() for v in str(value).split(",") if v.strip())
+        items = () if items == ("none",) else items
         bad = [v for v in items if self.choices and v not in self.choices]
         if bad:
             self.fail(f"{', '.join(bad)}: choose from {', '.join(self.choices)}", param, ctx)
@@ -215,7 +216,10 @@ def stage_command(group: click.Group, name: str, cls: type, *control: click.Para
     **control) and is also what `featx run` calls for a recipe stage (as `command.run`)."""
 
     def decorate(run):
-        def callback(config_file, **params):
+        def callback(config_file, quiet, **params):
+            from featx import progress
+
+            progress.quiet = quiet
             fields = {k: params.pop(k) for k in list(params) if field_named(cls, k.split("__")[0])}
             config = build_config(cls, click.get_current_context(), fields, config_file)
             return run(config, **params)
@@ -225,7 +229,9 @@ def stage_command(group: click.Group, name: str, cls: type, *control: click.Para
         config_option = click.Option(["--config", "config_file"], type=click.Path(dir_okay=False, path_type=Path),
                                      help="A TOML table of options or a run's run.json; options given here "
                                           "override its values.")
-        command = click.Command(name, callback=callback, params=[*control, *options, config_option],
+        quiet_option = click.Option(["--quiet", "-q"], is_flag=True,
+                                    help="No progress bars or progress lines; results and errors still print.")
+        command = click.Command(name, callback=callback, params=[*control, *options, config_option, quiet_option],
                                 help=run.__doc__, short_help=(run.__doc__ or "").split("\n")[0])
         command.run, command.config_class = run, cls
         group.add_command(command)
@@ -252,7 +258,9 @@ def cli() -> None:
     featx finetune       end-to-end training (stage 3)
     featx predict        crop and snapshot ensembles, challenge submission
     featx report         the analysis a researcher looks at
+    featx compare        several backbones on one dataset, one leaderboard
     featx run            recipes that chain the stages
+    featx env            versions and what auto picks on this machine
     """
 
 
@@ -336,7 +344,7 @@ def probe(config: ProbeConfig, *, out: Path) -> None:
     from featx.runs import read_run
     from featx.stages import probe as run_probe
 
-    result = run_probe(config, out=out, progress=sys.stderr.isatty())
+    result = run_probe(config, out=out, progress=True)
     click.echo(format_table(result))
     click.echo(f"{format_summary(result, config.select)}; {len(result.names)} head(s) in "
                f"{result.seconds:.1f}s -> {out}")
@@ -405,6 +413,36 @@ def report(config: ReportConfig, *, out: Path = Path("report")) -> None:
     from featx.stages import report as run_report
 
     click.echo(f"report: {run_report(config, out=out)}")
+
+
+# --- compare -----------------------------------------------------------------------------------------
+
+
+@stage_command(cli, "compare", CompareConfig,
+               click.Option(["--out"], default="compare", show_default=True,
+                            type=click.Path(file_okay=False, path_type=Path),
+                            help="Folder of the feature files, runs, leaderboard and report."))
+def compare(config: CompareConfig, *, out: Path = Path("compare")) -> None:
+    """Several backbones on one dataset: extract, probe (the default sweep), score val; one leaderboard."""
+    from featx.compare import format_leaderboard
+    from featx.stages import compare as run_compare
+
+    click.echo(format_leaderboard(run_compare(config, out=out)))
+    click.echo(f"leaderboard: {out / 'leaderboard.txt'}, {out / 'results.json'}; report: {out / 'report'}")
+
+
+# --- env ---------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
+def env(as_json: bool) -> None:
+    """Versions, CPU flags, what --precision auto and --device auto pick here, CUDA devices: for bug reports."""
+    import json
+
+    from featx.env import environment, format_environment
+
+    click.echo(json.dumps(environment(), indent=2) if as_json else format_environment(environment()))
 
 
 # --- run ---------------------------------------------------------------------------------------------

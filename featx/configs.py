@@ -75,7 +75,8 @@ class ExtractConfig:
     backbone: str = option(MISSING, "Registered name (see --list-backbones) or timm:<name>.")
     data: str | None = option(None, "Zip, folder, ImageFolder root or decoded cache [default: ./data].",
                               metavar="SRC")
-    weights: str = option("default", "default (torchvision), none, or a state_dict PATH.")
+    weights: str = option("default", "default, none, a torchvision weights name of the backbone (IMAGENET1K_V1, "
+                          "IMAGENET1K_V2, DEFAULT, ...), or a state_dict PATH.")
     size: int | None = option(None, "Input resolution [default: per backbone].", min=16)
     views: ViewSet = option("ten", "The views to compute and store: the full image, its mirror too, or five "
                             "crops and their mirrors.")
@@ -87,7 +88,8 @@ class ExtractConfig:
                                     "full, 8 flip, 1 ten].", min=1)
     device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
     precision: Precision = option("auto", "auto: bf16 on GPUs that have it (else fp16), bf16 on CPUs with "
-                                  "AVX-512 BF16/AMX, fp32 elsewhere.")
+                                  "AVX-512 BF16/AMX, fp32 elsewhere; the environment variable FEATX_CPU_BF16=1|0 "
+                                  "makes auto act as on a BF16 / an AVX2 CPU.")
     mean: tuple[float, ...] | None = option(None, "Normalisation mean override, e.g. 0.5,0.5,0.5.", count=3)
     std: tuple[float, ...] | None = option(None, "Normalisation std override, e.g. 0.5,0.5,0.5.", count=3)
     dtype: FeatureDtype = option("float16", "Storage type of the features.")
@@ -101,9 +103,23 @@ class ExtractConfig:
                                 "plus its mean patch token).", metavar="SPEC")
 
 
+@dataclass(frozen=True)
+class HeadConfig:
+    """What differs between the heads of a probe sweep; the defaults are the seed's single head (Milani's
+    vanilla transfer learning, tuned for Inception-v3's 2048-d features)."""
+
+    lr: float = 6.5e-4
+    weight_decay: float = 0.0116
+    label_smoothing: float = 0.1
+    dropout: float = 0.0
+
+    def label(self) -> str:
+        return f"lr={self.lr:g} wd={self.weight_decay:g} ls={self.label_smoothing:g} dropout={self.dropout:g}"
+
+
 # `featx probe` with no hyperparameter sweeps this grid in its one pass and chooses on the holdout; given any of
 # lr, weight_decay, label_smoothing, dropout it sweeps only those and the others keep the seed's values
-# (featx.probe.HeadConfig). A sweep is cheap: the heads share every minibatch.
+# (HeadConfig). A sweep is cheap: the heads share every minibatch.
 DEFAULT_SWEEP = {"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (1e-3, 0.0116, 3e-2)}
 
 
@@ -166,7 +182,8 @@ class FinetuneConfig:
     backbone: str = option(MISSING, "Registered name (see `featx extract --list-backbones`).")
     data: str | None = option(None, "Zip, folder, ImageFolder root or decoded cache [default: ./data].",
                               metavar="SRC")
-    weights: str = option("default", "default (torchvision), none, or a state_dict PATH.")
+    weights: str = option("default", "default, none, a torchvision weights name of the backbone (IMAGENET1K_V1, "
+                          "IMAGENET1K_V2, DEFAULT, ...), or a state_dict PATH.")
     size: int | None = option(None, "Input resolution the images are upsampled to [default: per backbone].",
                               min=16)
     head: FinetuneHead = option("linear", "")
@@ -211,7 +228,8 @@ class FinetuneConfig:
     overfit: int | None = option(None, "Sanity check: train on N training images, expect 100%.", min=1)
     seed: int = option(0, "")
     precision: Precision = option("auto", "auto: bf16 on CUDA (fp16 where it lacks bf16); on CPU bf16 where it "
-                                  "has AVX-512 BF16/AMX, else fp32.")
+                                  "has AVX-512 BF16/AMX, else fp32 (FEATX_CPU_BF16=1|0 makes auto act as on a "
+                                  "BF16 / an AVX2 CPU).")
     channels_last: bool = option(True, "")
     compile: CompileMode = option("auto", "torch.compile the model: on, off, or auto (compile when the steps "
                                   "to run repay compiling).")
@@ -272,8 +290,34 @@ class ReportConfig:
     combine: Combine = option("calibrated", "How checkpoint probabilities are combined, as in predict.")
 
 
+@dataclass
+class CompareConfig:
+    """`featx compare`: several backbones on one dataset, extracted, probed with the default sweep and scored on
+    val; one leaderboard."""
+
+    backbones: tuple[str, ...] = option(MISSING, "Backbones to compare (registered names or timm:<name>).",
+                                        flag="backbone")
+    data: str | None = option(None, "Zip, folder, ImageFolder root or decoded cache [default: ./data].",
+                              metavar="SRC")
+    weights: tuple[str, ...] | None = option(None, "One per backbone: default, none, a torchvision weights name "
+                                             "or a state_dict PATH [default: default for each].")
+    classes: int | None = option(None, "Only the first K classes.", min=1)
+    per_class: int | None = option(None, "Only the first N train images per class.", min=1)
+    size: int | None = option(None, "Input resolution [default: per backbone].", min=16)
+    views: ViewSet = option("full", "The views extracted, as in extract; one view keeps a comparison quick.")
+    crop: int = option(56, "Corner-crop size in pixels.", min=1)
+    eval_views: str = option("all", "Views whose softmax is averaged: " + VIEWS_HELP + ".",
+                             metavar="all|full|NAME,...")
+    select: str = option("holdout:0.1", "Where each probe chooses its head and epoch, as in probe.")
+    epochs: int = option(10, "Probe epochs.", min=1)
+    seed: int = option(0, "")
+    device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
+    precision: Precision = option("auto", "As in extract.")
+
+
 STAGE_CONFIGS: dict[str, type] = {"prepare": PrepareConfig, "extract": ExtractConfig, "probe": ProbeConfig,
-                                  "finetune": FinetuneConfig, "predict": PredictConfig, "report": ReportConfig}
+                                  "finetune": FinetuneConfig, "predict": PredictConfig, "report": ReportConfig,
+                                  "compare": CompareConfig}
 
 
 # --- reading the schema --------------------------------------------------------------------------------------
@@ -416,7 +460,7 @@ def coerce(f: Field, value):
         items = [v.strip() if isinstance(v, str) else v for v in items]
         items = [v for v in items if v != ""]
         if f.kind == "names":
-            return tuple(str(v) for v in items if v != "none") if items != ["none"] else ()
+            return () if items == ["none"] else tuple(str(v) for v in items)  # aug = "none": no item
         kind = "int" if f.item is int else "float"
         return tuple(_scalar(f, v, kind) if isinstance(v, str) else float(v) if kind == "float" and
                      isinstance(v, int) and not isinstance(v, bool) else v for v in items)

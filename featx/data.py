@@ -22,10 +22,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 from joblib import Parallel, delayed, effective_n_jobs, parallel_config
-from tqdm import tqdm
 
 from featx.atomic import exclusive, replacing
 from featx.errors import FeatxError
+from featx.progress import progress_bar
 from featx.sources import Layout, Tree, decode_batch, exit_with_parent, open_tree, read_layout, skip_or_stop
 
 FORMAT = 1
@@ -145,7 +145,7 @@ def _write_cache(f: h5py.File, tree: Tree, layout: Layout, size: int, skip_bad: 
     written = dict.fromkeys(layout.splits, 0)
     skipped = []
     total = sum(len(s.members) for s in layout.splits.values())
-    with tqdm(total=total, unit="img", desc=f"decoding {layout.name}", disable=not progress) as bar:
+    with progress_bar(total=total, unit="img", desc=f"decoding {layout.name}", enabled=progress) as bar:
         for (split, start, members), (batch, bad) in zip(tasks, results):
             skipped += skip_or_stop([(tree.where(members[i]), reason) for i, reason in bad], skip_bad=skip_bad,
                                     fix="replace it")

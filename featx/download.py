@@ -9,9 +9,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm import tqdm
-
 from featx.errors import FeatxError
+from featx.progress import progress_bar
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -61,8 +60,8 @@ def _fetch(url: str, part: Path, progress: bool) -> None:
             have = 0
         length = int(response.headers.get("Content-Length") or 0)
         with open(part, "ab" if have else "wb") as out, \
-                tqdm(total=have + length or None, initial=have, unit="B", unit_scale=True,
-                     desc=f"downloading {part.name.removesuffix('.partial')}", disable=not progress) as bar:
+                progress_bar(total=have + length or None, initial=have, unit="B", unit_scale=True,
+                             desc=f"downloading {part.name.removesuffix('.partial')}", enabled=progress) as bar:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))

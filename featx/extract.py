@@ -19,7 +19,6 @@ import h5py
 import numpy as np
 import torch
 from torch.fx.experimental.optimization import fuse
-from tqdm import tqdm
 
 from featx import __version__
 from featx.atomic import one_writer, replacing, require_space
@@ -28,6 +27,7 @@ from featx.data import DatasetInfo, dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, precision_name, resolve_precision
 from featx.choices import CompileMode, Device, FeatureDtype, Precision, ViewSet
 from featx.compiled import compile_frozen, decide, ran_compiled
+from featx.progress import progress_bar
 from featx.errors import FeatxError
 from featx.features import FeatureMeta, create_file, feature_splits, file_bytes, read_meta
 from featx.outputs import Existing, say
@@ -225,9 +225,11 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
     counts = {(s, k): min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo}
     model = _frozen_model(bb, device, compile, counts=counts, views=len(views), aug_views=aug_views,
                           batch_size=batch_size, quiet=ranks.rank != 0)
+    done = sum(min(shard_rows, sizes[s] - k * shard_rows) for i, (s, k) in enumerate(shards)
+               if i % ranks.world == ranks.rank and (s, k) not in todo)  # this process's share a resumed run has
     _write_shards(bb, model, data_splits, todo, partial, shard_rows=shard_rows, batch_size=batch_size, views=views,
                   crop=crop, device=device, autocast=autocast, dtype=dtype, aug_views=aug_views, aug_seed=aug_seed,
-                  progress=progress)
+                  progress=progress, done=done)
 
     ranks.barrier()
     if ranks.rank == 0:
@@ -256,10 +258,12 @@ def _feature_meta(bb: Backbone, info: DatasetInfo, cache: Path, *, views: list[s
 def _write_shards(bb: Backbone, model: torch.nn.Module, data_splits: dict, todo: list[tuple[str, int]],
                   partial: Path, *, shard_rows: int, batch_size: int, views: list[str], crop: int,
                   device: torch.device, autocast, dtype: np.dtype, aug_views: int, aug_seed: int,
-                  progress: bool) -> None:
-    """Compute this process's shards still to do, each saved as its own .npy under `partial`."""
+                  progress: bool, done: int) -> None:
+    """Compute this process's shards still to do, each saved as its own .npy under `partial` (`done` rows of
+    its share are there already)."""
     total = sum(min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo)
-    bar = tqdm(total=total, unit="img", desc=f"extract {bb.name} x{len(views)} views", disable=not progress)
+    bar = progress_bar(total=done + total, initial=done, unit="img", desc=f"extract {bb.name} x{len(views)} views",
+                       enabled=progress)
 
     def read(shard):
         s, k = shard

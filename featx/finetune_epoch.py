@@ -6,7 +6,6 @@ records it; this module only trains and scores.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
-from tqdm import tqdm
 
 from featx import runs
 from featx.augment import Augment
@@ -22,6 +20,7 @@ from featx.device import Dist
 from featx.errors import FeatxError
 from featx.heads import topk_correct
 from featx.models import MODEL_FORMAT, ModelSpec
+from featx.progress import progress_bar
 from featx.views import render_views
 
 NAN_CHECK_STEPS = 50  # how often the loss is checked for NaN: each check waits for the device
@@ -119,8 +118,8 @@ def train_epoch(t: Training, net: nn.Module, epoch: int, frozen: bool) -> tuple[
     loss_sum, correct = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
     pending: list[torch.Tensor] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(t.steps), desc=f"epoch {epoch + 1}/{t.epochs}", disable=not t.progress or d.rank != 0,
-               leave=False, file=sys.stderr)
+    bar = progress_bar(range(t.steps), desc=f"epoch {epoch + 1}/{t.epochs}", enabled=t.progress and d.rank == 0,
+                       leave=False)
     for step in bar:
         idx = order[step * t.per_rank:(step + 1) * t.per_rank]
         x, target = t.augment(t.train_x[idx], t.train_y[idx])

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from featx.configs import FinetuneConfig
 from featx.errors import FeatxError
 
-GROUP = 64
-STAGES = ("layer3", "layer4")  # the default: the last two stages of torchvision's ResNets
+GROUP = FinetuneConfig.lstm_group
+STAGES = FinetuneConfig.lstm_stages  # the default: the last two stages of torchvision's ResNets
 ALL_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 

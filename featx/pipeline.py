@@ -60,7 +60,8 @@ from featx.configs import OptionError, field_named, from_dict, schema, to_dict
 from featx.errors import FeatxError
 
 COMMANDS = {"prepare": ("data", "prepare"), "extract": ("extract",), "probe": ("probe",),
-            "finetune": ("finetune",), "predict": ("predict",), "report": ("report",)}
+            "finetune": ("finetune",), "predict": ("predict",), "report": ("report",),
+            "compare": ("compare",)}
 OUTPUT = {"prepare": "cache"}  # the option naming a command's output; "out" for the others
 RECORD = ".featx-stage.json"
 REFERENCE = re.compile(r"\$\{([\w-]+)\.([\w-]+)\}")

@@ -328,4 +328,3 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
         tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>featx report</title>"
                        f"<style>{STYLE}</style></head><body>{''.join(sections)}<script>{SORT_SCRIPT}</script></body></html>\n")
     return page
-

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from featx.configs import (DEFAULT_SWEEP, ExtractConfig, FinetuneConfig, PredictConfig, PrepareConfig, ProbeConfig,
-                           ReportConfig, to_dict, validate)
+from featx.configs import (DEFAULT_SWEEP, CompareConfig, ExtractConfig, FinetuneConfig, HeadConfig, PredictConfig,
+                           PrepareConfig, ProbeConfig, ReportConfig, to_dict, validate)
 from featx.device import resolve_device
 from featx.runs import read_run, update_run
 
@@ -45,8 +45,8 @@ def extract(config: ExtractConfig, *, out: str | Path, force: bool = False, prog
 
 def probe_heads(config: ProbeConfig) -> list:
     """The sweep a probe config trains: the default sweep when it gives no hyperparameter; else every
-    combination of those it gives, the others at the seed's values (featx.probe.HeadConfig)."""
-    from featx.probe import HeadConfig, grid
+    combination of those it gives, the others at the seed's values (featx.configs.HeadConfig)."""
+    from featx.sweep import grid
 
     given = {h: getattr(config, h) for h in HYPERPARAMETERS if getattr(config, h) is not None}
     seed = HeadConfig()
@@ -105,8 +105,16 @@ def report(config: ReportConfig, *, out: str | Path = "report") -> Path:
                         device=config.device, combine=config.combine)
 
 
+def compare(config: CompareConfig, *, out: str | Path = "compare", progress: bool = True) -> list:
+    """Compare the backbones; returns the leaderboard (featx.compare.Entry), best first."""
+    from featx.compare import compare as compare_backbones
+
+    validate(config)
+    return compare_backbones(**dataclasses.asdict(config), out=out, progress=progress)
+
+
 ENTRY_POINTS = {PrepareConfig: prepare, ExtractConfig: extract, ProbeConfig: probe, FinetuneConfig: finetune,
-                PredictConfig: predict, ReportConfig: report}
+                PredictConfig: predict, ReportConfig: report, CompareConfig: compare}
 
 
 def run_stage(config, **control):

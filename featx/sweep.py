@@ -21,33 +21,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from featx.choices import TRAINED_HEADS, Device, Normalize, Optimizer, ProbeSchedule, TrainedHead
+from featx.configs import HeadConfig, ProbeConfig
 from featx.device import resolve_device
 from featx.errors import FeatxError
 from featx.feature_batches import Source, StreamedSplit, batches, feature_dim, pieces, scoring_pieces, source, split_labels
 from featx.features import ALL, Features, feature_set_columns, require_same_extraction
 from featx.heads import FeatureSetHeads, HeadOptimizer, StackedHeads, label_rank, smoothed_cross_entropy
 from featx.optim import make_scheduler
+from featx.progress import progress_bar
 
 
-@dataclass(frozen=True)
-class HeadConfig:
-    """What differs between the heads of a sweep."""
-
-    lr: float = 6.5e-4
-    weight_decay: float = 0.0116
-    label_smoothing: float = 0.1
-    dropout: float = 0.0
-
-    def label(self) -> str:
-        return f"lr={self.lr:g} wd={self.weight_decay:g} ls={self.label_smoothing:g} dropout={self.dropout:g}"
-
-
-def grid(*, lr: Sequence[float] = (6.5e-4,), weight_decay: Sequence[float] = (0.0116,),
-         label_smoothing: Sequence[float] = (0.1,), dropout: Sequence[float] = (0.0,)) -> list[HeadConfig]:
-    """Every combination, lr varying slowest."""
+def grid(*, lr: Sequence[float] = (HeadConfig.lr,), weight_decay: Sequence[float] = (HeadConfig.weight_decay,),
+         label_smoothing: Sequence[float] = (HeadConfig.label_smoothing,),
+         dropout: Sequence[float] = (HeadConfig.dropout,)) -> list[HeadConfig]:
+    """Every combination, lr varying slowest; what is not given keeps the seed's value (HeadConfig)."""
     return [HeadConfig(*c) for c in itertools.product(lr, weight_decay, label_smoothing, dropout)]
 
 
@@ -218,10 +207,12 @@ class _Loop:
 
 
 def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
-          heads: Sequence[HeadConfig] = (HeadConfig(),), head: TrainedHead = "linear", hidden: int = 1024,
-          optimizer: Optimizer = "adam", lr_decay: float = 0.713, schedule: ProbeSchedule = "exponential",
-          epochs: int = 10, batch_size: int = 100, normalize: Normalize = "none", seed: int = 0,
-          device: Device = "auto", feature_sets: Sequence[str] = (ALL,), on_eval: OnEval | None = None,
+          heads: Sequence[HeadConfig] = (HeadConfig(),), head: TrainedHead = ProbeConfig.head,
+          hidden: int = ProbeConfig.hidden, optimizer: Optimizer = ProbeConfig.optimizer,
+          lr_decay: float = ProbeConfig.lr_decay, schedule: ProbeSchedule = ProbeConfig.schedule,
+          epochs: int = ProbeConfig.epochs, batch_size: int = ProbeConfig.batch_size,
+          normalize: Normalize = ProbeConfig.normalize, seed: int = ProbeConfig.seed,
+          device: Device = ProbeConfig.device, feature_sets: Sequence[str] = (ALL,), on_eval: OnEval | None = None,
           eval_every: int | None = None, progress: bool = False) -> ProbeResult:
     """Train one head per config and feature set on `features`, all over the same minibatches, validating on
     `val`. Heads are numbered set by set: head s * len(heads) + c is config c on feature_sets[s].
@@ -244,7 +235,7 @@ def train(features: Features | StreamedSplit, *, val: Features | StreamedSplit,
                  seed=seed, device=dev, on_eval=on_eval)
     gen = torch.Generator().manual_seed(seed)  # minibatch order and views: the same for every head
     history: list[list[dict]] = [[] for _ in range(model.num_heads)]
-    for epoch in tqdm(range(1, epochs + 1), desc="probe", unit="epoch", disable=not progress):
+    for epoch in progress_bar(range(1, epochs + 1), desc="probe", unit="epoch", enabled=progress):
         train_loss, train_top1 = loop.epoch(epoch, batches(train_src, gen, batch_size), eval_every)
         val_loss, val_top1, val_top5 = loop.validate(epoch)
         for h, (hist, ok) in enumerate(zip(history, loop.active())):

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from featx.backbones import create_backbone, file_sha256, get_spec, list_backbones
+from featx.backbones import (IMAGENET_MEAN, IMAGENET_STD, create_backbone, file_sha256, get_spec, input_spec,
+                             list_backbones, named_weights, weights_file)
 from featx.errors import FeatxError
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
@@ -117,3 +118,49 @@ def test_file_sha256(tmp_path):
     p = tmp_path / "f"
     p.write_bytes(b"abc")
     assert file_sha256(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+@pytest.mark.parametrize("name, weights, expect", [
+    ("resnet50", "IMAGENET1K_V2", (IMAGENET_MEAN, IMAGENET_STD, 224)),
+    ("efficientnet_b1", "IMAGENET1K_V2", (IMAGENET_MEAN, IMAGENET_STD, 240)),  # the registry's default is 224
+    ("efficientnet_b3", "DEFAULT", (IMAGENET_MEAN, IMAGENET_STD, 300)),
+    ("vit_b_16", "IMAGENET1K_SWAG_E2E_V1", (IMAGENET_MEAN, IMAGENET_STD, 384)),
+    ("inception_v3", "IMAGENET1K_V1", ((0.5,) * 3, (0.5,) * 3, 299)),  # featx's [-1, 1] replaces transform_input
+])
+def test_named_weights_bring_their_transform(name, weights, expect):
+    assert input_spec(name, weights) == expect
+
+
+@pytest.mark.parametrize("name, weights, file", [("resnet50", "IMAGENET1K_V2", "resnet50-11ad3fa6.pth"),
+                                                 ("resnet50", "IMAGENET1K_V1", "resnet50-0676ba61.pth"),
+                                                 ("resnet50", "DEFAULT", "resnet50-11ad3fa6.pth")])
+def test_named_weights_offline_name_the_file_to_place(name, weights, file, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert weights_file(named_weights(name, weights)) == tmp_path / "hub" / "checkpoints" / file
+    with pytest.raises(FeatxError) as e:
+        create_backbone(name, weights=weights)
+    message = str(e.value)
+    assert str(tmp_path / "hub" / "checkpoints" / file) in message and "\n" not in message
+    assert message.startswith(f"--weights {'IMAGENET1K_V2' if weights == 'DEFAULT' else weights}: cannot download")
+
+
+def test_named_weights_load_from_torchvision_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ref = torchvision.models.resnet18()
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    target = weights_file(weights)
+    target.parent.mkdir(parents=True)
+    torch.save(ref.state_dict(), target)
+    bb = create_backbone("resnet18", weights="IMAGENET1K_V1")
+    assert bb.weights_id == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    torch.testing.assert_close(bb.model.conv1.weight, ref.conv1.weight)
+
+
+def test_a_name_the_model_lacks_is_no_such_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FeatxError, match=r"--weights IMAGENET1K_V2: no such file.*IMAGENET1K_V1, DEFAULT"):
+        create_backbone("resnet18", weights="IMAGENET1K_V2")  # resnet18 has V1 only
+    with pytest.raises(FeatxError, match="no such file"):
+        create_backbone("resnet18", weights="IMAGENET1K_V1.pth")
+    with pytest.raises(FeatxError, match="no such file"):
+        create_backbone("vgg_tiny", weights="IMAGENET1K_V1")  # no torchvision weights at all

@@ -34,6 +34,7 @@ def norm_keys(model: nn.Module) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_auto_freezes_folded_weights_and_learns_train_mode_stays_at_chance(real_cache, shared_weights, tmp_path,
                                                                            capsys, recwarn):
     # The case: the shared MobileNetV2 has BatchNorm folded into its convolutions (identity statistics).

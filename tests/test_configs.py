@@ -18,10 +18,11 @@ from featx.errors import FeatxError
 
 # The options without a field: outputs, and flags that steer a command rather than describe its work.
 CONTROL = {"prepare": {"cache"}, "extract": {"out", "list_backbones"}, "probe": {"out"},
-           "finetune": {"out", "resume"}, "predict": {"out", "more_images"}, "report": {"out"}}
-COMMON_CONTROL = {"config_file", "help"}
+           "finetune": {"out", "resume"}, "predict": {"out", "more_images"}, "report": {"out"},
+           "compare": {"out"}}
+COMMON_CONTROL = {"config_file", "quiet", "help"}
 COMMANDS = {"prepare": ("data", "prepare"), "extract": ("extract",), "probe": ("probe",), "finetune": ("finetune",),
-            "predict": ("predict",), "report": ("report",)}
+            "predict": ("predict",), "report": ("report",), "compare": ("compare",)}
 
 
 def command(stage: str) -> click.Command:

@@ -107,6 +107,7 @@ def test_a_diverged_head_is_never_best_and_predict_never_sees_it(features, tmp_p
 
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
     not cpu_has_bf16(), reason="this CPU has no AVX-512 BF16/AMX: bf16 would be emulated"))])
+@pytest.mark.numerics
 def test_extract_precision_stays_within_its_tolerance(features, synth_cache, tmp_path, precision):
     # fp32 reproduces the fixture's fp32 run (float16 storage rounding only); bf16 keeps 8 mantissa bits, so
     # its features may differ by a few bf16 ulps of the largest activations
@@ -334,5 +335,6 @@ def test_skipped_images_in_predict_come_from_the_same_reader(tmp_path):
     (tmp_path / "b.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(FeatxError, match=r"b\.png is not a readable image \(UnidentifiedImageError"):
         read_images([tmp_path], size=64)
-    images, ids = read_images([tmp_path], size=64, skip_bad=True)
+    with pytest.warns(FeatxWarning, match=r"^skipped .*b\.png: UnidentifiedImageError"):
+        images, ids = read_images([tmp_path], size=64, skip_bad=True)
     assert ids == [str(tmp_path / "a.png")] and (images == 9).all()

@@ -140,6 +140,7 @@ def test_the_plateau_switch_is_a_function_of_the_recorded_epochs():
     assert not trains_head_alone(FinetuneConfig(backbone="resnet18"), [])
 
 
+@pytest.mark.numerics
 def test_backbone_is_unchanged_until_the_plateau_and_changes_after(synth_cache, tmp_path):
     out = tmp_path / "plateau"
     config = FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=4, batch_size=16,
@@ -165,6 +166,7 @@ def test_backbone_is_unchanged_until_the_plateau_and_changes_after(synth_cache, 
 # --- --snapshot-every, --normalize mean-image and the centre-crop evaluation -----------------------------------
 
 
+@pytest.mark.numerics
 def test_snapshots_every_steps_mean_image_and_centre_crop_evaluation(synth_cache, tmp_path):
     out = tmp_path / "run"
     config = FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=48, epochs=2, batch_size=16,

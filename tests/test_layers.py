@@ -36,11 +36,12 @@ def resnet_files(synth_cache, tmp_path_factory) -> dict[str, object]:
     """Random-init ResNet-18 features of the synthetic data: one vector per view, and its last 2 stages."""
     root = tmp_path_factory.mktemp("layers")
     common = dict(data=synth_cache, backbone="resnet18", weights="none", size=64, views="flip", dtype="float32",
-                  progress=False)
+                  precision="fp32", progress=False)  # compared with torchvision's fp32 forward
     return {"single": extract_features(**common, out=root / "single.h5"),
             "last2": extract_features(**common, layers="last2", out=root / "last2.h5")}
 
 
+@pytest.mark.numerics
 def test_cnn_stages_are_torchvisions_pooled_stage_outputs(resnet_files, synth_cache):
     meta = read_meta(resnet_files["last2"])
     assert meta.layers == "last2" and meta.parts == [["layer3", 256], ["layer4", 512]]
@@ -58,10 +59,12 @@ def test_cnn_stages_are_torchvisions_pooled_stage_outputs(resnet_files, synth_ca
     assert read_meta(resnet_files["single"]).identity() != meta.identity()
 
 
+@pytest.mark.numerics
 def test_vit_class_tokens_are_timms_intermediate_layers(synth_cache, tmp_path):
     timm = pytest.importorskip("timm")
     out = extract_features(data=synth_cache, backbone="timm:vit_tiny_patch16_224", weights="none", size=64,
-                           views="flip", dtype="float32", layers="last3+avg", out=tmp_path / "vit.h5", progress=False)
+                           views="flip", dtype="float32", precision="fp32", layers="last3+avg", out=tmp_path / "vit.h5",
+                           progress=False)  # compared with timm's fp32 forward
     meta = read_meta(out)
     assert meta.parts == [["block9", 192], ["block10", 192], ["block11", 192], ["avgpool", 192]]
     torch.manual_seed(0)

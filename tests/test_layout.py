@@ -13,15 +13,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featx"
 # Lowest first. A module may import modules of its own layer or of lower ones, never of a higher one.
 LAYERS = [
     # foundations, used everywhere
-    {"errors", "choices", "configs", "atomic", "device", "compiled", "plots", "stats", "outputs"},
+    {"errors", "choices", "configs", "atomic", "device", "compiled", "plots", "stats", "progress", "outputs"},
     {"sources", "download", "data"},  # datasets and the decoded cache
     {"backbones", "tinynets", "views", "augment"},  # networks and what they see
     {"features", "extract"},  # stage 1 and its file
     # what stages 2 and 3 train and read, and the run directory
     {"heads", "optim", "lstm_head", "models", "runs", "neighbors", "feature_batches", "head_checkpoints"},
     {"sweep", "calibration", "probe_tables", "probe", "finetune_epoch", "finetune"},  # the training loops and runs
+    {"estimator"},  # the probe as scikit-learn estimators on arrays
     {"predict"},
     {"report", "info"},
+    {"compare"},  # several backbones, one leaderboard
     {"stages"},  # each stage's entry point, taking its config
     {"pipeline", "cli", "__main__", "__init__"},
 ]

@@ -71,6 +71,7 @@ def test_set_overrides_parse_toml_literals_and_are_checked(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_quickstart_end_to_end_then_skips_then_redoes_only_what_changed(shared_zip, shared_weights, tmp_path,
                                                                          monkeypatch):
     monkeypatch.chdir(tmp_path)

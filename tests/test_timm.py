@@ -50,12 +50,13 @@ def timm_model(name: str, size: int, seed: int = 0, **kwargs) -> torch.nn.Module
     return model
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name, size", [FAMILIES[0], FAMILIES[1]], ids=["cnn", "vit"])
 def test_extract_and_probe_through_the_cli(name, size, synth_cache, tmp_path):
     out = tmp_path / "f.h5"
     run = featx_cli("extract", "--data", str(synth_cache), "--backbone", f"timm:{name}", "--weights", "none",
                     "--size", str(size), "--views", "flip", "--dtype", "float32", "--device", "cpu",
-                    "--out", str(out))
+                    "--precision", "fp32", "--out", str(out))  # compared with timm's fp32 forward below
     assert run.returncode == 0, run.stderr
     meta = read_meta(out)
     cfg = timm.models.get_pretrained_cfg(name)
