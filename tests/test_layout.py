@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featx"
 # Lowest first. A module may import modules of its own layer or of lower ones, never of a higher one.
 LAYERS = [
     # foundations, used everywhere
-    {"errors", "choices", "configs", "atomic", "device", "compiled", "plots", "stats", "progress", "outputs"},
+    {"errors", "choices", "configs", "atomic", "device", "compiled", "plots", "stats", "progress", "env",
+     "outputs"},
     {"sources", "download", "data"},  # datasets and the decoded cache
     {"backbones", "tinynets", "views", "augment"},  # networks and what they see
     {"features", "extract"},  # stage 1 and its file
