@@ -10,8 +10,10 @@ FeatxError (one line, exit 2); Ctrl-C exits 130 with a hint that the work resume
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -172,8 +174,6 @@ def _alias(f: Field, old: str) -> click.Option:
 
 def read_config_file(path: Path, cls: type) -> dict:
     """The options a --config file gives: a TOML table, or a run's run.json (its recorded options)."""
-    import json
-
     if sys.version_info >= (3, 11):
         import tomllib
     else:
@@ -240,6 +240,17 @@ def stage_command(group: click.Group, name: str, cls: type, *control: click.Para
     return decorate
 
 
+FORCE = click.Option(["--force"], is_flag=True,
+                     help="Replace an output made with other settings; the old one stays until the new one is "
+                          "complete.")
+JSON = click.Option(["--json", "as_json"], is_flag=True, help="Print results.json (what the run scored, where "
+                                                               "it chose, which views) instead of the summary.")
+
+
+def _echo_results(folder: Path) -> None:
+    click.echo((folder / "results.json").read_text().rstrip())
+
+
 OUT_FILE = click.Option(["--out"], required=True, type=click.Path(dir_okay=False, path_type=Path),
                         help="Feature file to write (.h5).")
 OUT_RUN = click.Option(["--out"], required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -260,6 +271,7 @@ def cli() -> None:
     featx report         the analysis a researcher looks at
     featx compare        several backbones on one dataset, one leaderboard
     featx run            recipes that chain the stages
+    featx info PATH      what a cache, feature file, run or report is and holds
     featx env            versions and what auto picks on this machine
     """
 
@@ -321,22 +333,22 @@ def _list_backbones(ctx: click.Context, _param, value: bool) -> None:
     ctx.exit(0)
 
 
-@stage_command(cli, "extract", ExtractConfig, OUT_FILE,
+@stage_command(cli, "extract", ExtractConfig, OUT_FILE, FORCE,
                click.Option(["--list-backbones"], is_flag=True, expose_value=False, is_eager=True,
                             callback=_list_backbones,
                             help="Print the registered backbones with feature dims and input sizes, then exit."))
-def extract(config: ExtractConfig, *, out: Path) -> None:
+def extract(config: ExtractConfig, *, out: Path, force: bool = False) -> None:
     """Stage 1: frozen backbone -> transfer values in HDF5."""
     from featx.stages import extract as run_extract
 
-    click.echo(f"features: {run_extract(config, out=out)}")
+    click.echo(f"features: {run_extract(config, out=out, force=force)}")
 
 
 # --- probe -------------------------------------------------------------------------------------------
 
 
-@stage_command(cli, "probe", ProbeConfig, OUT_RUN)
-def probe(config: ProbeConfig, *, out: Path) -> None:
+@stage_command(cli, "probe", ProbeConfig, OUT_RUN, FORCE, JSON)
+def probe(config: ProbeConfig, *, out: Path, force: bool = False, as_json: bool = False) -> None:
     """Stage 2: train classifier heads on cached features; comma lists sweep every combination in one pass.
     Given no --lr, --weight-decay, --label-smoothing or --dropout, a small default sweep (featx.configs.
     DEFAULT_SWEEP) is trained and chosen on the holdout; given any, only those are swept."""
@@ -344,7 +356,9 @@ def probe(config: ProbeConfig, *, out: Path) -> None:
     from featx.runs import read_run
     from featx.stages import probe as run_probe
 
-    result = run_probe(config, out=out, progress=True)
+    result = run_probe(config, out=out, force=force, progress=True)
+    if as_json:
+        return _echo_results(out)
     click.echo(format_table(result))
     click.echo(f"{format_summary(result, config.select)}; {len(result.names)} head(s) in "
                f"{result.seconds:.1f}s -> {out}")
@@ -357,15 +371,24 @@ def probe(config: ProbeConfig, *, out: Path) -> None:
 # --- finetune ----------------------------------------------------------------------------------------
 
 
-@stage_command(cli, "finetune", FinetuneConfig, OUT_RUN,
-               click.Option(["--resume"], is_flag=True, help="Continue the run in --out from its last checkpoint."))
-def finetune(config: FinetuneConfig, *, out: Path, resume: bool = False) -> None:
-    """Stage 3: end-to-end training (fine-tuning or from scratch); torchrun for several GPUs."""
+@stage_command(cli, "finetune", FinetuneConfig, OUT_RUN, FORCE, JSON,
+               click.Option(["--resume"], is_flag=True, hidden=True, help="No longer needed (before 0.2)."))
+def finetune(config: FinetuneConfig, *, out: Path, force: bool = False, as_json: bool = False,
+             resume: bool = False) -> None:
+    """Stage 3: end-to-end training (fine-tuning or from scratch); torchrun for several GPUs. The same command
+    resumes an interrupted run."""
+    from featx.finetune import eval_views
     from featx.stages import finetune as run_finetune
 
-    result = run_finetune(config, out=out, resume=resume)
+    if resume:
+        click.echo("featx: warning: --resume is deprecated and no longer needed: the same command resumes an "
+                   "interrupted run", err=True)
+    result = run_finetune(config, out=out, force=force)
+    if as_json:
+        return _echo_results(out)
     if result.epochs:
-        click.echo(f"best val top-1 {result.best_val_top1:.2%}; run: {result.out}")
+        click.echo(f"best val top-1 {result.best_val_top1:.2%} ({'+'.join(eval_views(config))} view); "
+                   f"run: {result.out}")
 
 
 # --- predict -----------------------------------------------------------------------------------------
@@ -374,24 +397,34 @@ def finetune(config: FinetuneConfig, *, out: Path, resume: bool = False) -> None
 @stage_command(cli, "predict", PredictConfig,
                click.Option(["--out"], default="preds", show_default=True,
                             type=click.Path(file_okay=False, path_type=Path),
-                            help="Folder for predictions.csv (and submission.txt for the test split)."),
-               click.Argument(["more_images"], nargs=-1, type=click.Path(path_type=Path)))
-def predict(config: PredictConfig, *, out: Path = Path("preds"), more_images: tuple = ()) -> None:
+                            help="Folder for predictions.csv and results.json (and submission.txt for the test "
+                                 "split)."),
+               JSON, click.Argument(["more_images"], nargs=-1, type=click.Path(path_type=Path)))
+def predict(config: PredictConfig, *, out: Path = Path("preds"), as_json: bool = False,
+            more_images: tuple = ()) -> None:
     """Score runs on a split or on image files: view, snapshot and run ensembles; the challenge submission."""
-    from featx.predict import format_curve, write_curve, write_predictions, write_submission
+    from featx.predict import (format_curve, write_curve, write_prediction_results, write_predictions,
+                               write_submission)
     from featx.stages import predict as run_predict
 
     if more_images and not config.images:
         raise FeatxError(f"{more_images[0]}: unexpected argument; to classify image files pass --images")
     config.images = (*config.images, *map(str, more_images))
+    started = time.perf_counter()
     p = run_predict(config)
-    if config.images:
+    results = write_prediction_results(p, out, runs=config.runs, ensemble=config.ensemble,
+                                       eval_views=config.eval_views, seconds=time.perf_counter() - started,
+                                       combine=config.combine)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    elif config.images:
         for i, row in enumerate(p.top(5)):
             click.echo(f"{p.ids[i]}: " + ", ".join(f"{p.class_names[c]} {p.probs[i, c]:.1%}" for c in row))
-    else:
+    if not config.images and not as_json:
         if p.has_labels:
             click.echo(f"{config.split}: {p.accuracy_text(1)}, {p.accuracy_text(5)} (95% bootstrap intervals) on "
-                       f"{len(p.ids)} images; {len(p.members)} checkpoint(s) of {len(config.runs)} run(s): "
+                       f"{len(p.ids)} images, views {'+'.join(p.views)} averaged; {len(p.members)} checkpoint(s) "
+                       f"of {len(config.runs)} run(s): "
                        f"{100 * p.gain():+.2f} points top-1 over the best single checkpoint"
                        + ("; selected on val (optimistic)" if p.optimistic else ""))
         if p.curve is not None:
@@ -431,6 +464,22 @@ def compare(config: CompareConfig, *, out: Path = Path("compare")) -> None:
     click.echo(f"leaderboard: {out / 'leaderboard.txt'}, {out / 'results.json'}; report: {out / 'report'}")
 
 
+# --- info --------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
+def info(path: Path, as_json: bool) -> None:
+    """What PATH is (a cache, a feature file, a probe/finetune/predict run or a report): its settings, splits and
+    sizes, its metrics, where it came from and what made it."""
+    from featx.info import format_info
+    from featx.info import info as describe
+
+    d = describe(path)
+    click.echo(json.dumps(d, indent=2, default=str) if as_json else format_info(d))
+
+
 # --- env ---------------------------------------------------------------------------------------------
 
 
@@ -438,8 +487,6 @@ def compare(config: CompareConfig, *, out: Path = Path("compare")) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
 def env(as_json: bool) -> None:
     """Versions, CPU flags, what --precision auto and --device auto pick here, CUDA devices: for bug reports."""
-    import json
-
     from featx.env import environment, format_environment
 
     click.echo(json.dumps(environment(), indent=2) if as_json else format_environment(environment()))
@@ -463,11 +510,10 @@ def run(recipe, overrides, dry_run) -> None:
 def main() -> None:
     try:
         rv = cli.main(prog_name="featx", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("featx: interrupted; run the same command again to resume", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("featx: interrupted; run the same command again to resume", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        from featx.outputs import resume_hint
+
+        click.echo(f"featx: interrupted; {resume_hint(sys.argv[1:])}", err=True)
         sys.exit(130)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -15,7 +15,7 @@ A recipe is a TOML file of stage tables, run in the order written::
 
 Commands: prepare (`featx data prepare`), extract, probe, finetune, predict, report. Keys are the fields of
 the command's config (featx.configs) or their flags, with dashes or underscores (`per-class`, `per_class`,
-predict's `run` for `runs`), plus the command's control options (`out`, `cache`, finetune's `resume`). A
+predict's `run` for `runs`), plus the command's control options (`out`, `cache`, `force`). A
 table loads straight into the config, which checks it as the command line's does: a list is a list
 (`lr = [1e-4, 3e-4]` is a sweep), a comma string too, `true`/`false` set a flag; an unknown key is one error
 naming the nearest option. `--set probe.lr=1e-3` overrides one value: a TOML literal, else
@@ -26,9 +26,9 @@ goes inside its output directory (`.featx-stage.json`) or beside its output file
 the stage's hash, the recipe, the resolved options, versions and timings. The hash covers the command's
 resolved options (defaults included) and the hashes of the stages it references. A stage is skipped when
 its record holds the same hash and no stage it references runs. Before a stage runs again, an output whose
-record holds another hash is deleted (the commands refuse to mix settings in one output); an output without
-a record, left by an interrupted stage, is handed to the command as it is, which resumes it (finetune
-stages set `resume = true` for that). Input files are not hashed: after replacing a dataset under the same
+record holds another hash is replaced: with `--force` where the command keeps the old output until the new one
+is complete (extract, probe, finetune), else deleted first (the commands refuse to mix settings in one output); an output without
+a record, left by an interrupted stage, is handed to the command as it is, which resumes it. Input files are not hashed: after replacing a dataset under the same
 path, delete the outputs made from it.
 """
 
@@ -73,7 +73,7 @@ class Stage:
     command: str  # a key of COMMANDS
     options: dict  # as in the recipe, after --set and ${...} substitution
     config: object  # the stage's config (featx.configs), defaults included
-    control: dict  # its options without a config field: the output, finetune's resume
+    control: dict  # its options without a config field: the output, force
     params: dict  # config and control as JSON values: what the hash covers
     depends: dict[str, str]  # referenced stage -> its hash
     hash: str
@@ -149,7 +149,7 @@ def _substitute(table: dict, earlier: dict[str, Stage], where: str) -> tuple[dic
 
 
 def _control_keys(cmd: click.Command) -> set[str]:
-    """The command's options without a config field: its output and flags such as finetune's resume."""
+    """The command's options without a config field: its output and flags such as --force."""
     fields = {f.name for f in schema(cmd.config_class)}
     return {p.name for p in cmd.params if p.expose_value and p.name not in fields and "__" not in p.name
             and p.name not in ("config_file", "more_images")}
@@ -166,10 +166,11 @@ def _configure(cmd: click.Command, options: dict, where: str) -> tuple[object, d
         close = difflib.get_close_matches(unknown[0], names, n=1)
         hint = f"did you mean `{close[0]}`?" if close else f"see `{cmd.name} --help`"
         raise FeatxError(f"{where}: `{unknown[0]}` is not an option of `featx {cmd.name}`; {hint}")
+    flags = {p.name for p in cmd.params if isinstance(p, click.Option) and p.is_flag}
     for key, value in control.items():
-        if isinstance(value, bool) != (key == "resume"):
+        if isinstance(value, bool) != (key in flags):
             raise FeatxError(f"{where}: `{key}` = {value!r}: " +
-                             ("a flag; write resume = true or false" if key == "resume" else "give a path"))
+                             (f"a flag; write {key} = true or false" if key in flags else "give a path"))
     try:
         config = from_dict(cmd.config_class, fields, where=where)
     except OptionError as e:
@@ -264,15 +265,20 @@ def _versions() -> dict:
 def _execute(stage: Stage, *, commands: click.Group, recipe: dict) -> None:
     from featx.runs import write_json  # torch comes with it: not needed to plan
 
+    control = {k: Path(v) if isinstance(v, str) else v for k, v in stage.control.items()}
     if _read_record(stage.output) is not None:
-        # Made by another configuration (or before an upstream stage ran again): start afresh.
-        shutil.rmtree(stage.output) if stage.output.is_dir() else stage.output.unlink()
+        # Made by another configuration (or before an upstream stage ran again). A command that keeps the old
+        # output until the new one is complete is forced; the others start afresh.
+        if "force" in _control_keys(_command(commands, stage.command)):
+            control["force"] = True
+        else:
+            shutil.rmtree(stage.output) if stage.output.is_dir() else stage.output.unlink()
         _record_path(stage.output).unlink(missing_ok=True)
     click.echo(f"== [{stage.name}] {stage.command_line()}", err=True)
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     cmd = _command(commands, stage.command)
     try:
-        cmd.run(stage.config, **{k: Path(v) if isinstance(v, str) else v for k, v in stage.control.items()})
+        cmd.run(stage.config, **control)
     except OptionError as e:
         raise FeatxError(f"[{stage.name}] {e.named(e.field + ' =')} (in the recipe: --set {stage.name}.{e.field}=...)") \
             from None

@@ -17,9 +17,9 @@ from featx.configs import ExtractConfig, FinetuneConfig, OptionError, ProbeConfi
 from featx.errors import FeatxError
 
 # The options without a field: outputs, and flags that steer a command rather than describe its work.
-CONTROL = {"prepare": {"cache"}, "extract": {"out", "list_backbones"}, "probe": {"out"},
-           "finetune": {"out", "resume"}, "predict": {"out", "more_images"}, "report": {"out"},
-           "compare": {"out"}}
+CONTROL = {"prepare": {"cache"}, "extract": {"out", "force", "list_backbones"}, "probe": {"out", "force", "as_json"},
+           "finetune": {"out", "force", "as_json", "resume"}, "predict": {"out", "as_json", "more_images"},
+           "report": {"out"}, "compare": {"out"}}
 COMMON_CONTROL = {"config_file", "quiet", "help"}
 COMMANDS = {"prepare": ("data", "prepare"), "extract": ("extract",), "probe": ("probe",), "finetune": ("finetune",),
             "predict": ("predict",), "report": ("report",), "compare": ("compare",)}

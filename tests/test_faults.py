@@ -266,7 +266,7 @@ def test_out_under_a_file_and_unwritable_out_are_one_line(features, synth_cache,
 def test_a_rejected_hyperparameter_leaves_nothing(features, tmp_path, capsys, monkeypatch):
     code, _, err = featx_cli(capsys, monkeypatch, "probe", "--features", features, "--lr", "-1",
                              "--out", tmp_path / "run")
-    one_line(code, err, "need lr > 0")
+    one_line(code, err, "--lr -1.0: must be > 0")
     assert list(tmp_path.iterdir()) == []
 
 
