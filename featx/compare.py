@@ -25,6 +25,7 @@ import numpy as np
 from featx.atomic import make_dirs, one_writer, replacing
 from featx.backbones import create_backbone
 from featx.choices import Device, EvalViews, Precision, ViewSet
+from featx.configs import CompareConfig
 from featx.data import prepare_cache, read_split
 from featx.device import resolve_device, resolve_precision
 from featx.env import environment
@@ -95,9 +96,11 @@ def _feature_dim(path: Path) -> int:
 @one_writer("out")
 def compare(*, data: str | Path | None, backbones: Sequence[str], out: str | Path,
             weights: Sequence[str] | None = None, classes: int | None = None, per_class: int | None = None,
-            size: int | None = None, views: ViewSet = "full", crop: int = 56, eval_views: EvalViews = "all",
-            select: str = "holdout:0.1", epochs: int = 10, seed: int = 0, device: Device = "auto",
-            precision: Precision = "auto", progress: bool = True) -> list[Entry]:
+            size: int | None = None, views: ViewSet = CompareConfig.views, crop: int = CompareConfig.crop,
+            eval_views: EvalViews = CompareConfig.eval_views, select: str = CompareConfig.select,
+            epochs: int = CompareConfig.epochs, seed: int = CompareConfig.seed,
+            device: Device = CompareConfig.device, precision: Precision = CompareConfig.precision,
+            progress: bool = True) -> list[Entry]:
     """Extract, probe (DEFAULT_GRID, chosen on `select`) and score val for each backbone; returns the
     leaderboard, best top-1 first, and writes out/results.json, out/leaderboard.txt and out/report/.
 

@@ -120,7 +120,7 @@ class HeadConfig:
 # `featx probe` with no hyperparameter sweeps this grid in its one pass and chooses on the holdout; given any of
 # lr, weight_decay, label_smoothing, dropout it sweeps only those and the others keep the seed's values
 # (HeadConfig). A sweep is cheap: the heads share every minibatch.
-DEFAULT_SWEEP = {"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (1e-3, 0.0116, 3e-2)}
+DEFAULT_SWEEP = {"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (1e-3, HeadConfig.weight_decay, 3e-2)}
 
 
 @dataclass

@@ -24,6 +24,7 @@ import numpy as np
 from joblib import Parallel, delayed, effective_n_jobs, parallel_config
 
 from featx.atomic import exclusive, replacing
+from featx.configs import PrepareConfig
 from featx.errors import FeatxError
 from featx.progress import progress_bar
 from featx.sources import Layout, Tree, decode_batch, exit_with_parent, open_tree, read_layout, skip_or_stop
@@ -36,9 +37,10 @@ BATCH = 256  # images per worker task: big enough to amortise the task overhead,
 CHUNK_ROWS = 64
 
 
-def prepare_cache(data: str | Path | None = None, *, cache: str | Path | None = None, image_size: int = 64,
-                  classes: int | None = None, per_class: int | None = None, skip_bad: bool = False,
-                  n_jobs: int = -1, progress: bool = True) -> Path:
+def prepare_cache(data: str | Path | None = None, *, cache: str | Path | None = None,
+                  image_size: int = PrepareConfig.image_size, classes: int | None = None,
+                  per_class: int | None = None, skip_bad: bool = PrepareConfig.skip_bad, n_jobs: int = -1,
+                  progress: bool = True) -> Path:
     """Decode the source once into the HDF5 cache and return the cache path; reuse it when the source
     fingerprint (+ image_size/classes/per_class) is unchanged. `data` may be: the official zip, the extracted
     tiny-imagenet-200/ folder, an ImageFolder root, or an existing cache .h5 file (returned as is, after a check

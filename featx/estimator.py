@@ -26,12 +26,12 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from featx import __version__
 from featx.choices import Device, Normalize, Optimizer, ProbeSchedule
-from featx.configs import DEFAULT_SWEEP
+from featx.configs import DEFAULT_SWEEP, HeadConfig, ProbeConfig
 from featx.device import resolve_device
 from featx.errors import FeatxError
 from featx.features import FeatureMeta, Features
 from featx.heads import StackedHeads
-from featx.sweep import HeadConfig, grid, train
+from featx.sweep import grid, train
 from featx.stats import holdout_rows
 
 # `LinearProbeCV`'s grid is `featx probe`'s default sweep (featx.configs.DEFAULT_SWEEP): lr x L2 weight decay
@@ -131,10 +131,12 @@ class LinearProbe(_Probe):
     are the seed's head; `LinearProbeCV` sweeps a grid and chooses. Fitted: `classes_`, `head_` (the
     featx.heads.StackedHeads), `history_` (per epoch, scored on the training data itself)."""
 
-    def __init__(self, *, lr: float = 6.5e-4, weight_decay: float = 0.0116, label_smoothing: float = 0.1,
-                 dropout: float = 0.0, epochs: int = 10, batch_size: int = 100, optimizer: Optimizer = "adam",
-                 lr_decay: float = 0.713, schedule: ProbeSchedule = "exponential", normalize: Normalize = "none",
-                 seed: int = 0, device: Device = "auto"):
+    def __init__(self, *, lr: float = HeadConfig.lr, weight_decay: float = HeadConfig.weight_decay,
+                 label_smoothing: float = HeadConfig.label_smoothing, dropout: float = HeadConfig.dropout,
+                 epochs: int = ProbeConfig.epochs, batch_size: int = ProbeConfig.batch_size,
+                 optimizer: Optimizer = ProbeConfig.optimizer, lr_decay: float = ProbeConfig.lr_decay,
+                 schedule: ProbeSchedule = ProbeConfig.schedule, normalize: Normalize = ProbeConfig.normalize,
+                 seed: int = ProbeConfig.seed, device: Device = ProbeConfig.device):
         self.lr, self.weight_decay, self.label_smoothing, self.dropout = lr, weight_decay, label_smoothing, dropout
         self.epochs, self.batch_size, self.optimizer, self.lr_decay = epochs, batch_size, optimizer, lr_decay
         self.schedule, self.normalize, self.seed, self.device = schedule, normalize, seed, device
@@ -157,10 +159,13 @@ class LinearProbeCV(_Probe):
     (its holdout top-1), `scores_` (each config's best holdout top-1), `configs_`, `head_`, `history_`."""
 
     def __init__(self, *, lr: Sequence[float] = DEFAULT_GRID["lr"],
-                 weight_decay: Sequence[float] = DEFAULT_GRID["weight_decay"], label_smoothing: Sequence[float] = (0.1,),
-                 dropout: Sequence[float] = (0.0,), holdout: float = 0.1, epochs: int = 10, batch_size: int = 100,
-                 optimizer: Optimizer = "adam", lr_decay: float = 0.713, schedule: ProbeSchedule = "exponential",
-                 normalize: Normalize = "none", seed: int = 0, device: Device = "auto"):
+                 weight_decay: Sequence[float] = DEFAULT_GRID["weight_decay"],
+                 label_smoothing: Sequence[float] = (HeadConfig.label_smoothing,),
+                 dropout: Sequence[float] = (HeadConfig.dropout,), holdout: float = 0.1,
+                 epochs: int = ProbeConfig.epochs, batch_size: int = ProbeConfig.batch_size,
+                 optimizer: Optimizer = ProbeConfig.optimizer, lr_decay: float = ProbeConfig.lr_decay,
+                 schedule: ProbeSchedule = ProbeConfig.schedule, normalize: Normalize = ProbeConfig.normalize,
+                 seed: int = ProbeConfig.seed, device: Device = ProbeConfig.device):
         self.lr, self.weight_decay, self.label_smoothing, self.dropout = lr, weight_decay, label_smoothing, dropout
         self.holdout, self.epochs, self.batch_size, self.optimizer = holdout, epochs, batch_size, optimizer
         self.lr_decay, self.schedule, self.normalize, self.seed, self.device = lr_decay, schedule, normalize, seed, device

@@ -23,6 +23,7 @@ from torch.fx.experimental.optimization import fuse
 from featx import __version__
 from featx.atomic import one_writer, replacing, require_space
 from featx.backbones import Backbone, create_backbone
+from featx.configs import ExtractConfig
 from featx.data import DatasetInfo, dataset_info, prepare_cache, read_split
 from featx.device import Dist, distributed, precision_name, resolve_precision
 from featx.choices import CompileMode, Device, FeatureDtype, Precision, ViewSet
@@ -146,13 +147,15 @@ def compute_features(bb: Backbone, model: torch.nn.Module, images: np.ndarray, *
 
 
 @one_writer("out")
-def extract_features(*, data: str | Path | None, backbone: str, out: str | Path, weights: str | Path = "default",
-                     size: int | None = None, views: ViewSet = "ten", crop: int = 56,
-                     splits: Sequence[str] | None = None, classes: int | None = None,
-                     per_class: int | None = None, batch_size: int | None = None, device: Device = "auto",
-                     precision: Precision = "auto", mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None, compile: CompileMode = "auto", dtype: FeatureDtype = "float16",
-                     aug_views: int = 0, aug_seed: int = 0, shard_rows: int = SHARD_ROWS,
+def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
+                     weights: str | Path = ExtractConfig.weights, size: int | None = None,
+                     views: ViewSet = ExtractConfig.views, crop: int = ExtractConfig.crop,
+                     splits: Sequence[str] | None = None, classes: int | None = None, per_class: int | None = None,
+                     batch_size: int | None = None, device: Device = ExtractConfig.device,
+                     precision: Precision = ExtractConfig.precision, mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None, compile: CompileMode = ExtractConfig.compile,
+                     dtype: FeatureDtype = ExtractConfig.dtype, aug_views: int = ExtractConfig.aug_views,
+                     aug_seed: int = ExtractConfig.aug_seed, shard_rows: int = SHARD_ROWS,
                      layers: str | None = None, force: bool = False, progress: bool = True) -> Path:
     """Extract pooled features of every image and view; returns the finished feature file.
 

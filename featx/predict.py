@@ -29,6 +29,7 @@ from featx.atomic import make_dirs, replacing
 from featx.backbones import Backbone, create_backbone
 from featx.choices import COMBINES, ENSEMBLES, EVAL_VIEWS, Combine, CompileMode, Device, EvalViews, Split
 from featx.compiled import compile_frozen, decide
+from featx.configs import PredictConfig
 from featx.data import Split as DecodedSplit
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import resolve_device
@@ -416,9 +417,10 @@ def _combine(runs: list, scored: list[Scored], picks: list[list[int]], split: st
                       selection=[run.select for run in runs])
 
 
-def predict(*, runs: Sequence[str | Path], split: Split = "val", eval_views: EvalViews = "all",
-            ensemble: str = "best", curve: bool = False, data: str | Path | None = None,
-            device: Device = "auto", combine: Combine = "calibrated") -> Prediction:
+def predict(*, runs: Sequence[str | Path], split: Split = PredictConfig.split,
+            eval_views: EvalViews = PredictConfig.eval_views, ensemble: str = PredictConfig.ensemble,
+            curve: bool = False, data: str | Path | None = None, device: Device = PredictConfig.device,
+            combine: Combine = PredictConfig.combine) -> Prediction:
     """Score the runs' selected checkpoints on a split; `data` overrides a finetune run's dataset. `curve`: also
     the val top-1 of top:N for every N (Prediction.curve), which scores every checkpoint on val."""
     return score_runs(open_runs(runs, data=data, device=device, combine=combine), split=split, eval_views=eval_views,
@@ -496,11 +498,12 @@ def read_images(paths: Sequence[str | Path], *, size: int, skip_bad: bool = Fals
     return images[keep], [str(f) for f, k in zip(files, keep) if k]
 
 
-def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path], eval_views: EvalViews = "all",
-                   ensemble: str = "best", skip_bad: bool = False, image_size: int = 64,
+def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path],
+                   eval_views: EvalViews = PredictConfig.eval_views, ensemble: str = PredictConfig.ensemble,
+                   skip_bad: bool = PredictConfig.skip_bad, image_size: int = PredictConfig.image_size,
                    weights: str | Path | None = None, data: str | Path | None = None,
-                   device: Device = "auto", combine: Combine = "calibrated",
-                   compile: CompileMode = "auto") -> Prediction:
+                   device: Device = PredictConfig.device, combine: Combine = PredictConfig.combine,
+                   compile: CompileMode = PredictConfig.compile) -> Prediction:
     """Classify image files: each is scaled to `image_size` (the dataset's, 64 for Tiny ImageNet), then goes
     through each run's backbone, views and heads. `weights`: the backbone's weights file, where a probe run's
     features were extracted with weights from a file. `compile`: as extract's (featx.compiled), per model run."""

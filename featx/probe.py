@@ -27,6 +27,7 @@ from featx.atomic import one_writer, require_space
 from featx.calibration import calibrate_and_score
 from featx.choices import (PROBE_HEADS, TRAINED_HEADS, Device, Normalize, Optimizer, ProbeHead, ProbeSchedule,
                            SaveMode, ViewSelection)
+from featx.configs import ProbeConfig
 from featx.device import resolve_device
 from featx.errors import FeatxError
 from featx.feature_batches import StreamedSplit, feature_dim, load_or_stream, only, source, split_labels
@@ -186,14 +187,16 @@ def _finish(run_dir: Path, snapshots: Snapshots, result: ProbeResult, chosen_on:
 
 
 @one_writer("out")
-def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConfig], head: ProbeHead = "linear",
-              hidden: int = 1024, optimizer: Optimizer = "adam", lr_decay: float = 0.713,
-              schedule: ProbeSchedule = "exponential", epochs: int = 10, batch_size: int = 100,
-              train_views: ViewSelection = "all", eval_views: ViewSelection = "all", normalize: Normalize = "none",
-              seed: int = 0, device: Device = "auto", save: SaveMode = "best", keep: int = 20,
-              snapshot_every: int | None = None, stream: bool = False, select: str = "holdout:0.1",
-              k: Sequence[int] = (10, 20, 100), feature_sets: Sequence[str] = (ALL,), force: bool = False,
-              progress: bool = False) -> ProbeResult:
+def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConfig],
+              head: ProbeHead = ProbeConfig.head, hidden: int = ProbeConfig.hidden,
+              optimizer: Optimizer = ProbeConfig.optimizer, lr_decay: float = ProbeConfig.lr_decay,
+              schedule: ProbeSchedule = ProbeConfig.schedule, epochs: int = ProbeConfig.epochs,
+              batch_size: int = ProbeConfig.batch_size, train_views: ViewSelection = ProbeConfig.train_views,
+              eval_views: ViewSelection = ProbeConfig.eval_views, normalize: Normalize = ProbeConfig.normalize,
+              seed: int = ProbeConfig.seed, device: Device = ProbeConfig.device, save: SaveMode = ProbeConfig.save,
+              keep: int = ProbeConfig.keep, snapshot_every: int | None = None, stream: bool = ProbeConfig.stream,
+              select: str = ProbeConfig.select, k: Sequence[int] = ProbeConfig.k,
+              feature_sets: Sequence[str] = (ALL,), force: bool = False, progress: bool = False) -> ProbeResult:
     """`featx probe`: fit the heads (trained, or k-NN/NCM) on the file's train split, choose the head, epoch and
     k on the selection split (`select`: a stratified holdout of train, or val), score val once, write the run.
 

@@ -21,6 +21,7 @@ from sklearn.metrics import confusion_matrix
 
 from featx.atomic import make_dirs, replacing
 from featx.choices import Combine, Device, EvalViews, Split
+from featx.configs import ReportConfig
 from featx.data import Split as DecodedSplit
 from featx.errors import FeatxError
 from featx.models import load_model
@@ -279,9 +280,11 @@ def _figures(out: Path, scored: list, cm: np.ndarray, ece: float, tsne: list[int
     return figures
 
 
-def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "report", split: Split = "val",
-                 eval_views: EvalViews = "all", ensemble: str = "best", tsne_classes: Sequence[str] | None = None,
-                 data: str | Path | None = None, device: Device = "auto", combine: Combine = "calibrated") -> Path:
+def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "report",
+                 split: Split = ReportConfig.split, eval_views: EvalViews = ReportConfig.eval_views,
+                 ensemble: str = ReportConfig.ensemble, tsne_classes: Sequence[str] | None = None,
+                 data: str | Path | None = None, device: Device = ReportConfig.device,
+                 combine: Combine = ReportConfig.combine) -> Path:
     """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page.
     Several runs: a leaderboard and the paired comparison of the best two head the page, whose analysis is then
     of the best run."""

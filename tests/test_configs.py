@@ -190,3 +190,35 @@ def test_library_warnings_are_one_line_on_the_command_line(capsys, monkeypatch):
         assert capsys.readouterr().err == "featx: warning: the holdout is small; selecting on loss\n"
     finally:
         del cli.commands["warns"]
+
+
+def test_each_default_is_written_once():
+    """The keyword helpers take their defaults from the configs (`hidden: int = ProbeConfig.hidden`), never a
+    literal of their own; the seed's head values live in HeadConfig alone."""
+    import ast
+    from pathlib import Path
+
+    package = Path(configs.__file__).parent
+    helpers = {"probe.py": ["run_probe"], "extract.py": ["extract_features"], "data.py": ["prepare_cache"],
+               "predict.py": ["predict", "predict_images"], "report.py": ["write_report"], "compare.py": ["compare"],
+               "sweep.py": ["train", "grid"]}
+    fields = {f.name for cls in configs.STAGE_CONFIGS.values() for f in schema(cls)} | {"lr", "weight_decay",
+                                                                                          "label_smoothing"}
+    for module, names in helpers.items():
+        for node in ast.walk(ast.parse((package / module).read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name in names:
+                args = node.args
+                pairs = [*zip(args.kwonlyargs, args.kw_defaults),
+                         *zip(args.args[len(args.args) - len(args.defaults):], args.defaults)]
+                for arg, default in pairs:
+                    if arg.arg in fields and isinstance(default, (ast.Constant, ast.Tuple)):
+                        try:
+                            literal = ast.literal_eval(default)
+                        except ValueError:  # a tuple of references, (HeadConfig.lr,)
+                            continue
+                        assert literal is None or literal == (), \
+                            f"{module}:{node.name}({arg.arg}={literal!r}): take it from its config"
+    for number in (6.5e-4, 0.0116, 0.713):  # the seed's lr, L2 and decay: numbers in code, not in prose
+        places = [p.name for p in package.glob("*.py") for node in ast.walk(ast.parse(p.read_text()))
+                  if isinstance(node, ast.Constant) and node.value == number]
+        assert places == ["configs.py"], f"{number} is written in {places}"
