@@ -470,24 +470,31 @@ def option_table(command: click.Command) -> str:
             help_text = " ".join((param.help or "").split())
             required = param.required or help_text.endswith("[required]")
             help_text = help_text.removesuffix("[required]").strip()
-            option = " ".join(["/".join([*param.opts, *param.secondary_opts]),
+            option = " ".join([", ".join(param.opts) + "".join(f"/{o}" for o in param.secondary_opts),
                                "" if param.is_bool_flag else param.make_metavar(ctx)]).strip()
             default = "(required)" if required else _table_default(param, param.get_default(ctx, call=False))
-            rows.append(f"| `{_cell(option)}` | {default} | {_cell(help_text)} |")
+            rows.append(f"| `{_cell(option)}` | {default} | {_text(help_text)} |")
     return "\n".join(rows) + "\n"
 
 
 def _table_default(param: click.Option, value) -> str:
     if param.is_bool_flag:
         return "on" if value is True else "off"
-    shown = "" if not param.show_default or value in (None, ()) or callable(value) else f"`{_display(value)}`"
+    hidden = not param.show_default or value in (None, ()) or callable(value)
+    shown = "" if hidden else f"`{_cell(str(_display(value)))}`"
     if isinstance(param.type, click.types._NumberRangeBase):  # click states the range beside the default too
-        shown = ", ".join(filter(None, [shown, param.type._describe_range()]))
-    return _cell(shown)
+        shown = ", ".join(filter(None, [shown, _text(param.type._describe_range())]))
+    return shown
 
 
 def _cell(text: str) -> str:
+    """Text inside a table cell's code span: only the column separator needs escaping."""
     return text.replace("|", "\\|")
+
+
+def _text(text: str) -> str:
+    """Plain text in a table cell: `<name>` would read as an HTML tag, `*` as emphasis."""
+    return _cell(text).replace("<", "\\<").replace("*", "\\*")
 
 
 def main() -> None:
