@@ -15,7 +15,7 @@ from featx.features import Features
 from featx.head_checkpoints import probe_heads
 from featx.heads import label_rank
 from featx.runs import Snapshots, load_checkpoint
-from featx.stats import apply_temperature, bootstrap_interval, expected_calibration_error, fit_temperature
+from featx.stats import apply_temperature, bootstrap_interval, calibration_temperature, expected_calibration_error
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def calibrate_and_score(run_dir: Path, snapshots: Snapshots, chosen_on: Features
     meta, path = chosen_on.meta, chosen_on.path
     probs, labels = _probabilities(probe_heads(ckpts, meta, path=path).to(dev).eval(), source(chosen_on, dev))
     for s, c, p in zip(listing, ckpts, probs):
-        c["calibration"] = {"temperature": fit_temperature(p, labels), "fitted_on": select}
+        c["calibration"] = {"temperature": calibration_temperature(p, labels), "fitted_on": select}
         with replacing(run_dir / s.file) as tmp:
             torch.save(c, tmp)
     probs, labels = _probabilities(probe_heads(ckpts[:1], meta, path=path).to(dev).eval(), source(val, dev))

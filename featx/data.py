@@ -47,7 +47,8 @@ def prepare_cache(data: str | Path | None = None, *, cache: str | Path | None = 
     for option, value in (("--image-size", image_size), ("--classes", classes), ("--per-class", per_class)):
         if value is not None and value < 1:
             raise FeatxError(f"{option} {value}: must be a positive integer")
-    src = _resolve_source(data)
+    prepared = _prepared(image_size, classes, per_class) if data is None and cache is None else None
+    src = prepared or _resolve_source(data)
     if src.is_file() and h5py.is_hdf5(src):
         _open_cache(src).close()
         return src
@@ -70,6 +71,22 @@ def prepare_cache(data: str | Path | None = None, *, cache: str | Path | None = 
             f.attrs.update(attrs)
             f.attrs["complete"] = True  # last: a file without it was interrupted
     return cache
+
+
+def _prepared(image_size: int, classes: int | None, per_class: int | None) -> Path | None:
+    """Without --data and without the zip or folder under ./data: a complete cache `featx data prepare` made under
+    data/cache with these options (or of the whole dataset, which any subset reads), so that nothing is downloaded."""
+    if any(c.exists() for c in (DATA_DIR / "tiny-imagenet-200.zip", DATA_DIR / "tiny-imagenet-200")):
+        return None
+    suffix = (f"-c{classes}" if classes else "") + (f"-p{per_class}" if per_class else "")
+    for pattern in (f"*-{image_size}{suffix}.h5", f"*-{image_size}.h5"):
+        for found in sorted(CACHE_DIR.glob(pattern)):
+            try:
+                _open_cache(found).close()
+                return found
+            except FeatxError:
+                continue
+    return None
 
 
 def _resolve_source(data: str | Path | None) -> Path:
@@ -160,7 +177,12 @@ def _open_cache(cache: str | Path) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError:
         raise FeatxError(f"--cache {path}: not an HDF5 file; pass a cache written by `featx data prepare`") from None
-    if f.attrs.get("format") != FORMAT or not f.attrs.get("complete"):
+    kind = f.attrs.get("format")
+    if isinstance(kind, str) and kind.startswith("featx-"):  # another featx file: never advise overwriting it
+        f.close()
+        raise FeatxError(f"--cache {path}: a featx {kind.removeprefix('featx-').rsplit('-', 1)[0]} file, not a "
+                         f"decoded-image cache; `featx info {path}` describes it")
+    if kind != FORMAT or not f.attrs.get("complete"):
         f.close()
         raise FeatxError(f"--cache {path}: not a complete featx cache (format {FORMAT}); "
                          f"run `featx data prepare --cache {path}` again")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch.fx.experimental.optimization import fuse
@@ -28,33 +29,55 @@ from featx.choices import CompileMode, Device, FeatureDtype, Precision, ViewSet
 from featx.compiled import compile_frozen, decide, ran_compiled
 from featx.progress import progress_bar
 from featx.errors import FeatxError
-from featx.features import FeatureMeta, create_file, file_bytes, read_meta
+from featx.features import FeatureMeta, create_file, feature_splits, file_bytes, read_meta
+from featx.outputs import Existing, say
+from featx.outputs import decide as output_action
 from featx.views import AUG_BRIGHTNESS, AUG_CONTRAST, check_crop, render_aug_views, render_views, view_names
 
 SHARD_ROWS = 1024
 
 
-def _check_existing(out: Path, meta: FeatureMeta) -> bool:
-    """True when `out` is already this extraction; refuses to overwrite a different one."""
+def _existing_splits(out: Path, meta: FeatureMeta, splits: list[str], *, force: bool,
+                     auto: dict[str, str]) -> list[str] | None:
+    """The output contract for the finished file: the splits to keep from it (they are copied into the new file
+    beside the splits added), or None when it is up to date. A file of other settings is refused (or, forced,
+    replaced once the new one is complete: nothing kept)."""
     if not out.exists():
-        return False
+        return []
     have = read_meta(out)
-    if have.identity() != meta.identity():
-        raise FeatxError(f"{out}: exists with different settings ({have.backbone}, views {have.views}); choose another --out or delete it")
-    return True
+    stored = feature_splits(out)
+    missing = [s for s in splits if s not in stored]
+    done = Existing(have.settings(), complete=not missing)
+    if output_action(out, done, meta.settings(), force=force, auto=auto) == "up to date":
+        return None
+    if have.settings() != meta.settings():  # forced over other settings
+        return []
+    if missing:
+        say(f"adding split{'s' * (len(missing) > 1)} {','.join(missing)} to {out} (has {','.join(stored)})")
+    return stored
 
 
-def _open_partial(partial: Path, meta: FeatureMeta, shard_rows: int) -> None:
+def _open_partial(partial: Path, meta: FeatureMeta, shard_rows: int, shards: list[tuple[str, int, int]], *,
+                  force: bool, auto: dict[str, str]) -> None:
+    """The output contract for the unfinished extraction in `partial` (shards: split, index, rows)."""
     settings = partial / "meta.json"
-    want = {"identity": meta.identity(), "shard_rows": shard_rows}
+    want = {**meta.settings(), "shard_rows": shard_rows}
     if settings.exists():
-        have = json.loads(settings.read_text())
-        if {k: have.get(k) for k in want} != want:
-            raise FeatxError(f"{partial}: an unfinished extraction with different settings; re-run it with its settings or delete {partial}")
-        return
+        stored = json.loads(settings.read_text())
+        if "meta" in stored:
+            have = {**FeatureMeta.from_json(json.dumps(stored["meta"])).settings(), "shard_rows": stored.get("shard_rows")}
+        else:  # a partial of an older featx records only its identity
+            have, want = {"identity": stored.get("identity")}, {"identity": meta.identity()}
+        done = sum(n for s, k, n in shards if (partial / f"{s}-{k:05d}.npy").exists())
+        total = sum(n for *_, n in shards)
+        if output_action(partial, Existing(have, done=done, total=total, unit="images"), want, force=force,
+                         auto=auto) == "resume":
+            return
+        shutil.rmtree(partial)  # forced: a partial output of other settings holds nothing of the new one
     partial.mkdir(parents=True, exist_ok=True)
     with replacing(settings) as tmp:
-        tmp.write_text(json.dumps({**want, "meta": json.loads(meta.to_json())}))
+        tmp.write_text(json.dumps({"identity": meta.identity(), "shard_rows": shard_rows,
+                                   "meta": json.loads(meta.to_json())}))
 
 
 def _save_shard(path: Path, x: np.ndarray) -> None:
@@ -130,17 +153,19 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                      precision: Precision = "auto", mean: Sequence[float] | None = None,
                      std: Sequence[float] | None = None, compile: CompileMode = "auto", dtype: FeatureDtype = "float16",
                      aug_views: int = 0, aug_seed: int = 0, shard_rows: int = SHARD_ROWS,
-                     layers: str | None = None, progress: bool = True) -> Path:
+                     layers: str | None = None, force: bool = False, progress: bool = True) -> Path:
     """Extract pooled features of every image and view; returns the finished feature file.
 
     `layers` ("lastN", "lastN+avg"): store the last N stages' pooled outputs (CNNs) or blocks' class tokens
     (ViTs, with "+avg" their mean patch token) concatenated per view, their layout in the file's meta.
     `data` is anything `featx.data.prepare_cache` accepts. `splits` defaults to every split in the data.
     `aug_views` K > 0 adds K augmented views per train image (featx.views.aug_pixels), drawn from `aug_seed`.
-    `compile` (featx.compiled): on = torch.compile with Inductor's freezing, auto = that when the job repays the
-    compilation (one CompileWarning line says which and why); the file's meta records what ran.
-    Re-running a finished extraction is a no-op; an interrupted one resumes. Under torchrun every rank
-    takes its share of the shards and rank 0 writes the file.
+    An existing `out` follows featx.outputs' contract: a finished extraction of the same settings is up to date
+    (asked for splits it lacks, it gains them), an interrupted one resumes, one of other settings is refused
+    unless `force`. `compile` (featx.compiled): on = torch.compile with Inductor's freezing, auto = that when the
+    job repays the compilation (one CompileWarning line says which and why); the file's meta records what ran,
+    outside the settings compared. Under torchrun every rank takes its share of the shards and rank 0 writes the
+    file.
     """
     views = view_names(views)
     with distributed(device) as d:
@@ -151,12 +176,13 @@ def extract_features(*, data: str | Path | None, backbone: str, out: str | Path,
                         per_class=per_class, batch_size=batch_size or default_batch,
                         autocast=resolve_precision(precision, d.device), mean=mean, std=std,
                         compile=compile, dtype=np.dtype(dtype), aug_views=aug_views, aug_seed=aug_seed,
-                        shard_rows=shard_rows, layers=layers, progress=progress and d.rank == 0)
+                        shard_rows=shard_rows, layers=layers, force=force, progress=progress and d.rank == 0,
+                        auto={"precision": "--precision"} if precision == "auto" else {})
 
 
 def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, crop, splits, classes,
              per_class, batch_size, autocast, mean, std, compile, dtype, aug_views, aug_seed, shard_rows, layers,
-             progress) -> Path:
+             force, progress, auto) -> Path:
     device = ranks.device
     # Rank 0 decodes first so that the other ranks find the cache made instead of racing to make it.
     if ranks.rank == 0:
@@ -175,17 +201,18 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
         bb.mean = tuple(mean)
     if std is not None:
         bb.std = tuple(std)
-    meta = _feature_meta(bb, info, views=views, crop=crop, autocast=autocast, dtype=dtype, layers=layers,
-                         aug_views=aug_views, aug_seed=aug_seed)
-    if _check_existing(out, meta):
+    meta = _feature_meta(bb, info, cache, views=views, crop=crop, autocast=autocast, dtype=dtype, layers=layers,
+                         per_class=per_class, aug_views=aug_views, aug_seed=aug_seed)
+    kept = _existing_splits(out, meta, splits, force=force, auto=auto)  # every rank reads it: no broadcast
+    if kept is None:
         return out
     partial = out.with_name(out.name + ".partial")
+    data_splits = {s: read_split(cache, s, classes=classes, per_class=per_class) for s in splits if s not in kept}
+    shards = [(s, k) for s in data_splits for k in range(-(-len(data_splits[s]) // shard_rows))]
     if ranks.rank == 0:
-        _open_partial(partial, meta, shard_rows)
+        _open_partial(partial, meta, shard_rows, [(s, k, min(shard_rows, len(data_splits[s]) - k * shard_rows))
+                                                   for s, k in shards], force=force, auto=auto)
     ranks.barrier()
-
-    data_splits = {s: read_split(cache, s, classes=classes, per_class=per_class) for s in splits}
-    shards = [(s, k) for s in splits for k in range(-(-len(data_splits[s]) // shard_rows))]
     todo = [(s, k) for i, (s, k) in enumerate(shards)
             if i % ranks.world == ranks.rank and not (partial / f"{s}-{k:05d}.npy").exists()]
     sizes = {s: len(sp) for s, sp in data_splits.items()}
@@ -207,19 +234,23 @@ def _extract(ranks: Dist, *, data, backbone, out: Path, weights, size, views, cr
     ranks.barrier()
     if ranks.rank == 0:
         meta.compile = ran_compiled(model)
-        _assemble(out, partial, meta, data_splits, sizes, bb.feature_dim, shard_rows)
+        _assemble(out, partial, meta, data_splits, sizes, bb.feature_dim, shard_rows, kept)
     ranks.barrier()
     return out
 
 
-def _feature_meta(bb: Backbone, info: DatasetInfo, *, views: list[str], crop: int, autocast, dtype: np.dtype,
-                  layers: str | None, aug_views: int, aug_seed: int) -> FeatureMeta:
-    """What the feature file records of its backbone, views, precision and dataset."""
+def _feature_meta(bb: Backbone, info: DatasetInfo, cache: Path, *, views: list[str], crop: int, autocast,
+                  dtype: np.dtype, layers: str | None, per_class: int | None, aug_views: int,
+                  aug_seed: int) -> FeatureMeta:
+    """What the feature file records: its backbone, views, precision, dataset, and the cache its images came
+    from."""
     return FeatureMeta(backbone=bb.name, weights=bb.weights_id, input_size=bb.input_size, views=list(views),
                        crop=crop, mean=list(bb.mean), std=list(bb.std), precision=precision_name(autocast),
                        dtype=dtype.name, dataset=info.name, dataset_fingerprint=info.fingerprint,
                        classes=list(info.wnids), class_names=list(info.names), featx_version=__version__,
                        layers=layers or "", parts=[[name, dim] for name, dim in bb.parts],
+                       source={"cache": str(Path(cache).resolve()), "fingerprint": info.fingerprint,
+                               "per_class": per_class},
                        **(dict(aug_views=aug_views, aug_seed=aug_seed, aug_brightness=AUG_BRIGHTNESS,
                                aug_contrast=AUG_CONTRAST) if aug_views else {}))
 
@@ -262,9 +293,15 @@ def _write_shards(bb: Backbone, model: torch.nn.Module, data_splits: dict, todo:
 
 
 def _assemble(out: Path, partial: Path, meta: FeatureMeta, data_splits: dict, sizes: dict[str, int], dim: int,
-              shard_rows: int) -> None:
-    """Copy the shards, in row order, into the final file; memory stays at one shard."""
-    with replacing(out, need=file_bytes(meta, sizes, dim)) as tmp, create_file(tmp, meta, sizes, dim) as f:
+              shard_rows: int, kept: list[str]) -> None:
+    """Copy the shards, in row order, into the final file; memory stays at one shard. `kept`: splits of the
+    existing `out` copied over as they are (extract asked for splits the file lacked)."""
+    need = file_bytes(meta, sizes, dim) + (out.stat().st_size if kept else 0)
+    with replacing(out, need=need) as tmp, create_file(tmp, meta, sizes, dim) as f:
+        if kept:
+            with h5py.File(out, "r") as old:
+                for s in kept:
+                    old.copy(old[s], f, name=s)
         for s, sp in data_splits.items():
             g = f[s]
             for k in range(-(-len(sp) // shard_rows)):

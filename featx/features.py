@@ -62,6 +62,9 @@ class FeatureMeta:
     aug_contrast: float = 0.0
     layers: str = ""  # --layers of the extraction; "" = the backbone's one pooled vector
     parts: list[list] = field(default_factory=list)  # [name, dim] of each layer, in column order
+    # where the images came from: {"cache": path, "fingerprint": the cache's, "per_class": N or None}; later
+    # stages find the images through it. Not part of the identity: a moved cache holds the same images.
+    source: dict = field(default_factory=dict)
     # what the run that finished the file ran: "on" compiled, "off" eager ("" before it was recorded); not part
     # of the identity, since compiling leaves the values within rounding of eager
     compile: str = ""
@@ -70,7 +73,7 @@ class FeatureMeta:
         """Hash of everything that determines the stored values (not the featx version, labels' names or whether
         the model was compiled)."""
         d = dataclasses.asdict(self)
-        for k in ("featx_version", "class_names", "compile"):
+        for k in ("featx_version", "class_names", "source", "compile"):
             d.pop(k)
         # fields that came later are left out where unused, so older files keep their identity
         unused = ["layers", "parts"] if not self.layers else []
@@ -79,6 +82,18 @@ class FeatureMeta:
         for k in unused:
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def settings(self) -> dict:
+        """The resolved settings an extraction is compared on (featx.outputs): the identity's fields, readable,
+        with the class list as its count and the subset's images per class."""
+        d = {k: v for k, v in dataclasses.asdict(self).items()
+             if k not in ("featx_version", "class_names", "source", "compile", "classes", "parts",
+                          "aug_brightness", "aug_contrast")}
+        d["classes"] = len(self.classes)
+        if "per_class" in self.source:  # files from before featx recorded it compare without it
+            d["per_class"] = self.source["per_class"]
+        d["dataset_fingerprint"] = d.pop("dataset_fingerprint")  # last: named only when nothing plainer differs
+        return d
 
     def extraction(self) -> str:
         """The identity of the extraction, whatever subset of its views was loaded: splits with equal

@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -47,6 +48,9 @@ from featx.head_checkpoints import init_from_probe
 from featx.lstm_head import GROUP, STAGES
 from featx.models import ModelSpec, build_model, pick_batchnorm, set_batchnorm
 from featx.optim import make_optimizer, make_scheduler
+from featx.outputs import Existing, promote, target
+from featx.outputs import decide as output_action
+from featx.stats import bootstrap_interval
 from featx.views import to_input
 
 RESUME_FREE = ("device", "compile", "eval_batch_size")  # options a resumed run may change: they leave results as they are
@@ -55,6 +59,9 @@ RESUME_FREE = ("device", "compile", "eval_batch_size")  # options a resumed run 
 def check_config(c: FinetuneConfig) -> None:
     """Refuse inconsistent options before any data is read (featx.configs.validate checks each on its own)."""
     validate(c)
+    if c.backbone.startswith("timm:"):  # get_spec's "unknown" would blame timm's absence
+        raise FeatxError(f"--backbone {c.backbone}: finetune trains the registered backbones only (timm "
+                         "backbones extract and probe); see `featx extract --list-backbones`")
     get_spec(c.backbone)
     if c.init and c.weights != "none":
         raise FeatxError(f"--init {c.init}: only for training from scratch; add --weights none")
@@ -116,19 +123,27 @@ class FinetuneResult:
     snapshots: list[runs.Snapshot]  # kept checkpoints, best first
 
 
-def _resumed(c: FinetuneConfig, out: Path, resume: bool, recorded: dict) -> dict | None:
-    """The full training state of the run in `out` to continue, or None for a new run."""
-    last_path = out / runs.CHECKPOINTS / "last.pt"
-    if not last_path.exists():
-        return None
-    if not resume:
-        raise FeatxError(f"--out {out}: holds a finetune run already; pass --resume to continue it or choose another --out")
-    state = runs.load_checkpoint(last_path)
+def _resumed(out: Path, recorded: dict, *, epochs: int, force: bool) -> tuple[Path, dict | None]:
+    """featx.outputs' contract for a finetune `out`: the folder to write (a staging folder when forced over a run
+    of other settings) and the full training state to continue (None: a new run). A run of the same settings
+    resumes without --resume; one of other settings is refused naming each, unless `force`."""
+    last = out / runs.CHECKPOINTS / "last.pt"
+    if not last.exists():
+        return out, None
+    state = runs.load_checkpoint(last)
+    # read through the config's schema, so that a run of an older featx compares on today's values
     before = to_dict(from_dict(FinetuneConfig, state["config"], where=str(out), strict=False))
-    changed = [k for k in recorded if k not in RESUME_FREE and before.get(k) != recorded[k]]
-    if changed:
-        raise FeatxError(f"--resume: options differ from the run in {out} ({', '.join(changed)}); use its options or another --out")
-    return state
+
+    def settings(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in RESUME_FREE}
+
+    have = Existing(settings(before), complete=state["epoch"] >= epochs, done=state["epoch"], total=epochs,
+                    unit="epochs")
+    if output_action(out, have, settings(recorded), force=force) != "fresh":
+        return out, state
+    staged = target(out, forced=True)  # a killed forced run's staging folder resumes; one of other settings restarts
+    nested, state = _resumed(staged, recorded, epochs=epochs, force=True)
+    return staged, state if nested == staged else None
 
 
 def _read_data(c: FinetuneConfig, d: Dist, batch_size: int, progress: bool) -> tuple[DatasetInfo, Split, Split]:
@@ -239,10 +254,11 @@ def _save_epoch(t: Training, epoch: int, compiled: str) -> None:
                                 "status": "done", "unfrozen_epoch": unfrozen, "epochs": t.rows}], best)
     runs.update_run(t.out, checkpoints=t.snapshots.listing(),
                     resolved={"precision": precision_name(t.dtype), "compile": compiled})
-    if t.progress:
+    if t.progress:  # the views named: predict's default averages more of them (its mirror too)
         row = t.rows[-1]
         print(f"epoch {epoch + 1}/{t.epochs}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2%}"
-              f" | val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2%} top-5 {row['val_top5']:.2%}"
+              f" | val ({'+'.join(t.spec.views)} view) loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2%}"
+              f" top-5 {row['val_top5']:.2%}"
               f" | {row['train_images_per_s']:.0f} img/s", file=sys.stderr)
 
 
@@ -257,13 +273,21 @@ def _warn_not_learning(t: Training, row: dict, lr: float) -> None:
 
 
 @one_writer("out")
-def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, progress: bool = True) -> FinetuneResult:
-    """Fine-tune (or train from scratch) `config.backbone` with a new head on `config.data`; writes the run to `out`."""
+def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, force: bool = False,
+             progress: bool = True) -> FinetuneResult:
+    """Fine-tune (or train from scratch) `config.backbone` with a new head on `config.data`; writes the run to `out`.
+    An existing run in `out` follows featx.outputs' contract: a finished one of the same settings is up to date,
+    an interrupted one resumes (`resume` is no longer needed: kept so that old scripts run), one of other settings
+    is refused unless `force`."""
     c = config
     check_config(c)
-    out = Path(out)
+    asked = Path(out)
     recorded = to_dict(c)
-    state = _resumed(c, out, resume, recorded)
+    out, state = _resumed(asked, recorded, epochs=c.epochs, force=force)
+    if state is not None and state["epoch"] >= c.epochs:
+        promote(out, asked)  # a forced run killed after its last epoch: its staging folder is complete
+        return FinetuneResult(asked, state["metrics"], max(r["val_top1"] for r in state["metrics"]),
+                              [runs.Snapshot(**s) for s in state["snapshots"]])
     with distributed(c.device) as d:
         t = _setup(c, d, out, recorded, state, progress)
         choice = _compile_choice(c, t)
@@ -292,4 +316,20 @@ def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, p
                           f"after {c.epochs} epochs; the model or its optimisation is broken, or it needs more --epochs",
                           FeatxWarning, stacklevel=3)
     best = max((r["val_top1"] for r in t.rows), default=float("nan"))
-    return FinetuneResult(out, t.rows, best, t.snapshots.listing())
+    if t.rows and d.rank == 0:
+        _write_results(out, t.rows, recorded, t.spec.views, val_n=len(t.val_y))
+        promote(out, asked)
+    return FinetuneResult(asked, t.rows, best, t.snapshots.listing())
+
+
+def _write_results(out: Path, rows: list[dict], recorded: dict, views: list[str], *, val_n: int) -> dict:
+    """results.json: the best epoch's val scores, on the views finetune evaluates on (one, where predict's default
+    averages several), chosen on val itself."""
+    best = max(rows, key=lambda r: (r["val_top1"], r["val_top5"]))
+    right = round(best["val_top1"] * val_n)  # the interval of a 0/1 vector depends only on its count
+    interval = bootstrap_interval(np.r_[np.ones(right), np.zeros(val_n - right)]) if val_n else None
+    return runs.write_results(out, kind="finetune", split="val", top1=best["val_top1"], top1_interval=interval,
+                              top5=best["val_top5"], views=views,
+                              selection={"protocol": "val (optimistic)", "chosen": {"epoch": best["epoch"]}},
+                              settings=recorded, seconds={"train": round(sum(r["seconds"] for r in rows), 2)},
+                              epochs=len(rows))

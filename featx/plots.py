@@ -58,8 +58,11 @@ def plot_confusion(path: Path, cm: np.ndarray, names: Sequence[str], most: int =
 
 
 def plot_curves(path: Path, metrics: dict) -> str:
-    """Loss and top-1 per epoch, train dashed and val solid; the best head bold, the others faint."""
+    """Loss and top-1 per epoch, train dashed and the selection split solid (val, or a probe's held-out part of
+    train, named so); the best head bold, the others faint."""
     best = metrics["best"].get("head", 0)
+    select = metrics["best"].get("select", "val")
+    names = {"train": "train", "val": "val" if select == "val" else f"held-out train ({select})"}
     fig = _figure(11, 4)
     axes = fig.subplots(1, 2)
     for head in metrics["heads"]:
@@ -68,7 +71,8 @@ def plot_curves(path: Path, metrics: dict) -> str:
         for key, ax in zip(("loss", "top1"), axes):
             for part, line, colour in (("train", "--", "C0"), ("val", "-", "C1")):
                 values = np.array([r[f"{part}_{key}"] for r in head["epochs"]], dtype=float)  # null -> NaN
-                ax.plot(epochs, values, line, color=colour, label=part if head["index"] == best else None, **style)
+                ax.plot(epochs, values, line, color=colour, label=names[part] if head["index"] == best else None,
+                        **style)
             ax.set(xlabel="epoch", ylabel=key)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)

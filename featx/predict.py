@@ -29,18 +29,19 @@ from featx.atomic import make_dirs, replacing
 from featx.backbones import Backbone, create_backbone
 from featx.choices import COMBINES, ENSEMBLES, EVAL_VIEWS, Combine, CompileMode, Device, EvalViews, Split
 from featx.compiled import compile_frozen, decide
+from featx.data import Split as DecodedSplit
 from featx.data import dataset_info, prepare_cache, read_split
 from featx.device import resolve_device
 from featx.errors import FeatxError
 # compute_features is extraction's own "render the views, run the model" step: reusing it keeps predictions on new
 # images computed exactly as the stored features were.
 from featx.extract import compute_features
-from featx.features import load_features, read_meta
+from featx.features import FeatureMeta, load_features, read_meta
 from featx.head_checkpoints import probe_heads
 from featx.heads import label_rank
 from featx.models import ModelSpec, load_model
 from featx.plots import plot_ensemble
-from featx.runs import load_checkpoint, read_run
+from featx.runs import load_checkpoint, read_run, write_results
 from featx.sources import IMAGE_EXTS, decode_batch, skip_or_stop
 from featx.stats import apply_temperature, bootstrap_interval, holdout_rows, parse_select
 
@@ -133,6 +134,7 @@ class Prediction:
     members: list[str]  # the checkpoint files averaged
     selection: list[str] = dataclasses.field(default_factory=list)  # per run: where it chose its checkpoints
     curve: list[float] | None = None  # val top-1 of top:N for N = 1, 2, ... (ensemble_curve), when asked for
+    views: list[str] = dataclasses.field(default_factory=list)  # the views each probability averages
 
     @property
     def best_size(self) -> int:
@@ -219,7 +221,18 @@ class ProbeRun:
                              "re-run `featx probe` on it")
         self.classes, self.class_names = self.meta.classes, self.meta.class_names
         # runs from before held-out selection chose on val
-        self.select, self.seed = run.config.get("select", "val"), run.config.get("seed", 0)
+        # where it selected: best's (a holdout too small to choose on falls back to val), else its option
+        self.select = (run.best or {}).get("select") or run.config.get("select", "val")
+        self.seed = run.config.get("seed", 0)
+
+    def view_names(self, views: str) -> list[str]:
+        """The stored views a score averages under --eval-views `views`."""
+        return self.meta.views if views == "all" else ["full"]
+
+    def images(self, data: str | Path | None, split: str) -> DecodedSplit:
+        """The split's decoded images: `data`'s, else those of the cache the features record as their source."""
+        return read_split(feature_source(self.meta, data, path=self.path), split, classes=len(self.classes),
+                          per_class=self.meta.source.get("per_class"))
 
     def _proba(self, x: np.ndarray, picks: Sequence[int]) -> np.ndarray:
         """(N, V, D) features -> (K, N, C) view-averaged softmax of the picked checkpoints."""
@@ -294,9 +307,17 @@ class FinetuneRun:
             raise FeatxError(f"--data {source}: its classes differ from those run {run_dir} was trained on; "
                              "pass the dataset it was trained on")
         self.class_names = info.names
+        self.views = run.model.get("views", ["full"])
 
     def _split(self, split: str):
         return read_split(self.cache, split, **self.subset)
+
+    def view_names(self, views: str) -> list[str]:
+        """The views a score averages: the one its training evaluated, with all also its mirror."""
+        return [*self.views, *(f"{v}_flip" for v in self.views if views == "all")]
+
+    def images(self, data: str | Path | None, split: str) -> DecodedSplit:
+        return self._split(split)
 
     def _model(self, i: int) -> tuple[Backbone, ModelSpec]:
         model, spec = load_model(load_checkpoint(self.dir / self.checkpoints[i].file))
@@ -414,9 +435,45 @@ def score_runs(runs: list[ProbeRun | FinetuneRun], *, split: Split = "val", eval
         vals.append(val)
         scored.append(val.take(p) if val is not None and split == "val" else run.score_split(split, eval_views, p))
     pred = _combine(runs, scored, picks, split)
+    pred.views = list(dict.fromkeys(v for run in runs for v in run.view_names(eval_views)))
     if curve:
         pred.curve = ensemble_curve(vals)
     return pred
+
+
+def feature_source(meta: FeatureMeta, data: str | Path | None, *, path: Path) -> Path:
+    """The cache of the images a feature file was extracted from: `data` where given (it overrides), else the
+    source the file records; a moved or changed source is one line."""
+    if data is not None:
+        return prepare_cache(data, progress=False)
+    cache = meta.source.get("cache")
+    if cache is None:
+        raise FeatxError(f"{path}: records no image source (extracted before featx recorded one); pass --data, "
+                         "the dataset it was extracted from")
+    if not Path(cache).exists():
+        raise FeatxError(f"{path}: its images' cache {cache} is gone (moved or deleted); pass --data with the "
+                         "dataset it was extracted from")
+    if dataset_info(cache, classes=len(meta.classes)).fingerprint != meta.dataset_fingerprint:
+        raise FeatxError(f"{path}: its images' cache {cache} changed since the extraction; pass --data with the "
+                         "dataset it was extracted from, or extract again")
+    return Path(cache)
+
+
+def write_prediction_results(p: Prediction, folder: str | Path, *, runs: Sequence[str | Path], ensemble: str,
+                             eval_views: str, seconds: float, combine: Combine = "calibrated") -> dict:
+    """results.json of `featx predict` (featx.runs.write_results): the ensemble's scores on its split, which
+    checkpoints and views it averages, where they were chosen."""
+    folder = make_dirs(folder, option="--out", path=folder)
+    scored = p.has_labels
+    return write_results(folder, kind="predict", split=p.split, top1=p.top_k(1) if scored else None,
+                         top1_interval=p.interval(1) if scored else None, top5=p.top_k(5) if scored else None,
+                         views=p.views, selection={"protocol": ", ".join(dict.fromkeys(p.selection)),
+                                                   "optimistic": p.optimistic, "ensemble": ensemble,
+                                                   "members": p.members},
+                         settings={"runs": [str(r) for r in runs], "split": p.split, "eval_views": eval_views,
+                                   "ensemble": ensemble, "combine": combine},
+                         seconds={"predict": round(seconds, 2)}, images=len(p.ids),
+                         single_best_top1=top_k(p.single, p.labels, 1) if scored else None)
 
 
 def read_images(paths: Sequence[str | Path], *, size: int, skip_bad: bool = False) -> tuple[np.ndarray, list[str]]:

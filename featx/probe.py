@@ -13,6 +13,7 @@ ProbeResult, StreamedSplit) and the console tables (featx.probe_tables) are impo
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -34,8 +35,10 @@ from featx.features import (ALL, FeatureMeta, Features, feature_set_columns, fea
 from featx.heads import FeatureSetHeads
 from featx.neighbors import fit_neighbors
 from featx.probe_tables import format_summary, format_table
-from featx.runs import HEAD_FORMAT, Snapshots, start_run, update_run, write_metrics
-from featx.stats import holdout_rows, parse_select
+from featx.outputs import Existing, promote, target
+from featx.outputs import decide as output_action
+from featx.runs import HEAD_FORMAT, Snapshots, read_run, start_run, update_run, write_metrics, write_results
+from featx.stats import holdout_rows, parse_select, selection_too_small
 from featx.sweep import HeadConfig, OnEval, ProbeResult, best_head, check_heads, evaluate, grid, train
 
 # what `from featx.probe import ...` has always offered, besides run_probe
@@ -189,7 +192,7 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
               train_views: ViewSelection = "all", eval_views: ViewSelection = "all", normalize: Normalize = "none",
               seed: int = 0, device: Device = "auto", save: SaveMode = "best", keep: int = 20,
               snapshot_every: int | None = None, stream: bool = False, select: str = "holdout:0.1",
-              k: Sequence[int] = (10, 20, 100), feature_sets: Sequence[str] = (ALL,),
+              k: Sequence[int] = (10, 20, 100), feature_sets: Sequence[str] = (ALL,), force: bool = False,
               progress: bool = False) -> ProbeResult:
     """`featx probe`: fit the heads (trained, or k-NN/NCM) on the file's train split, choose the head, epoch and
     k on the selection split (`select`: a stratified holdout of train, or val), score val once, write the run.
@@ -197,7 +200,9 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     `train_views`, `eval_views`: "all" (every deterministic view), "full" or a comma list of stored view names
     (augmented views train only). Snapshots are offered after every epoch and, with `snapshot_every`, every
     that many steps; the `keep` best of each head are kept, and run.json's best is the best of them all.
-    `feature_sets`: the columns heads see (see featx.features.feature_set_columns); several sweep in one pass."""
+    `feature_sets`: the columns heads see (see featx.features.feature_set_columns); several sweep in one pass.
+    An existing run in `out` follows featx.outputs' contract: up to date when finished with the same settings
+    (its recorded result is returned), refused when made with others unless `force`."""
     path = Path(features)
     meta = read_meta(path)
     feature_sets = _check_options(path, meta, heads=heads, head=head, keep=keep, k=k, snapshot_every=snapshot_every,
@@ -207,15 +212,7 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     for split, which in views.items():  # a misnamed view fails here, before any training
         select_views(meta, split, which, path=path)
     stream = stream or not _fits_in_memory(path, views, resolve_device(device))
-    train_split, val_split = (load_or_stream(path, s, v, stream) for s, v in views.items())
-    require_space(Path(out) / "run.json", _checkpoint_bytes(train_split, len(meta.classes), head=head, heads=heads,
-                                                            hidden=hidden, feature_sets=feature_sets, keep=keep, k=k))
-    if not (split_labels(val_split) >= 0).any():
-        raise FeatxError(f"{path}: split 'val' has no labels to validate on; "
-                         "extract a labelled split (e.g. --splits train,val)")
-    held = None if fraction is None else holdout_rows(split_labels(train_split), fraction, seed)
-    fit, chosen_on = _selection(path, train_split, val_split, held, train_views=train_views, eval_views=eval_views,
-                                stream=stream)
+    # the output contract first: an up-to-date run reads no features, a refused one warns of nothing
     config = {"features": str(path), "head": head, "hidden": hidden if head == "mlp" else 0, "optimizer": optimizer,
               "lr_decay": lr_decay, "schedule": schedule, "epochs": epochs, "batch_size": batch_size,
               "train_views": train_views, "eval_views": eval_views, "normalize": normalize, "seed": seed,
@@ -226,7 +223,23 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
     feature_info = {"path": str(path.resolve()), "identity": meta.identity(), "backbone": meta.backbone,
                     "weights": meta.weights, "views": meta.views, "dataset": meta.dataset,
                     "dataset_fingerprint": meta.dataset_fingerprint}
-    run_dir = start_run(out, kind="probe", config={**config, "heads": [dataclasses.asdict(c) for c in heads]},
+    recorded = {**config, "heads": [dataclasses.asdict(c) for c in heads]}
+    if output_action(out, _existing_probe(Path(out)), _probe_settings(recorded, feature_info),
+                     force=force) == "up to date":
+        return recorded_result(Path(out))
+    train_split, val_split = (load_or_stream(path, s, v, stream) for s, v in views.items())
+    require_space(Path(out) / "run.json", _checkpoint_bytes(train_split, len(meta.classes), head=head, heads=heads,
+                                                            hidden=hidden, feature_sets=feature_sets, keep=keep, k=k))
+    if not (split_labels(val_split) >= 0).any():
+        raise FeatxError(f"{path}: split 'val' has no labels to validate on; "
+                         "extract a labelled split (e.g. --splits train,val)")
+    held = None if fraction is None else holdout_rows(split_labels(train_split), fraction, seed)
+    chosen_by = select  # what the run selects on: the user's option, or val where the holdout is too small
+    if held is not None and selection_too_small(split_labels(train_split), held, len(meta.classes)):
+        held, chosen_by = None, "val"
+    fit, chosen_on = _selection(path, train_split, val_split, held, train_views=train_views, eval_views=eval_views,
+                                stream=stream)
+    run_dir = start_run(target(out, forced=(Path(out) / "run.json").exists()), kind="probe", config=recorded,
                         features=feature_info)
     # step-numbered names only when snapshots are taken within epochs, so that per-epoch runs keep theirs
     name = "head{key:02d}-epoch{epoch:03d}" + ("-step{step:06d}" if snapshot_every else "") + ".pt"
@@ -244,4 +257,61 @@ def run_probe(*, features: str | Path, out: str | Path, heads: Sequence[HeadConf
                        on_eval=_offer_heads(snapshots, [(s, c) for s in feature_sets for c in heads], config,
                                             common, normalize),
                        eval_every=snapshot_every, progress=progress)
-    return _finish(run_dir, snapshots, result, chosen_on, val_split, save=save, select=select, device=device)
+    _finish(run_dir, snapshots, result, chosen_on, val_split, save=save, select=chosen_by, device=device)
+    write_probe_results(run_dir, read_run(run_dir).best, recorded, feature_info, result.seconds,
+                        0 if held is None else int(held.sum()), len(meta.classes))
+    promote(run_dir, out)
+    return result
+
+
+# options that leave a probe's results as they are (the file: by identity), and what featx.stages adds to
+# run.json's config after the run (the config as given, what auto became)
+PROBE_FREE = ("device", "stream", "features", "options", "resolved")
+
+
+def _probe_settings(config: dict, features: dict) -> dict:
+    """A probe run's resolved settings as featx.outputs compares them (JSON-shaped, as run.json holds them)."""
+    d = {k: v for k, v in config.items() if k not in PROBE_FREE}
+    return json.loads(json.dumps({**d, "features_identity": features["identity"]}))
+
+
+def _existing_probe(out: Path) -> Existing:
+    """What a probe `out` holds, for featx.outputs.decide: finished once run.json records its best."""
+    if not (out / "run.json").exists():
+        return Existing(None)
+    run = read_run(out)
+    if run.kind != "probe":
+        raise FeatxError(f"--out {out}: holds a `featx {run.kind}` run; choose another --out")
+    return Existing(_probe_settings(run.config, run.features or {"identity": None}), complete=run.best is not None)
+
+
+def recorded_result(run_dir: Path) -> ProbeResult:
+    """The ProbeResult a finished run recorded (metrics.json, run.json), for a run found up to date; `heads`
+    is None: the weights are in its checkpoints."""
+    run = read_run(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    hs = metrics["heads"]
+    trained = run.config["head"] in TRAINED_HEADS
+    configs = [HeadConfig(**{k: h["config"][k] for k in ("lr", "weight_decay", "label_smoothing", "dropout")})
+               for h in hs] if trained else []
+    best = run.best
+    val = {k: best[k] for k in ("val_top1", "val_top1_interval", "val_top5", "val_ece", "val_ece_calibrated",
+                                "temperature")}
+    return ProbeResult(heads=None, configs=configs, history=[h["epochs"] for h in hs], status=[h["status"] for h in hs],
+                       best=best["head"], best_epoch=best["epoch"], seconds=run.seconds or 0.0,
+                       names=[] if trained else [h["config"]["name"] for h in hs],
+                       val=val, feature_sets=[h["feature_set"] for h in hs])
+
+
+def write_probe_results(run_dir: Path, best: dict, config: dict, features: dict, seconds: float, held: int,
+                        classes: int) -> dict:
+    """results.json of a probe run (featx.runs.write_results)."""
+    select = best["select"]
+    return write_results(run_dir, kind="probe", split="val", top1=best["val_top1"],
+                         top1_interval=best["val_top1_interval"], top5=best["val_top5"],
+                         selection={"protocol": "holdout of train" if select != "val" else "val (optimistic)",
+                                    "select": select, "images": held or None, "top1": best["select_top1"],
+                                    "chosen": {k: best[k] for k in ("head", "epoch", "step", "name", "feature_set")}},
+                         views=config["eval_views"], settings=config, seconds={"train": seconds},
+                         calibration={k: best[k] for k in ("val_ece", "val_ece_calibrated", "temperature")},
+                         features=features, classes=classes)

@@ -22,12 +22,12 @@ from sklearn.metrics import confusion_matrix
 from featx.atomic import make_dirs, replacing
 from featx.choices import Combine, Device, EvalViews, Split
 from featx.data import Split as DecodedSplit
-from featx.data import prepare_cache, read_split
 from featx.errors import FeatxError
 from featx.models import load_model
 from featx.plots import plot_confusion, plot_curves, plot_filters, plot_reliability, plot_tsne
+from featx import __version__
 from featx.predict import FinetuneRun, Prediction, ProbeRun, open_run, score_runs, write_curve, write_predictions
-from featx.runs import load_checkpoint, read_run
+from featx.runs import load_checkpoint, read_run, write_json
 from featx.stats import expected_calibration_error, paired_comparison, reliability
 
 # The seven classes of the seed report's t-SNE (Milani, section 4.3, Fig. 11), drawn as it drew them: every
@@ -87,10 +87,11 @@ def _tsne_classes(wnids: Sequence[str] | None, classes: list[str]) -> list[int]:
 
 
 def _decoded_split(r, split: str, data: str | Path | None) -> DecodedSplit | None:
-    """The split's decoded images: a finetune run's own dataset, else --data's (a probe run knows only features)."""
-    if isinstance(r, FinetuneRun):
-        return read_split(r.cache, split)
-    return None if data is None else read_split(prepare_cache(data, progress=False), split)
+    """The split's decoded images: a finetune run's own dataset, a probe run's through its feature file's source
+    (`data` overrides); None for features from before featx recorded their source, when no `data` is given."""
+    if isinstance(r, FinetuneRun) or data is not None or r.meta.source:
+        return r.images(data, split)
+    return None
 
 
 def _gallery(out: Path, pred: Prediction, images: DecodedSplit | None, per_class: list[dict]) -> list[str]:
@@ -175,6 +176,37 @@ def _comparison(out: Path, scored: list, views: str) -> list[str]:
             "<p><a href='per_class_diff.csv'>per_class_diff.csv</a>: the classes that differ most</p>",
             _table(per_class[:PAIRS], {"name": "class", "images": "images", "top1_a": "top-1 first",
                                        "top1_b": "top-1 second", "difference": "difference"})]
+
+
+def _pictures(figures: dict[str, str], gallery: list[str], pairs: list[dict], pred: Prediction,
+              split: str) -> list[str]:
+    """The page after its summary: curves, confused pairs, gallery, confusion, calibration, t-SNE, then the rest."""
+    def figure(title: str) -> str:
+        name = figures.pop(title)
+        return f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>"
+
+    first = [figure("Training curves")] if "Training curves" in figures else []
+    first += [f"<h2>Most-confused pairs on {split}</h2><p><a href='confused_pairs.csv'>confused_pairs.csv</a></p>",
+              _table(pairs, {"name_a": "class A", "name_b": "class B", "a_as_b": "A taken for B",
+                             "b_as_a": "B taken for A", "total": "total"}),
+              f"<h2>Error gallery on {split}: the worst classes' most confident mistakes</h2>", *gallery]
+    first += [figure(t) for t in ("Confusion matrix", "Reliability diagram")]
+    first += [figure(t) for t in list(figures) if t.startswith("t-SNE")]
+    ensemble = ["<h2>Ensemble size</h2><p>val top-1 of the best N checkpoints averaged (top:N); the best N marked. "
+                "<a href='ensemble.csv'>ensemble.csv</a></p>",
+                _table([{"n": f"{n}{' (best)' if n == pred.best_size else ''}", "top1": t}
+                        for n, t in enumerate(pred.curve, 1)], {"n": "N", "top1": "val top-1"})]
+    return first + [figure(t) for t in list(figures)] + ensemble
+
+
+def _per_class_section(per_class: list[dict]) -> list[str]:
+    """Last and collapsed: at 200 classes the table is thousands of pixels tall (sortable once opened)."""
+    return [f"<details><summary><h2 style='display:inline'>Per-class errors, worst first ({len(per_class)} classes)"
+            "</h2></summary><p><a href='per_class.csv'>per_class.csv</a></p>",
+            _table(per_class, {"wnid": "wnid", "name": "class", "images": "images", "errors": "errors",
+                               "error_rate": "error", "wrong_classes": "distinct wrong classes",
+                               "most_confused_with": "most often predicted instead", "times": "times"}),
+            "</details>"]
 
 
 def _table(rows: list[dict], columns: dict[str, str]) -> str:
@@ -274,7 +306,7 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
     figures = _figures(out, scored, cm, ece, tsne)
     n = int(keep.sum())
     summary = [{"what": "run", "value": f"{run} ({type(r).__name__.removesuffix('Run').lower()})"},
-               {"what": "split", "value": f"{split}, {n} labelled images, views {eval_views}"},
+               {"what": "split", "value": f"{split}, {n} labelled images, views averaged: {'+'.join(pred.views)}"},
                {"what": "ensemble", "value": f"{ensemble}: {len(pred.members)} checkpoint(s)"},
                {"what": "selection", "value": _selection_text(pred)},
                {"what": "top-1 [95% bootstrap interval]", "value": pred.accuracy_text(1)},
@@ -284,21 +316,13 @@ def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "r
                {"what": "errors", "value": f"{sum(c['errors'] for c in per_class)} of {n}"}]
     sections = [f"<h1>featx report: {html.escape(str(run))}</h1>", *comparison,
                 f"<h2>{html.escape(str(run))}</h2>" if comparison else "", _table(summary, {"what": "", "value": ""}),
-                "<h2>Per-class errors, worst first</h2><p><a href='per_class.csv'>per_class.csv</a></p>",
-                _table(per_class, {"wnid": "wnid", "name": "class", "images": "images", "errors": "errors",
-                                   "error_rate": "error", "wrong_classes": "distinct wrong classes",
-                                   "most_confused_with": "most often predicted instead", "times": "times"}),
-                "<h2>Error gallery: the worst classes' most confident mistakes</h2>", *gallery,
-                "<h2>Most-confused pairs</h2><p><a href='confused_pairs.csv'>confused_pairs.csv</a></p>",
-                _table(pairs, {"name_a": "class A", "name_b": "class B", "a_as_b": "A taken for B",
-                               "b_as_a": "B taken for A", "total": "total"}),
-                "<h2>Ensemble size</h2><p>val top-1 of the best N checkpoints averaged (top:N); the best N marked. "
-                "<a href='ensemble.csv'>ensemble.csv</a></p>",
-                _table([{"n": f"{n}{' (best)' if n == pred.best_size else ''}", "top1": t}
-                        for n, t in enumerate(pred.curve, 1)], {"n": "N", "top1": "val top-1"})]
-    sections += [f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>"
-                 for title, name in figures.items()]
+                *_pictures(figures, gallery, pairs, pred, split), *_per_class_section(per_class)]
     sections.append("<p><a href='predictions.csv'>predictions.csv</a>: every image's top-5</p>")
+    write_json(out / "report.json", {"featx_version": __version__, "settings": {
+        "runs": [str(d) for d, _, _ in scored], "split": split, "eval_views": eval_views, "ensemble": ensemble,
+        "combine": combine},
+        "metrics": {"top1": pred.top_k(1), "top1_interval": list(pred.interval(1)), "top5": pred.top_k(5),
+                    "views": pred.views, "selection": _selection_text(pred), "ece": ece}})  # for `featx info`
     page = out / "report.html"
     with replacing(page) as tmp:
         tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>featx report</title>"

@@ -13,6 +13,7 @@ Layout of `--out`::
     metrics.json      {"heads": [{"index", "config", "status", "epochs": [{"epoch", "train_loss", "train_top1",
                        "val_loss", "val_top1", "val_top5"}, ...]}, ...], "best": {...}}   accuracies in [0, 1]
     metrics.csv       the same per-epoch rows, flat, one per (head, epoch)
+    results.json      the chosen model's scores, selection, views, settings and timings (`write_results`)
     curves.png        train vs val top-1 per epoch
     checkpoints/*.pt  one file per kept snapshot
 
@@ -118,6 +119,23 @@ def start_run(out: str | Path, *, kind: str, config: dict, features: dict | None
     write_run(out, RunRecord(kind=kind, config=config, features=features, data=data, model=model,
                              created=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
     return out
+
+
+RESULTS_FORMAT = "featx-results-1"
+
+
+def write_results(folder: str | Path, *, kind: str, split: str, top1: float | None,
+                  top1_interval: Sequence[float] | None, top5: float | None, selection: dict | None,
+                  views: str | Sequence[str], settings: dict, seconds: dict, **extra) -> dict:
+    """results.json, the one record of a probe's, finetune's or predict's scores (as timm's --results-file):
+    top-1 with its 95% interval and top-5 on `split`, how the model was chosen (`selection`), which views the
+    number averages, the settings and timings; accuracies in [0, 1]. Returns what it wrote (for --json)."""
+    views = views if isinstance(views, str) else ",".join(views)
+    results = {"format": RESULTS_FORMAT, "kind": kind, "featx_version": __version__, "split": split, "top1": top1,
+               "top1_interval": list(top1_interval) if top1_interval is not None else None, "top5": top5,
+               "views": views, "selection": selection, **extra, "settings": settings, "seconds": seconds}
+    write_json(Path(folder) / "results.json", results)
+    return _finite(results)
 
 
 def read_run(run_dir: str | Path) -> RunRecord:

@@ -33,14 +33,14 @@ def prepare(config: PrepareConfig, *, cache: str | Path | None = None, progress:
                          progress=progress)
 
 
-def extract(config: ExtractConfig, *, out: str | Path, progress: bool = True) -> Path:
+def extract(config: ExtractConfig, *, out: str | Path, force: bool = False, progress: bool = True) -> Path:
     """Extract the transfer values; returns the finished feature file."""
     from featx.extract import extract_features
 
     validate(config)
     options = dataclasses.asdict(config)
     options["splits"] = list(config.splits) if config.splits else None
-    return extract_features(**options, out=out, progress=progress)
+    return extract_features(**options, out=out, force=force, progress=progress)
 
 
 def probe_heads(config: ProbeConfig) -> list:
@@ -54,7 +54,7 @@ def probe_heads(config: ProbeConfig) -> list:
     return grid(**{h: sweep.get(h, (getattr(seed, h),)) for h in HYPERPARAMETERS})
 
 
-def probe(config: ProbeConfig, *, out: str | Path, progress: bool = False):
+def probe(config: ProbeConfig, *, out: str | Path, force: bool = False, progress: bool = False):
     """Train the config's heads on its feature file; run.json records the config as given and what it resolved
     to on this machine. Returns the ProbeResult."""
     from featx.probe import run_probe
@@ -62,7 +62,7 @@ def probe(config: ProbeConfig, *, out: str | Path, progress: bool = False):
     validate(config)
     options = {k: v for k, v in dataclasses.asdict(config).items() if k not in HYPERPARAMETERS}
     options["k"], options["feature_sets"] = list(options["k"]), list(options.pop("feature_set"))
-    result = run_probe(**options, heads=probe_heads(config), out=out, progress=progress)
+    result = run_probe(**options, heads=probe_heads(config), out=out, force=force, progress=progress)
     recorded = read_run(out).config
     resolved = {"device": str(resolve_device(config.device)), "stream": recorded.get("stream", config.stream),
                 "heads": [dataclasses.asdict(h) for h in probe_heads(config)]}
@@ -70,12 +70,13 @@ def probe(config: ProbeConfig, *, out: str | Path, progress: bool = False):
     return result
 
 
-def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, progress: bool = True):
+def finetune(config: FinetuneConfig, *, out: str | Path, resume: bool = False, force: bool = False,
+             progress: bool = True):
     """Train end to end; returns the FinetuneResult."""
     from featx.finetune import finetune as train
 
     validate(config)
-    return train(config, out=out, resume=resume, progress=progress)
+    return train(config, out=out, resume=resume, force=force, progress=progress)
 
 
 def predict(config: PredictConfig):

@@ -3,6 +3,7 @@ expected calibration error and temperature scaling. numpy, scipy and sklearn onl
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,7 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import binomtest
 from sklearn.model_selection import train_test_split
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, FeatxWarning
 
 RESAMPLES = 1000
 LEVEL = 0.95
@@ -113,3 +114,31 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
         return float(-np.log(np.clip(apply_temperature(probs, np.exp(log_t))[rows, labels], 1e-12, None)).mean())
 
     return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+
+
+MIN_PER_CLASS = 5  # fewer selection images a class than this cannot tell heads or epochs apart
+
+
+def selection_too_small(labels: np.ndarray, held: np.ndarray, classes: int) -> bool:
+    """Warn (FeatxWarning) and say the fallback, selecting on val, when the held-out selection split has under
+    MIN_PER_CLASS images a class: at 20 images a class its 10% is 2 a class, and every head scores 100% there."""
+    n = int(held.sum())
+    if n >= MIN_PER_CLASS * classes:
+        return False
+    warnings.warn(f"the held-out selection split has {n} images ({n / classes:.1f} a class, under {MIN_PER_CLASS}), "
+                  "too few to choose on; selecting on val instead (optimistic: pass more --per-class or a larger "
+                  "--select holdout fraction)", FeatxWarning, stacklevel=2)
+    return True
+
+
+def calibration_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """fit_temperature's T, or 1 (with a FeatxWarning saying so) where T would worsen the calibration error on the
+    split it is fitted on: on a few images the likelihood's optimum can sit at a bound and miscalibrate."""
+    t = fit_temperature(probs, labels)
+    before, after = expected_calibration_error(probs, labels), expected_calibration_error(apply_temperature(probs, t),
+                                                                                          labels)
+    if after <= before:
+        return t
+    warnings.warn(f"temperature {t:.3g} worsens calibration on the selection split (ECE {before:.3f} → {after:.3f}); "
+                  "keeping T = 1", FeatxWarning, stacklevel=2)
+    return 1.0

@@ -79,11 +79,11 @@ def test_frozen_mode_keeps_statistics_and_affine_trains_the_rest(synth_cache, sh
     assert predict(runs=[out], split="val", eval_views="full", device="cpu").top_k(1) == pytest.approx(
         ckpt["val_top1"], abs=1e-9)
 
-    # --resume keeps the mode (the checkpoint loads into the rebuilt model) and refuses to change it
-    again = finetune(config, out=out, resume=True, progress=False)
+    # a re-run keeps the mode (the finished run is up to date) and refuses to change it
+    again = finetune(config, out=out, progress=False)
     assert again.epochs == result.epochs
-    with pytest.raises(FeatxError, match=r"--resume: options differ .*\(bn\)"):
-        finetune(dataclasses.replace(config, bn="train"), out=out, resume=True, progress=False)
+    with pytest.raises(FeatxError, match=r"other settings \(bn auto → train\); pass --force"):
+        finetune(dataclasses.replace(config, bn="train"), out=out, progress=False)
 
 
 @pytest.mark.parametrize("bn", ["train", "frozen"])

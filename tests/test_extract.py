@@ -72,7 +72,7 @@ def test_finished_extraction_is_a_no_op_and_other_settings_are_refused(synth_cac
     stamp = out.stat().st_mtime_ns
     extract_features(data=synth_cache, backbone="resnet18", views="full", out=out, **TINY)
     assert out.stat().st_mtime_ns == stamp
-    with pytest.raises(FeatxError, match="different settings"):
+    with pytest.raises(FeatxError, match="other settings"):
         extract_features(data=synth_cache, backbone="resnet18", views="flip", out=out, **TINY)
 
 
@@ -177,7 +177,7 @@ def test_mismatched_resume_is_refused(synth_cache, tmp_path):
     partial = tmp_path / "f.h5.partial"
     partial.mkdir()
     (partial / "meta.json").write_text('{"identity": "something-else", "shard_rows": 1024}')
-    with pytest.raises(FeatxError, match="different settings"):
+    with pytest.raises(FeatxError, match="other settings"):
         extract_features(data=synth_cache, backbone="resnet18", views="full", out=out, **TINY)
 
 

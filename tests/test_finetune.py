@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import os
 import signal
 import subprocess
@@ -164,9 +165,13 @@ def test_run_directory_and_checkpoint_rebuilds_model(synth_cache, tmp_path):
     assert listed == result.snapshots and listed[0].val_top1 >= listed[1].val_top1
     model, model_spec = load_model(runs.load_checkpoint(out / listed[0].file))
     assert model_spec.num_classes == 4 and model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
-    with pytest.raises(FeatxError, match="--resume"):
+    with pytest.raises(FeatxError, match=r"other settings \(batch_size 16 → 128; .*\); pass --force"):
         finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=3), out=out,
                  progress=False)
+    results = json.loads((out / "results.json").read_text())
+    best = max(metrics, key=lambda r: (r["val_top1"], r["val_top5"]))
+    assert results["top1"] == best["val_top1"] and results["views"] == "center" and results["split"] == "val"
+    assert results["top1_interval"][0] <= results["top1"] <= results["top1_interval"][1]
 
 
 @pytest.mark.numerics
@@ -204,7 +209,9 @@ def test_resume_after_kill_9_matches_uninterrupted_run(synth_cache, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert runs.load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["epoch"] < 3
-    subprocess.run([*FEATX, *_args(synth_cache, tmp_path / "b", "--resume")], env=ENV, check=True, capture_output=True)
+    again = subprocess.run([*FEATX, *_args(synth_cache, tmp_path / "b")], env=ENV, check=True, capture_output=True,
+                           text=True)  # the same command resumes: no --resume needed
+    assert re.search(r"featx: resuming: [12] of 3 epochs done", again.stderr), again.stderr
     a = runs.load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
     b = runs.load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
     assert a["epoch"] == b["epoch"] == 3 and a["metrics"][-1]["train_loss"] == b["metrics"][-1]["train_loss"]

@@ -12,7 +12,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featx"
 
 # Lowest first. A module may import modules of its own layer or of lower ones, never of a higher one.
 LAYERS = [
-    {"errors", "choices", "configs", "atomic", "device", "compiled", "plots", "stats", "progress", "env"},  # foundations, used everywhere
+    # foundations, used everywhere
+    {"errors", "choices", "configs", "atomic", "device", "compiled", "plots", "stats", "progress", "env",
+     "outputs"},
     {"sources", "download", "data"},  # datasets and the decoded cache
     {"backbones", "tinynets", "views", "augment"},  # networks and what they see
     {"features", "extract"},  # stage 1 and its file
@@ -21,7 +23,7 @@ LAYERS = [
     {"sweep", "calibration", "probe_tables", "probe", "finetune_epoch", "finetune"},  # the training loops and runs
     {"estimator"},  # the probe as scikit-learn estimators on arrays
     {"predict"},
-    {"report"},
+    {"report", "info"},
     {"compare"},  # several backbones, one leaderboard
     {"stages"},  # each stage's entry point, taking its config
     {"pipeline", "cli", "__main__", "__init__"},

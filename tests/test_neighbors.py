@@ -49,10 +49,11 @@ def test_knn_is_within_a_few_points_of_sklearn_and_predict_scores_its_run(mobile
 @pytest.mark.slow
 def test_ncm_equals_a_direct_computation_without_the_held_out_rows(mobilenet_features_20, tmp_path):
     run = tmp_path / "ncm"
-    run_probe(features=mobilenet_features_20, out=run, heads=[HeadConfig()], head="ncm", device="cpu")
+    run_probe(features=mobilenet_features_20, out=run, heads=[HeadConfig()], head="ncm", select="holdout:0.25",
+              device="cpu")  # 5 a class: the smallest holdout featx selects on
     train = load_features(mobilenet_features_20, "train", views="full")
     val = load_features(mobilenet_features_20, "val", views="all")
-    fit = ~holdout_rows(train.labels, 0.1, 0)
+    fit = ~holdout_rows(train.labels, 0.25, 0)
     x = normalized(train.features[fit, 0].astype(np.float64))
     means = normalized(np.stack([x[train.labels[fit] == c].mean(0) for c in range(20)]))
     sim = normalized(val.features.astype(np.float64)) @ means.T  # (N, V, C)
@@ -61,7 +62,7 @@ def test_ncm_equals_a_direct_computation_without_the_held_out_rows(mobilenet_fea
 
     record = read_run(run)
     ckpt = load_checkpoint(run / record.checkpoints[0].file)
-    assert ckpt["format"] == "featx-ncm-1" and record.config["select"] == "holdout:0.1"
+    assert ckpt["format"] == "featx-ncm-1" and record.config["select"] == "holdout:0.25"
     p = predict(runs=[run], split="val", device="cpu")
     np.testing.assert_allclose(p.probs, apply_temperature(expected, ckpt["calibration"]["temperature"]),
                                atol=2e-4)

@@ -206,7 +206,7 @@ def synth_runs(synth_cache, tmp_path_factory) -> dict[str, Path]:
     features = extract_features(data=synth_cache, backbone="resnet18", weights="none", size=32, views="flip",
                                 dtype="float32", precision="fp32", out=root / "r18.h5", progress=False)
     run_probe(features=features, out=root / "probe", heads=[HeadConfig(lr=3e-3)], epochs=5, batch_size=8,
-              normalize="standard", keep=3, device="cpu")
+              normalize="standard", keep=3, device="cpu", select="holdout:0.5")  # 6 a class: enough to choose on
     finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=2, batch_size=16,
                             keep=2, device="cpu", precision="fp32"), out=root / "finetune", progress=False)
     return {"probe": root / "probe", "finetune": root / "finetune", "features": features}
