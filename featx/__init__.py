@@ -23,6 +23,7 @@ _API = {
     "ProbeConfig": "featx.configs",
     "PredictConfig": "featx.configs",
     "ReportConfig": "featx.configs",
+    "CompareConfig": "featx.configs",
     "run_stage": "featx.stages",
     # stage 1: data and transfer values
     "prepare_cache": "featx.data",

@@ -507,6 +507,43 @@ def run(recipe, overrides, dry_run) -> None:
     run_recipe(recipe=recipe, commands=cli, overrides=overrides, dry_run=dry_run)
 
 
+def option_table(command: click.Command) -> str:
+    """README's option table of a command, rendered from its click parameters (config fields and control
+    options alike) so that it cannot drift from `--help`: option (with metavar or choices), default, help."""
+    ctx = click.Context(command, info_name=command.name)
+    rows = ["| option | default | |", "| --- | --- | --- |"]
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.hidden:
+            help_text = " ".join((param.help or "").split())
+            required = param.required or help_text.endswith("[required]")
+            help_text = help_text.removesuffix("[required]").strip()
+            option = " ".join([", ".join(param.opts) + "".join(f"/{o}" for o in param.secondary_opts),
+                               "" if param.is_bool_flag else param.make_metavar(ctx)]).strip()
+            default = "(required)" if required else _table_default(param, param.get_default(ctx, call=False))
+            rows.append(f"| `{_cell(option)}` | {default} | {_text(help_text)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _table_default(param: click.Option, value) -> str:
+    if param.is_bool_flag:
+        return "on" if value is True else "off"
+    hidden = not param.show_default or value in (None, ()) or callable(value)
+    shown = "" if hidden else f"`{_cell(str(_display(value)))}`"
+    if isinstance(param.type, click.types._NumberRangeBase):  # click states the range beside the default too
+        shown = ", ".join(filter(None, [shown, _text(param.type._describe_range())]))
+    return shown
+
+
+def _cell(text: str) -> str:
+    """Text inside a table cell's code span: only the column separator needs escaping."""
+    return text.replace("|", "\\|")
+
+
+def _text(text: str) -> str:
+    """Plain text in a table cell: `<name>` would read as an HTML tag, `*` as emphasis."""
+    return _cell(text).replace("<", "\\<").replace("*", "\\*")
+
+
 def main() -> None:
     try:
         rv = cli.main(prog_name="featx", standalone_mode=False)
