@@ -158,14 +158,15 @@ class LinearProbeCV(_Probe):
     holdout, as `featx probe` keeps it. Fitted: `classes_`, `best_params_`, `best_epoch_`, `best_score_`
     (its holdout top-1), `scores_` (each config's best holdout top-1), `configs_`, `head_`, `history_`."""
 
-    def __init__(self, *, lr: Sequence[float] = DEFAULT_GRID["lr"],
+    # scikit-learn reads an estimator's parameters from its own __init__: LinearProbe's are spelled out again
+    def __init__(self, *, lr: Sequence[float] = DEFAULT_GRID["lr"], holdout: float = 0.1,
                  weight_decay: Sequence[float] = DEFAULT_GRID["weight_decay"],
                  label_smoothing: Sequence[float] = (HeadConfig.label_smoothing,),
-                 dropout: Sequence[float] = (HeadConfig.dropout,), holdout: float = 0.1,
-                 epochs: int = ProbeConfig.epochs, batch_size: int = ProbeConfig.batch_size,
-                 optimizer: Optimizer = ProbeConfig.optimizer, lr_decay: float = ProbeConfig.lr_decay,
-                 schedule: ProbeSchedule = ProbeConfig.schedule, normalize: Normalize = ProbeConfig.normalize,
-                 seed: int = ProbeConfig.seed, device: Device = ProbeConfig.device):
+                 dropout: Sequence[float] = (HeadConfig.dropout,), epochs: int = ProbeConfig.epochs,
+                 batch_size: int = ProbeConfig.batch_size, optimizer: Optimizer = ProbeConfig.optimizer,
+                 lr_decay: float = ProbeConfig.lr_decay, schedule: ProbeSchedule = ProbeConfig.schedule,
+                 normalize: Normalize = ProbeConfig.normalize, seed: int = ProbeConfig.seed,
+                 device: Device = ProbeConfig.device):
         self.lr, self.weight_decay, self.label_smoothing, self.dropout = lr, weight_decay, label_smoothing, dropout
         self.holdout, self.epochs, self.batch_size, self.optimizer = holdout, epochs, batch_size, optimizer
         self.lr_decay, self.schedule, self.normalize, self.seed, self.device = lr_decay, schedule, normalize, seed, device
