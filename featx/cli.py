@@ -203,7 +203,7 @@ def build_config(cls: type, ctx: click.Context, params: dict, config_file: Path 
     given = dict(read_config_file(config_file, cls)) if config_file else {}
     for key, value in params.items():
         name = key.split("__")[0]  # a deprecated alias fills its field
-        if value is not None and ctx.get_parameter_source(key) != ParameterSource.DEFAULT and value != ():
+        if value is not None and ctx.get_parameter_source(key) != ParameterSource.DEFAULT:
             given[name] = value
     for f in schema(cls):
         if f.required and f.name not in given:

@@ -82,7 +82,7 @@ def test_frozen_mode_keeps_statistics_and_affine_trains_the_rest(synth_cache, sh
     # a re-run keeps the mode (the finished run is up to date) and refuses to change it
     again = finetune(config, out=out, progress=False)
     assert again.epochs == result.epochs
-    with pytest.raises(FeatxError, match=r"other settings \(bn auto → train\); pass --force"):
+    with pytest.raises(FeatxError, match=r"other settings \(bn frozen → train\); pass --force"):
         finetune(dataclasses.replace(config, bn="train"), out=out, progress=False)
 
 

@@ -222,3 +222,18 @@ def test_each_default_is_written_once():
         places = [p.name for p in package.glob("*.py") for node in ast.walk(ast.parse(p.read_text()))
                   if isinstance(node, ast.Constant) and node.value == number]
         assert places == ["configs.py"], f"{number} is written in {places}"
+
+
+def test_an_empty_list_on_the_command_line_is_given(tmp_path, monkeypatch):
+    # `--aug none` is the empty list, not the option left out (which would be the default flip)
+    from featx.cli import build_config
+
+    seen = {}
+    cmd = command("finetune")
+    monkeypatch.setattr(cmd, "callback", lambda config_file, **params: seen.update(config=build_config(
+        FinetuneConfig, click.get_current_context(), {k: v for k, v in params.items() if k in ("backbone", "aug")},
+        config_file)))
+    CliRunner().invoke(cli, ["finetune", "--backbone", "resnet18", "--aug", "none", "--out", "x"])
+    assert seen["config"].aug == ()
+    CliRunner().invoke(cli, ["finetune", "--backbone", "resnet18", "--out", "x"])
+    assert seen["config"].aug == ("flip",)

@@ -223,7 +223,7 @@ def test_torchrun_two_processes_match_one(synth_cache, tmp_path):
     # LayerNorm (ConvNeXt) and SGD: per-process batch statistics and Adam's normalisation would blur the match
     common = ["finetune", "--data", str(synth_cache), "--backbone", "convnext_tiny", "--weights", "none",
               "--size", "32", "--epochs", "1", "--batch-size", "8", "--aug", "none", "--drop-path", "0",
-              "--optimizer", "sgd", "--lr", "0.05", "--device", "cpu", "--precision", "fp32"]
+              "--optimizer", "sgd", "--lr", "0.05", "--device", "cpu", "--precision", "fp32", "--compile", "off"]
     subprocess.run([*FEATX, *common, "--out", str(tmp_path / "one")], env=ENV, check=True, capture_output=True)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--no-python", *FEATX, *common,
                           "--out", str(tmp_path / "two")], env=ENV, capture_output=True, text=True)

@@ -20,7 +20,7 @@ from torchvision.ops import StochasticDepth
 from featx import runs
 from featx.data import read_split
 from featx.errors import FeatxError
-from featx.finetune import FinetuneConfig, finetune, trains_head_alone
+from featx.finetune import FinetuneConfig, check_config, eval_views, finetune, trains_head_alone
 from featx.models import MODEL_FORMAT, ModelSpec, SubtractImage, build_model, load_model
 from featx.predict import predict
 
@@ -86,7 +86,7 @@ def test_lstm_head_has_no_dropout_at_zero_and_refuses_bad_groups_and_stages():
     with pytest.raises(FeatxError, match="--lstm-stages layer5"):
         build_model(spec(size=64, head="lstm", lstm_stages=["layer5"]))
     with pytest.raises(FeatxError, match="--lstm-group"):
-        FinetuneConfig(backbone="resnet18", lstm_group=128).check()
+        check_config(FinetuneConfig(backbone="resnet18", lstm_group=128))
 
 
 # --- stochastic depth ------------------------------------------------------------------------------------------
@@ -200,9 +200,9 @@ def test_snapshots_every_steps_mean_image_and_centre_crop_evaluation(synth_cache
 
 
 def test_without_crop_augmentation_evaluation_sees_the_whole_image():
-    assert FinetuneConfig(backbone="resnet18", aug=["flip", "shift:0.1"]).eval_views() == ["full"]
-    assert FinetuneConfig(backbone="resnet18", aug=["crop"], overfit=10).eval_views() == ["full"]  # no augmentation
-    assert FinetuneConfig(backbone="resnet18", aug=["flip", "crop"]).eval_views() == ["center"]
+    assert eval_views(FinetuneConfig(backbone="resnet18", aug=["flip", "shift:0.1"])) == ["full"]
+    assert eval_views(FinetuneConfig(backbone="resnet18", aug=["crop"], overfit=10)) == ["full"]  # no augmentation
+    assert eval_views(FinetuneConfig(backbone="resnet18", aug=["flip", "crop"])) == ["center"]
 
 
 @pytest.mark.parametrize("extra, message", [

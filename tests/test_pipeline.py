@@ -83,7 +83,7 @@ def test_quickstart_end_to_end_then_skips_then_redoes_only_what_changed(shared_z
                         lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
     result = CliRunner().invoke(cli, ["run", str(QUICKSTART), *(f"--set={s}" for s in small)])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "featx: error: [extract] cannot download" in result.output
+    assert "featx: error: [extract] --weights IMAGENET1K_V2: cannot download" in result.output
     assert "(in the recipe: --set extract.weights=...)" in result.output
 
     small.append(f"extract.weights={shared_weights / 'mobilenet_v2_imagenet_tflite.pth'}")
