@@ -232,7 +232,7 @@ def stage_command(group: click.Group, name: str, cls: type, *control: click.Para
         quiet_option = click.Option(["--quiet", "-q"], is_flag=True,
                                     help="No progress bars or progress lines; results and errors still print.")
         command = click.Command(name, callback=callback, params=[*control, *options, config_option, quiet_option],
-                                help=run.__doc__, short_help=(run.__doc__ or "").split("\n")[0])
+                                help=run.__doc__)
         command.run, command.config_class = run, cls
         group.add_command(command)
         return command
