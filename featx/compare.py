@@ -24,7 +24,7 @@ import numpy as np
 
 from featx.atomic import make_dirs, one_writer, replacing
 from featx.backbones import create_backbone
-from featx.choices import Device, EvalViews, Precision, ViewSet
+from featx.choices import Device, Precision, ViewSelection, ViewSet
 from featx.configs import CompareConfig
 from featx.data import prepare_cache, read_split
 from featx.device import resolve_device, resolve_precision
@@ -97,7 +97,7 @@ def _feature_dim(path: Path) -> int:
 def compare(*, data: str | Path | None, backbones: Sequence[str], out: str | Path,
             weights: Sequence[str] | None = None, classes: int | None = None, per_class: int | None = None,
             size: int | None = None, views: ViewSet = CompareConfig.views, crop: int = CompareConfig.crop,
-            eval_views: EvalViews = CompareConfig.eval_views, select: str = CompareConfig.select,
+            eval_views: ViewSelection = CompareConfig.eval_views, select: str = CompareConfig.select,
             epochs: int = CompareConfig.epochs, seed: int = CompareConfig.seed,
             device: Device = CompareConfig.device, precision: Precision = CompareConfig.precision,
             progress: bool = True) -> list[Entry]:

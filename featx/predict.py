@@ -27,7 +27,7 @@ from torch import nn
 
 from featx.atomic import make_dirs, replacing
 from featx.backbones import Backbone, create_backbone
-from featx.choices import COMBINES, ENSEMBLES, EVAL_VIEWS, Combine, CompileMode, Device, EvalViews, Split
+from featx.choices import COMBINES, ENSEMBLES, EVAL_VIEWS, Combine, CompileMode, Device, Split, ViewSelection
 from featx.compiled import compile_frozen, decide
 from featx.configs import PredictConfig
 from featx.data import Split as DecodedSplit
@@ -37,7 +37,7 @@ from featx.errors import FeatxError
 # compute_features is extraction's own "render the views, run the model" step: reusing it keeps predictions on new
 # images computed exactly as the stored features were.
 from featx.extract import compute_features
-from featx.features import FeatureMeta, load_features, read_meta
+from featx.features import FeatureMeta, load_features, read_meta, select_views
 from featx.head_checkpoints import probe_heads
 from featx.heads import label_rank
 from featx.models import ModelSpec, load_model
@@ -195,11 +195,6 @@ def _run_model(bb: Backbone, images: np.ndarray, *, views: Sequence[str], crop: 
                            for i in range(0, len(images), BATCH)])
 
 
-def _check_views(views: str) -> None:
-    if views not in EVAL_VIEWS:
-        raise FeatxError(f"--eval-views {views}: choose one of {', '.join(EVAL_VIEWS)}")
-
-
 def _first_of_classes(labels: np.ndarray, classes: Sequence[int], per_class: int | None) -> np.ndarray:
     """Mask of the rows labelled with one of `classes`, at most the first `per_class` of each."""
     keep = np.isin(labels, classes)
@@ -227,8 +222,8 @@ class ProbeRun:
         self.seed = run.config.get("seed", 0)
 
     def view_names(self, views: str) -> list[str]:
-        """The stored views a score averages under --eval-views `views`."""
-        return self.meta.views if views == "all" else ["full"]
+        """The stored views a score averages under --eval-views `views`: all, full or stored view names."""
+        return [self.meta.views[i] for i in select_views(self.meta, "val", views, path=self.path)]
 
     def images(self, data: str | Path | None, split: str) -> DecodedSplit:
         """The split's decoded images: `data`'s, else those of the cache the features record as their source."""
@@ -259,8 +254,7 @@ class ProbeRun:
     def score_images(self, images: np.ndarray, views: str, picks: Sequence[int], *,
                      weights: str | Path | None, compile: CompileMode = "off") -> np.ndarray:
         bb = self._backbone(weights)
-        names = self.meta.views if views == "all" else ["full"]
-        return self._proba(_run_model(bb, images, views=names, crop=self.meta.crop, device=self.device,
+        return self._proba(_run_model(bb, images, views=self.view_names(views), crop=self.meta.crop, device=self.device,
                                       compile=compile), picks)
 
     def _backbone(self, weights: str | Path | None) -> Backbone:
@@ -315,6 +309,9 @@ class FinetuneRun:
 
     def view_names(self, views: str) -> list[str]:
         """The views a score averages: the one its training evaluated, with all also its mirror."""
+        if views not in EVAL_VIEWS:
+            raise FeatxError(f"--eval-views {views}: a finetune run averages all (the image and its mirror) or "
+                             "full; view names are a probe run's stored views")
         return [*self.views, *(f"{v}_flip" for v in self.views if views == "all")]
 
     def images(self, data: str | Path | None, split: str) -> DecodedSplit:
@@ -418,7 +415,7 @@ def _combine(runs: list, scored: list[Scored], picks: list[list[int]], split: st
 
 
 def predict(*, runs: Sequence[str | Path], split: Split = PredictConfig.split,
-            eval_views: EvalViews = PredictConfig.eval_views, ensemble: str = PredictConfig.ensemble,
+            eval_views: ViewSelection = PredictConfig.eval_views, ensemble: str = PredictConfig.ensemble,
             curve: bool = False, data: str | Path | None = None, device: Device = PredictConfig.device,
             combine: Combine = PredictConfig.combine) -> Prediction:
     """Score the runs' selected checkpoints on a split; `data` overrides a finetune run's dataset. `curve`: also
@@ -427,9 +424,10 @@ def predict(*, runs: Sequence[str | Path], split: Split = PredictConfig.split,
                       ensemble=ensemble, curve=curve)
 
 
-def score_runs(runs: list[ProbeRun | FinetuneRun], *, split: Split = "val", eval_views: EvalViews = "all",
+def score_runs(runs: list[ProbeRun | FinetuneRun], *, split: Split = "val", eval_views: ViewSelection = "all",
                ensemble: str = "best", curve: bool = False) -> Prediction:
-    _check_views(eval_views)
+    for run in runs:  # a view name the run lacks: one line before any scoring
+        run.view_names(eval_views)
     scored, picks, vals = [], [], []
     for run in runs:
         p, val = _choose(run, eval_views, ensemble, score_all=curve)
@@ -499,7 +497,7 @@ def read_images(paths: Sequence[str | Path], *, size: int, skip_bad: bool = Fals
 
 
 def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path],
-                   eval_views: EvalViews = PredictConfig.eval_views, ensemble: str = PredictConfig.ensemble,
+                   eval_views: ViewSelection = PredictConfig.eval_views, ensemble: str = PredictConfig.ensemble,
                    skip_bad: bool = PredictConfig.skip_bad, image_size: int = PredictConfig.image_size,
                    weights: str | Path | None = None, data: str | Path | None = None,
                    device: Device = PredictConfig.device, combine: Combine = PredictConfig.combine,
@@ -507,8 +505,9 @@ def predict_images(*, runs: Sequence[str | Path], images: Sequence[str | Path],
     """Classify image files: each is scaled to `image_size` (the dataset's, 64 for Tiny ImageNet), then goes
     through each run's backbone, views and heads. `weights`: the backbone's weights file, where a probe run's
     features were extracted with weights from a file. `compile`: as extract's (featx.compiled), per model run."""
-    _check_views(eval_views)
     opened = open_runs(runs, data=data, device=device, combine=combine)
+    for run in opened:
+        run.view_names(eval_views)
     x, ids = read_images(images, size=image_size, skip_bad=skip_bad)
     scored, picks = [], []
     for run in opened:

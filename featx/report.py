@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix
 
 from featx.atomic import make_dirs, replacing
-from featx.choices import Combine, Device, EvalViews, Split
+from featx.choices import Combine, Device, Split, ViewSelection
 from featx.configs import ReportConfig
 from featx.data import Split as DecodedSplit
 from featx.errors import FeatxError
@@ -281,7 +281,7 @@ def _figures(out: Path, scored: list, cm: np.ndarray, ece: float, tsne: list[int
 
 
 def write_report(*, run: str | Path | Sequence[str | Path], out: str | Path = "report",
-                 split: Split = ReportConfig.split, eval_views: EvalViews = ReportConfig.eval_views,
+                 split: Split = ReportConfig.split, eval_views: ViewSelection = ReportConfig.eval_views,
                  ensemble: str = ReportConfig.ensemble, tsne_classes: Sequence[str] | None = None,
                  data: str | Path | None = None, device: Device = ReportConfig.device,
                  combine: Combine = ReportConfig.combine) -> Path:

@@ -167,7 +167,7 @@ def test_module_constants_are_the_choices_and_the_api_is_typed_with_the_literals
     assert hints(probe.run_probe)["head"] is choices.ProbeHead
     assert hints(finetune.FinetuneConfig)["schedule"] is choices.FinetuneSchedule
     assert all(hints(c)["device"] is choices.Device for c in configs.STAGE_CONFIGS.values() if "device" in hints(c))
-    assert hints(predict.predict)["eval_views"] is hints(report.write_report)["eval_views"] is choices.EvalViews
+    assert hints(predict.predict)["eval_views"] == hints(report.write_report)["eval_views"] == choices.ViewSelection
     assert hints(featx.extract_features)["views"] is choices.ViewSet
     with pytest.raises(FeatxError, match="--head rbf: choose one of linear, mlp"):
         sweep._check(None, None, [], "rbf")

@@ -132,6 +132,12 @@ def test_eval_views_on_the_command_line_as_in_python(tmp_path, capsys, monkeypat
         np.testing.assert_allclose(prob1[views], p.probs.max(1), atol=1e-6)
     np.testing.assert_allclose(prob1["full"], softmax(np.array(LOGITS[0])[[v[0] for v in VIEWS_OF]]).max(1), atol=1e-6)
     assert prob1["all"] != prob1["full"]
+    # stored view names, as probe takes them: naming both views is all
+    np.testing.assert_allclose(predict(runs=[run], split="val", eval_views="full,full_flip", device="cpu").probs,
+                               predict(runs=[run], split="val", eval_views="all", device="cpu").probs, atol=1e-7)
+    code, _, stderr = featx_cli(capsys, monkeypatch, "predict", "--run", str(run), "--eval-views", "nowhere",
+                                "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, stderr, "has no view nowhere")
     code, _, stderr = featx_cli(capsys, monkeypatch, "predict", "--run", str(run), "--views", "all")
     assert_one_line_error(code, stderr, "No such option '--views'")
 
@@ -291,6 +297,8 @@ def test_bad_input_is_one_line_and_exit_2(synth_runs, synth_cache, tmp_path, cap
     cases = [
         (["predict", "--run", probe, "--run", str(tmp_path / "c3")], "classes differ"),
         (["predict", "--run", probe, "--ensemble", "top:0"], "--ensemble top:0: choose one of best, top:K"),
+        (["predict", "--run", str(synth_runs["finetune"]), "--eval-views", "full_flip"],
+         "--eval-views full_flip: a finetune run averages all"),
         (["predict", "--run", str(tmp_path)], "run.json: missing or unreadable"),
         (["predict", "--run", probe, "--images", str(tmp_path / "nothing")], "no such file or folder"),
         (["report", "--run", probe, "--split", "test", "--out", str(tmp_path / "r")], "split 'test' has no labels"),
