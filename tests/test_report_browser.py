@@ -17,14 +17,16 @@ from featx.report import write_report
 CHROMIUM = Path("/usr/bin/chromium")
 
 # Records console errors and uncaught exceptions from the start, then (once everything has loaded) checks the
-# images and sorts the per-class table by its "images" column, and writes the findings into the page.
+# images and sorts the per-class table by its "class" column, and writes the findings into the page.
 BEFORE = """<script>window.__errors = [];
 const __error = console.error; console.error = (...a) => { window.__errors.push(a.join(' ')); __error(...a); };
 window.addEventListener('error', e => window.__errors.push(String(e.message || e.target.src)), true);</script>"""
 AFTER = """<script>window.addEventListener('load', () => {
   const imgs = Array.from(document.images);
-  const table = document.querySelectorAll('table.sortable')[1];
-  const col = Array.from(table.tHead.rows[0].cells).findIndex(th => th.textContent === 'class');
+  const heads = t => Array.from(t.tHead.rows[0].cells).map(th => th.textContent);
+  // the per-class table: the one with a "class" column (last on the page, collapsed)
+  const table = Array.from(document.querySelectorAll('table.sortable')).find(t => heads(t).includes('class'));
+  const col = heads(table).indexOf('class');
   const names = () => Array.from(table.tBodies[0].rows).map(r => r.cells[col].textContent);
   const before = names(); table.tHead.rows[0].cells[col].click(); const after = names();
   const out = document.createElement('pre'); out.id = 'probe';
