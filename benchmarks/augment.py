@@ -105,7 +105,7 @@ def main() -> None:
     print(f"ratio     batched / groups16 = {b / results['groups16']['rate']:.2f}x, "
           f"batched / loop = {b / results['loop']['rate']:.2f}x")
     print(f"--aug {args.aug}, batch {args.batch}, {args.side_px} px -> {args.size} px, CPU flags: "
-          f"{common.cpu_flags()}, {common.machine()}")
+          f"{common.machine()}")
 
 
 if __name__ == "__main__":

@@ -73,13 +73,10 @@ def matmul_peaks() -> dict[str, float]:
 
 
 def cpu_flags() -> str:
-    """The CPU's vector and matrix extensions that decide its precision: AVX2, AVX-512, BF16, AMX."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
-    except (OSError, IndexError):
-        return "flags unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return " ".join(f for f in wanted if f in flags) or "no AVX2"
+    """The CPU's vector and matrix extensions that decide its precision, as `featx env` lists them."""
+    from featx.env import environment
+
+    return " ".join(environment()["cpu"]["flags"]) or "no AVX2"
 
 
 def machine() -> str:

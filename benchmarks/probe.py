@@ -24,7 +24,7 @@ well-conditioned stand-in it stops after 2-35, and the stand-in is no showcase f
     python benchmarks/probe.py --estimators --features F.h5   # featx.LinearProbeCV vs LogisticRegressionCV
 
 The estimators' side: both fitted on the same arrays (the full-image view of train as numpy, float32), each
-choosing by itself (LinearProbeCV: DEFAULT_GRID in one pass, chosen on a 10% holdout; LogisticRegressionCV:
+choosing by itself (LinearProbeCV: DEFAULT_SWEEP in one pass, chosen on a 10% holdout; LogisticRegressionCV:
 its defaults, 10 Cs x 5 folds and a refit), then scored on val; time, val top-1 and peak RSS per side.
 """
 

@@ -5,7 +5,7 @@
     print(format_leaderboard(board))
 
 Per backbone: extract (a feature file named by its settings under out/features, reused when it exists),
-probe with the default sweep (featx.estimator.DEFAULT_GRID, chosen on a holdout of train), score val once.
+probe with the default sweep (featx.configs.DEFAULT_SWEEP, chosen on a holdout of train), score val once.
 The leaderboard gives top-1 and top-5 with 95% bootstrap intervals, the paired test against the best
 (featx.stats.paired_comparison), feature dimension, parameters, extraction images/s here and the feature
 file's size; it is written as out/leaderboard.txt, out/results.json and out/report/ (featx.report's page
@@ -30,11 +30,12 @@ from featx.data import prepare_cache, read_split
 from featx.device import resolve_device, resolve_precision
 from featx.env import environment
 from featx.errors import FeatxError
-from featx.estimator import DEFAULT_GRID
+from featx.configs import DEFAULT_SWEEP
 from featx.extract import compute_features, extract_features
 from featx.features import open_split
 from featx.predict import predict
-from featx.probe import grid, run_probe
+from featx.probe import run_probe
+from featx.sweep import grid
 from featx.report import write_report
 from featx.runs import write_json
 from featx.stats import paired_comparison
@@ -101,7 +102,7 @@ def compare(*, data: str | Path | None, backbones: Sequence[str], out: str | Pat
             epochs: int = CompareConfig.epochs, seed: int = CompareConfig.seed,
             device: Device = CompareConfig.device, precision: Precision = CompareConfig.precision,
             progress: bool = True) -> list[Entry]:
-    """Extract, probe (DEFAULT_GRID, chosen on `select`) and score val for each backbone; returns the
+    """Extract, probe (DEFAULT_SWEEP, chosen on `select`) and score val for each backbone; returns the
     leaderboard, best top-1 first, and writes out/results.json, out/leaderboard.txt and out/report/.
 
     `weights`: one per backbone ("default", a torchvision weights name, "none" or a state_dict path); default:
@@ -124,7 +125,7 @@ def compare(*, data: str | Path | None, backbones: Sequence[str], out: str | Pat
                                         device=device, precision=precision,
                                         out=out / "features" / f"{label}-{settings}.h5", progress=progress)
         run_dir = out / "runs" / label
-        result = run_probe(features=feature_file, out=run_dir, heads=grid(**DEFAULT_GRID), epochs=epochs,
+        result = run_probe(features=feature_file, out=run_dir, heads=grid(**DEFAULT_SWEEP), epochs=epochs,
                            eval_views=eval_views, select=select, seed=seed, device=device, progress=progress)
         pred = predict(runs=[run_dir], split="val", eval_views=eval_views, device=device)
         speed, parameters = _speed(backbone, w, cache, size=size, views=views, crop=crop, classes=classes,
@@ -140,7 +141,7 @@ def compare(*, data: str | Path | None, backbones: Sequence[str], out: str | Pat
     board = [e for e, _ in found]
     write_json(out / "results.json", {"settings": {"data": str(data), "classes": classes, "per_class": per_class,
                                                    "size": size, "views": views, "eval_views": eval_views,
-                                                   "select": select, "grid": DEFAULT_GRID},
+                                                   "select": select, "grid": DEFAULT_SWEEP},
                                       "environment": environment(), "leaderboard": [asdict(e) for e in board]})
     with replacing(out / "leaderboard.txt") as tmp:
         tmp.write_text(format_leaderboard(board) + "\n")

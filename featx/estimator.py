@@ -38,7 +38,6 @@ from featx.stats import holdout_rows
 # around the seed's head (lr 6.5e-4, wd 0.0116), with Adam, label smoothing 0.1 and 10 epochs of exponential
 # decay. On MobileNetV2 features of the full Tiny ImageNet the seed's single head scores 60.49% val and this
 # grid, chosen on the holdout, 63.50% (issue 24), for one pass over the data.
-DEFAULT_GRID: dict[str, tuple[float, ...]] = DEFAULT_SWEEP
 
 ARRAYS = Path("<arrays>")  # the `path` of Features built from arrays, as error messages name it
 
@@ -151,7 +150,7 @@ class LinearProbe(_Probe):
 
 
 class LinearProbeCV(_Probe):
-    """Every combination of `lr` x `weight_decay` x `label_smoothing` x `dropout` (default: DEFAULT_GRID)
+    """Every combination of `lr` x `weight_decay` x `label_smoothing` x `dropout` (default: DEFAULT_SWEEP)
     trained in one pass over the same minibatches, as `featx probe` sweeps; the head and epoch with the best
     top-1 on a class-stratified `holdout` share of the training data (or on `X_val`, `y_val` given to fit) are
     kept. Unlike LogisticRegressionCV there is no refit: the chosen head is the one trained without the
@@ -159,8 +158,8 @@ class LinearProbeCV(_Probe):
     (its holdout top-1), `scores_` (each config's best holdout top-1), `configs_`, `head_`, `history_`."""
 
     # scikit-learn reads an estimator's parameters from its own __init__: LinearProbe's are spelled out again
-    def __init__(self, *, lr: Sequence[float] = DEFAULT_GRID["lr"], holdout: float = 0.1,
-                 weight_decay: Sequence[float] = DEFAULT_GRID["weight_decay"],
+    def __init__(self, *, lr: Sequence[float] = DEFAULT_SWEEP["lr"], holdout: float = 0.1,
+                 weight_decay: Sequence[float] = DEFAULT_SWEEP["weight_decay"],
                  label_smoothing: Sequence[float] = (HeadConfig.label_smoothing,),
                  dropout: Sequence[float] = (HeadConfig.dropout,), epochs: int = ProbeConfig.epochs,
                  batch_size: int = ProbeConfig.batch_size, optimizer: Optimizer = ProbeConfig.optimizer,

@@ -62,10 +62,11 @@ def probe(config: ProbeConfig, *, out: str | Path, force: bool = False, progress
     validate(config)
     options = {k: v for k, v in dataclasses.asdict(config).items() if k not in HYPERPARAMETERS}
     options["k"], options["feature_sets"] = list(options["k"]), list(options.pop("feature_set"))
-    result = run_probe(**options, heads=probe_heads(config), out=out, force=force, progress=progress)
+    heads = probe_heads(config)
+    result = run_probe(**options, heads=heads, out=out, force=force, progress=progress)
     recorded = read_run(out).config
     resolved = {"device": str(resolve_device(config.device)), "stream": recorded.get("stream", config.stream),
-                "heads": [dataclasses.asdict(h) for h in probe_heads(config)]}
+                "heads": [dataclasses.asdict(h) for h in heads]}
     update_run(out, config={**recorded, "options": to_dict(config), "resolved": resolved})
     return result
 

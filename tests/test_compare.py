@@ -10,7 +10,7 @@ import pytest
 
 from featx.compare import compare, format_leaderboard
 from featx.errors import FeatxError
-from featx.estimator import DEFAULT_GRID
+from featx.estimator import DEFAULT_SWEEP
 from featx.features import load_features
 from featx.predict import predict
 from featx.runs import read_run
@@ -29,7 +29,7 @@ def test_compare_three_backbones(synth_cache, shared_weights, tmp_path):
     assert by["resnet18"].parameters == 11_176_512  # torchvision's resnet18 without its fc layer
     for e in board:
         run = read_run(e.run)
-        assert len(run.config["heads"]) == len(DEFAULT_GRID["lr"]) * len(DEFAULT_GRID["weight_decay"])
+        assert len(run.config["heads"]) == len(DEFAULT_SWEEP["lr"]) * len(DEFAULT_SWEEP["weight_decay"])
         assert run.config["select"] == "holdout:0.1"
         pred = predict(runs=[e.run], split="val", device="cpu")
         assert e.top1 == pytest.approx(pred.top_k(1)) and e.top5 == pytest.approx(pred.top_k(5))
@@ -47,7 +47,7 @@ def test_compare_three_backbones(synth_cache, shared_weights, tmp_path):
     out = tmp_path / "cmp"
     results = json.loads((out / "results.json").read_text())
     assert [r["backbone"] for r in results["leaderboard"]] == [e.backbone for e in board]
-    assert results["settings"]["grid"] == {k: list(v) for k, v in DEFAULT_GRID.items()}
+    assert results["settings"]["grid"] == {k: list(v) for k, v in DEFAULT_SWEEP.items()}
     assert (out / "leaderboard.txt").read_text() == format_leaderboard(board) + "\n"
     page = (out / "report" / "report.html").read_text()
     assert "Leaderboard" in page and all(e.run in page for e in board)

@@ -27,7 +27,8 @@ def test_cpu_flags_from_cpuinfo():
     assert cpu_info("processor\t: 0\nflags\t: fpu sse sse2\n")["flags"] == []
 
 
-def test_environment_here():
+def test_environment_here(monkeypatch):
+    monkeypatch.delenv("FEATX_CPU_BF16", raising=False)  # the flags and what auto picks from the hardware itself
     env = environment()
     assert json.loads(json.dumps(env)) == env  # what `featx env --json` prints
     assert env["featx"] == featx.__version__

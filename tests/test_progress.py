@@ -24,6 +24,11 @@ extract_features(data=sys.argv[1], backbone="resnet18", weights="none", size=96,
 """
 
 
+
+def shards(partial):
+    """The finished shards: a kill can leave a `.tmp.npy` that is not one (featx.atomic writes, then renames)."""
+    return [p for p in partial.glob("*-*.npy") if ".tmp." not in p.name]
+
 def test_a_log_gets_one_line_per_tenth(capsys):
     with progress_bar(total=200, desc="stage", unit="img", initial=40) as bar:
         for _ in range(16):
@@ -56,11 +61,11 @@ def test_a_resumed_extract_counts_from_the_rows_already_done(synth_cache, tmp_pa
     proc = subprocess.Popen([sys.executable, "-c", RESUMABLE, str(synth_cache), str(out)],
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300  # a loaded machine takes long to start the first shard
-    while len(list(partial.glob("*-*.npy"))) < 3 and proc.poll() is None and time.time() < deadline:
+    while len(shards(partial)) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(list(partial.glob("*-*.npy")))
+    done = len(shards(partial))
     if not 3 <= done < 17:
         pytest.fail(f"{done} of 17 shards when killed: the test needs a run stopped midway")
     run = subprocess.run([sys.executable, "-c", RESUMABLE, str(synth_cache), str(out)], capture_output=True,
