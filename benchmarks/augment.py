@@ -2,12 +2,12 @@
 
     python benchmarks/augment.py [--batch 128] [--batches 20] [--aug invert,brightness,noise,flip,rotate,scale,shift,shear]
 
-- `batched`: featx.augment.Augment, every image its own parameters, one grid_sample per output size.
+- `batched`: featx.nets.augment.Augment, every image its own parameters, one grid_sample per output size.
 - `groups16`: the pipeline featx had before issue 23 (kept here only, as the peer): the batch split into 16
   groups, each one torchvision.transforms.v2 call, so every 8 consecutive images of 128 shared one draw.
 - `loop`: the per-image version one writes first: a Python loop calling the same v2 transforms on each image.
 
-All three end in featx.views.to_input (resize to --size, normalise). Each side runs in its own process on the
+All three end in featx.nets.views.to_input (resize to --size, normalise). Each side runs in its own process on the
 same seeded uint8 batches of --side-px images on the CPU; the first batch is a warm-up. Peak RSS is sampled
 from /proc (benchmarks/common.py). Prints images/s, the ratios and the CPU's vector flags.
 """
@@ -25,32 +25,42 @@ SIDES = ("batched", "groups16", "loop")
 
 
 def _old_pixel_transform(items: list[str], crop: int):
-    """The pre-issue-23 featx.augment.pixel_transform: one v2.Compose, one random draw per call."""
+    """The pre-issue-23 featx.nets.augment.pixel_transform: one v2.Compose, one random draw per call."""
     import torch
     from torchvision.transforms import v2
 
-    from featx.augment import check_augmentations
-    from featx.views import VIEW_SETS, crop_view
+    from featx.nets.augment import check_augmentations
+    from featx.nets.views import VIEW_SETS, crop_view
 
     corners = v2.RandomChoice([v2.Lambda(partial(crop_view, name=n, crop=crop)) for n in VIEW_SETS["ten"][:5]])
     make = {
-        "flip": lambda p: v2.RandomHorizontalFlip(p), "crop": lambda _: v2.RandomCrop(crop),
-        "corners": lambda _: corners, "color": lambda m: v2.ColorJitter(brightness=m, contrast=m),
-        "brightness": lambda m: v2.ColorJitter(brightness=m), "rotate": lambda deg: v2.RandomRotation(deg),
+        "flip": lambda p: v2.RandomHorizontalFlip(p),
+        "crop": lambda _: v2.RandomCrop(crop),
+        "corners": lambda _: corners,
+        "color": lambda m: v2.ColorJitter(brightness=m, contrast=m),
+        "brightness": lambda m: v2.ColorJitter(brightness=m),
+        "rotate": lambda deg: v2.RandomRotation(deg),
         "scale": lambda m: v2.RandomAffine(0, scale=(1 - m, 1 + m)),
         "shift": lambda m: v2.RandomAffine(0, translate=(m, m)),
-        "shear": lambda deg: v2.RandomAffine(0, shear=(-deg, deg)), "invert": lambda p: v2.RandomInvert(p=p),
-        "noise": lambda sigma: v2.GaussianNoise(sigma=sigma)}
+        "shear": lambda deg: v2.RandomAffine(0, shear=(-deg, deg)),
+        "invert": lambda p: v2.RandomInvert(p=p),
+        "noise": lambda sigma: v2.GaussianNoise(sigma=sigma),
+    }
     augs = check_augmentations(items)
-    return v2.Compose([*(make[n](m) for n, m in augs if n != "noise"), v2.ToDtype(torch.float32, scale=True),
-                       *(make[n](m) for n, m in augs if n == "noise")])
+    return v2.Compose(
+        [
+            *(make[n](m) for n, m in augs if n != "noise"),
+            v2.ToDtype(torch.float32, scale=True),
+            *(make[n](m) for n, m in augs if n == "noise"),
+        ]
+    )
 
 
 def make_side(side: str, items: list[str], *, crop: int, size: int):
     import torch
 
-    from featx.augment import Augment
-    from featx.views import to_input
+    from featx.nets.augment import Augment
+    from featx.nets.views import to_input
 
     kw = dict(size=size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     if side == "batched":
@@ -62,6 +72,7 @@ def make_side(side: str, items: list[str], *, crop: int, size: int):
         x = images.permute(0, 3, 1, 2)
         chunks = x.tensor_split(16) if side == "groups16" else x.split(1)
         return torch.cat([to_input(pixels(c), **kw) for c in chunks])
+
     return run
 
 
@@ -99,13 +110,16 @@ def main() -> None:
     results = {side: common.measure(__file__, [*passed, f"--side={side}"]) for side in SIDES}
     for side, r in results.items():
         r["rate"] = r["images"] / r["seconds"]
-        print(f"{side:<9} {r['images']} images in {r['seconds']:.2f} s = {r['rate']:.0f} images/s, "
-              f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB, {r['threads']} threads")
+        print(
+            f"{side:<9} {r['images']} images in {r['seconds']:.2f} s = {r['rate']:.0f} images/s, "
+            f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB, {r['threads']} threads"
+        )
     b = results["batched"]["rate"]
-    print(f"ratio     batched / groups16 = {b / results['groups16']['rate']:.2f}x, "
-          f"batched / loop = {b / results['loop']['rate']:.2f}x")
-    print(f"--aug {args.aug}, batch {args.batch}, {args.side_px} px -> {args.size} px, CPU flags: "
-          f"{common.machine()}")
+    print(
+        f"ratio     batched / groups16 = {b / results['groups16']['rate']:.2f}x, "
+        f"batched / loop = {b / results['loop']['rate']:.2f}x"
+    )
+    print(f"--aug {args.aug}, batch {args.batch}, {args.side_px} px -> {args.size} px, CPU flags: {common.machine()}")
 
 
 if __name__ == "__main__":

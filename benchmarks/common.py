@@ -67,14 +67,14 @@ def matmul_peak_gflops(n: int = 2048, repeat: int = 5, dtype: str = "fp32") -> f
 
 def matmul_peaks() -> dict[str, float]:
     """The fp32 matmul peak, and the bf16 one where the CPU has bf16 instructions."""
-    from featx.device import cpu_has_bf16
+    from featx.core.device import cpu_has_bf16
 
     return {p: matmul_peak_gflops(dtype=p) for p in ("fp32", *(("bf16",) if cpu_has_bf16() else ()))}
 
 
 def cpu_flags() -> str:
     """The CPU's vector and matrix extensions that decide its precision, as `featx env` lists them."""
-    from featx.env import environment
+    from featx.core.env import environment
 
     return " ".join(environment()["cpu"]["flags"]) or "no AVX2"
 

@@ -23,7 +23,7 @@ from common import SHARED_ZIP
 
 
 def run_featx(zip_path: str, cache: str) -> dict:
-    from featx.data import cache_info, prepare_cache
+    from featx.data.cache import cache_info, prepare_cache
 
     start = time.perf_counter()
     prepare_cache(zip_path, cache=cache, progress=False)
@@ -72,12 +72,16 @@ def main() -> None:
     for side, r in best.items():
         rates = ", ".join(f"{x['rate']:.0f}" for x in runs[side])
         cpu_ms = 1000 * min(x["cpu"] for x in runs[side]) / r["images"]
-        print(f"{side:<6} {r['images']} images in {r['seconds']:.2f} s = {r['rate']:.0f} images/s "
-              f"(runs: {rates}), peak RSS {max(x['peak_rss'] for x in runs[side]) / 2**20:.0f} MiB, "
-              f"CPU {cpu_ms:.3f} ms/image")
+        print(
+            f"{side:<6} {r['images']} images in {r['seconds']:.2f} s = {r['rate']:.0f} images/s "
+            f"(runs: {rates}), peak RSS {max(x['peak_rss'] for x in runs[side]) / 2**20:.0f} MiB, "
+            f"CPU {cpu_ms:.3f} ms/image"
+        )
     print(f"ratio  featx / loop = {f['rate'] / loop['rate']:.2f}x (target >= 2x) on {common.machine()}")
-    print(f"cache  {f['bytes'] / 2**20:.1f} MiB vs raw uint8 pixels {loop['bytes'] / 2**20:.1f} MiB "
-          f"= {100 * (f['bytes'] / loop['bytes'] - 1):+.2f}% (target <= +5%)")
+    print(
+        f"cache  {f['bytes'] / 2**20:.1f} MiB vs raw uint8 pixels {loop['bytes'] / 2**20:.1f} MiB "
+        f"= {100 * (f['bytes'] / loop['bytes'] - 1):+.2f}% (target <= +5%)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,17 +27,30 @@ from common import SHARED_ZIP, machine, measure
 
 
 def run_featx(args) -> dict:
-    from featx import runs
-    from featx.finetune import FinetuneConfig, finetune
+    from featx.core import runs
+    from featx.finetune.run import FinetuneConfig, finetune
 
     with tempfile.TemporaryDirectory() as out:
-        config = FinetuneConfig(data=args.cache, backbone=args.backbone, weights="none", size=args.size,
-                                epochs=args.epochs, batch_size=args.batch_size, aug=["crop", "flip"], crop=56,
-                                device=args.device, precision=args.precision, compile=args.compile)
+        config = FinetuneConfig(
+            data=args.cache,
+            backbone=args.backbone,
+            weights="none",
+            size=args.size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            aug=["crop", "flip"],
+            crop=56,
+            device=args.device,
+            precision=args.precision,
+            compile=args.compile,
+        )
         result = finetune(config, out=Path(out) / "run", progress=False)
         resolved = runs.read_run(Path(out) / "run").resolved
-    return {"images_per_s": result.epochs[-1]["train_images_per_s"],
-            "epoch_seconds": [r["seconds"] for r in result.epochs], **resolved}
+    return {
+        "images_per_s": result.epochs[-1]["train_images_per_s"],
+        "epoch_seconds": [r["seconds"] for r in result.epochs],
+        **resolved,
+    }
 
 
 def run_plain(args) -> dict:
@@ -46,12 +59,25 @@ def run_plain(args) -> dict:
     from torchvision import transforms as T
 
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    tf = T.Compose([T.RandomCrop(56), T.RandomHorizontalFlip(), T.Resize(args.size), T.ToTensor(),
-                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    tf = T.Compose(
+        [
+            T.RandomCrop(56),
+            T.RandomHorizontalFlip(),
+            T.Resize(args.size),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     data = torchvision.datasets.ImageFolder(args.jpegs, transform=tf)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+    )
     model = torchvision.models.get_model(args.backbone, num_classes=len(data.classes)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     epoch_seconds = []
@@ -67,13 +93,17 @@ def run_plain(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_seconds.append(time.perf_counter() - start)
-    return {"images_per_s": seen / epoch_seconds[-1], "epoch_seconds": epoch_seconds, "precision": "fp32",
-            "compile": "off"}
+    return {
+        "images_per_s": seen / epoch_seconds[-1],
+        "epoch_seconds": epoch_seconds,
+        "precision": "fp32",
+        "compile": "off",
+    }
 
 
 def extract_jpegs(zip_path: Path, cache: Path, classes: int, per_class: int, root: Path) -> Path:
     """The cache's train images as JPEG files in an ImageFolder layout (root/<wnid>/<file>)."""
-    from featx.data import dataset_info, read_split
+    from featx.data.cache import dataset_info, read_split
 
     wnids = dataset_info(cache).wnids
     split = read_split(cache, "train", classes=classes, per_class=per_class)
@@ -108,11 +138,12 @@ def main() -> None:
         print(json.dumps((run_featx if args.part == "featx" else run_plain)(args)))
         return
 
-    from featx.data import prepare_cache
+    from featx.data.cache import prepare_cache
 
     with tempfile.TemporaryDirectory() as tmp:
-        cache = prepare_cache(args.zip, cache=Path(tmp) / "cache.h5", classes=args.classes, per_class=args.per_class,
-                              progress=False)
+        cache = prepare_cache(
+            args.zip, cache=Path(tmp) / "cache.h5", classes=args.classes, per_class=args.per_class, progress=False
+        )
         jpegs = extract_jpegs(args.zip, cache, args.classes, args.per_class, Path(tmp) / "jpegs")
         common = [a for a in sys.argv[1:] if a != "--json"] + ["--cache", str(cache), "--jpegs", str(jpegs)]
         if args.json:  # its value too
@@ -121,18 +152,25 @@ def main() -> None:
     ratio = results["featx"]["images_per_s"] / results["plain"]["images_per_s"]
     images = args.epochs * (args.classes * args.per_class // args.batch_size) * args.batch_size
     overall = {side: images / sum(r["epoch_seconds"]) for side, r in results.items()}
-    print(f"{args.backbone} at {args.size} px, batch {args.batch_size}, {args.classes * args.per_class} images; {machine()}")
+    print(
+        f"{args.backbone} at {args.size} px, batch {args.batch_size}, {args.classes * args.per_class} images; {machine()}"
+    )
     for side, r in results.items():
-        print(f"{side:6} {r['images_per_s']:8.1f} images/s  {r['precision']}, compile {r['compile']}, "
-              f"peak RSS {r['peak_rss'] / 2**20:6.0f} MiB")
+        print(
+            f"{side:6} {r['images_per_s']:8.1f} images/s  {r['precision']}, compile {r['compile']}, "
+            f"peak RSS {r['peak_rss'] / 2**20:6.0f} MiB"
+        )
     print(f"featx / plain: {ratio:.2f}x steady state (last epoch; compilation excluded)")
     one_off = {side: max(0.0, r["epoch_seconds"][0] - r["epoch_seconds"][-1]) for side, r in results.items()}
-    print(f"with the one-off cost (first epoch over last: featx {one_off['featx']:.1f} s, plain "
-          f"{one_off['plain']:.1f} s), over all {args.epochs} epochs: featx / plain = "
-          f"{overall['featx'] / overall['plain']:.2f}x")
+    print(
+        f"with the one-off cost (first epoch over last: featx {one_off['featx']:.1f} s, plain "
+        f"{one_off['plain']:.1f} s), over all {args.epochs} epochs: featx / plain = "
+        f"{overall['featx'] / overall['plain']:.2f}x"
+    )
     if args.json:
-        args.json.write_text(json.dumps({**results, "ratio": ratio, "args": {k: str(v) for k, v in vars(args).items()}},
-                                        indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({**results, "ratio": ratio, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

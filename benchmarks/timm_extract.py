@@ -43,8 +43,12 @@ def run_timm(args) -> dict:
         config["input_size"] = (3, args.size, args.size)
     tf = timm.data.create_transform(**{**config, "crop_pct": 1.0})
     files = Path(args.files).read_text().split("\n")
-    loader = DataLoader(files, batch_size=args.batch_size or 32, num_workers=2,
-                        collate_fn=lambda batch: torch.stack([tf(Image.open(f).convert("RGB")) for f in batch]))
+    loader = DataLoader(
+        files,
+        batch_size=args.batch_size or 32,
+        num_workers=2,
+        collate_fn=lambda batch: torch.stack([tf(Image.open(f).convert("RGB")) for f in batch]),
+    )
     feats = []
     with torch.no_grad():
         for x in loader:
@@ -57,13 +61,21 @@ def run_timm(args) -> dict:
 def compare(args, backbone: str, cache: Path, files: Path, tmp: str) -> None:
     import numpy as np
 
-    from featx.features import load_features
+    from featx.features.store import load_features
 
-    side = ["--backbone", backbone, "--weights", "none", "--device", "cpu",
-            *(["--size", str(args.size)] if args.size else []),
-            *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
-    featx = common.measure(__file__, ["--side", "featx", "--cache", str(cache), "--views", "full",
-                                      "--out", f"{tmp}/featx.h5", *side])
+    side = [
+        "--backbone",
+        backbone,
+        "--weights",
+        "none",
+        "--device",
+        "cpu",
+        *(["--size", str(args.size)] if args.size else []),
+        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+    ]
+    featx = common.measure(
+        __file__, ["--side", "featx", "--cache", str(cache), "--views", "full", "--out", f"{tmp}/featx.h5", *side]
+    )
     plain = common.measure(__file__, ["--side", "timm", "--files", str(files), "--out", f"{tmp}/timm.npy", *side])
     a = load_features(f"{tmp}/featx.h5", "train").features[:, 0].astype(np.float64)
     b = np.load(f"{tmp}/timm.npy").astype(np.float64)
@@ -72,12 +84,16 @@ def compare(args, backbone: str, cache: Path, files: Path, tmp: str) -> None:
     rates = {}
     for name, r in (("featx", featx), ("timm", plain)):
         rates[name] = r["images"] / r["seconds"]
-        print(f"{backbone:<30} {name:<6} {r['images']} images in {r['seconds']:.1f} s = {rates[name]:.1f} img/s, "
-              f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB, CPU {r['cpu']:.0f} s")
+        print(
+            f"{backbone:<30} {name:<6} {r['images']} images in {r['seconds']:.1f} s = {rates[name]:.1f} img/s, "
+            f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB, CPU {r['cpu']:.0f} s"
+        )
     args.backbone = backbone
-    print(f"{backbone:<30} ratio featx / timm = {rates['featx'] / rates['timm']:.2f}x at "
-          f"{args.size or 'its default size'}, {view_gflops(args):.2f} GFLOP per image; cosine min "
-          f"{cos.min():.4f}, mean {cos.mean():.4f}")
+    print(
+        f"{backbone:<30} ratio featx / timm = {rates['featx'] / rates['timm']:.2f}x at "
+        f"{args.size or 'its default size'}, {view_gflops(args):.2f} GFLOP per image; cosine min "
+        f"{cos.min():.4f}, mean {cos.mean():.4f}"
+    )
 
 
 def main() -> None:
@@ -87,8 +103,11 @@ def main() -> None:
     ap.add_argument("--size", type=int)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--per-class", type=int, default=10)
-    ap.add_argument("--batch-size", type=int,
-                    help="images per batch on both sides [default: featx's own default; 32 for timm's loader]")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per batch on both sides [default: featx's own default; 32 for timm's loader]",
+    )
     ap.add_argument("--side", choices=["featx", "timm"], help=argparse.SUPPRESS)
     for hidden in ("--backbone", "--weights", "--device", "--views", "--cache", "--files", "--out"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -97,16 +116,19 @@ def main() -> None:
         print(json.dumps(run_featx(args) if args.side == "featx" else run_timm(args)))
         return
 
-    from featx.data import prepare_cache, read_split
+    from featx.data.cache import prepare_cache, read_split
 
     with tempfile.TemporaryDirectory() as tmp:
-        cache = prepare_cache(args.zip, cache=f"{tmp}/cache.h5", classes=args.classes, per_class=args.per_class,
-                              progress=False)
+        cache = prepare_cache(
+            args.zip, cache=f"{tmp}/cache.h5", classes=args.classes, per_class=args.per_class, progress=False
+        )
         with zipfile.ZipFile(args.zip) as z:
             members = {Path(n).name: n for n in z.namelist() if "/train/" in n}
             files = [z.extract(members[i], tmp) for i in read_split(cache, "train").ids]
         Path(f"{tmp}/files.txt").write_text("\n".join(files))
-        print(f"{len(files)} images, CPU, {common.machine()}, fp32 matmul peak {common.matmul_peak_gflops():.0f} GFLOP/s")
+        print(
+            f"{len(files)} images, CPU, {common.machine()}, fp32 matmul peak {common.matmul_peak_gflops():.0f} GFLOP/s"
+        )
         for backbone in args.backbones.split(","):
             compare(args, backbone, cache, Path(f"{tmp}/files.txt"), tmp)
 

@@ -10,52 +10,56 @@ Each stage takes its typed config, the same the CLI (`featx ...`) and the recipe
 The stages' keyword functions (`extract_features`, `run_probe`, `predict_split`, ...) stay for convenience.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
+
+from featx import _layout
 
 # Public API -> "module" or "module:attribute" defining it. Imported lazily so that `featx --help` does not pay
 # for torch. Names differ from featx's submodules (finetune, predict, ...): once a submodule is imported, the
 # package attribute of that name is the module, which would shadow a function exported under it.
 _API = {
-    "FeatxError": "featx.errors",
+    "FeatxError": "featx.core.errors",
     # every stage's options, one typed config each, and the one call that runs any of them
-    "PrepareConfig": "featx.configs",
-    "ExtractConfig": "featx.configs",
-    "ProbeConfig": "featx.configs",
-    "PredictConfig": "featx.configs",
-    "ReportConfig": "featx.configs",
-    "CompareConfig": "featx.configs",
-    "run_stage": "featx.stages",
+    "PrepareConfig": "featx.core.configs",
+    "ExtractConfig": "featx.core.configs",
+    "ProbeConfig": "featx.core.configs",
+    "PredictConfig": "featx.core.configs",
+    "ReportConfig": "featx.core.configs",
+    "CompareConfig": "featx.core.configs",
+    "run_stage": "featx.front.stages",
     # stage 1: data and transfer values
-    "prepare_cache": "featx.data",
-    "read_split": "featx.data",
-    "cache_info": "featx.data",
-    "create_backbone": "featx.backbones",
-    "list_backbones": "featx.backbones",
-    "extract_features": "featx.extract",
-    "load_features": "featx.features",
-    "load": "featx.features",
+    "prepare_cache": "featx.data.cache",
+    "read_split": "featx.data.cache",
+    "cache_info": "featx.data.cache",
+    "create_backbone": "featx.nets.backbones",
+    "list_backbones": "featx.nets.backbones",
+    "extract_features": "featx.features.extract",
+    "load_features": "featx.features.store",
+    "load": "featx.features.store",
     # stage 2: heads on cached features
-    "HeadConfig": "featx.sweep",
-    "grid": "featx.sweep",
-    "run_probe": "featx.probe",
-    "train_heads": "featx.sweep:train",
+    "HeadConfig": "featx.probe.sweep",
+    "grid": "featx.probe.sweep",
+    "run_probe": "featx.probe.run",
+    "train_heads": "featx.probe.sweep:train",
     # the probe on arrays, as scikit-learn estimators
-    "LinearProbe": "featx.estimator",
-    "LinearProbeCV": "featx.estimator",
+    "LinearProbe": "featx.probe.estimator",
+    "LinearProbeCV": "featx.probe.estimator",
     # stage 3: end-to-end training
-    "FinetuneConfig": "featx.configs",
-    "run_finetune": "featx.finetune:finetune",
+    "FinetuneConfig": "featx.core.configs",
+    "run_finetune": "featx.finetune.run:finetune",
     # stage 4: predictions, submission, report
-    "predict_split": "featx.predict:predict",
-    "predict_images": "featx.predict",
-    "write_predictions": "featx.predict",
-    "write_submission": "featx.predict",
-    "write_report": "featx.report",
-    # recipes (pass the click group: run_recipe(recipe=..., commands=featx.cli.cli))
-    "run_recipe": "featx.pipeline",
+    "predict_split": "featx.evaluate.scoring:predict",
+    "predict_images": "featx.evaluate.images",
+    "write_predictions": "featx.evaluate.writers",
+    "write_submission": "featx.evaluate.writers",
+    "write_report": "featx.evaluate.report",
+    # recipes (pass the click group: run_recipe(recipe=..., commands=featx.front.cli.cli))
+    "run_recipe": "featx.front.recipes",
 }
 
 __all__ = ["__version__", *_API]
+
+_layout.install()
 
 
 def __getattr__(name: str):

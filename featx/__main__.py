@@ -1,5 +1,5 @@
 """`python -m featx ...`, which is also what `torchrun -m featx ...` runs on every rank."""
 
-from featx.cli import main
+from featx.front.cli import main
 
 main()

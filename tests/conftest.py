@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from synth import write_tiny_imagenet
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -33,16 +32,15 @@ def shared_weights() -> Path:
 def real_cache(shared_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The decoded cache of shared_zip, prepared once per session (a few seconds); use
     read_split(real_cache, split, classes=K) for a class subset."""
-    from featx.data import prepare_cache
+    from featx.data.cache import prepare_cache
 
-    return prepare_cache(shared_zip, cache=tmp_path_factory.mktemp("real") / "tiny-imagenet-200-64.h5",
-                         progress=False)
+    return prepare_cache(shared_zip, cache=tmp_path_factory.mktemp("real") / "tiny-imagenet-200-64.h5", progress=False)
 
 
 @pytest.fixture(scope="session")
 def synth_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The cache of a miniature Tiny ImageNet: 4 classes, 12 train and 4 val images per class, 4 test."""
-    from featx.data import prepare_cache
+    from featx.data.cache import prepare_cache
 
     root = tmp_path_factory.mktemp("synth")
     source = write_tiny_imagenet(root, classes=4, train_per_class=12, val_per_class=4, test=4)
@@ -56,8 +54,15 @@ def mobilenet_features_20(real_cache: Path, shared_weights: Path, tmp_path_facto
     cores, once per session."""
     from featx import extract_features
 
-    return extract_features(data=real_cache, backbone="mobilenet_v2",
-                            weights=shared_weights / "mobilenet_v2_imagenet_tflite.pth", views="flip",
-                            classes=20, per_class=50, splits=["train", "val"], precision="fp32",
-                            out=tmp_path_factory.mktemp("mnv2") / "mnv2-flip.h5",
-                            progress=False)
+    return extract_features(
+        data=real_cache,
+        backbone="mobilenet_v2",
+        weights=shared_weights / "mobilenet_v2_imagenet_tflite.pth",
+        views="flip",
+        classes=20,
+        per_class=50,
+        splits=["train", "val"],
+        precision="fp32",
+        out=tmp_path_factory.mktemp("mnv2") / "mnv2-flip.h5",
+        progress=False,
+    )

@@ -40,26 +40,80 @@ def rows(recipes: list[str], stage: str, option: str, value, report: str, sectio
 
 
 # --- Ma (000) ----------------------------------------------------------------------------------------------
-MA_ALL = ["ma_resnet18", "ma_resnet18_scratch_gaussian", "ma_resnet18_scratch_xavier", "ma_resnet18_scratch_elu",
-          "ma_resnet18_overfit_pretrained", "ma_resnet18_overfit_scratch"]
-rows(MA_ALL, "finetune", "backbone", "resnet18", MA, 'Residual network: "We use ResNet-18 with the following configuration"')
-rows(["ma_resnet18"], "finetune", "weights", "default", MA,
-     'Conclusions: "We use pre-trained model to achieve 53.9% error rate on the test dataset"')
-rows(["ma_resnet18"], "finetune", "per_class", 25, MA,
-     'Train the residual network: "We train the ResNet-18 with 5000 images from the training set" (5,000 / 200 classes)')
-rows(["ma_resnet18_scratch_gaussian", "ma_resnet18_scratch_xavier", "ma_resnet18_scratch_elu"], "finetune", "weights",
-     "none", MA,
-     'Weight initialization: "We train the ResNet with different weight initialization" (an init only matters from scratch)')
-rows(["ma_resnet18_scratch_gaussian"], "finetune", "init", "gaussian:0.316", MA,
-     'Weight initialization: "Gaussian initialization mean=0, variance=0.1" (--init gaussian:STD, std = sqrt(0.1))')
+MA_ALL = [
+    "ma_resnet18",
+    "ma_resnet18_scratch_gaussian",
+    "ma_resnet18_scratch_xavier",
+    "ma_resnet18_scratch_elu",
+    "ma_resnet18_overfit_pretrained",
+    "ma_resnet18_overfit_scratch",
+]
+rows(
+    MA_ALL,
+    "finetune",
+    "backbone",
+    "resnet18",
+    MA,
+    'Residual network: "We use ResNet-18 with the following configuration"',
+)
+rows(
+    ["ma_resnet18"],
+    "finetune",
+    "weights",
+    "default",
+    MA,
+    'Conclusions: "We use pre-trained model to achieve 53.9% error rate on the test dataset"',
+)
+rows(
+    ["ma_resnet18"],
+    "finetune",
+    "per_class",
+    25,
+    MA,
+    'Train the residual network: "We train the ResNet-18 with 5000 images from the training set" (5,000 / 200 classes)',
+)
+rows(
+    ["ma_resnet18_scratch_gaussian", "ma_resnet18_scratch_xavier", "ma_resnet18_scratch_elu"],
+    "finetune",
+    "weights",
+    "none",
+    MA,
+    'Weight initialization: "We train the ResNet with different weight initialization" (an init only matters from scratch)',
+)
+rows(
+    ["ma_resnet18_scratch_gaussian"],
+    "finetune",
+    "init",
+    "gaussian:0.316",
+    MA,
+    'Weight initialization: "Gaussian initialization mean=0, variance=0.1" (--init gaussian:STD, std = sqrt(0.1))',
+)
 rows(["ma_resnet18_scratch_xavier"], "finetune", "init", "xavier", MA, 'Weight initialization: "Xavier initialization"')
 for recipe, weights in (("ma_resnet18_overfit_pretrained", "default"), ("ma_resnet18_overfit_scratch", "none")):
-    rows([recipe], "finetune", "overfit", 100, MA,
-         'Overfit a small dataset: "we use ResNet-18 to overfit a small dataset of 100 images"')
-    rows([recipe], "finetune", "weights", weights, MA,
-         'Overfit a small dataset: "Overfit from pre-trained model." / "Overfit from scratch."')
-rows(["ma_resnet18_scratch_elu"], "finetune", "activation", "elu", MA,
-     'Conclusions: "The study of weight initialization and activation function is in progress" (reference: ELUs)')
+    rows(
+        [recipe],
+        "finetune",
+        "overfit",
+        100,
+        MA,
+        'Overfit a small dataset: "we use ResNet-18 to overfit a small dataset of 100 images"',
+    )
+    rows(
+        [recipe],
+        "finetune",
+        "weights",
+        weights,
+        MA,
+        'Overfit a small dataset: "Overfit from pre-trained model." / "Overfit from scratch."',
+    )
+rows(
+    ["ma_resnet18_scratch_elu"],
+    "finetune",
+    "activation",
+    "elu",
+    MA,
+    'Conclusions: "The study of weight initialization and activation function is in progress" (reference: ELUs)',
+)
 
 # --- Inan (001) --------------------------------------------------------------------------------------------
 INAN_BASE = [("inan_resnet_baseline", "finetune"), ("inan_ensemble", "baseline")]
@@ -67,111 +121,337 @@ INAN_LSTM = [("inan_resnet_lstm", "finetune"), ("inan_ensemble", "lstm")]
 INAN_GROUP128, INAN_EARLY = ("inan_resnet_lstm_group128", "finetune"), ("inan_resnet_lstm_early", "finetune")
 for recipe, stage in INAN_BASE + INAN_LSTM + [INAN_GROUP128, INAN_EARLY]:
     rows([recipe], stage, "backbone", "resnet18", INAN, '4. Experiment, Figure 1: "18-layer residual"')
-    rows([recipe], stage, "weights", "default", INAN,
-         '1. Introduction: "it proves to be better to utilize the pretrained models"')
+    rows(
+        [recipe],
+        stage,
+        "weights",
+        "default",
+        INAN,
+        '1. Introduction: "it proves to be better to utilize the pretrained models"',
+    )
 for recipe, stage in INAN_BASE:
-    rows([recipe], stage, "head", "linear", INAN,
-         '3. Approach: "modifying the last layer, i.e., the fully-connected layer such that it provides scores for 200 classes"')
+    rows(
+        [recipe],
+        stage,
+        "head",
+        "linear",
+        INAN,
+        '3. Approach: "modifying the last layer, i.e., the fully-connected layer such that it provides scores for 200 classes"',
+    )
 for recipe, stage in INAN_LSTM + [INAN_GROUP128, INAN_EARLY]:
     rows([recipe], stage, "head", "lstm", INAN, '3. Approach: "there will be in total of 12 LSTM\'s"')
-    rows([recipe], stage, "size", 224, INAN,
-         '3. Approach: conv4 "hidden size 14 * 14 = 196", conv5 "7 * 7 = 49" (the maps of a 224 input)')
-    rows([recipe], stage, "freeze_epochs", 1, INAN, '4. Experiment: "We first kept all the convolutional layers constant while ... '
-         'the LSTM\'s and the final fully-connected layer"', check="min")
-    rows([recipe], stage, "unfreeze_on_plateau", None, INAN, '4. Experiment: "when we reached at a flat region in terms '
-         'of accuracy, we trained the whole network"', check="set")
+    rows(
+        [recipe],
+        stage,
+        "size",
+        224,
+        INAN,
+        '3. Approach: conv4 "hidden size 14 * 14 = 196", conv5 "7 * 7 = 49" (the maps of a 224 input)',
+    )
+    rows(
+        [recipe],
+        stage,
+        "freeze_epochs",
+        1,
+        INAN,
+        '4. Experiment: "We first kept all the convolutional layers constant while ... '
+        "the LSTM's and the final fully-connected layer\"",
+        check="min",
+    )
+    rows(
+        [recipe],
+        stage,
+        "unfreeze_on_plateau",
+        None,
+        INAN,
+        '4. Experiment: "when we reached at a flat region in terms of accuracy, we trained the whole network"',
+        check="set",
+    )
 for recipe, stage in INAN_LSTM + [INAN_EARLY]:
     rows([recipe], stage, "lstm_group", 64, INAN, '3. Approach: "we separate them into groups of length 64"')
-rows(["inan_resnet_lstm_group128"], "finetune", "lstm_group", 128, INAN,
-     '4. Experiment: "using different sequence lengths, for instance, 128 instead of 64"')
-rows(["inan_resnet_lstm_early"], "finetune", "lstm_stages", ["layer2", "layer3"], INAN,
-     '4. Experiment: "We also tried adding LSTM\'s to the earlier layers"')
-rows(["inan_ensemble"], "predict", "runs", ["runs/inan_resnet_baseline/finetune", "runs/inan_resnet_lstm/finetune"],
-     INAN, '4. Experiment: "we took the average of the scores produced by these networks"')
+rows(
+    ["inan_resnet_lstm_group128"],
+    "finetune",
+    "lstm_group",
+    128,
+    INAN,
+    '4. Experiment: "using different sequence lengths, for instance, 128 instead of 64"',
+)
+rows(
+    ["inan_resnet_lstm_early"],
+    "finetune",
+    "lstm_stages",
+    ["layer2", "layer3"],
+    INAN,
+    '4. Experiment: "We also tried adding LSTM\'s to the earlier layers"',
+)
+rows(
+    ["inan_ensemble"],
+    "predict",
+    "runs",
+    ["runs/inan_resnet_baseline/finetune", "runs/inan_resnet_lstm/finetune"],
+    INAN,
+    '4. Experiment: "we took the average of the scores produced by these networks"',
+)
 
 # --- Sun (002) ---------------------------------------------------------------------------------------------
-rows(["sun_resnet_stochastic_depth"], "finetune", "drop_path", None, SUN,
-     'Improved Model #2: "Stochastic Depth ... Entire layers get dropped randomly"', check="set")
-rows(["sun_resnet"], "finetune", "drop_path", None, SUN, 'Resnet and Model #1 (the plain ResNet that overfits)')
-rows(["sun_resnet_augmented"], "finetune", "aug", "invert,brightness,noise,flip,rotate,scale,shift,shear", SUN,
-     'More is coming (Model #3): its list Invert, Brightness, Noise, Flip, Rotate, Scale, Shift, Shear', check="items")
-rows(["sun_resnet_augmented"], "finetune", "aug", "brightness", SUN,
-     'More is coming (Model #3): "Brightness" (brightness alone: the list names no contrast)', check="has")
-rows(["sun_resnet_augmented"], "finetune", "drop_path", None, SUN,
-     'More is coming (Model #3): built on model #2 ("Even more Image Augmentation")', check="set")
+rows(
+    ["sun_resnet_stochastic_depth"],
+    "finetune",
+    "drop_path",
+    None,
+    SUN,
+    'Improved Model #2: "Stochastic Depth ... Entire layers get dropped randomly"',
+    check="set",
+)
+rows(["sun_resnet"], "finetune", "drop_path", None, SUN, "Resnet and Model #1 (the plain ResNet that overfits)")
+rows(
+    ["sun_resnet_augmented"],
+    "finetune",
+    "aug",
+    "invert,brightness,noise,flip,rotate,scale,shift,shear",
+    SUN,
+    "More is coming (Model #3): its list Invert, Brightness, Noise, Flip, Rotate, Scale, Shift, Shear",
+    check="items",
+)
+rows(
+    ["sun_resnet_augmented"],
+    "finetune",
+    "aug",
+    "brightness",
+    SUN,
+    'More is coming (Model #3): "Brightness" (brightness alone: the list names no contrast)',
+    check="has",
+)
+rows(
+    ["sun_resnet_augmented"],
+    "finetune",
+    "drop_path",
+    None,
+    SUN,
+    'More is coming (Model #3): built on model #2 ("Even more Image Augmentation")',
+    check="set",
+)
 
 # --- Bastidas (003) ----------------------------------------------------------------------------------------
 BASTIDAS_ALL = ["bastidas_vgg_like", "bastidas_inception_like"]
-rows(["bastidas_vgg_like"], "finetune", "backbone", "bastidas_vgg", BASTIDAS, "Model Architectures: the VGG-Like layer list")
-rows(["bastidas_inception_like"], "finetune", "backbone", "bastidas_inception", BASTIDAS,
-     "Model Architectures: the InceptionV3-Like layer list")
-rows(BASTIDAS_ALL, "finetune", "weights", "none", BASTIDAS,
-     'Model Architectures: "This model was inspired by VGGNet" / "Inceptionv3" (own nets, trained by the author)')
+rows(
+    ["bastidas_vgg_like"],
+    "finetune",
+    "backbone",
+    "bastidas_vgg",
+    BASTIDAS,
+    "Model Architectures: the VGG-Like layer list",
+)
+rows(
+    ["bastidas_inception_like"],
+    "finetune",
+    "backbone",
+    "bastidas_inception",
+    BASTIDAS,
+    "Model Architectures: the InceptionV3-Like layer list",
+)
+rows(
+    BASTIDAS_ALL,
+    "finetune",
+    "weights",
+    "none",
+    BASTIDAS,
+    'Model Architectures: "This model was inspired by VGGNet" / "Inceptionv3" (own nets, trained by the author)',
+)
 rows(BASTIDAS_ALL, "finetune", "size", 64, BASTIDAS, 'Data: "composed of 3x64x64 pixel images across 200 classes"')
-rows(BASTIDAS_ALL, "finetune", "optimizer", "adam", BASTIDAS, 'Algorithms: "the stochastic optimization algorithm, Adam"')
-rows(BASTIDAS_ALL, "finetune", "weight_decay", None, BASTIDAS,
-     'Algorithms: "all convolutional layers also include I2 regularization" (sic)', check="set")
-rows(BASTIDAS_ALL, "finetune", "label_smoothing", 0.0, BASTIDAS,
-     'Algorithms: "the standard loss function used is the Softmax or cross-entropy loss"')
-rows(BASTIDAS_ALL, "finetune", "dropout", 0.0, BASTIDAS,
-     'Metrics & Results: "Adding Batch Normalization instead of DropOut ... helped produce better results"')
-rows(BASTIDAS_ALL, "finetune", "aug", "rotate,flip,shift", BASTIDAS, 'Data: "augmented randomly by rotating up to 45 '
-     'degrees, flipping horizontally, and shifting height and width ranges"', check="items")
+rows(
+    BASTIDAS_ALL, "finetune", "optimizer", "adam", BASTIDAS, 'Algorithms: "the stochastic optimization algorithm, Adam"'
+)
+rows(
+    BASTIDAS_ALL,
+    "finetune",
+    "weight_decay",
+    None,
+    BASTIDAS,
+    'Algorithms: "all convolutional layers also include I2 regularization" (sic)',
+    check="set",
+)
+rows(
+    BASTIDAS_ALL,
+    "finetune",
+    "label_smoothing",
+    0.0,
+    BASTIDAS,
+    'Algorithms: "the standard loss function used is the Softmax or cross-entropy loss"',
+)
+rows(
+    BASTIDAS_ALL,
+    "finetune",
+    "dropout",
+    0.0,
+    BASTIDAS,
+    'Metrics & Results: "Adding Batch Normalization instead of DropOut ... helped produce better results"',
+)
+rows(
+    BASTIDAS_ALL,
+    "finetune",
+    "aug",
+    "rotate,flip,shift",
+    BASTIDAS,
+    'Data: "augmented randomly by rotating up to 45 '
+    'degrees, flipping horizontally, and shifting height and width ranges"',
+    check="items",
+)
 rows(BASTIDAS_ALL, "finetune", "aug", "rotate:45", BASTIDAS, 'Data: "rotating up to 45 degrees"', check="has")
-rows(BASTIDAS_ALL, "finetune", "normalize", "mean-image", BASTIDAS,
-     'Data: "The training data was preprocessed by subtracting the mean image"')
+rows(
+    BASTIDAS_ALL,
+    "finetune",
+    "normalize",
+    "mean-image",
+    BASTIDAS,
+    'Data: "The training data was preprocessed by subtracting the mean image"',
+)
 
 # --- Milani, section 3: from scratch (004) -----------------------------------------------------------------
 MILANI_ALL = ["milani_scratch_inception", "milani_scratch_inception_regularized"]
 MILANI_BASE, MILANI_REG = MILANI_ALL
-rows(MILANI_ALL, "finetune", "backbone", "milani_inception", MILANI, '3.1: "My own architecture ... is shown on Fig. 3(b)"')
-rows(MILANI_ALL, "finetune", "weights", "none", MILANI, '3. Training a Model from Scratch')
+rows(
+    MILANI_ALL,
+    "finetune",
+    "backbone",
+    "milani_inception",
+    MILANI,
+    '3.1: "My own architecture ... is shown on Fig. 3(b)"',
+)
+rows(MILANI_ALL, "finetune", "weights", "none", MILANI, "3. Training a Model from Scratch")
 rows(MILANI_ALL, "finetune", "size", 64, MILANI, '3.1: "the input image to my architecture is 64 x 64"')
 rows(MILANI_ALL, "finetune", "label_smoothing", 0.1, MILANI, '3.1: "I picked epsilon = 0.1"')
-rows(MILANI_ALL, "finetune", "optimizer", "adam", MILANI, '3.2: "I used the Adam scheme with default TensorFlow parameters"')
-rows(MILANI_ALL, "finetune", "weight_decay", 0.08, MILANI,
-     '3.2: "I tried a few different weight decays and settled on 0.08"; 3.3: "training parameters ... kept identical"')
-rows(MILANI_ALL, "finetune", "schedule", "step", MILANI,
-     '3.2: "decayed by 0.9 at every epoch"; 3.3: "once every *two* epochs" (a decay at set epochs: featx\'s step schedule)')
+rows(
+    MILANI_ALL,
+    "finetune",
+    "optimizer",
+    "adam",
+    MILANI,
+    '3.2: "I used the Adam scheme with default TensorFlow parameters"',
+)
+rows(
+    MILANI_ALL,
+    "finetune",
+    "weight_decay",
+    0.08,
+    MILANI,
+    '3.2: "I tried a few different weight decays and settled on 0.08"; 3.3: "training parameters ... kept identical"',
+)
+rows(
+    MILANI_ALL,
+    "finetune",
+    "schedule",
+    "step",
+    MILANI,
+    '3.2: "decayed by 0.9 at every epoch"; 3.3: "once every *two* epochs" (a decay at set epochs: featx\'s step schedule)',
+)
 rows(MILANI_ALL, "finetune", "decay", 0.9, MILANI, '3.2: "decayed by 0.9 at every epoch"; 3.3: "by a factor of 0.9"')
 rows([MILANI_BASE], "finetune", "lr", 1e-3, MILANI, '3.2: "settled on 1 x 10^{-3}"')
 rows([MILANI_BASE], "finetune", "step_epochs", 1, MILANI, '3.2: "decayed by 0.9 at every epoch"')
 rows([MILANI_BASE], "finetune", "dropout", 0.0, MILANI, '3.2: "I also decided not to use the dropout layer"')
-rows([MILANI_BASE], "finetune", "aug", [], MILANI,
-     '3.3: the second attempt "added data augmentation at training time" (the baseline had none)')
-rows([MILANI_BASE], "finetune", "epochs", 30, MILANI,
-     '3.3: "at 30 epochs, the training ... was already above 80%"', check="min")
+rows(
+    [MILANI_BASE],
+    "finetune",
+    "aug",
+    [],
+    MILANI,
+    '3.3: the second attempt "added data augmentation at training time" (the baseline had none)',
+)
+rows(
+    [MILANI_BASE],
+    "finetune",
+    "epochs",
+    30,
+    MILANI,
+    '3.3: "at 30 epochs, the training ... was already above 80%"',
+    check="min",
+)
 rows([MILANI_REG], "finetune", "lr", 2e-3, MILANI, '3.3: "the initial learning rate was doubled"')
 rows([MILANI_REG], "finetune", "step_epochs", 2, MILANI, '3.3: "it decayed by a factor of 0.9 once every *two* epochs"')
-rows([MILANI_REG], "finetune", "dropout", 0.2, MILANI,
-     '3.3: "I added a dropout layer before the fully connected layer ... with keep probability of 80%"')
-rows([MILANI_REG], "finetune", "aug", "flip,color", MILANI, '3.3: "each image was randomly flipped left-right ... and '
-     'its brightness and contrast were randomly adjusted"', check="items")
+rows(
+    [MILANI_REG],
+    "finetune",
+    "dropout",
+    0.2,
+    MILANI,
+    '3.3: "I added a dropout layer before the fully connected layer ... with keep probability of 80%"',
+)
+rows(
+    [MILANI_REG],
+    "finetune",
+    "aug",
+    "flip,color",
+    MILANI,
+    '3.3: "each image was randomly flipped left-right ... and its brightness and contrast were randomly adjusted"',
+    check="items",
+)
 rows(MILANI_ALL, "finetune", "keep", 20, MILANI, '3.4: "A maximum number of 20 models can be saved at once"')
-rows(MILANI_ALL, "finetune", "snapshot_every", None, MILANI, '3.4: "If the new validation accuracy, calculated after '
-     'some number of training steps, surpassed the best seen so far, then the new weights would be saved"',
-     check="set")
-rows([MILANI_BASE], "predict", "ensemble", "top:9", MILANI,
-     '3.4: "the highest accuracy was obtained from an ensemble of the best 9 networks"')
-rows(MILANI_ALL, "predict", "eval_views", "full", MILANI,
-     '3.4, Eq. 2: one score per network and example (test-time crops only come in section 4)')
+rows(
+    MILANI_ALL,
+    "finetune",
+    "snapshot_every",
+    None,
+    MILANI,
+    '3.4: "If the new validation accuracy, calculated after '
+    'some number of training steps, surpassed the best seen so far, then the new weights would be saved"',
+    check="set",
+)
+rows(
+    [MILANI_BASE],
+    "predict",
+    "ensemble",
+    "top:9",
+    MILANI,
+    '3.4: "the highest accuracy was obtained from an ensemble of the best 9 networks"',
+)
+rows(
+    MILANI_ALL,
+    "predict",
+    "eval_views",
+    "full",
+    MILANI,
+    "3.4, Eq. 2: one score per network and example (test-time crops only come in section 4)",
+)
 
-rows([MILANI_BASE, MILANI_REG], "predict", "combine", "raw", MILANI, '3.4: "taking the softmax function of the '
-     'scores, summing them for all the N networks of the ensemble, and predicting the class with the maximum '
-     'probability"')
+rows(
+    [MILANI_BASE, MILANI_REG],
+    "predict",
+    "combine",
+    "raw",
+    MILANI,
+    '3.4: "taking the softmax function of the '
+    "scores, summing them for all the N networks of the ensemble, and predicting the class with the maximum "
+    'probability"',
+)
 rows(MILANI_ALL, "submission", "combine", "raw", MILANI, '3.4: "summing them for all the N networks of the ensemble"')
 rows(MILANI_ALL, "report", "combine", "raw", MILANI, '3.4: "summing them for all the N networks of the ensemble"')
-rows([MILANI_BASE], "submission", "ensemble", "top:9", MILANI,
-     '3.4: "the highest accuracy was obtained from an ensemble of the best 9 networks"')
+rows(
+    [MILANI_BASE],
+    "submission",
+    "ensemble",
+    "top:9",
+    MILANI,
+    '3.4: "the highest accuracy was obtained from an ensemble of the best 9 networks"',
+)
 
 # --- test submissions: every recipe whose report gives a test number writes the file the report sent ----------
 SUBMITTED = {
     MA: (["ma_resnet18"], 'Abstract: "We use ResNet-18 to achieve 53.9% error rate on the test dataset"'),
-    INAN: (["inan_resnet_baseline", "inan_resnet_lstm", "inan_ensemble"], '4. Experiment: "the final predictions are '
-           'obtained using test images and sent to the online server for the performance on the test set"'),
-    SUN: (["sun_resnet", "sun_resnet_stochastic_depth"], 'Introduction: "ranking the 3rd on the evaluation server"; '
-          'Result #1 "Test Err 48%", Improved Results #2 "Test Err 43%"'),
-    MILANI: (MILANI_ALL, '3.4: "only the ensembles were submitted to the evaluation server to determine the test error"'),
+    INAN: (
+        ["inan_resnet_baseline", "inan_resnet_lstm", "inan_ensemble"],
+        '4. Experiment: "the final predictions are '
+        'obtained using test images and sent to the online server for the performance on the test set"',
+    ),
+    SUN: (
+        ["sun_resnet", "sun_resnet_stochastic_depth"],
+        'Introduction: "ranking the 3rd on the evaluation server"; '
+        'Result #1 "Test Err 48%", Improved Results #2 "Test Err 43%"',
+    ),
+    MILANI: (
+        MILANI_ALL,
+        '3.4: "only the ensembles were submitted to the evaluation server to determine the test error"',
+    ),
 }
 for report, (recipes, section) in SUBMITTED.items():
     rows(recipes, "submission", "split", "test", report, section)
@@ -179,13 +459,30 @@ for report, (recipes, section) in SUBMITTED.items():
 # The recipe's readings of figures and lines the conversion garbled or lost: its opening comment says "featx's
 # reading" and quotes these words of the report.
 READINGS: dict[str, tuple[str, list[str]]] = {
-    MILANI_BASE: (MILANI, ["It contains the same inception layers as Inception-v3, but it is shallower and narrower: "
-                           "the number of layers and number of filters was reduced when compared to Fig. 3(a)"]),
-    MILANI_REG: (MILANI, ["It contains the same inception layers as Inception-v3, but it is shallower and narrower: "
-                          "the number of layers and number of filters was reduced when compared to Fig. 3(a)"]),
+    MILANI_BASE: (
+        MILANI,
+        [
+            "It contains the same inception layers as Inception-v3, but it is shallower and narrower: "
+            "the number of layers and number of filters was reduced when compared to Fig. 3(a)"
+        ],
+    ),
+    MILANI_REG: (
+        MILANI,
+        [
+            "It contains the same inception layers as Inception-v3, but it is shallower and narrower: "
+            "the number of layers and number of filters was reduced when compared to Fig. 3(a)"
+        ],
+    ),
     "bastidas_vgg_like": (BASTIDAS, ["2 2x1, stride 1,1", "2,3x3, stride 1,1", "Flatten", "SoftMax-200"]),
-    "bastidas_inception_like": (BASTIDAS, ["Google's Inceptionv3 framework", "once again, all filters were",
-                                           "inception modules used was reduced as well", "Global Average Pool"]),
+    "bastidas_inception_like": (
+        BASTIDAS,
+        [
+            "Google's Inceptionv3 framework",
+            "once again, all filters were",
+            "inception modules used was reduced as well",
+            "Global Average Pool",
+        ],
+    ),
 }
 
 # The numbers each recipe's opening comment quotes (checked verbatim), with their source.

@@ -50,8 +50,17 @@ def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
     return buf.getvalue()
 
 
-def write_tiny_imagenet(root: str | Path, *, classes: int = 3, train_per_class: int = 6, val_per_class: int = 2,
-                        test: int = 4, as_zip: bool = True, corrupt: bool = False, seed: int = 0) -> Path:
+def write_tiny_imagenet(
+    root: str | Path,
+    *,
+    classes: int = 3,
+    train_per_class: int = 6,
+    val_per_class: int = 2,
+    test: int = 4,
+    as_zip: bool = True,
+    corrupt: bool = False,
+    seed: int = 0,
+) -> Path:
     """A miniature Tiny ImageNet in the official layout (wnids.txt, words.txt, train/<wnid>/images +
     <wnid>_boxes.txt, val/images + val_annotations.txt, test/images), 64x64 JPEGs. GRAY_ID and CMYK_ID are
     grayscale and CMYK; corrupt=True adds the truncated CORRUPT_ID. Val image i belongs to class i % classes.
@@ -86,8 +95,17 @@ def write_tiny_imagenet(root: str | Path, *, classes: int = 3, train_per_class: 
     return write_tree(files, Path(root), "tiny-imagenet-200", as_zip)
 
 
-def write_image_folder(root: str | Path, *, classes: int = 3, train_per_class: int = 6, val_per_class: int = 2,
-                       test: int = 3, as_zip: bool = False, name: str = "shapes", seed: int = 0) -> Path:
+def write_image_folder(
+    root: str | Path,
+    *,
+    classes: int = 3,
+    train_per_class: int = 6,
+    val_per_class: int = 2,
+    test: int = 3,
+    as_zip: bool = False,
+    name: str = "shapes",
+    seed: int = 0,
+) -> Path:
     """A miniature ImageFolder dataset: train/<class>/*, val/<class>/*, test/* with class names from
     FOLDER_CLASSES (not in sorted order: the labels follow sorted names). Images are .jpg and .png of mixed,
     non-square sizes (one grayscale PNG, one RGBA PNG) to exercise resizing. Returns root/<name> or

@@ -16,15 +16,19 @@ import pytest
 from click.testing import CliRunner
 
 import featx
-from featx import choices, configs
-from featx.cli import NumberList, cli, main
-from featx.errors import FeatxError
+from featx.core import choices, configs
+from featx.core.errors import FeatxError
+from featx.front.cli import NumberList, cli, main
 
 
 def _modules_loaded_by(code: str) -> set[str]:
     """The modules a fresh interpreter has loaded after running `code` (this process has imported torch)."""
-    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return set(out.split())
 
 
@@ -43,10 +47,12 @@ def test_every_exported_name_resolves_to_what_its_module_defines():
             module, _, attribute = featx._API[name].partition(":")
             assert value is getattr(importlib.import_module(module), attribute or name)
     from featx import HeadConfig, grid, predict_split, run_finetune, run_probe, run_recipe, train_heads
-    assert run_finetune.__module__ == "featx.finetune" and run_finetune.__name__ == "finetune"
+
+    assert run_finetune.__module__ == "featx.finetune.run" and run_finetune.__name__ == "finetune"
     assert predict_split.__name__ == "predict" and train_heads.__name__ == "train"
-    assert grid(lr=[1e-3, 3e-3], dropout=[0.0, 0.5]) == [HeadConfig(lr=lr, dropout=d) for lr in (1e-3, 3e-3)
-                                                         for d in (0.0, 0.5)]
+    assert grid(lr=[1e-3, 3e-3], dropout=[0.0, 0.5]) == [
+        HeadConfig(lr=lr, dropout=d) for lr in (1e-3, 3e-3) for d in (0.0, 0.5)
+    ]
     for function in (run_probe, run_recipe, predict_split):  # keyword-only, as the charter says
         assert all(p.kind == p.KEYWORD_ONLY for p in inspect.signature(function).parameters.values())
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
@@ -56,13 +62,13 @@ def test_every_exported_name_resolves_to_what_its_module_defines():
 def test_import_featx_and_its_command_line_do_not_import_torch():
     loaded = _modules_loaded_by("import featx; featx.__all__; featx.FeatxError")
     assert "torch" not in loaded and "click" not in loaded  # the error type needs no click either
-    loaded = _modules_loaded_by("import featx.cli, featx.pipeline")  # what `featx --help` and planning load
-    assert "torch" not in loaded and "featx.cli" in loaded
+    loaded = _modules_loaded_by("import featx.front.cli, featx.front.recipes")  # what `featx --help` and planning load
+    assert "torch" not in loaded and "featx.front.cli" in loaded
 
 
 def test_pipeline_does_not_import_the_cli():
-    loaded = _modules_loaded_by("import featx.pipeline")
-    assert "featx.pipeline" in loaded and "featx.cli" not in loaded
+    loaded = _modules_loaded_by("import featx.front.recipes")
+    assert "featx.front.recipes" in loaded and "featx.front.cli" not in loaded
     assert "commands" in inspect.signature(featx.run_recipe).parameters
 
 
@@ -114,11 +120,22 @@ def _params(command: click.Command):
 
 def test_one_number_list_type_for_every_comma_list_option():
     lists = {(cmd.name, p.name) for cmd, p in _params(cli) if isinstance(p.type, NumberList)}
-    assert lists == {("extract", "mean"), ("extract", "std"), ("probe", "lr"), ("probe", "weight_decay"),
-                     ("probe", "label_smoothing"), ("probe", "dropout"), ("probe", "k")}
-    import featx.cli as module
-    assert [n for n, v in vars(module).items() if inspect.isclass(v) and issubclass(v, click.ParamType)
-            and v.__module__ == "featx.cli"] == ["NumberList", "NameList"]
+    assert lists == {
+        ("extract", "mean"),
+        ("extract", "std"),
+        ("probe", "lr"),
+        ("probe", "weight_decay"),
+        ("probe", "label_smoothing"),
+        ("probe", "dropout"),
+        ("probe", "k"),
+    }
+    import featx.front.cli as module
+
+    assert [
+        n
+        for n, v in vars(module).items()
+        if inspect.isclass(v) and issubclass(v, click.ParamType) and v.__module__ == "featx.front.cli"
+    ] == ["NumberList", "NameList"]
     assert NumberList().convert("1e-4, 3e-4,", None, None) == (1e-4, 3e-4)
     assert NumberList(3).convert("0.5,0.25,1", None, None) == (0.5, 0.25, 1.0)
     assert NumberList(whole=True).convert("10,20", None, None) == (10, 20)
@@ -126,12 +143,17 @@ def test_one_number_list_type_for_every_comma_list_option():
         NumberList(whole=True).convert("10,2.5", None, None)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["probe", "--lr", "1e-3,fast"], "Invalid value for '--lr': '1e-3,fast' is not a comma list of numbers"),
-    (["probe", "--dropout", ","], "Invalid value for '--dropout': ',': give one or more comma-separated numbers"),
-    (["extract", "--backbone", "resnet18", "--mean", "0.5,0.5"],
-     "Invalid value for '--mean': '0.5,0.5': give 3 comma-separated numbers"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["probe", "--lr", "1e-3,fast"], "Invalid value for '--lr': '1e-3,fast' is not a comma list of numbers"),
+        (["probe", "--dropout", ","], "Invalid value for '--dropout': ',': give one or more comma-separated numbers"),
+        (
+            ["extract", "--backbone", "resnet18", "--mean", "0.5,0.5"],
+            "Invalid value for '--mean': '0.5,0.5': give 3 comma-separated numbers",
+        ),
+    ],
+)
 def test_float_list_errors_name_the_option(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["featx", *args, "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as exit:
@@ -148,7 +170,7 @@ def test_every_cli_choice_comes_from_featx_choices():
     tuples = {v for v in vars(choices).values() if isinstance(v, tuple)}
     for cmd, p in _params(cli):
         if isinstance(p.type, click.Choice):
-            assert tuple(p.type.choices) in tuples, f"featx {cmd.name} --{p.name}: choices not from featx.choices"
+            assert tuple(p.type.choices) in tuples, f"featx {cmd.name} --{p.name}: choices not from featx.core.choices"
     for name, value in vars(choices).items():
         if typing.get_origin(value) is typing.Literal:
             derived = [v for v in vars(choices).values() if v == typing.get_args(value)]
@@ -156,11 +178,17 @@ def test_every_cli_choice_comes_from_featx_choices():
 
 
 def test_module_constants_are_the_choices_and_the_api_is_typed_with_the_literals():
-    from featx import device, finetune, heads, optim, predict, probe, report, sweep, views
+    from featx.core import device
+    from featx.evaluate import metrics, report
+    from featx.evaluate import scoring as predict
+    from featx.finetune import run as finetune
+    from featx.nets import heads, optim, views
+    from featx.probe import run as probe
+    from featx.probe import sweep
 
     assert heads.NORMALIZE is choices.NORMALIZE and optim.OPTIMIZERS is choices.OPTIMIZERS
     assert optim.SCHEDULES is choices.FINETUNE_SCHEDULES
-    assert device.PRECISIONS is choices.PRECISIONS and predict.ENSEMBLES is choices.ENSEMBLES
+    assert device.PRECISIONS is choices.PRECISIONS and metrics.ENSEMBLES is choices.ENSEMBLES
     assert tuple(views.VIEW_SETS) == choices.VIEW_SET_NAMES
     hints = typing.get_type_hints
     assert hints(probe.run_probe)["eval_views"] == hints(probe.run_probe)["train_views"] == choices.ViewSelection

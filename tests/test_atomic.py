@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from featx.atomic import replacing
+from featx.core.atomic import replacing
 
 
 def test_a_finished_write_lands_under_its_name_and_leaves_nothing_else(tmp_path):

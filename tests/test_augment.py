@@ -5,9 +5,9 @@ import pytest
 import torch
 from scipy import stats
 
-from featx.augment import AUGMENTATIONS, Augment, apply_draws, check_augmentations, draw
-from featx.errors import FeatxError
-from featx.views import crop_view, to_input
+from featx.core.errors import FeatxError
+from featx.nets.augment import AUGMENTATIONS, Augment, apply_draws, check_augmentations, draw
+from featx.nets.views import crop_view, to_input
 
 
 def blobs(n: int = 8, size: int = 32, at: tuple[int, int] = (8, 16)) -> torch.Tensor:
@@ -15,7 +15,7 @@ def blobs(n: int = 8, size: int = 32, at: tuple[int, int] = (8, 16)) -> torch.Te
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 20, (n, 3, size, size), generator=g, dtype=torch.uint8)
     r, c = at
-    x[:, :, r - 2:r + 3, c - 2:c + 3] = 250
+    x[:, :, r - 2 : r + 3, c - 2 : c + 3] = 250
     return x
 
 
@@ -54,7 +54,7 @@ def test_crop_is_a_window_of_the_image():
     x = blobs(4, 16)
     y = apply("crop", x, crop=12)
     for a, b in zip(y, x):
-        windows = [b[:, i:i + 12, j:j + 12].float() for i in range(5) for j in range(5)]
+        windows = [b[:, i : i + 12, j : j + 12].float() for i in range(5) for j in range(5)]
         assert any(torch.equal(a, w) for w in windows)
 
 
@@ -62,8 +62,12 @@ def test_corners_are_stage1_views():
     x = blobs(12, 16)
     y = apply("corners", x, crop=12, size=16)
     for a, b in zip(y, x):
-        views = [torch.nn.functional.interpolate(crop_view(b[None].float(), name=n, crop=12), size=(16, 16), mode="bilinear")[0]
-                 for n in ("full", "top_left", "top_right", "bottom_left", "bottom_right")]
+        views = [
+            torch.nn.functional.interpolate(
+                crop_view(b[None].float(), name=n, crop=12), size=(16, 16), mode="bilinear"
+            )[0]
+            for n in ("full", "top_left", "top_right", "bottom_left", "bottom_right")
+        ]
         assert min((a - v).abs().max() for v in views) <= 0.5
 
 
@@ -107,11 +111,15 @@ def test_magnitudes_set_the_range():
     assert 0.09 < float(d.std()) < 0.11
 
 
-@pytest.mark.parametrize("item, message", [
-    ("rotate:lots", "--aug rotate:lots: write the magnitude as a number, e.g. rotate:15"),
-    ("shift:2", "--aug shift:2: the shift magnitude (fraction of the side) must be between 0 and 1"),
-    ("crop:48", "--aug crop:48: crop takes no magnitude (its window is --crop); write crop"),
-    ("spin:3", "--aug spin:3: unknown")])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("rotate:lots", "--aug rotate:lots: write the magnitude as a number, e.g. rotate:15"),
+        ("shift:2", "--aug shift:2: the shift magnitude (fraction of the side) must be between 0 and 1"),
+        ("crop:48", "--aug crop:48: crop takes no magnitude (its window is --crop); write crop"),
+        ("spin:3", "--aug spin:3: unknown"),
+    ],
+)
 def test_bad_magnitudes_are_one_line_user_errors(item, message):
     with pytest.raises(FeatxError) as e:
         check_augmentations(["flip", item])
@@ -189,13 +197,24 @@ def test_cutmix_pastes_a_box():
 def test_unknown_augmentation_is_a_user_error():
     with pytest.raises(FeatxError, match="--aug"):
         check_augmentations(["flip", "twirl"])
-    assert set(AUGMENTATIONS) >= {"flip", "crop", "color", "brightness", "rotate", "scale", "shift", "shear", "noise", "invert"}
+    assert set(AUGMENTATIONS) >= {
+        "flip",
+        "crop",
+        "color",
+        "brightness",
+        "rotate",
+        "scale",
+        "shift",
+        "shear",
+        "noise",
+        "invert",
+    }
 
 
 def test_without_augmentation_training_sees_what_evaluation_sees():
     # Both end in views.to_input: finetune trains and evaluates on the same pixels (augment used to resize with
     # v2.Resize and normalise with v2.Normalize, render_views with its own interpolate and arithmetic).
-    from featx.views import render_views
+    from featx.nets.views import render_views
 
     images = blobs(4, 32).permute(0, 2, 3, 1).contiguous()  # (B, H, W, 3) uint8, as the cache stores them
     kw = dict(size=48, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
@@ -204,8 +223,19 @@ def test_without_augmentation_training_sees_what_evaluation_sees():
     assert torch.allclose(trained, evaluated, atol=1e-6)
 
 
-ALL = ["flip", "corners", "crop", "rotate:30", "scale:0.2", "shift:0.25", "shear:10", "color:0.4", "brightness:0.3",
-       "invert:0.2", "noise"]
+ALL = [
+    "flip",
+    "corners",
+    "crop",
+    "rotate:30",
+    "scale:0.2",
+    "shift:0.25",
+    "shear:10",
+    "color:0.4",
+    "brightness:0.3",
+    "invert:0.2",
+    "noise",
+]
 
 
 def drawn(n: int = 4096) -> dict:
@@ -246,14 +276,15 @@ def test_every_marginal_matches_its_magnitude():
     assert stats.chisquare(counts.numpy()).pvalue > 0.01 and d["crop"][~full].abs().max() == 0
     assert stats.chisquare(torch.bincount(d["corners"], minlength=5).numpy()).pvalue > 0.01
     assert d["shift"].abs().max() == 14 and torch.equal(d["shift"], d["shift"].round())
-    assert abs(float(d["shift"].mean())) < 4 * (28 ** 2 / 3 / (2 * n)) ** 0.5
+    assert abs(float(d["shift"].mean())) < 4 * (28**2 / 3 / (2 * n)) ** 0.5
 
 
 def test_a_batch_of_one_image_comes_out_in_many_versions():
     x = blobs(1, 32, at=(16, 26)).expand(64, -1, -1, -1).permute(0, 2, 3, 1).contiguous()
     torch.manual_seed(0)
-    y, _ = Augment(["flip", "rotate", "color"], crop=32, size=32, mean=(0.0,) * 3, std=(1.0,) * 3,
-                   num_classes=2)(x, torch.zeros(64, dtype=torch.long))
+    y, _ = Augment(["flip", "rotate", "color"], crop=32, size=32, mean=(0.0,) * 3, std=(1.0,) * 3, num_classes=2)(
+        x, torch.zeros(64, dtype=torch.long)
+    )
     assert len(torch.unique(y.flatten(1), dim=0)) == 64
     flipped = centroid(y[:8] * 255)[:, 1] < 15.5  # the blob right of the centre, mirrored to the left
     assert flipped.any() and not flipped.all()

@@ -7,9 +7,18 @@ import pytest
 import torch
 import torchvision
 
-from featx.backbones import (IMAGENET_MEAN, IMAGENET_STD, create_backbone, file_sha256, get_spec, input_spec,
-                             list_backbones, named_weights, weights_file)
-from featx.errors import FeatxError
+from featx.core.errors import FeatxError
+from featx.nets.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    create_backbone,
+    file_sha256,
+    get_spec,
+    input_spec,
+    list_backbones,
+    named_weights,
+    weights_file,
+)
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 MOBILENET = SHARED_WEIGHTS / "mobilenet_v2_imagenet_tflite.pth"
@@ -120,20 +129,28 @@ def test_file_sha256(tmp_path):
     assert file_sha256(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
-@pytest.mark.parametrize("name, weights, expect", [
-    ("resnet50", "IMAGENET1K_V2", (IMAGENET_MEAN, IMAGENET_STD, 224)),
-    ("efficientnet_b1", "IMAGENET1K_V2", (IMAGENET_MEAN, IMAGENET_STD, 240)),  # the registry's default is 224
-    ("efficientnet_b3", "DEFAULT", (IMAGENET_MEAN, IMAGENET_STD, 300)),
-    ("vit_b_16", "IMAGENET1K_SWAG_E2E_V1", (IMAGENET_MEAN, IMAGENET_STD, 384)),
-    ("inception_v3", "IMAGENET1K_V1", ((0.5,) * 3, (0.5,) * 3, 299)),  # featx's [-1, 1] replaces transform_input
-])
+@pytest.mark.parametrize(
+    "name, weights, expect",
+    [
+        ("resnet50", "IMAGENET1K_V2", (IMAGENET_MEAN, IMAGENET_STD, 224)),
+        ("efficientnet_b1", "IMAGENET1K_V2", (IMAGENET_MEAN, IMAGENET_STD, 240)),  # the registry's default is 224
+        ("efficientnet_b3", "DEFAULT", (IMAGENET_MEAN, IMAGENET_STD, 300)),
+        ("vit_b_16", "IMAGENET1K_SWAG_E2E_V1", (IMAGENET_MEAN, IMAGENET_STD, 384)),
+        ("inception_v3", "IMAGENET1K_V1", ((0.5,) * 3, (0.5,) * 3, 299)),  # featx's [-1, 1] replaces transform_input
+    ],
+)
 def test_named_weights_bring_their_transform(name, weights, expect):
     assert input_spec(name, weights) == expect
 
 
-@pytest.mark.parametrize("name, weights, file", [("resnet50", "IMAGENET1K_V2", "resnet50-11ad3fa6.pth"),
-                                                 ("resnet50", "IMAGENET1K_V1", "resnet50-0676ba61.pth"),
-                                                 ("resnet50", "DEFAULT", "resnet50-11ad3fa6.pth")])
+@pytest.mark.parametrize(
+    "name, weights, file",
+    [
+        ("resnet50", "IMAGENET1K_V2", "resnet50-11ad3fa6.pth"),
+        ("resnet50", "IMAGENET1K_V1", "resnet50-0676ba61.pth"),
+        ("resnet50", "DEFAULT", "resnet50-11ad3fa6.pth"),
+    ],
+)
 def test_named_weights_offline_name_the_file_to_place(name, weights, file, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert weights_file(named_weights(name, weights)) == tmp_path / "hub" / "checkpoints" / file

@@ -5,25 +5,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from featx.compare import compare, format_leaderboard
-from featx.errors import FeatxError
-from featx.estimator import DEFAULT_SWEEP
-from featx.features import load_features
-from featx.predict import predict
-from featx.runs import read_run
-from featx.stats import paired_comparison
+from featx.core.errors import FeatxError
+from featx.core.runs import read_run
+from featx.core.stats import paired_comparison
+from featx.evaluate.scoring import predict
+from featx.features.store import load_features
+from featx.front.compare import compare, format_leaderboard
+from featx.probe.estimator import DEFAULT_SWEEP
 
 
 def test_compare_three_backbones(synth_cache, shared_weights, tmp_path):
     mnv2 = str(shared_weights / "mobilenet_v2_imagenet_tflite.pth")
-    args = dict(data=synth_cache, backbones=["mobilenet_v2", "resnet18", "vgg_tiny"], weights=[mnv2, "none", "none"],
-                out=tmp_path / "cmp", size=64, views="full", device="cpu", precision="fp32", progress=False)
+    args = dict(
+        data=synth_cache,
+        backbones=["mobilenet_v2", "resnet18", "vgg_tiny"],
+        weights=[mnv2, "none", "none"],
+        out=tmp_path / "cmp",
+        size=64,
+        views="full",
+        device="cpu",
+        precision="fp32",
+        progress=False,
+    )
     board = compare(**args)
-    assert [e.backbone for e in board] == sorted((e.backbone for e in board),
-                                                 key=lambda b: -next(e.top1 for e in board if e.backbone == b))
+    assert [e.backbone for e in board] == sorted(
+        (e.backbone for e in board), key=lambda b: -next(e.top1 for e in board if e.backbone == b)
+    )
     by = {e.backbone: e for e in board}
     assert {b: e.feature_dim for b, e in by.items()} == {"mobilenet_v2": 1280, "resnet18": 512, "vgg_tiny": 512}
     assert by["resnet18"].parameters == 11_176_512  # torchvision's resnet18 without its fc layer

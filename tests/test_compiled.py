@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from featx import extract_features
-from featx.backbones import create_backbone
-from featx.compiled import BREAK_EVEN_GFLOP, CompileWarning, choose_compile, gflop_per_view
-from featx.errors import FeatxError
-from featx.features import load_features, read_meta
-from featx.finetune import FinetuneConfig
+from featx.core.compiled import BREAK_EVEN_GFLOP, CompileWarning, choose_compile, gflop_per_view
+from featx.core.errors import FeatxError
+from featx.features.store import load_features, read_meta
+from featx.finetune.run import FinetuneConfig
+from featx.nets.backbones import create_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,19 +42,39 @@ def test_auto_compiles_long_jobs_only_and_on_off_ignore_the_job():
 def test_an_auto_extraction_says_what_it_chose_in_one_line(synth_cache, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = extract_features(data=synth_cache, backbone="resnet18", weights="none", size=32, views="full",
-                               splits=["val"], out=tmp_path / "f.h5", progress=False)
+        out = extract_features(
+            data=synth_cache,
+            backbone="resnet18",
+            weights="none",
+            size=32,
+            views="full",
+            splits=["val"],
+            out=tmp_path / "f.h5",
+            progress=False,
+        )
     lines = [str(w.message) for w in caught if issubclass(w.category, CompileWarning)]
     assert len(lines) == 1 and lines[0].startswith("--compile auto: eager: 16 views x ")
     assert read_meta(out).compile == "off"
 
 
 @pytest.mark.slow
-def test_compiled_frozen_features_equal_eager_and_switching_the_mode_reruns_nothing(real_cache, shared_weights,
-                                                                                     tmp_path):
-    kw = dict(data=real_cache, backbone="mobilenet_v2", weights=shared_weights / "mobilenet_v2_imagenet_tflite.pth",
-              size=64, views="full", classes=2, per_class=8, splits=["train"], precision="fp32", dtype="float32",
-              batch_size=6, progress=False)  # 16 images in batches of 6: the last one is padded
+def test_compiled_frozen_features_equal_eager_and_switching_the_mode_reruns_nothing(
+    real_cache, shared_weights, tmp_path
+):
+    kw = dict(
+        data=real_cache,
+        backbone="mobilenet_v2",
+        weights=shared_weights / "mobilenet_v2_imagenet_tflite.pth",
+        size=64,
+        views="full",
+        classes=2,
+        per_class=8,
+        splits=["train"],
+        precision="fp32",
+        dtype="float32",
+        batch_size=6,
+        progress=False,
+    )  # 16 images in batches of 6: the last one is padded
     eager = extract_features(**kw, compile="off", out=tmp_path / "eager.h5")
     compiled = extract_features(**kw, compile="on", out=tmp_path / "compiled.h5")
     want, got = load_features(eager, "train").features, load_features(compiled, "train").features
@@ -69,24 +89,42 @@ def test_compiled_frozen_features_equal_eager_and_switching_the_mode_reruns_noth
 
 def test_a_failing_compiler_falls_back_to_eager_with_one_line(synth_cache, tmp_path):
     # a real failure: Inductor's CPU backend finds no C++ compiler (an empty cache, so nothing compiled earlier helps)
-    code = ("from featx import extract_features\n"
-            f"extract_features(data={str(synth_cache)!r}, backbone='resnet18', weights='none', size=32, views='full',"
-            f" splits=['val'], precision='fp32', dtype='float32', compile='on', out={str(tmp_path / 'f.h5')!r},"
-            " progress=False)\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CXX": str(tmp_path / "no-such-compiler"),
-           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    r = subprocess.run([sys.executable, "-W", "always::UserWarning", "-c", code], env=env, capture_output=True,
-                       text=True)
+    code = (
+        "from featx import extract_features\n"
+        f"extract_features(data={str(synth_cache)!r}, backbone='resnet18', weights='none', size=32, views='full',"
+        f" splits=['val'], precision='fp32', dtype='float32', compile='on', out={str(tmp_path / 'f.h5')!r},"
+        " progress=False)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    }
+    r = subprocess.run(
+        [sys.executable, "-W", "always::UserWarning", "-c", code], env=env, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if "CompileWarning" in line]
     assert len(lines) == 1 and "compiling failed" in lines[0] and "running eager" in lines[0], r.stderr
     assert read_meta(tmp_path / "f.h5").compile == "off"
-    eager = extract_features(data=synth_cache, backbone="resnet18", weights="none", size=32, views="full",
-                             splits=["val"], precision="fp32", dtype="float32", compile="off",
-                             out=tmp_path / "eager.h5", progress=False)
-    np.testing.assert_array_equal(load_features(tmp_path / "f.h5", "val").features,
-                                  load_features(eager, "val").features)
+    eager = extract_features(
+        data=synth_cache,
+        backbone="resnet18",
+        weights="none",
+        size=32,
+        views="full",
+        splits=["val"],
+        precision="fp32",
+        dtype="float32",
+        compile="off",
+        out=tmp_path / "eager.h5",
+        progress=False,
+    )
+    np.testing.assert_array_equal(
+        load_features(tmp_path / "f.h5", "val").features, load_features(eager, "val").features
+    )
 
 
 def test_finetune_runs_recorded_with_a_boolean_compile_still_load():

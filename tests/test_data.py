@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageOps
-
-from featx.cli import cli
-from featx.data import cache_info, dataset_info, prepare_cache, read_split
-from featx.download import download
-from featx.errors import FeatxError, FeatxWarning
 from synth import CMYK_ID, CORRUPT_ID, FOLDER_CLASSES, GRAY_ID, wnid, write_image_folder, write_tiny_imagenet
+
+from featx.core.errors import FeatxError, FeatxWarning
+from featx.data.cache import cache_info, dataset_info, prepare_cache, read_split
+from featx.data.download import download
+from featx.front.cli import cli
 
 TOP = "tiny-imagenet-200"
 
@@ -240,11 +240,14 @@ def test_skip_bad_records_the_skipped_images(tmp_path):
         prepare(source, tmp_path)
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("missing", "x: no such file or folder"),
-    ("text", "x: cannot read it as a zip or a folder"),
-    ("empty-folder", "x: not a Tiny ImageNet or ImageFolder layout"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", "x: no such file or folder"),
+        ("text", "x: cannot read it as a zip or a folder"),
+        ("empty-folder", "x: not a Tiny ImageNet or ImageFolder layout"),
+    ],
+)
 def test_unusable_paths(tmp_path, kind, message):
     path = tmp_path / "x"
     if kind == "text":
@@ -321,11 +324,15 @@ def test_cli_prepare_and_info(tmp_path):
     assert result.exit_code == 0 and "val      4 images" in result.stdout and "MB)" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["data", "prepare", "--data", "{tmp}/missing.zip"], "missing.zip: no such file"),
-    (["data", "prepare", "--data", "{corrupt}", "--cache", "{tmp}/c.h5"], f"{CORRUPT_ID} is not a readable image"),
-    (["data", "info", "--cache", "{tmp}/missing.h5"], "missing.h5: no such file"),
-], ids=["missing-source", "corrupt-member", "missing-cache"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data", "prepare", "--data", "{tmp}/missing.zip"], "missing.zip: no such file"),
+        (["data", "prepare", "--data", "{corrupt}", "--cache", "{tmp}/c.h5"], f"{CORRUPT_ID} is not a readable image"),
+        (["data", "info", "--cache", "{tmp}/missing.h5"], "missing.h5: no such file"),
+    ],
+    ids=["missing-source", "corrupt-member", "missing-cache"],
+)
 def test_cli_errors_are_one_line(tmp_path, args, message):
     corrupt = write_tiny_imagenet(tmp_path / "bad", corrupt=True)
     args = [a.format(tmp=tmp_path, corrupt=corrupt) for a in args]
@@ -336,8 +343,19 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
 
 
 def test_cli_entry_point_has_no_traceback(tmp_path):
-    run = subprocess.run([sys.executable, "-c", "from featx.cli import main; main()", "data", "prepare",
-                          "--data", str(tmp_path / "nope")], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from featx.front.cli import main; main()",
+            "data",
+            "prepare",
+            "--data",
+            str(tmp_path / "nope"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
 
 
@@ -399,8 +417,12 @@ def test_download_offline_says_where_to_put_the_zip(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(FeatxError, match=f"cannot download .*put it at {tmp_path}/tiny-imagenet-200.zip"):
-        download(f"http://127.0.0.1:{port}/tiny-imagenet-200.zip", tmp_path / "tiny-imagenet-200.zip", "0" * 32,
-                 progress=False)
+        download(
+            f"http://127.0.0.1:{port}/tiny-imagenet-200.zip",
+            tmp_path / "tiny-imagenet-200.zip",
+            "0" * 32,
+            progress=False,
+        )
 
 
 # --- the real zip ------------------------------------------------------------------------------------
@@ -425,8 +447,11 @@ def test_real_tiny_imagenet(real_cache, shared_zip):
                 assert images.dtype == np.uint8 and images.shape[1:] == (64, 64, 3)
                 assert images.reshape(len(images), -1).max(axis=1).min() > 0  # nothing left undecoded
 
-        named = {"val_0.JPEG": (val, "val/images/val_0.JPEG"), "test_0.JPEG": (test, "test/images/test_0.JPEG"),
-                 "n01443537_0.JPEG": (train, "train/n01443537/images/n01443537_0.JPEG")}
+        named = {
+            "val_0.JPEG": (val, "val/images/val_0.JPEG"),
+            "test_0.JPEG": (test, "test/images/test_0.JPEG"),
+            "n01443537_0.JPEG": (train, "train/n01443537/images/n01443537_0.JPEG"),
+        }
         gray = next(n for n in z.namelist() if n.endswith(".JPEG") and Image.open(z.open(n)).mode == "L")
         split_of = {"train": train, "val": val, "test": test}
         named[gray.rsplit("/", 1)[1]] = (split_of[gray.split("/")[1]], gray.removeprefix(TOP + "/"))
@@ -446,7 +471,7 @@ def test_real_cache_is_reused(real_cache, shared_zip):
 def test_fast_jpeg_path_equals_pil_and_leaves_the_rest_to_it(shared_zip, tmp_path):
     """libjpeg-turbo (simplejpeg) decodes the common case; its pixels must be PIL's, and CMYK or truncated
     files must fall through to PIL (which converts the one and names the other)."""
-    from featx.sources import _decode_jpeg_fast, decode_image
+    from featx.data.sources import _decode_jpeg_fast, decode_image
 
     with zipfile.ZipFile(shared_zip) as z:
         members = [n for n in z.namelist() if n.endswith(".JPEG")][::50]

@@ -1,4 +1,4 @@
-"""featx.env: what a bug report needs, as values."""
+"""featx.core.env: what a bug report needs, as values."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import torch
 
 import featx
-from featx.device import cpu_has_bf16
-from featx.env import cpu_info, environment, format_environment
+from featx.core.device import cpu_has_bf16
+from featx.core.env import cpu_info, environment, format_environment
 
 CPUINFO = """processor\t: 0
 model name\t: Example CPU 9000
@@ -22,8 +22,10 @@ flags\t\t: fpu sse avx avx2 avx512f avx512bw avx512_bf16 amx_tile amx_bf16 avx51
 
 
 def test_cpu_flags_from_cpuinfo():
-    assert cpu_info(CPUINFO) == {"model": "Example CPU 9000", "flags": ["avx2", "avx512f", "avx512_bf16",
-                                                                        "amx_tile", "amx_bf16"]}
+    assert cpu_info(CPUINFO) == {
+        "model": "Example CPU 9000",
+        "flags": ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"],
+    }
     assert cpu_info("processor\t: 0\nflags\t: fpu sse sse2\n")["flags"] == []
 
 

@@ -12,9 +12,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from featx.estimator import DEFAULT_SWEEP, LinearProbe, LinearProbeCV
-from featx.features import load_features
-from featx.probe import grid, run_probe
+from featx.features.store import load_features
+from featx.probe.estimator import DEFAULT_SWEEP, LinearProbe, LinearProbeCV
+from featx.probe.run import grid, run_probe
 
 # Every check that applies passes. Two are skipped by scikit-learn itself here, not by featx:
 # check_array_api_input (needs SCIPY_ARRAY_API=1 and an array-API namespace) and
@@ -22,8 +22,9 @@ from featx.probe import grid, run_probe
 EXPECTED_FAILED: dict[str, str] = {}
 
 
-@parametrize_with_checks([LinearProbe(device="cpu"), LinearProbeCV(device="cpu")],
-                         expected_failed_checks=lambda estimator: EXPECTED_FAILED)
+@parametrize_with_checks(
+    [LinearProbe(device="cpu"), LinearProbeCV(device="cpu")], expected_failed_checks=lambda estimator: EXPECTED_FAILED
+)
 def test_sklearn_checks(estimator, check):
     check(estimator)
 
@@ -82,8 +83,13 @@ def test_given_validation_arrays_choose():
 
 def test_matches_featx_probe_on_real_features(mobilenet_features_20, tmp_path):
     """Same file, same grid, same holdout: the same chosen setting and val top-1 within half a point."""
-    run = run_probe(features=mobilenet_features_20, out=tmp_path / "run", heads=grid(**DEFAULT_SWEEP), device="cpu",
-                    select="holdout:0.1")
+    run = run_probe(
+        features=mobilenet_features_20,
+        out=tmp_path / "run",
+        heads=grid(**DEFAULT_SWEEP),
+        device="cpu",
+        select="holdout:0.1",
+    )
     train, val = (load_features(mobilenet_features_20, s) for s in ("train", "val"))
     clf = LinearProbeCV(device="cpu").fit(train.features, train.labels)
     chosen = run.configs[run.best]

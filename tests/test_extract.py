@@ -16,12 +16,12 @@ import torchvision.transforms.v2.functional as TF
 from click.testing import CliRunner
 
 from featx import extract_features
-from featx.backbones import create_backbone, get_spec, list_backbones
-from featx.cli import cli
-from featx.data import read_split
-from featx.errors import FeatxError
-from featx.features import load_features, read_meta
-from featx.views import AUG_BRIGHTNESS, AUG_CONTRAST, aug_params, aug_pixels, crop_view, view_names
+from featx.core.errors import FeatxError
+from featx.data.cache import read_split
+from featx.features.store import load_features, read_meta
+from featx.front.cli import cli
+from featx.nets.backbones import create_backbone, get_spec, list_backbones
+from featx.nets.views import AUG_BRIGHTNESS, AUG_CONTRAST, aug_params, aug_pixels, crop_view, view_names
 
 TINY = {"size": 32, "progress": False, "weights": "none"}
 
@@ -33,8 +33,17 @@ def _small_size(name: str) -> int:
 @pytest.mark.parametrize("name", [s.name for s in list_backbones()])
 def test_every_backbone_extracts_n_v_d(name, synth_cache, tmp_path):
     # float32: randomly initialised deep nets (ResNet-152) produce activations beyond float16's range
-    out = extract_features(data=synth_cache, backbone=name, weights="none", size=_small_size(name),
-                           views="flip", splits=["val"], dtype="float32", out=tmp_path / "f.h5", progress=False)
+    out = extract_features(
+        data=synth_cache,
+        backbone=name,
+        weights="none",
+        size=_small_size(name),
+        views="flip",
+        splits=["val"],
+        dtype="float32",
+        out=tmp_path / "f.h5",
+        progress=False,
+    )
     f = load_features(out, "val")
     split = read_split(synth_cache, "val")
     assert f.features.shape == (len(split), 2, get_spec(name).feature_dim)
@@ -45,15 +54,29 @@ def test_every_backbone_extracts_n_v_d(name, synth_cache, tmp_path):
 
 
 def test_views_equal_features_of_explicit_crops_and_mirrors(synth_cache, tmp_path):
-    out = extract_features(data=synth_cache, backbone="resnet18", weights="none", size=64, views="ten",
-                           splits=["val"], dtype="float32", precision="fp32", out=tmp_path / "f.h5",
-                           progress=False)
+    out = extract_features(
+        data=synth_cache,
+        backbone="resnet18",
+        weights="none",
+        size=64,
+        views="ten",
+        splits=["val"],
+        dtype="float32",
+        precision="fp32",
+        out=tmp_path / "f.h5",
+        progress=False,
+    )
     got = load_features(out, "val").features
     bb = create_backbone("resnet18", weights="none", size=64)
     model = bb.model.eval()
     images = torch.from_numpy(read_split(synth_cache, "val").read_images()).permute(0, 3, 1, 2)
-    boxes = {"full": (0, 0, 64), "top_left": (0, 0, 56), "top_right": (0, 8, 56), "bottom_left": (8, 0, 56),
-             "bottom_right": (8, 8, 56)}
+    boxes = {
+        "full": (0, 0, 64),
+        "top_left": (0, 0, 56),
+        "top_right": (0, 8, 56),
+        "bottom_left": (8, 0, 56),
+        "bottom_right": (8, 8, 56),
+    }
     for k, name in enumerate(view_names("ten")):
         top, left, side = boxes[name.removesuffix("_flip")]
         x = TF.crop(images, top, left, side, side)
@@ -101,8 +124,18 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(synth_cache, tmp_path):
         load_features(out, "train")
 
     subprocess.run([sys.executable, "-c", RESUMABLE, str(synth_cache), str(out)], check=True)
-    ref = extract_features(data=synth_cache, backbone="resnet18", weights="none", size=96, views="ten",
-                           aug_views=2, out=tmp_path / "ref.h5", shard_rows=4, batch_size=2, progress=False)
+    ref = extract_features(
+        data=synth_cache,
+        backbone="resnet18",
+        weights="none",
+        size=96,
+        views="ten",
+        aug_views=2,
+        out=tmp_path / "ref.h5",
+        shard_rows=4,
+        batch_size=2,
+        progress=False,
+    )
     assert not partial.exists()
     for split in ("train", "val", "test"):
         every = read_meta(out).stored_views(split)  # the augmented views too, in train
@@ -149,15 +182,28 @@ def test_augmented_view_pixels_are_a_seeded_jitter_of_the_image_or_a_corner():
 
 
 def test_augmented_views_are_stored_for_train_only_and_differ_from_every_deterministic_view(synth_cache, tmp_path):
-    common = dict(data=synth_cache, backbone="resnet18", weights="none", size=32, views="ten", dtype="float32",
-                  precision="fp32", splits=["train", "val"], progress=False)
+    common = dict(
+        data=synth_cache,
+        backbone="resnet18",
+        weights="none",
+        size=32,
+        views="ten",
+        dtype="float32",
+        precision="fp32",
+        splits=["train", "val"],
+        progress=False,
+    )
     a = extract_features(**common, aug_views=3, out=tmp_path / "a.h5", batch_size=4)
     # other shards and batches: the same views, since each is a function of (seed, image index, k) alone
     b = extract_features(**common, aug_views=3, out=tmp_path / "b.h5", batch_size=3, shard_rows=5)
     c = extract_features(**common, aug_views=3, aug_seed=1, out=tmp_path / "c.h5", batch_size=4)
     meta = read_meta(a)
-    assert (meta.aug_views, meta.aug_seed, meta.aug_brightness, meta.aug_contrast) == (3, 0, AUG_BRIGHTNESS,
-                                                                                        AUG_CONTRAST)
+    assert (meta.aug_views, meta.aug_seed, meta.aug_brightness, meta.aug_contrast) == (
+        3,
+        0,
+        AUG_BRIGHTNESS,
+        AUG_CONTRAST,
+    )
     assert meta.stored_views("train") == view_names("ten") + ["aug0", "aug1", "aug2"]
     names = meta.stored_views("train")
     fa, fb, fc = (load_features(p, "train", views=names).features for p in (a, b, c))
@@ -183,12 +229,43 @@ def test_mismatched_resume_is_refused(synth_cache, tmp_path):
 
 @pytest.mark.numerics
 def test_torchrun_two_gloo_ranks_write_the_single_process_file(synth_cache, tmp_path):
-    args = ["extract", "--data", str(synth_cache), "--backbone", "resnet18", "--weights", "none", "--size", "32",
-            "--views", "flip", "--device", "cpu", "--batch-size", "4"]
+    args = [
+        "extract",
+        "--data",
+        str(synth_cache),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--size",
+        "32",
+        "--views",
+        "flip",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                    "29533", "-m", "featx", *args, "--out", str(tmp_path / "ddp.h5")], check=True, env=env,
-                   timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29533",
+            "-m",
+            "featx",
+            *args,
+            "--out",
+            str(tmp_path / "ddp.h5"),
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     subprocess.run([sys.executable, "-m", "featx", *args, "--out", str(tmp_path / "one.h5")], check=True, env=env)
     assert read_meta(tmp_path / "ddp.h5") == read_meta(tmp_path / "one.h5")
     for split in ("train", "val", "test"):
@@ -197,19 +274,38 @@ def test_torchrun_two_gloo_ranks_write_the_single_process_file(synth_cache, tmp_
         assert a.ids == b.ids and np.array_equal(a.labels, b.labels)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--backbone", "resnet9000"], "unknown; known: resnet18"),
-    (["--backbone", "resnet18", "--crop", "80"], "--crop 80 is larger than the 64x64 images"),
-    (["--backbone", "resnet18", "--device", "cuda"], None),
-    (["--backbone", "resnet18", "--mean", "0.5,0.5"], "--mean': '0.5,0.5': give 3 comma-separated numbers"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backbone", "resnet9000"], "unknown; known: resnet18"),
+        (["--backbone", "resnet18", "--crop", "80"], "--crop 80 is larger than the 64x64 images"),
+        (["--backbone", "resnet18", "--device", "cuda"], None),
+        (["--backbone", "resnet18", "--mean", "0.5,0.5"], "--mean': '0.5,0.5': give 3 comma-separated numbers"),
+    ],
+)
 def test_cli_mistakes_are_one_line_exit_2(args, message, synth_cache, tmp_path):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("CUDA is present")
     message = message or "CUDA is not available"
-    result = subprocess.run([sys.executable, "-m", "featx", "extract", "--data", str(synth_cache), "--weights",
-                             "none", "--size", "32", "--out", str(tmp_path / "f.h5"), *args],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featx",
+            "extract",
+            "--data",
+            str(synth_cache),
+            "--weights",
+            "none",
+            "--size",
+            "32",
+            "--out",
+            str(tmp_path / "f.h5"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -217,8 +313,9 @@ def test_cli_mistakes_are_one_line_exit_2(args, message, synth_cache, tmp_path):
 
 def test_float16_overflow_asks_for_float32(synth_cache, tmp_path):
     with pytest.raises(FeatxError, match="beyond float16; re-run with --dtype float32"):
-        extract_features(data=synth_cache, backbone="resnet152", views="full", splits=["val"],
-                         out=tmp_path / "f.h5", **TINY)
+        extract_features(
+            data=synth_cache, backbone="resnet152", views="full", splits=["val"], out=tmp_path / "f.h5", **TINY
+        )
 
 
 def test_unwritable_output_is_one_line(synth_cache, tmp_path):
@@ -231,9 +328,20 @@ def test_unwritable_output_is_one_line(synth_cache, tmp_path):
 
 def test_weights_for_another_backbone_name_the_keys(synth_cache, shared_weights, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(cli, ["extract", "--data", str(synth_cache), "--backbone", "resnet18", "--weights",
-                                 str(shared_weights / "mobilenet_v2_imagenet_tflite.pth"), "--out",
-                                 str(tmp_path / "f.h5")])
+    result = runner.invoke(
+        cli,
+        [
+            "extract",
+            "--data",
+            str(synth_cache),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            str(shared_weights / "mobilenet_v2_imagenet_tflite.pth"),
+            "--out",
+            str(tmp_path / "f.h5"),
+        ],
+    )
     assert result.exit_code == 2 and "missing keys" in result.output
 
 
@@ -261,9 +369,18 @@ def test_real_weights_on_real_images_separate_the_classes(mobilenet_features_20,
     assert meta.weights.startswith("sha256:9a339a76") and meta.mean == [0.5, 0.5, 0.5] and len(meta.classes) == 20
 
     # the input size hardly matters to random weights, and 112 costs a quarter of 224
-    random_init = extract_features(data=real_cache, backbone="mobilenet_v2", weights="none", views="full",
-                                   size=112, classes=20, per_class=20, splits=["train", "val"],
-                                   out=tmp_path / "none.h5", progress=False)
+    random_init = extract_features(
+        data=real_cache,
+        backbone="mobilenet_v2",
+        weights="none",
+        views="full",
+        size=112,
+        classes=20,
+        per_class=20,
+        splits=["train", "val"],
+        out=tmp_path / "none.h5",
+        progress=False,
+    )
     assert _nearest_class_mean_top1(random_init) <= 0.25
 
 

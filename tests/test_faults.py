@@ -17,18 +17,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synth import write_tiny_imagenet
 from torchvision.models import resnet18
 
-from featx.atomic import exclusive
-from featx.cli import main
-from featx.device import cpu_has_bf16
-from featx.errors import FeatxError, FeatxWarning
-from featx.extract import extract_features
-from featx.features import load_features
-from featx.heads import label_rank
-from featx.predict import predict
-from featx.probe import HeadConfig, run_probe
-from synth import write_tiny_imagenet
+from featx.core.atomic import exclusive
+from featx.core.device import cpu_has_bf16
+from featx.core.errors import FeatxError, FeatxWarning
+from featx.evaluate.scoring import predict
+from featx.features.extract import extract_features
+from featx.features.store import load_features
+from featx.front.cli import main
+from featx.nets.heads import label_rank
+from featx.probe.run import HeadConfig, run_probe
 
 
 def featx_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
@@ -48,8 +48,16 @@ def one_line(code: int, stderr: str, *messages: str) -> None:
 @pytest.fixture(scope="module")
 def features(synth_cache, tmp_path_factory) -> Path:
     """Real (random-weight ResNet-18) features of the synthetic dataset, computed in fp32."""
-    return extract_features(data=synth_cache, backbone="resnet18", weights="none", size=32, views="flip",
-                            precision="fp32", out=tmp_path_factory.mktemp("f") / "r18.h5", progress=False)
+    return extract_features(
+        data=synth_cache,
+        backbone="resnet18",
+        weights="none",
+        size=32,
+        views="flip",
+        precision="fp32",
+        out=tmp_path_factory.mktemp("f") / "r18.h5",
+        progress=False,
+    )
 
 
 @pytest.fixture
@@ -84,8 +92,23 @@ def test_non_finite_scores_never_rank_their_label_first():
 
 
 def test_a_diverged_head_is_never_best_and_predict_never_sees_it(features, tmp_path, capsys, monkeypatch):
-    code, out, err = featx_cli(capsys, monkeypatch, "probe", "--features", features, "--lr", "6.5e-4,1e30",
-                               "--batch-size", "1000", "--epochs", "3", "--device", "cpu", "--out", tmp_path / "o")
+    code, out, err = featx_cli(
+        capsys,
+        monkeypatch,
+        "probe",
+        "--features",
+        features,
+        "--lr",
+        "6.5e-4,1e30",
+        "--batch-size",
+        "1000",
+        "--epochs",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "o",
+    )
     assert code == 0, err
     run = json.loads((tmp_path / "o" / "run.json").read_text())
     assert run["best"]["head"] == 0 and run["best"]["val_top1"] < 1.0
@@ -96,8 +119,23 @@ def test_a_diverged_head_is_never_best_and_predict_never_sees_it(features, tmp_p
     p = predict(runs=[tmp_path / "o"], split="val", ensemble="all", device="cpu")
     assert np.isfinite(p.probs).all() and p.top_k(1) == pytest.approx(run["best"]["val_top1"])
 
-    code, out, err = featx_cli(capsys, monkeypatch, "probe", "--features", features, "--lr", "1e30",
-                               "--batch-size", "8", "--epochs", "2", "--device", "cpu", "--out", tmp_path / "all")
+    code, out, err = featx_cli(
+        capsys,
+        monkeypatch,
+        "probe",
+        "--features",
+        features,
+        "--lr",
+        "1e30",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "all",
+    )
     one_line(code, err, "every head diverged", "lower --lr")
     assert list((tmp_path / "all" / "checkpoints").iterdir()) == []
 
@@ -105,14 +143,32 @@ def test_a_diverged_head_is_never_best_and_predict_never_sees_it(features, tmp_p
 # --- 2. bf16 CPUs ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
-    not cpu_has_bf16(), reason="this CPU has no AVX-512 BF16/AMX: bf16 would be emulated"))])
+@pytest.mark.parametrize(
+    "precision",
+    [
+        "fp32",
+        pytest.param(
+            "bf16",
+            marks=pytest.mark.skipif(
+                not cpu_has_bf16(), reason="this CPU has no AVX-512 BF16/AMX: bf16 would be emulated"
+            ),
+        ),
+    ],
+)
 @pytest.mark.numerics
 def test_extract_precision_stays_within_its_tolerance(features, synth_cache, tmp_path, precision):
     # fp32 reproduces the fixture's fp32 run (float16 storage rounding only); bf16 keeps 8 mantissa bits, so
     # its features may differ by a few bf16 ulps of the largest activations
-    x = extract_features(data=synth_cache, backbone="resnet18", weights="none", size=32, views="flip",
-                         precision=precision, out=tmp_path / "x.h5", progress=False)
+    x = extract_features(
+        data=synth_cache,
+        backbone="resnet18",
+        weights="none",
+        size=32,
+        views="flip",
+        precision=precision,
+        out=tmp_path / "x.h5",
+        progress=False,
+    )
     a = load_features(features, "val").features.astype(np.float32)
     b = load_features(x, "val").features.astype(np.float32)
     scale = float(np.abs(a).max())
@@ -138,9 +194,22 @@ def test_prepare_on_a_full_disk_is_one_line_and_resumes(small_fs, tmp_path, caps
 def test_a_subprocess_hitting_a_full_disk_inside_hdf5_exits_2(small_fs, tmp_path):
     # the free-space check is bypassed: HDF5 itself meets the full disk, which used to crash at exit (139)
     fs = small_fs("200k")
-    code = ("import featx.atomic as a; a.require_space = lambda *_: None; from featx.cli import main; main()")
-    r = subprocess.run([sys.executable, "-c", code, "data", "prepare", "--data", str(write_tiny_imagenet(tmp_path)),
-                        "--cache", str(fs / "c.h5")], capture_output=True, text=True)
+    code = "import featx.core.atomic as a; a.require_space = lambda *_: None; from featx.front.cli import main; main()"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "data",
+            "prepare",
+            "--data",
+            str(write_tiny_imagenet(tmp_path)),
+            "--cache",
+            str(fs / "c.h5"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     # h5py reports its failed deallocations above the line; the point is exit 2 with the line, not 139
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("featx: error:"), r.stderr
     assert "no space left on device" in r.stderr.strip().splitlines()[-1]
@@ -148,8 +217,16 @@ def test_a_subprocess_hitting_a_full_disk_inside_hdf5_exits_2(small_fs, tmp_path
 
 
 def test_extract_stops_at_a_failed_shard_write_and_resumes(synth_cache, tmp_path, monkeypatch):
-    kw = dict(data=synth_cache, backbone="resnet18", weights="none", size=32, views="full", precision="fp32",
-              shard_rows=16, progress=False)
+    kw = dict(
+        data=synth_cache,
+        backbone="resnet18",
+        weights="none",
+        size=32,
+        views="full",
+        precision="fp32",
+        shard_rows=16,
+        progress=False,
+    )
     whole = load_features(extract_features(**kw, out=tmp_path / "whole.h5"), "train").features
     saves = []
     real_save = np.save
@@ -166,15 +243,28 @@ def test_extract_stops_at_a_failed_shard_write_and_resumes(synth_cache, tmp_path
     assert not (tmp_path / "f.h5").exists()
     assert sorted(p.name for p in (tmp_path / "f.h5.partial").glob("*.npy")) == ["train-00000.npy", "train-00001.npy"]
     monkeypatch.setattr(np, "save", real_save)
-    np.testing.assert_array_equal(load_features(extract_features(**kw, out=tmp_path / "f.h5"), "train").features,
-                                  whole)
+    np.testing.assert_array_equal(load_features(extract_features(**kw, out=tmp_path / "f.h5"), "train").features, whole)
 
 
-def test_extract_and_probe_on_a_full_disk_are_one_line_and_resume(features, synth_cache, small_fs, capsys,
-                                                                   monkeypatch):
+def test_extract_and_probe_on_a_full_disk_are_one_line_and_resume(features, synth_cache, small_fs, capsys, monkeypatch):
     fs = small_fs("256k")
-    args = ["extract", "--data", synth_cache, "--backbone", "resnet18", "--weights", "none", "--size", "32",
-            "--views", "flip", "--precision", "fp32", "--out", fs / "x.h5"]
+    args = [
+        "extract",
+        "--data",
+        synth_cache,
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--size",
+        "32",
+        "--views",
+        "flip",
+        "--precision",
+        "fp32",
+        "--out",
+        fs / "x.h5",
+    ]
     code, out, err = featx_cli(capsys, monkeypatch, *args)
     one_line(code, err, f"{fs / 'x.h5'}: no space left on device", "MB needed")
     # the seed's single head (--lr): the disk check counts every head of a sweep
@@ -194,12 +284,37 @@ def test_extract_and_probe_on_a_full_disk_are_one_line_and_resume(features, synt
 
 def test_a_second_writer_is_refused_at_once(features, synth_cache, tmp_path, capsys, monkeypatch):
     cases = {
-        "data": ["data", "prepare", "--data", synth_cache.parent / "tiny-imagenet-200.zip", "--cache", tmp_path / "c.h5"],
-        "extract": ["extract", "--data", synth_cache, "--backbone", "resnet18", "--weights", "none",
-                    "--out", tmp_path / "x.h5"],
+        "data": [
+            "data",
+            "prepare",
+            "--data",
+            synth_cache.parent / "tiny-imagenet-200.zip",
+            "--cache",
+            tmp_path / "c.h5",
+        ],
+        "extract": [
+            "extract",
+            "--data",
+            synth_cache,
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "none",
+            "--out",
+            tmp_path / "x.h5",
+        ],
         "probe": ["probe", "--features", features, "--out", tmp_path / "p"],
-        "finetune": ["finetune", "--data", synth_cache, "--backbone", "resnet18", "--weights", "none",
-                     "--out", tmp_path / "ft"],
+        "finetune": [
+            "finetune",
+            "--data",
+            synth_cache,
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "none",
+            "--out",
+            tmp_path / "ft",
+        ],
     }
     for command, args in cases.items():
         out = args[-1]
@@ -212,9 +327,30 @@ def test_a_second_writer_is_refused_at_once(features, synth_cache, tmp_path, cap
 
 
 def test_two_extract_processes_on_one_output(synth_cache, tmp_path):
-    args = [sys.executable, "-m", "featx", "extract", "--data", str(synth_cache), "--backbone", "resnet18",
-            "--weights", "none", "--size", "224", "--views", "ten", "--classes", "1", "--batch-size", "1", "--precision", "fp32", "--out",
-            str(tmp_path / "x.h5")]
+    args = [
+        sys.executable,
+        "-m",
+        "featx",
+        "extract",
+        "--data",
+        str(synth_cache),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--size",
+        "224",
+        "--views",
+        "ten",
+        "--classes",
+        "1",
+        "--batch-size",
+        "1",
+        "--precision",
+        "fp32",
+        "--out",
+        str(tmp_path / "x.h5"),
+    ]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (tmp_path / "x.h5.lock").exists() and time.time() < deadline:
@@ -233,14 +369,27 @@ def test_weights_of_another_shape_are_one_line(synth_cache, tmp_path, capsys, mo
     state = resnet18().state_dict()
     state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
     torch.save(state, tmp_path / "w.pth")
-    for command in (["extract", "--out", tmp_path / "x.h5"], ["finetune", "--out", tmp_path / "ft", "--size", "32", "--batch-size", "8"]):
-        code, _, err = featx_cli(capsys, monkeypatch, *command, "--data", synth_cache, "--backbone", "resnet18",
-                                 "--weights", tmp_path / "w.pth")
+    for command in (
+        ["extract", "--out", tmp_path / "x.h5"],
+        ["finetune", "--out", tmp_path / "ft", "--size", "32", "--batch-size", "8"],
+    ):
+        code, _, err = featx_cli(
+            capsys,
+            monkeypatch,
+            *command,
+            "--data",
+            synth_cache,
+            "--backbone",
+            "resnet18",
+            "--weights",
+            tmp_path / "w.pth",
+        )
         one_line(code, err, "does not fit this backbone (conv1.weight has shape [64, 3, 3, 3]")
 
 
-def test_out_under_a_file_and_unwritable_out_are_one_line(features, synth_cache, small_fs, tmp_path, capsys,
-                                                          monkeypatch):
+def test_out_under_a_file_and_unwritable_out_are_one_line(
+    features, synth_cache, small_fs, tmp_path, capsys, monkeypatch
+):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     under = blocker / "sub" / "out"
@@ -264,8 +413,9 @@ def test_out_under_a_file_and_unwritable_out_are_one_line(features, synth_cache,
 
 
 def test_a_rejected_hyperparameter_leaves_nothing(features, tmp_path, capsys, monkeypatch):
-    code, _, err = featx_cli(capsys, monkeypatch, "probe", "--features", features, "--lr", "-1",
-                             "--out", tmp_path / "run")
+    code, _, err = featx_cli(
+        capsys, monkeypatch, "probe", "--features", features, "--lr", "-1", "--out", tmp_path / "run"
+    )
     one_line(code, err, "--lr -1.0: must be > 0")
     assert list(tmp_path.iterdir()) == []
 
@@ -293,9 +443,24 @@ def _alive(pid: int) -> bool:
 
 
 def test_decode_workers_die_with_a_killed_prepare(shared_zip, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "featx", "data", "prepare", "--data", str(shared_zip),
-                             "--cache", str(tmp_path / "c.h5"), "--jobs", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "featx",
+            "data",
+            "prepare",
+            "--data",
+            str(shared_zip),
+            "--cache",
+            str(tmp_path / "c.h5"),
+            "--jobs",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
     def workers() -> list[int]:  # loky's worker processes, not its resource trackers
         return [k for k in _children(proc.pid) if b"LokyProcess" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
@@ -323,13 +488,14 @@ def test_unreadable_images_are_named_and_skipped_on_their_own_line(tmp_path, cap
     assert "BytesIO" not in err
     # library code warns through FeatxWarning (the CLI renders it as one `featx: warning:` line)
     with pytest.warns(FeatxWarning, match=f"^skipped {re.escape(str(bad))}: UnidentifiedImageError"):
-        code, out, err = featx_cli(capsys, monkeypatch, "data", "prepare", "--data", source, "--cache",
-                                   tmp_path / "c.h5", "--skip-bad")
+        code, out, err = featx_cli(
+            capsys, monkeypatch, "data", "prepare", "--data", source, "--cache", tmp_path / "c.h5", "--skip-bad"
+        )
     assert code == 0, err
 
 
 def test_skipped_images_in_predict_come_from_the_same_reader(tmp_path):
-    from featx.predict import read_images
+    from featx.evaluate.images import read_images
 
     Image.fromarray(np.full((64, 64, 3), 9, np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"\x89PNG broken")

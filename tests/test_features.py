@@ -7,17 +7,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featx.errors import FeatxError
-from featx.features import FeatureMeta, load, load_features, write_features
+from featx.core.errors import FeatxError
+from featx.features.store import FeatureMeta, load, load_features, write_features
 
 
-def _write(path: Path, *, backbone: str = "synthetic", views: tuple[str, ...] = ("full", "full_flip"),
-           seed: int = 0) -> Path:
+def _write(
+    path: Path, *, backbone: str = "synthetic", views: tuple[str, ...] = ("full", "full_flip"), seed: int = 0
+) -> Path:
     rng = np.random.default_rng(seed)
     names = ["n0", "n1", "n2"]
-    meta = FeatureMeta(backbone=backbone, weights="none", input_size=64, views=list(views), crop=56,
-                       mean=[0.5] * 3, std=[0.5] * 3, precision="fp32", dtype="float16", dataset="synthetic",
-                       dataset_fingerprint="synthetic-0", classes=names, class_names=names, featx_version="test")
+    meta = FeatureMeta(
+        backbone=backbone,
+        weights="none",
+        input_size=64,
+        views=list(views),
+        crop=56,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        precision="fp32",
+        dtype="float16",
+        dataset="synthetic",
+        dataset_fingerprint="synthetic-0",
+        classes=names,
+        class_names=names,
+        featx_version="test",
+    )
 
     def split(n: int, labelled: bool):
         x = rng.standard_normal((n, len(views), 8)).astype(np.float16)

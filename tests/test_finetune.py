@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from featx import runs
-from featx.backbones import list_backbones
-from featx.errors import FeatxError, FeatxWarning
-from featx.finetune import FinetuneConfig, finetune
-from featx.head_checkpoints import init_from_probe
-from featx.device import precision_name, resolve_precision
-from featx.models import ModelSpec, build_model, load_model
-from featx.heads import StackedHeads
-from featx.lstm_head import LSTMHead
+from featx.core import runs
+from featx.core.device import precision_name, resolve_precision
+from featx.core.errors import FeatxError, FeatxWarning
+from featx.finetune.run import FinetuneConfig, finetune
+from featx.nets.backbones import list_backbones
+from featx.nets.heads import StackedHeads
+from featx.nets.lstm_head import LSTMHead
+from featx.nets.models import ModelSpec, build_model, load_model
+from featx.probe.checkpoints import init_from_probe
 
 FEATX = [sys.executable, "-m", "featx"]  # not through PATH: an unactivated virtualenv has no `featx` there
 # One thread per process: bitwise-reproducible CPU kernels, and two torchrun workers fit two cores.
@@ -134,8 +134,15 @@ def test_init_head_folds_a_standardised_probe_head(tmp_path):
     torch.nn.init.normal_(probe.weights[0])
     probe.set_standardization(torch.randn(512), torch.rand(512) + 0.5)
     run = runs.start_run(tmp_path / "probe", kind="probe", config={}, features={"backbone": "resnet18"})
-    torch.save({"format": "featx-head-1", "state": probe.head_state(0), "config": {"normalize": "standard"},
-                "classes": ["a", "b", "c"]}, run / "checkpoints" / "head00.pt")
+    torch.save(
+        {
+            "format": "featx-head-1",
+            "state": probe.head_state(0),
+            "config": {"normalize": "standard"},
+            "classes": ["a", "b", "c"],
+        },
+        run / "checkpoints" / "head00.pt",
+    )
     runs.update_run(run, checkpoints=[runs.Snapshot("checkpoints/head00.pt", 0, 1, 1.0, 1.0)])
     model = build_model(spec("resnet18"))
     init_from_probe(str(run), backbone="resnet18", classes=["a", "b", "c"], head=model.head)
@@ -147,27 +154,45 @@ def test_init_head_folds_a_standardised_probe_head(tmp_path):
 
 def test_run_directory_and_checkpoint_rebuilds_model(synth_cache, tmp_path):
     out = tmp_path / "run"
-    result = finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=3,
-                                     batch_size=16, aug=["flip", "crop", "color"], mixup=0.2, freeze_epochs=1,
-                                     keep=2), out=out, progress=False)
+    result = finetune(
+        FinetuneConfig(
+            data=synth_cache,
+            backbone="resnet18",
+            weights="none",
+            size=32,
+            epochs=3,
+            batch_size=16,
+            aug=["flip", "crop", "color"],
+            mixup=0.2,
+            freeze_epochs=1,
+            keep=2,
+        ),
+        out=out,
+        progress=False,
+    )
     metrics = json.loads((out / "metrics.json").read_text())["heads"][0]["epochs"]
     assert [r["epoch"] for r in metrics] == [1, 2, 3]
     for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
-        assert all(0 <= r[key] for r in metrics) and all(r[key] <= 1 for r in metrics if "top" in key)
+        assert all(r[key] >= 0 for r in metrics) and all(r[key] <= 1 for r in metrics if "top" in key)
     assert (out / "metrics.csv").read_text().count("\n") == 4 and (out / "curves.png").stat().st_size > 0
     record = runs.read_run(out)
     listed = record.checkpoints
     # what ran beside what was asked: auto precision is this machine's, and a job this small runs eager
     assert record.config["precision"] == "auto"
-    assert record.resolved == {"precision": precision_name(resolve_precision("auto", torch.device("cpu"))),
-                               "compile": "off"}
+    assert record.resolved == {
+        "precision": precision_name(resolve_precision("auto", torch.device("cpu"))),
+        "compile": "off",
+    }
     assert len(listed) == 2 == len(list((out / "checkpoints").glob("epoch*.pt")))
     assert listed == result.snapshots and listed[0].val_top1 >= listed[1].val_top1
     model, model_spec = load_model(runs.load_checkpoint(out / listed[0].file))
     assert model_spec.num_classes == 4 and model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
     with pytest.raises(FeatxError, match=r"other settings \(batch_size 16 → 128; .*\); pass --force"):
-        finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=3), out=out,
-                 progress=False)
+        finetune(
+            FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=3),
+            out=out,
+            progress=False,
+        )
     results = json.loads((out / "results.json").read_text())
     best = max(metrics, key=lambda r: (r["val_top1"], r["val_top5"]))
     assert results["top1"] == best["val_top1"] and results["views"] == "center" and results["split"] == "val"
@@ -186,15 +211,48 @@ def test_overfit_reaches_100_percent_on_real_images(real_cache, tmp_path, recwar
 
 def test_nan_loss_stops_and_names_the_step(synth_cache, tmp_path):
     with pytest.raises(FeatxError, match=r"loss is NaN at epoch 1 step \d+"):
-        finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=2,
-                                batch_size=8, optimizer="sgd", lr=1e12), out=tmp_path / "nan", progress=False)
+        finetune(
+            FinetuneConfig(
+                data=synth_cache,
+                backbone="resnet18",
+                weights="none",
+                size=32,
+                epochs=2,
+                batch_size=8,
+                optimizer="sgd",
+                lr=1e12,
+            ),
+            out=tmp_path / "nan",
+            progress=False,
+        )
     assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
 
 
 def _args(cache: Path, out: Path, *extra: str) -> list[str]:
-    return ["finetune", "--data", str(cache), "--backbone", "resnet18", "--weights", "none", "--size", "64",
-            "--epochs", "3", "--batch-size", "8", "--aug", "flip,crop,shift", "--mixup", "0.2", "--device", "cpu",
-            "--out", str(out), *extra]
+    return [
+        "finetune",
+        "--data",
+        str(cache),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--size",
+        "64",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--aug",
+        "flip,crop,shift",
+        "--mixup",
+        "0.2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.numerics
@@ -209,8 +267,9 @@ def test_resume_after_kill_9_matches_uninterrupted_run(synth_cache, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert runs.load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["epoch"] < 3
-    again = subprocess.run([*FEATX, *_args(synth_cache, tmp_path / "b")], env=ENV, check=True, capture_output=True,
-                           text=True)  # the same command resumes: no --resume needed
+    again = subprocess.run(
+        [*FEATX, *_args(synth_cache, tmp_path / "b")], env=ENV, check=True, capture_output=True, text=True
+    )  # the same command resumes: no --resume needed
     assert re.search(r"featx: resuming: [12] of 3 epochs done", again.stderr), again.stderr
     a = runs.load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
     b = runs.load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
@@ -221,12 +280,53 @@ def test_resume_after_kill_9_matches_uninterrupted_run(synth_cache, tmp_path):
 
 def test_torchrun_two_processes_match_one(synth_cache, tmp_path):
     # LayerNorm (ConvNeXt) and SGD: per-process batch statistics and Adam's normalisation would blur the match
-    common = ["finetune", "--data", str(synth_cache), "--backbone", "convnext_tiny", "--weights", "none",
-              "--size", "32", "--epochs", "1", "--batch-size", "8", "--aug", "none", "--drop-path", "0",
-              "--optimizer", "sgd", "--lr", "0.05", "--device", "cpu", "--precision", "fp32", "--compile", "off"]
+    common = [
+        "finetune",
+        "--data",
+        str(synth_cache),
+        "--backbone",
+        "convnext_tiny",
+        "--weights",
+        "none",
+        "--size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--aug",
+        "none",
+        "--drop-path",
+        "0",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--compile",
+        "off",
+    ]
     subprocess.run([*FEATX, *common, "--out", str(tmp_path / "one")], env=ENV, check=True, capture_output=True)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--no-python", *FEATX, *common,
-                          "--out", str(tmp_path / "two")], env=ENV, capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--no-python",
+            *FEATX,
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     one = runs.load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     two = runs.load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
@@ -237,12 +337,31 @@ def test_torchrun_two_processes_match_one(synth_cache, tmp_path):
 
 
 def test_user_errors_are_one_line(synth_cache, tmp_path):
-    for extra, option in [(["--backbone", "vgg_tiny"], "--backbone vgg_tiny"),
-                          (["--backbone", "resnet18", "--init", "xavier"], "--init xavier"),
-                          (["--backbone", "resnet18", "--weights", "none", "--aug", "twirl"], "--aug twirl")]:
-        r = subprocess.run([*FEATX, "finetune", "--data", str(synth_cache), "--out", str(tmp_path / "x"),
-                            "--batch-size", "8", "--size", "32", "--epochs", "1", *extra],
-                           env=ENV, capture_output=True, text=True)
+    for extra, option in [
+        (["--backbone", "vgg_tiny"], "--backbone vgg_tiny"),
+        (["--backbone", "resnet18", "--init", "xavier"], "--init xavier"),
+        (["--backbone", "resnet18", "--weights", "none", "--aug", "twirl"], "--aug twirl"),
+    ]:
+        r = subprocess.run(
+            [
+                *FEATX,
+                "finetune",
+                "--data",
+                str(synth_cache),
+                "--out",
+                str(tmp_path / "x"),
+                "--batch-size",
+                "8",
+                "--size",
+                "32",
+                "--epochs",
+                "1",
+                *extra,
+            ],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 2 and option in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -250,8 +369,20 @@ def test_user_errors_are_one_line(synth_cache, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_mixed_precision(synth_cache, tmp_path):
     for precision in ("bf16", "fp16"):
-        result = finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=64, epochs=2,
-                                         batch_size=16, aug=["flip", "crop", "rotate"], precision=precision,
-                                         compile=precision == "bf16", device="cuda"),
-                          out=tmp_path / precision, progress=False)
+        result = finetune(
+            FinetuneConfig(
+                data=synth_cache,
+                backbone="resnet18",
+                weights="none",
+                size=64,
+                epochs=2,
+                batch_size=16,
+                aug=["flip", "crop", "rotate"],
+                precision=precision,
+                compile=precision == "bf16",
+                device="cuda",
+            ),
+            out=tmp_path / precision,
+            progress=False,
+        )
         assert result.epochs[-1]["train_loss"] < result.epochs[0]["train_loss"] + 0.5

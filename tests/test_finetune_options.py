@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from featx import runs
-from featx.data import read_split
-from featx.errors import FeatxError
-from featx.finetune import FinetuneConfig, check_config, eval_views, finetune, trains_head_alone
-from featx.models import MODEL_FORMAT, ModelSpec, SubtractImage, build_model, load_model
-from featx.predict import predict
+from featx.core import runs
+from featx.core.errors import FeatxError
+from featx.data.cache import read_split
+from featx.evaluate.scoring import predict
+from featx.finetune.run import FinetuneConfig, check_config, eval_views, finetune, trains_head_alone
+from featx.nets.models import MODEL_FORMAT, ModelSpec, SubtractImage, build_model, load_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -58,10 +58,14 @@ def test_elu_replaces_every_relu_of_a_resnet_and_is_rebuilt_from_the_checkpoint(
 # --- the LSTM head: group and stages ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("group, stages, hidden", [
-    (64, ["layer3", "layer4"], [16] * 4 + [4] * 8),      # at 64 px: layer3 256 x 4x4, layer4 512 x 2x2
-    (128, ["layer3", "layer4"], [16] * 2 + [4] * 4),     # Inan's "128 instead of 64"
-    (64, ["layer2", "layer3"], [64] * 2 + [16] * 4)])    # "LSTM's to the earlier layers": layer2 128 x 8x8
+@pytest.mark.parametrize(
+    "group, stages, hidden",
+    [
+        (64, ["layer3", "layer4"], [16] * 4 + [4] * 8),  # at 64 px: layer3 256 x 4x4, layer4 512 x 2x2
+        (128, ["layer3", "layer4"], [16] * 2 + [4] * 4),  # Inan's "128 instead of 64"
+        (64, ["layer2", "layer3"], [64] * 2 + [16] * 4),
+    ],
+)  # "LSTM's to the earlier layers": layer2 128 x 8x8
 def test_lstm_group_and_stages(group, stages, hidden):
     torch.manual_seed(0)
     model = build_model(spec(size=64, head="lstm", lstm_group=group, lstm_stages=stages))
@@ -143,14 +147,25 @@ def test_the_plateau_switch_is_a_function_of_the_recorded_epochs():
 @pytest.mark.numerics
 def test_backbone_is_unchanged_until_the_plateau_and_changes_after(synth_cache, tmp_path):
     out = tmp_path / "plateau"
-    config = FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=4, batch_size=16,
-                            aug=[], freeze_epochs=1, unfreeze_on_plateau=1, keep=4, device="cpu")
+    config = FinetuneConfig(
+        data=synth_cache,
+        backbone="resnet18",
+        weights="none",
+        size=32,
+        epochs=4,
+        batch_size=16,
+        aug=[],
+        freeze_epochs=1,
+        unfreeze_on_plateau=1,
+        keep=4,
+        device="cpu",
+    )
     result = finetune(config, out=out, progress=False)
     frozen = [r["frozen"] for r in result.epochs]
     switch = frozen.index(False) + 1  # the first epoch the body trained
     assert frozen == [True] * (switch - 1) + [False] * (5 - switch) and 3 <= switch <= 4
     assert json.loads((out / "metrics.json").read_text())["heads"][0]["unfrozen_epoch"] == switch
-    tops = [r["val_top1"] for r in result.epochs[:switch - 1]]
+    tops = [r["val_top1"] for r in result.epochs[: switch - 1]]
     assert tops.index(max(tops)) == len(tops) - 2  # the switch came after one epoch without improvement
     initial = build_model(load_model(runs.load_checkpoint(out / result.snapshots[0].file))[1]).state_dict()
     heads = []
@@ -169,9 +184,20 @@ def test_backbone_is_unchanged_until_the_plateau_and_changes_after(synth_cache, 
 @pytest.mark.numerics
 def test_snapshots_every_steps_mean_image_and_centre_crop_evaluation(synth_cache, tmp_path):
     out = tmp_path / "run"
-    config = FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=48, epochs=2, batch_size=16,
-                            aug=["crop", "rotate:45"], crop=56, normalize="mean-image", snapshot_every=2, keep=20,
-                            device="cpu")
+    config = FinetuneConfig(
+        data=synth_cache,
+        backbone="resnet18",
+        weights="none",
+        size=48,
+        epochs=2,
+        batch_size=16,
+        aug=["crop", "rotate:45"],
+        crop=56,
+        normalize="mean-image",
+        snapshot_every=2,
+        keep=20,
+        device="cpu",
+    )
     result = finetune(config, out=out, progress=False)
     # 48 images / 16 = 3 steps an epoch: evaluated after steps 2 and 4, and at each epoch's end (3, 6)
     assert sorted(s.step for s in result.snapshots) == [2, 3, 4, 6]
@@ -192,8 +218,7 @@ def test_snapshots_every_steps_mean_image_and_centre_crop_evaluation(synth_cache
     p = predict(runs=[out], split="val", eval_views="full", ensemble="best")
     assert p.top_k(1) == pytest.approx(best.val_top1)
     val = torch.from_numpy(read_split(synth_cache, "val").read_images()).permute(0, 3, 1, 2).float() / 255
-    window = F.interpolate(val[:, :, 4:60, 4:60], size=(48, 48), mode="bilinear", align_corners=False,
-                           antialias=True)
+    window = F.interpolate(val[:, :, 4:60, 4:60], size=(48, 48), mode="bilinear", align_corners=False, antialias=True)
     with torch.no_grad():
         probs = model(window).softmax(-1).numpy()
     assert np.allclose(probs, p.probs, atol=1e-4)
@@ -205,13 +230,42 @@ def test_without_crop_augmentation_evaluation_sees_the_whole_image():
     assert eval_views(FinetuneConfig(backbone="resnet18", aug=["flip", "crop"])) == ["center"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--aug", "rotate:400"], "--aug rotate:400: the rotate magnitude (degrees) must be between 0 and 180"),
-    (["--aug", "crop:40"], "--aug crop:40: crop takes no magnitude"),
-    (["--lstm-group", "128"], "--lstm-group/--lstm-stages: options of the LSTM head; add --head lstm"),
-    (["--backbone", "vgg_tiny", "--activation", "elu"], "--activation elu: only for the ResNets")])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--aug", "rotate:400"], "--aug rotate:400: the rotate magnitude (degrees) must be between 0 and 180"),
+        (["--aug", "crop:40"], "--aug crop:40: crop takes no magnitude"),
+        (["--lstm-group", "128"], "--lstm-group/--lstm-stages: options of the LSTM head; add --head lstm"),
+        (["--backbone", "vgg_tiny", "--activation", "elu"], "--activation elu: only for the ResNets"),
+    ],
+)
 def test_user_errors_are_one_line(synth_cache, tmp_path, extra, message):
-    r = subprocess.run([sys.executable, "-m", "featx", "finetune", "--data", str(synth_cache), "--backbone", "resnet18",
-                        "--weights", "none", "--size", "32", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
-                        "--out", str(tmp_path / "x"), *extra], env=ENV, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featx",
+            "finetune",
+            "--data",
+            str(synth_cache),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "none",
+            "--size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "x"),
+            *extra,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

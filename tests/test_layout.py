@@ -1,5 +1,8 @@
-"""The package's structure: imports point one way, through the layers README's "How the code is laid out" names,
-and no module imports another of its own layer or a higher one in a cycle."""
+"""The package's structure: one package per layer, imports point down through the layers, no import cycle.
+
+The layers are the folders of featx/; their order is the one list below (lowest first). A module may import
+modules of its own package or of a lower one, never of a higher one.
+"""
 
 from __future__ import annotations
 
@@ -8,57 +11,63 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "featx"
+from featx import _API as API
 
-# Lowest first. A module may import modules of its own layer or of lower ones, never of a higher one.
-LAYERS = [
-    # foundations, used everywhere
-    {"errors", "choices", "configs", "atomic", "device", "compiled", "plots", "stats", "progress", "env",
-     "outputs"},
-    {"sources", "download", "data"},  # datasets and the decoded cache
-    {"backbones", "tinynets", "views", "augment"},  # networks and what they see
-    {"features", "extract"},  # stage 1 and its file
-    # what stages 2 and 3 train and read, and the run directory
-    {"heads", "optim", "lstm_head", "models", "runs", "neighbors", "feature_batches", "head_checkpoints"},
-    {"sweep", "calibration", "probe_tables", "probe", "finetune_epoch", "finetune"},  # the training loops and runs
-    {"estimator"},  # the probe as scikit-learn estimators on arrays
-    {"predict"},
-    {"report", "info"},
-    {"compare"},  # several backbones, one leaderboard
-    {"stages"},  # each stage's entry point, taking its config
-    {"pipeline", "cli", "__main__", "__init__"},
-]
-RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+PACKAGE = Path(__file__).resolve().parents[1] / "featx"
+ORDER = ["core", "data", "nets", "features", "probe", "finetune", "evaluate", "front"]
+FOLDERS = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
+# featx/__init__.py (the lazy public API) and __main__.py stand above every layer; _layout.py (the 0.2 paths) below
+TOP = "featx"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def layer(module: str) -> int:
+    if module == "featx._layout":  # import machinery only, below every layer
+        return -1
+    parts = module.split(".")
+    return ORDER.index(parts[1]) if len(parts) > 1 and parts[1] in ORDER else len(ORDER)
 
 
 def featx_imports(path: Path) -> set[str]:
     """The featx modules a file imports, at top level or inside functions (lazy imports count too)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "featx":
-            if node.module == "featx":
-                found |= {a.name for a in node.names}
-            else:
-                found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.module == "featx":  # the public API: where each name lives
+            found |= {API[a.name].partition(":")[0] for a in node.names if a.name in API}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "featx":
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("featx.")}
-    return found & {p.stem for p in PACKAGE.glob("*.py")}
+            found |= {a.name for a in node.names if a.name.startswith("featx.")}
+    return found & set(MODULES)
 
 
-GRAPH = {p.stem: featx_imports(p) - {p.stem} for p in PACKAGE.glob("*.py")}
+GRAPH = {m: featx_imports(p) - {m} for m, p in MODULES.items()}
 
 
-def test_every_module_has_a_layer():
-    assert set(GRAPH) <= set(RANK), f"add {sorted(set(GRAPH) - set(RANK))} to LAYERS (and README's layout section)"
+def test_every_folder_is_a_layer():
+    assert sorted(ORDER) == FOLDERS, f"featx/ has packages {FOLDERS}; ORDER names {sorted(ORDER)}"
 
 
-@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_the_top_holds_no_stage_code():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__.py", "__main__.py", "_layout.py"], top
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if layer(m) < len(ORDER)))
 def test_imports_point_down(module):
-    upward = sorted(m for m in GRAPH[module] if RANK[m] > RANK[module])
-    assert not upward, f"featx.{module} (layer {RANK[module]}) imports higher layers: {upward}"
+    upward = sorted(m for m in GRAPH[module] if layer(m) > layer(module))
+    assert not upward, f"{module} (layer {ORDER[layer(module)]}) imports higher layers: {upward}"
 
 
-TRAINING_LOOPS = {"sweep", "probe", "finetune_epoch", "finetune"}
+TRAINING_LOOPS = {"featx.probe.sweep", "featx.probe.run", "featx.finetune.epoch", "featx.finetune.run"}
 
 
 def reachable(module: str) -> set[str]:
@@ -71,9 +80,11 @@ def reachable(module: str) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("module", ["predict", "head_checkpoints", "calibration"])
+@pytest.mark.parametrize(
+    "module", ["featx.evaluate.scoring", "featx.evaluate.images", "featx.probe.checkpoints", "featx.probe.calibration"]
+)
 def test_scoring_imports_no_training_loop(module):
-    assert not reachable(module) & TRAINING_LOOPS, f"featx.{module} imports {sorted(reachable(module) & TRAINING_LOOPS)}"
+    assert not reachable(module) & TRAINING_LOOPS, f"{module} imports {sorted(reachable(module) & TRAINING_LOOPS)}"
 
 
 def test_no_import_cycle():
@@ -82,18 +93,11 @@ def test_no_import_cycle():
     def visit(m: str, path: list[str]) -> None:
         state[m] = 1
         for n in sorted(GRAPH[m]):
-            assert state.get(n) != 1, "import cycle: " + " -> ".join(path[path.index(n):] + [n])
+            assert state.get(n) != 1, "import cycle: " + " -> ".join(path[path.index(n) :] + [n])
             if n not in state:
                 visit(n, path + [n])
         state[m] = 2
 
     for m in sorted(GRAPH):
-        if m not in state:
+        if m not in state and m != TOP:
             visit(m, [m])
-
-
-def test_the_readme_lists_every_module():
-    readme = (PACKAGE.parent / "README.md").read_text()
-    section = readme[readme.index("## How the code is laid out"):]
-    missing = [m for m in GRAPH if m not in ("__init__", "__main__") and f"`{m}.py`" not in section]
-    assert not missing, f"README's layout section lacks {missing}"

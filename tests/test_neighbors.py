@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
-from featx.features import load_features
-from featx.predict import predict
-from featx.probe import HeadConfig, run_probe
-from featx.runs import load_checkpoint, read_run
-from featx.stats import apply_temperature, holdout_rows
+from featx.core.runs import load_checkpoint, read_run
+from featx.core.stats import apply_temperature, holdout_rows
+from featx.evaluate.scoring import predict
+from featx.features.store import load_features
+from featx.probe.run import HeadConfig, run_probe
 
 
 def normalized(x: np.ndarray) -> np.ndarray:
@@ -21,8 +21,17 @@ def normalized(x: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 def test_knn_is_within_a_few_points_of_sklearn_and_predict_scores_its_run(mobilenet_features_20, tmp_path):
     run = tmp_path / "knn"
-    result = run_probe(features=mobilenet_features_20, out=run, heads=[HeadConfig()], head="knn", k=[10, 20],
-                       eval_views="full", select="val", save="all", device="cpu")
+    result = run_probe(
+        features=mobilenet_features_20,
+        out=run,
+        heads=[HeadConfig()],
+        head="knn",
+        k=[10, 20],
+        eval_views="full",
+        select="val",
+        save="all",
+        device="cpu",
+    )
     train = load_features(mobilenet_features_20, "train", views="full")
     val = load_features(mobilenet_features_20, "val", views="full")
     ours = {int(name.removeprefix("k=")): hist[0]["val_top1"] for name, hist in zip(result.names, result.history)}
@@ -49,8 +58,9 @@ def test_knn_is_within_a_few_points_of_sklearn_and_predict_scores_its_run(mobile
 @pytest.mark.slow
 def test_ncm_equals_a_direct_computation_without_the_held_out_rows(mobilenet_features_20, tmp_path):
     run = tmp_path / "ncm"
-    run_probe(features=mobilenet_features_20, out=run, heads=[HeadConfig()], head="ncm", select="holdout:0.25",
-              device="cpu")  # 5 a class: the smallest holdout featx selects on
+    run_probe(
+        features=mobilenet_features_20, out=run, heads=[HeadConfig()], head="ncm", select="holdout:0.25", device="cpu"
+    )  # 5 a class: the smallest holdout featx selects on
     train = load_features(mobilenet_features_20, "train", views="full")
     val = load_features(mobilenet_features_20, "val", views="all")
     fit = ~holdout_rows(train.labels, 0.25, 0)
@@ -64,7 +74,6 @@ def test_ncm_equals_a_direct_computation_without_the_held_out_rows(mobilenet_fea
     ckpt = load_checkpoint(run / record.checkpoints[0].file)
     assert ckpt["format"] == "featx-ncm-1" and record.config["select"] == "holdout:0.25"
     p = predict(runs=[run], split="val", device="cpu")
-    np.testing.assert_allclose(p.probs, apply_temperature(expected, ckpt["calibration"]["temperature"]),
-                               atol=2e-4)
+    np.testing.assert_allclose(p.probs, apply_temperature(expected, ckpt["calibration"]["temperature"]), atol=2e-4)
     assert p.top_k(1) == pytest.approx((expected.argmax(1) == val.labels).mean())
     assert p.top_k(1) == pytest.approx(record.best["val_top1"]) and not p.optimistic

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from featx.optim import OPTIMIZERS, lr_factor, make_optimizer, make_scheduler
+from featx.nets.optim import OPTIMIZERS, lr_factor, make_optimizer, make_scheduler
 
 
 def test_schedules_follow_their_formulas():

@@ -13,16 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from featx.cli import main
-from featx.data import dataset_info, read_split
-from featx.errors import FeatxError, FeatxWarning
-from featx.extract import extract_features
-from featx.features import FeatureMeta, write_features
-from featx.finetune import FinetuneConfig, finetune
-from featx.heads import StackedHeads
-from featx.predict import greedy, predict, predict_images, ranked_picks, top_k
-from featx.probe import HeadConfig, run_probe
-from featx.runs import Snapshot, read_run, start_run, update_run
+from featx.core.errors import FeatxError, FeatxWarning
+from featx.core.runs import Snapshot, read_run, start_run, update_run
+from featx.data.cache import dataset_info, read_split
+from featx.evaluate.images import predict_images
+from featx.evaluate.metrics import greedy, ranked_picks, top_k
+from featx.evaluate.scoring import predict
+from featx.features.extract import extract_features
+from featx.features.store import FeatureMeta, write_features
+from featx.finetune.run import FinetuneConfig, finetune
+from featx.front.cli import main
+from featx.nets.heads import StackedHeads
+from featx.probe.run import HeadConfig, run_probe
 
 
 def featx_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
@@ -61,19 +63,31 @@ def expected_probs(checkpoints: list[int]) -> np.ndarray:
     return np.mean([[softmax(np.array(LOGITS[k])[views]).mean(0) for views in VIEWS_OF] for k in checkpoints], axis=0)
 
 
-def hand_made_run(tmp_path: Path, *, classes: list[str] | None = None,
-                  temperatures: list[float] | None = None) -> Path:
+def hand_made_run(tmp_path: Path, *, classes: list[str] | None = None, temperatures: list[float] | None = None) -> Path:
     """A probe run whose checkpoints are the heads of LOGITS, on a feature file of one-hot features; with
     `temperatures`, each checkpoint carries its fitted temperature as probe's calibration stores it."""
     classes = classes or ["n01", "n02", "n03"]
-    meta = FeatureMeta(backbone="hand", weights="none", input_size=64, views=["full", "full_flip"], crop=56,
-                       mean=[0.5] * 3, std=[0.5] * 3, precision="fp32", dtype="float32", dataset="hand",
-                       dataset_fingerprint="hand-0", classes=classes, class_names=[f"class {c}" for c in classes],
-                       featx_version="test")
+    meta = FeatureMeta(
+        backbone="hand",
+        weights="none",
+        input_size=64,
+        views=["full", "full_flip"],
+        crop=56,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        precision="fp32",
+        dtype="float32",
+        dataset="hand",
+        dataset_fingerprint="hand-0",
+        classes=classes,
+        class_names=[f"class {c}" for c in classes],
+        featx_version="test",
+    )
     x = np.eye(3, dtype=np.float32)[np.array(VIEWS_OF)]
     ids = [f"val_{i}.JPEG" for i in range(len(LABELS))]
-    path = write_features(tmp_path / "hand.h5", meta, {"val": (x, np.array(LABELS), ids),
-                                                       "test": (x, np.full(len(LABELS), -1), ids)})
+    path = write_features(
+        tmp_path / "hand.h5", meta, {"val": (x, np.array(LABELS), ids), "test": (x, np.full(len(LABELS), -1), ids)}
+    )
     features = {"path": str(path), "identity": meta.identity()}
     run = start_run(tmp_path / "run", kind="probe", config={}, features=features)
     listing = []
@@ -82,11 +96,21 @@ def hand_made_run(tmp_path: Path, *, classes: list[str] | None = None,
         with torch.no_grad():
             heads.weights[0].copy_(torch.tensor(w)[None])
         file = f"checkpoints/head00-epoch{k + 1:03d}.pt"
-        torch.save({"format": "featx-head-1", "normalize": "none", "state": heads.head_state(0), "config": {},
-                    "features": features, "classes": classes, "epoch": k + 1, "val_top1": 1 - k / 10,
-                    "val_top5": 1.0,
-                    **({"calibration": {"temperature": temperatures[k], "fitted_on": "val"}} if temperatures else {})},
-                   run / file)
+        torch.save(
+            {
+                "format": "featx-head-1",
+                "normalize": "none",
+                "state": heads.head_state(0),
+                "config": {},
+                "features": features,
+                "classes": classes,
+                "epoch": k + 1,
+                "val_top1": 1 - k / 10,
+                "val_top5": 1.0,
+                **({"calibration": {"temperature": temperatures[k], "fitted_on": "val"}} if temperatures else {}),
+            },
+            run / file,
+        )
         listing.append(Snapshot(file, 0, k + 1, 1 - k / 10, 1.0))
     update_run(run, checkpoints=listing)
     return run
@@ -95,7 +119,7 @@ def hand_made_run(tmp_path: Path, *, classes: list[str] | None = None,
 def test_top_k_counts_ties_as_training_does():
     # One rule everywhere (heads.label_rank): a tie with the label counts against it, so a constant output scores 0
     # in predict as in probe's and finetune's recorded val top-1 (sklearn broke ties by class index instead).
-    from featx.heads import topk_correct
+    from featx.nets.heads import topk_correct
 
     probs = np.full((4, 5), 0.2, dtype=np.float32)
     labels = np.array([0, 1, 2, 3])
@@ -124,8 +148,19 @@ def test_eval_views_on_the_command_line_as_in_python(tmp_path, capsys, monkeypat
     prob1 = {}
     for views in ("all", "full"):
         p = predict(runs=[run], split="val", eval_views=views, device="cpu")
-        code, stdout, _ = featx_cli(capsys, monkeypatch, "predict", "--run", str(run), "--eval-views", views,
-                                    "--out", str(tmp_path / views), "--device", "cpu")
+        code, stdout, _ = featx_cli(
+            capsys,
+            monkeypatch,
+            "predict",
+            "--run",
+            str(run),
+            "--eval-views",
+            views,
+            "--out",
+            str(tmp_path / views),
+            "--device",
+            "cpu",
+        )
         assert code == 0 and stdout.startswith(f"val: top-1 {p.top_k(1):.2%}")
         with open(tmp_path / views / "predictions.csv", newline="") as f:
             prob1[views] = [float(row["prob1"]) for row in csv.DictReader(f)]
@@ -133,10 +168,14 @@ def test_eval_views_on_the_command_line_as_in_python(tmp_path, capsys, monkeypat
     np.testing.assert_allclose(prob1["full"], softmax(np.array(LOGITS[0])[[v[0] for v in VIEWS_OF]]).max(1), atol=1e-6)
     assert prob1["all"] != prob1["full"]
     # stored view names, as probe takes them: naming both views is all
-    np.testing.assert_allclose(predict(runs=[run], split="val", eval_views="full,full_flip", device="cpu").probs,
-                               predict(runs=[run], split="val", eval_views="all", device="cpu").probs, atol=1e-7)
-    code, _, stderr = featx_cli(capsys, monkeypatch, "predict", "--run", str(run), "--eval-views", "nowhere",
-                                "--out", str(tmp_path / "x"))
+    np.testing.assert_allclose(
+        predict(runs=[run], split="val", eval_views="full,full_flip", device="cpu").probs,
+        predict(runs=[run], split="val", eval_views="all", device="cpu").probs,
+        atol=1e-7,
+    )
+    code, _, stderr = featx_cli(
+        capsys, monkeypatch, "predict", "--run", str(run), "--eval-views", "nowhere", "--out", str(tmp_path / "x")
+    )
     assert_one_line_error(code, stderr, "has no view nowhere")
     code, _, stderr = featx_cli(capsys, monkeypatch, "predict", "--run", str(run), "--views", "all")
     assert_one_line_error(code, stderr, "No such option '--views'")
@@ -145,12 +184,14 @@ def test_eval_views_on_the_command_line_as_in_python(tmp_path, capsys, monkeypat
 def test_greedy_adds_in_rank_order_while_top1_improves_and_stops_at_the_first_that_does_not():
     labels = np.array([0, 1, 2, 3])
     always_right, always_wrong, undecided = [0.7, 0.1, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1], [0.5, 0.05, 0.05, 0.4]
-    probs = np.array([  # rows: images 0-3; checkpoints best first
-        [always_right, [0.6, 0.2, 0.1, 0.1], always_wrong, undecided],  # 1/4
-        [always_right, [0.1, 0.8, 0.05, 0.05], always_wrong, undecided],  # with the first: image 1 right, 2/4
-        [always_right, [0.9, 0.0, 0.05, 0.05], always_wrong, undecided],  # with both: image 1 wrong again, 1/4
-        [always_right, [0.1, 0.8, 0.05, 0.05], always_wrong, [0, 0, 0, 1]],  # would make 3/4, after the stop
-    ])
+    probs = np.array(
+        [  # rows: images 0-3; checkpoints best first
+            [always_right, [0.6, 0.2, 0.1, 0.1], always_wrong, undecided],  # 1/4
+            [always_right, [0.1, 0.8, 0.05, 0.05], always_wrong, undecided],  # with the first: image 1 right, 2/4
+            [always_right, [0.9, 0.0, 0.05, 0.05], always_wrong, undecided],  # with both: image 1 wrong again, 1/4
+            [always_right, [0.1, 0.8, 0.05, 0.05], always_wrong, [0, 0, 0, 1]],  # would make 3/4, after the stop
+        ]
+    )
     assert [top_k(probs[:k].mean(0), labels) for k in (1, 2, 3)] == [0.25, 0.5, 0.25]
     assert top_k(probs[[0, 1, 3]].mean(0), labels) == 0.75
     assert greedy(probs, labels) == [0, 1]
@@ -185,7 +226,7 @@ def test_ensembles_average_the_softmax_of_views_and_checkpoints(tmp_path):
 def test_combine_raw_sums_the_softmax_as_milani_eq2_calibrated_applies_each_temperature(tmp_path):
     # Milani (004), 3.4 Ensemble: "taking the softmax function of the scores, summing them for all the N networks
     # of the ensemble, and predicting the class with the maximum probability" (Eq. 2)
-    from featx.stats import apply_temperature
+    from featx.core.stats import apply_temperature
 
     temperatures = [0.5, 2.0, 4.0]
     run = hand_made_run(tmp_path, temperatures=temperatures)
@@ -209,19 +250,63 @@ def synth_runs(synth_cache, tmp_path_factory) -> dict[str, Path]:
     """A probe run on tiny random-weight ResNet-18 features of the synthetic dataset, and a finetune run."""
     root = tmp_path_factory.mktemp("predict")
     # fp32: the tests compare these stored features with fp32 recomputations (predict on image files)
-    features = extract_features(data=synth_cache, backbone="resnet18", weights="none", size=32, views="flip",
-                                dtype="float32", precision="fp32", out=root / "r18.h5", progress=False)
-    run_probe(features=features, out=root / "probe", heads=[HeadConfig(lr=3e-3)], epochs=5, batch_size=8,
-              normalize="standard", keep=3, device="cpu", select="holdout:0.5")  # 6 a class: enough to choose on
-    finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=2, batch_size=16,
-                            keep=2, device="cpu", precision="fp32"), out=root / "finetune", progress=False)
+    features = extract_features(
+        data=synth_cache,
+        backbone="resnet18",
+        weights="none",
+        size=32,
+        views="flip",
+        dtype="float32",
+        precision="fp32",
+        out=root / "r18.h5",
+        progress=False,
+    )
+    run_probe(
+        features=features,
+        out=root / "probe",
+        heads=[HeadConfig(lr=3e-3)],
+        epochs=5,
+        batch_size=8,
+        normalize="standard",
+        keep=3,
+        device="cpu",
+        select="holdout:0.5",
+    )  # 6 a class: enough to choose on
+    finetune(
+        FinetuneConfig(
+            data=synth_cache,
+            backbone="resnet18",
+            weights="none",
+            size=32,
+            epochs=2,
+            batch_size=16,
+            keep=2,
+            device="cpu",
+            precision="fp32",
+        ),
+        out=root / "finetune",
+        progress=False,
+    )
     return {"probe": root / "probe", "finetune": root / "finetune", "features": features}
 
 
 def test_submission_has_one_valid_line_per_test_image(synth_runs, synth_cache, tmp_path, capsys, monkeypatch):
     out = tmp_path / "preds"
-    code, stdout, stderr = featx_cli(capsys, monkeypatch, "predict", "--run", str(synth_runs["probe"]),
-                                     "--split", "test", "--ensemble", "all", "--out", str(out), "--device", "cpu")
+    code, stdout, stderr = featx_cli(
+        capsys,
+        monkeypatch,
+        "predict",
+        "--run",
+        str(synth_runs["probe"]),
+        "--split",
+        "test",
+        "--ensemble",
+        "all",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
     assert code == 0, stderr
     assert "top-1" not in stdout  # no labels, no accuracy
     test = read_split(synth_cache, "test")
@@ -239,8 +324,19 @@ def test_submission_has_one_valid_line_per_test_image(synth_runs, synth_cache, t
 
 
 def test_val_accuracy_and_the_gain_are_printed(synth_runs, tmp_path, capsys, monkeypatch):
-    code, stdout, stderr = featx_cli(capsys, monkeypatch, "predict", "--run", str(synth_runs["probe"]),
-                                     "--ensemble", "top:3", "--out", str(tmp_path), "--device", "cpu")
+    code, stdout, stderr = featx_cli(
+        capsys,
+        monkeypatch,
+        "predict",
+        "--run",
+        str(synth_runs["probe"]),
+        "--ensemble",
+        "top:3",
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    )
     assert code == 0, stderr
     assert stdout.startswith("val: top-1 ") and "3 checkpoint(s) of 1 run(s)" in stdout
     assert "top-5 100.00% [100.00, 100.00] (95% bootstrap intervals) on 16 images" in stdout
@@ -260,8 +356,9 @@ def test_a_probe_and_a_finetune_run_combine(synth_runs):
     np.testing.assert_allclose(tuned.probs.sum(1), 1, atol=1e-5)
 
 
-def test_new_images_match_the_split_and_bad_ones_are_named_or_skipped(synth_runs, synth_cache, tmp_path,
-                                                                      capsys, monkeypatch):
+def test_new_images_match_the_split_and_bad_ones_are_named_or_skipped(
+    synth_runs, synth_cache, tmp_path, capsys, monkeypatch
+):
     val = read_split(synth_cache, "val")
     folder = tmp_path / "images"
     folder.mkdir()
@@ -277,8 +374,17 @@ def test_new_images_match_the_split_and_bad_ones_are_named_or_skipped(synth_runs
     Image.fromarray(np.full((90, 120, 3), 200, np.uint8)).save(big)
     bad = folder / "broken.png"
     bad.write_bytes((folder / "val_0.png").read_bytes()[:60])
-    args = ["predict", "--run", str(synth_runs["probe"]), "--out", str(tmp_path / "preds"), "--device", "cpu",
-            "--images", str(folder)]
+    args = [
+        "predict",
+        "--run",
+        str(synth_runs["probe"]),
+        "--out",
+        str(tmp_path / "preds"),
+        "--device",
+        "cpu",
+        "--images",
+        str(folder),
+    ]
     code, stdout, stderr = featx_cli(capsys, monkeypatch, *args, str(big))
     assert_one_line_error(code, stderr, f"{bad} is not a readable image")
     with pytest.warns(FeatxWarning, match=f"^skipped {re.escape(str(bad))}"):
@@ -290,15 +396,26 @@ def test_new_images_match_the_split_and_bad_ones_are_named_or_skipped(synth_runs
 
 
 def test_bad_input_is_one_line_and_exit_2(synth_runs, synth_cache, tmp_path, capsys, monkeypatch):
-    three = extract_features(data=synth_cache, backbone="resnet18", weights="none", size=32, views="full",
-                             classes=3, dtype="float32", out=tmp_path / "c3.h5", progress=False)
+    three = extract_features(
+        data=synth_cache,
+        backbone="resnet18",
+        weights="none",
+        size=32,
+        views="full",
+        classes=3,
+        dtype="float32",
+        out=tmp_path / "c3.h5",
+        progress=False,
+    )
     run_probe(features=three, out=tmp_path / "c3", heads=[HeadConfig()], epochs=1, device="cpu")
     probe = str(synth_runs["probe"])
     cases = [
         (["predict", "--run", probe, "--run", str(tmp_path / "c3")], "classes differ"),
         (["predict", "--run", probe, "--ensemble", "top:0"], "--ensemble top:0: choose one of best, top:K"),
-        (["predict", "--run", str(synth_runs["finetune"]), "--eval-views", "full_flip"],
-         "--eval-views full_flip: a finetune run averages all"),
+        (
+            ["predict", "--run", str(synth_runs["finetune"]), "--eval-views", "full_flip"],
+            "--eval-views full_flip: a finetune run averages all",
+        ),
         (["predict", "--run", str(tmp_path)], "run.json: missing or unreadable"),
         (["predict", "--run", probe, "--images", str(tmp_path / "nothing")], "no such file or folder"),
         (["report", "--run", probe, "--split", "test", "--out", str(tmp_path / "r")], "split 'test' has no labels"),
@@ -314,31 +431,45 @@ def test_bad_input_is_one_line_and_exit_2(synth_runs, synth_cache, tmp_path, cap
 
 @pytest.mark.slow
 def test_real_views_all_at_least_as_accurate_as_full(mobilenet_features_20, tmp_path):
-    run_probe(features=mobilenet_features_20, out=tmp_path / "run", heads=[HeadConfig()], epochs=4,
-              keep=4, device="cpu")
+    run_probe(
+        features=mobilenet_features_20, out=tmp_path / "run", heads=[HeadConfig()], epochs=4, keep=4, device="cpu"
+    )
     full = predict(runs=[tmp_path / "run"], split="val", eval_views="full", device="cpu")
     both = predict(runs=[tmp_path / "run"], split="val", eval_views="all", device="cpu")
     snapshots = predict(runs=[tmp_path / "run"], split="val", eval_views="all", ensemble="greedy", device="cpu")
-    print(f"val top-1: full {full.top_k(1):.4f}, full+flip {both.top_k(1):.4f}, greedy snapshots "
-          f"{snapshots.top_k(1):.4f} ({len(snapshots.members)} of 4)")
+    print(
+        f"val top-1: full {full.top_k(1):.4f}, full+flip {both.top_k(1):.4f}, greedy snapshots "
+        f"{snapshots.top_k(1):.4f} ({len(snapshots.members)} of 4)"
+    )
     assert len(both.ids) == 1000 and full.top_k(1) >= 0.7
     # The mirror view is worth a couple of the 1,000 images here (fp32: 0.770 -> 0.772), and precision moves
     # either by as much (bf16: 0.773 vs 0.772): ask that adding it costs at most 5 images, not that it never does
     assert both.top_k(1) >= full.top_k(1) - 0.005
 
 
-def test_ensemble_curve_on_real_features_starts_at_the_best_snapshot(mobilenet_features_20, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_ensemble_curve_on_real_features_starts_at_the_best_snapshot(
+    mobilenet_features_20, tmp_path, capsys, monkeypatch
+):
     run = tmp_path / "run"
     # 10 steps an epoch: snapshots at steps 4 and 8 and at each epoch's end, the best 6 of 9 kept
     # select="val": the snapshots are scored on val itself (a holdout run scores them on its held-out train rows)
-    run_probe(features=mobilenet_features_20, out=run, heads=[HeadConfig()], epochs=3, keep=6, snapshot_every=4,
-              select="val", device="cpu")
+    run_probe(
+        features=mobilenet_features_20,
+        out=run,
+        heads=[HeadConfig()],
+        epochs=3,
+        keep=6,
+        snapshot_every=4,
+        select="val",
+        device="cpu",
+    )
     checkpoints = read_run(run).checkpoints
     assert len(checkpoints) == 6
     p = predict(runs=[run], split="val", eval_views="all", ensemble="top:3", curve=True, device="cpu")
     assert len(p.curve) == 6
-    assert p.curve[0] == pytest.approx(checkpoints[0].val_top1, abs=1e-6)  # N=1: the best single snapshot (run.json: float32)
+    assert p.curve[0] == pytest.approx(
+        checkpoints[0].val_top1, abs=1e-6
+    )  # N=1: the best single snapshot (run.json: float32)
     assert p.curve[2] == pytest.approx(p.top_k(1), abs=1e-12)  # each N is what top:N predicts
     assert p.curve[p.best_size - 1] == max(p.curve)
 

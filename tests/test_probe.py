@@ -14,17 +14,27 @@ import numpy as np
 import pytest
 import torch
 
-from featx.cli import main
-from featx.features import FeatureMeta, load_features, write_features
-from featx.heads import StackedHeads, smoothed_cross_entropy, topk_correct
-from featx.probe import HeadConfig, StreamedSplit, grid, run_probe, train
-from featx.runs import load_checkpoint, read_run, start_run
+from featx.core.runs import load_checkpoint, read_run, start_run
+from featx.features.store import FeatureMeta, load_features, write_features
+from featx.front.cli import main
+from featx.nets.heads import StackedHeads, smoothed_cross_entropy, topk_correct
+from featx.probe.run import HeadConfig, StreamedSplit, grid, run_probe, train
 
 VIEWS = ["full", "full_flip", "top_left"]
 
 
-def write_synthetic(path: Path, *, classes: int = 4, dim: int = 16, views: int = 3, n_train: int = 120,
-                    n_val: int = 40, noise: float = 0.02, val_labels: bool = True, poison: float | None = None) -> Path:
+def write_synthetic(
+    path: Path,
+    *,
+    classes: int = 4,
+    dim: int = 16,
+    views: int = 3,
+    n_train: int = 120,
+    n_val: int = 40,
+    noise: float = 0.02,
+    val_labels: bool = True,
+    poison: float | None = None,
+) -> Path:
     """A feature file of Gaussian blobs around orthogonal class centres: linearly separable at small noise."""
     rng = np.random.default_rng(0)
     centres = 2 * np.eye(classes, dim, dtype=np.float32)
@@ -38,9 +48,22 @@ def write_synthetic(path: Path, *, classes: int = 4, dim: int = 16, views: int =
     if poison is not None:
         splits["train"][0][3, 1, 2] = poison
     names = [f"n{k:08d}" for k in range(classes)]
-    meta = FeatureMeta(backbone="synthetic", weights="none", input_size=64, views=VIEWS[:views], crop=56,
-                       mean=[0.5] * 3, std=[0.5] * 3, precision="fp32", dtype="float16", dataset="synthetic",
-                       dataset_fingerprint="synthetic-0", classes=names, class_names=names, featx_version="test")
+    meta = FeatureMeta(
+        backbone="synthetic",
+        weights="none",
+        input_size=64,
+        views=VIEWS[:views],
+        crop=56,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        precision="fp32",
+        dtype="float16",
+        dataset="synthetic",
+        dataset_fingerprint="synthetic-0",
+        classes=names,
+        class_names=names,
+        featx_version="test",
+    )
     return write_features(path, meta, splits)
 
 
@@ -67,8 +90,15 @@ def probe_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
 def test_separable_features_reach_100_percent_and_the_smoothed_optimum(synthetic):
     eps, classes = 0.2, 4
     tr, va = _splits(synthetic)
-    result = train(tr, val=va, heads=[HeadConfig(lr=0.05, weight_decay=0.0, label_smoothing=eps)], epochs=20,
-                   batch_size=20, lr_decay=0.9, device="cpu")
+    result = train(
+        tr,
+        val=va,
+        heads=[HeadConfig(lr=0.05, weight_decay=0.0, label_smoothing=eps)],
+        epochs=20,
+        batch_size=20,
+        lr_decay=0.9,
+        device="cpu",
+    )
     assert result.best_metrics["val_top1"] == 1.0
     # with smoothed targets q the loss is bounded below by the entropy H(q), which a linear head reaches
     q = np.array([1 - eps + eps / classes] + [eps / classes] * (classes - 1))
@@ -106,16 +136,22 @@ def test_top_k_counts_agree_with_topk_and_ties_count_against_the_label():
 
 def test_a_diverging_head_is_stopped_and_the_others_go_on(synthetic):
     tr, va = _splits(synthetic)
-    result = train(tr, val=va, heads=grid(lr=[0.05, 1e38], weight_decay=[0.0]), epochs=3, batch_size=20,
-                   device="cpu")
+    result = train(tr, val=va, heads=grid(lr=[0.05, 1e38], weight_decay=[0.0]), epochs=3, batch_size=20, device="cpu")
     assert result.status[0] == "ok" and result.status[1].startswith("stopped in epoch 1")
     assert all(math.isnan(r["val_top1"]) for r in result.history[1])
     assert result.best == 0 and result.best_metrics["val_top1"] == 1.0
 
 
 def test_streaming_from_hdf5_trains_as_well(synthetic):
-    result = train(StreamedSplit(synthetic, "train"), val=StreamedSplit(synthetic, "val", "full"),
-                   heads=[HeadConfig(lr=0.05)], epochs=5, batch_size=20, normalize="standard", device="cpu")
+    result = train(
+        StreamedSplit(synthetic, "train"),
+        val=StreamedSplit(synthetic, "val", "full"),
+        heads=[HeadConfig(lr=0.05)],
+        epochs=5,
+        batch_size=20,
+        normalize="standard",
+        device="cpu",
+    )
     assert result.best_metrics["val_top1"] == 1.0
 
 
@@ -134,9 +170,28 @@ def test_different_extractions_are_refused(synthetic, tmp_path):
 
 def test_cli_writes_the_run_directory(synthetic, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    code, stdout, _ = probe_cli(capsys, monkeypatch, "--features", str(synthetic), "--out", str(out),
-                                "--lr", "1e-3,3e-2", "--weight-decay", "0,1e-3", "--epochs", "3",
-                                "--batch-size", "20", "--keep", "2", "--save", "all", "--device", "cpu")
+    code, stdout, _ = probe_cli(
+        capsys,
+        monkeypatch,
+        "--features",
+        str(synthetic),
+        "--out",
+        str(out),
+        "--lr",
+        "1e-3,3e-2",
+        "--weight-decay",
+        "0,1e-3",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "20",
+        "--keep",
+        "2",
+        "--save",
+        "all",
+        "--device",
+        "cpu",
+    )
     assert code == 0
     table, summary = stdout.strip().splitlines()[:-1], stdout.strip().splitlines()[-1]
     assert len(table) == 5 and sum(line.startswith("*") for line in table) == 1
@@ -172,26 +227,44 @@ def test_cli_writes_the_run_directory(synthetic, tmp_path, capsys, monkeypatch):
 
 def test_save_best_keeps_only_the_best_heads_snapshots(synthetic, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    code, _, _ = probe_cli(capsys, monkeypatch, "--features", str(synthetic), "--out", str(out), "--lr",
-                           "1e-4,3e-2", "--epochs", "2", "--head", "mlp", "--hidden", "8", "--stream",
-                           "--device", "cpu")
+    code, _, _ = probe_cli(
+        capsys,
+        monkeypatch,
+        "--features",
+        str(synthetic),
+        "--out",
+        str(out),
+        "--lr",
+        "1e-4,3e-2",
+        "--epochs",
+        "2",
+        "--head",
+        "mlp",
+        "--hidden",
+        "8",
+        "--stream",
+        "--device",
+        "cpu",
+    )
     assert code == 0
     run = read_run(out)
     assert {c.key for c in run.checkpoints} == {run.best["head"]} and len(run.checkpoints) == 2
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
-        Path(c.file).name for c in run.checkpoints)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(Path(c.file).name for c in run.checkpoints)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("unfinished", "extraction unfinished"),
-    ("nan", "NaN/inf"),
-    ("unlabelled", "no labels to validate on"),
-    ("bad-lr", "Invalid value for '--lr': '1e-3,fast' is not a comma list of numbers"),
-    ("no-val", "no 'val' split"),
-    ("finetune-run", "holds a `featx finetune` run"),
-    ("unknown-view", "split 'train' has no view top_middle"),
-    ("aug-eval", "has no view aug0 (augmented views are for training only)"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unfinished", "extraction unfinished"),
+        ("nan", "NaN/inf"),
+        ("unlabelled", "no labels to validate on"),
+        ("bad-lr", "Invalid value for '--lr': '1e-3,fast' is not a comma list of numbers"),
+        ("no-val", "no 'val' split"),
+        ("finetune-run", "holds a `featx finetune` run"),
+        ("unknown-view", "split 'train' has no view top_middle"),
+        ("aug-eval", "has no view aug0 (augmented views are for training only)"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(case, message, tmp_path, capsys, monkeypatch):
     path = tmp_path / "f.h5"
     args = ["--features", str(path), "--out", str(tmp_path / "run"), "--device", "cpu"]
@@ -240,13 +313,42 @@ def test_views_by_name_train_as_a_file_of_only_those_views(names, tmp_path, caps
     path = write_synthetic(tmp_path / "f.h5", noise=1.0)
     alone = _only_views(path, tmp_path / "alone.h5", names.split(","))
     common = ["--device", "cpu", "--epochs", "2", "--keep", "2"]
-    assert probe_cli(capsys, monkeypatch, "--features", str(path), "--out", str(tmp_path / "named"),
-                     "--train-views", names, "--eval-views", names, *common)[0] == 0
-    assert probe_cli(capsys, monkeypatch, "--features", str(alone), "--out", str(tmp_path / "alone"),
-                     "--train-views", "all", "--eval-views", "all", *common)[0] == 0
+    assert (
+        probe_cli(
+            capsys,
+            monkeypatch,
+            "--features",
+            str(path),
+            "--out",
+            str(tmp_path / "named"),
+            "--train-views",
+            names,
+            "--eval-views",
+            names,
+            *common,
+        )[0]
+        == 0
+    )
+    assert (
+        probe_cli(
+            capsys,
+            monkeypatch,
+            "--features",
+            str(alone),
+            "--out",
+            str(tmp_path / "alone"),
+            "--train-views",
+            "all",
+            "--eval-views",
+            "all",
+            *common,
+        )[0]
+        == 0
+    )
     named, by_file = read_run(tmp_path / "named"), read_run(tmp_path / "alone")
-    assert [(s.epoch, s.val_top1, s.val_top5) for s in named.checkpoints] == \
-        [(s.epoch, s.val_top1, s.val_top5) for s in by_file.checkpoints]
+    assert [(s.epoch, s.val_top1, s.val_top5) for s in named.checkpoints] == [
+        (s.epoch, s.val_top1, s.val_top5) for s in by_file.checkpoints
+    ]
     for a, b in zip(_heads(tmp_path / "named"), _heads(tmp_path / "alone")):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -254,8 +356,9 @@ def test_views_by_name_train_as_a_file_of_only_those_views(names, tmp_path, caps
 def test_snapshots_every_n_steps_keep_the_best_across_steps(tmp_path):
     path = write_synthetic(tmp_path / "f.h5", noise=1.5)
     # select="val": every training row is trained on, so an epoch is 12 steps of 10
-    common = dict(features=path, heads=[HeadConfig()], epochs=3, batch_size=10, snapshot_every=5, select="val",
-                  device="cpu")
+    common = dict(
+        features=path, heads=[HeadConfig()], epochs=3, batch_size=10, snapshot_every=5, select="val", device="cpu"
+    )
     run_probe(out=tmp_path / "all", keep=100, **common)
     run_probe(out=tmp_path / "best3", keep=3, **common)
     every = read_run(tmp_path / "all").checkpoints
@@ -265,8 +368,9 @@ def test_snapshots_every_n_steps_keep_the_best_across_steps(tmp_path):
     assert len({s.file for s in every}) == 10 and all((tmp_path / "all" / s.file).exists() for s in every)
     best3 = read_run(tmp_path / "best3")
     assert [(s.step, s.val_top1) for s in best3.checkpoints] == [(s.step, s.val_top1) for s in every[:3]]
-    assert sorted(p.name for p in (tmp_path / "best3" / "checkpoints").glob("*.pt")) == \
-        sorted(Path(s.file).name for s in best3.checkpoints)
+    assert sorted(p.name for p in (tmp_path / "best3" / "checkpoints").glob("*.pt")) == sorted(
+        Path(s.file).name for s in best3.checkpoints
+    )
     assert best3.best["step"] == every[0].step and best3.best["select_top1"] == every[0].val_top1
     assert len({s.val_top1 for s in every}) > 1  # noisy enough that the ranking means something
 
@@ -283,8 +387,10 @@ def test_real_linear_probe_matches_logistic_regression(mobilenet_features_20, tm
     ours = result.best_metrics["val_top1"]
 
     x, xv = tr.features[:, 0].astype(np.float32), va.features[:, 0].astype(np.float32)
-    sklearn_best = max(LogisticRegression(C=c, max_iter=1000).fit(x, tr.labels).score(xv, va.labels)
-                       for c in (0.01, 0.1, 1.0, 10.0, 100.0))
+    sklearn_best = max(
+        LogisticRegression(C=c, max_iter=1000).fit(x, tr.labels).score(xv, va.labels)
+        for c in (0.01, 0.1, 1.0, 10.0, 100.0)
+    )
     print(f"probe val top-1 {ours:.4f}, sklearn best {sklearn_best:.4f}")
     assert ours >= 0.75
     assert ours >= sklearn_best - 0.01
@@ -294,7 +400,9 @@ def test_real_linear_probe_matches_logistic_regression(mobilenet_features_20, tm
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_trains_the_same_heads_as_cpu(synthetic):
     tr, va = _splits(synthetic)
-    runs = [train(tr, val=va, heads=grid(lr=[1e-3, 1e-2], weight_decay=[0.0, 0.05]), epochs=2, batch_size=16,
-                  device=device) for device in ("cpu", "cuda")]
+    runs = [
+        train(tr, val=va, heads=grid(lr=[1e-3, 1e-2], weight_decay=[0.0, 0.05]), epochs=2, batch_size=16, device=device)
+        for device in ("cpu", "cuda")
+    ]
     for a, b in zip(runs[0].heads.state_dict().values(), runs[1].heads.state_dict().values()):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-5)

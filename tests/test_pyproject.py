@@ -25,11 +25,14 @@ def floors(requirements: list[str]) -> dict[str, Version]:
     return out
 
 
-@pytest.mark.parametrize("package, needed, why", [
-    ("torch", "2.4", "CPU fused=True Adam/AdamW/SGD in heads.py; torch.amp.GradScaler(device) needs 2.3"),
-    ("torchvision", "0.19", "v2.GaussianNoise in augment.py"),
-    ("joblib", "1.3", "Parallel(return_as='generator') in data.py"),
-])
+@pytest.mark.parametrize(
+    "package, needed, why",
+    [
+        ("torch", "2.4", "CPU fused=True Adam/AdamW/SGD in heads.py; torch.amp.GradScaler(device) needs 2.3"),
+        ("torchvision", "0.19", "v2.GaussianNoise in augment.py"),
+        ("joblib", "1.3", "Parallel(return_as='generator') in data.py"),
+    ],
+)
 def test_dependency_floors_cover_the_apis_used(package, needed, why):
     assert floors(PROJECT["dependencies"])[package] >= Version(needed), why
 

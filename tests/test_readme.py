@@ -1,4 +1,4 @@
-"""README cannot drift: its option tables are the commands' own (featx.cli.option_table), and its Python blocks
+"""README cannot drift: its option tables are the commands' own (featx.front.cli.option_table), and its Python blocks
 run, in order, in one namespace, in a temporary directory on small data.
 
 A block that cannot run here says why in its first line, `# not run: <reason>`, and is skipped. The blocks read
@@ -16,9 +16,9 @@ from pathlib import Path
 import click
 import numpy as np
 import pytest
-
-from featx.cli import cli, option_table
 from synth import write_tiny_imagenet
+
+from featx.front.cli import cli, option_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -28,7 +28,7 @@ SKIP = re.compile(r"#\s*not run:\s*(\S.*)")
 
 
 def stage_commands(group: click.Group = cli, path: str = "featx") -> dict[str, click.Command]:
-    """Every command generated from a config (featx.cli.stage_command), by its command line."""
+    """Every command generated from a config (featx.front.cli.stage_command), by its command line."""
     found = {}
     for name, command in group.commands.items():
         if isinstance(command, click.Group):
@@ -46,19 +46,22 @@ def command_named(path: str) -> click.Command:
 
 
 def regenerated(text: str) -> str:
-    return TABLE.sub(lambda m: f"<!-- options: {m[1]} -->\n{option_table(command_named(m[1]))}<!-- /options -->",
-                     text)
+    return TABLE.sub(lambda m: f"<!-- options: {m[1]} -->\n{option_table(command_named(m[1]))}<!-- /options -->", text)
 
 
 def test_every_stage_command_has_its_generated_table():
     text = README.read_text()
     tables = {m[1]: m[2] for m in TABLE.finditer(text)}
     missing = sorted(set(stage_commands()) - set(tables))
-    assert not missing, f"README has no option table for {missing}; add `<!-- options: NAME -->` ... `<!-- /options -->`"
+    assert not missing, (
+        f"README has no option table for {missing}; add `<!-- options: NAME -->` ... `<!-- /options -->`"
+    )
     for name, table in tables.items():
         expected = option_table(command_named(name))
-        assert table == expected, (f"README's table of `{name}` differs from its options; paste this between its "
-                                   f"markers (or run `python tests/test_readme.py --write`):\n\n{expected}")
+        assert table == expected, (
+            f"README's table of `{name}` differs from its options; paste this between its "
+            f"markers (or run `python tests/test_readme.py --write`):\n\n{expected}"
+        )
 
 
 def test_no_hand_written_option_table_outside_the_markers():
@@ -72,7 +75,7 @@ def python_blocks() -> list[str]:
 
 def test_readme_opens_with_setup_example_and_contents():
     text = README.read_text()
-    head = text[:text.index("\n## ")]
+    head = text[: text.index("\n## ")]
     assert "pip install" in head and "featx run pipelines/quickstart.toml" in head
     example = BLOCK.search(head)[1]
     assert len(example.strip().splitlines()) <= 10

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from featx.cli import cli
-from featx.augment import draw
-from featx.models import ModelSpec, build_model
-from featx.pipeline import run_recipe
 from report_values import MA, MILANI, NUMBERS, READINGS, ROWS, SILENT, Row
+
+from featx.front.cli import cli
+from featx.front.recipes import run_recipe
+from featx.nets.augment import draw
+from featx.nets.models import ModelSpec, build_model
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 REPORTS = Path(__file__).resolve().parents[2] / "shared" / "reports"
@@ -39,9 +39,15 @@ def _row_id(row: Row) -> str:
     return f"{row.recipe}.{row.stage}.{row.option}={row.value}"
 
 
-@pytest.mark.parametrize("row", [
-    pytest.param(r, id=_row_id(r), marks=[pytest.mark.xfail(strict=True, reason=f"needs {r.pending}")] if r.pending else [])
-    for r in ROWS])
+@pytest.mark.parametrize(
+    "row",
+    [
+        pytest.param(
+            r, id=_row_id(r), marks=[pytest.mark.xfail(strict=True, reason=f"needs {r.pending}")] if r.pending else []
+        )
+        for r in ROWS
+    ],
+)
 def test_recipe_carries_the_reported_value(row: Row):
     assert (PIPELINES / f"{row.recipe}.toml").is_file(), f"no recipe pipelines/{row.recipe}.toml"
     stages = resolved(row.recipe)
@@ -84,7 +90,7 @@ def test_quoted_sentences_are_the_reports_words(row: Row):
 def _opening(recipe: str) -> str:
     """The recipe's opening comment as one line."""
     lines = (PIPELINES / f"{recipe}.toml").read_text().splitlines()
-    return " ".join(line.lstrip("# ") for line in lines[:lines.index("")] if line.startswith("#"))
+    return " ".join(line.lstrip("# ") for line in lines[: lines.index("")] if line.startswith("#"))
 
 
 @pytest.mark.parametrize("recipe", sorted(NUMBERS))
@@ -129,14 +135,16 @@ def test_inan_lstm_head_is_the_reports():
 def test_a_reading_of_a_lost_or_garbled_figure_says_so_and_quotes_the_report(recipe: str):
     report, quotes = READINGS[recipe]
     text, opening = _report_text(report), _opening(recipe)
-    assert "featx's reading" in opening and report in opening, f"pipelines/{recipe}.toml: say \"featx's reading\""
+    assert "featx's reading" in opening and report in opening, f'pipelines/{recipe}.toml: say "featx\'s reading"'
     for quote in quotes:
         assert quote in text, f"{report}: {quote!r} is not in the report"
         assert quote in opening, f"pipelines/{recipe}.toml: its opening comment does not quote {quote!r}"
 
 
-@pytest.mark.parametrize("recipe, std", [("ma_resnet18_scratch_gaussian", 0.1 ** 0.5),
-                                         ("ma_resnet18_scratch_xavier", (2 / (512 + 200)) ** 0.5)])
+@pytest.mark.parametrize(
+    "recipe, std",
+    [("ma_resnet18_scratch_gaussian", 0.1**0.5), ("ma_resnet18_scratch_xavier", (2 / (512 + 200)) ** 0.5)],
+)
 def test_ma_init_reaches_the_new_classifier(recipe: str, std: float):
     # MA, Weight initialization: "Gaussian initialization mean=0, variance=0.1" / "Xavier initialization" of the
     # ResNet, whose "last layer being fc-1000 instead of fc-200": the 200-way fc is initialised the same way

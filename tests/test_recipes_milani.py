@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from featx.cli import cli
-from featx.pipeline import run_recipe
+from featx.front.cli import cli
+from featx.front.recipes import run_recipe
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 REPORT = "004_367cbcd3953dba97.txt"
@@ -16,22 +16,44 @@ TEN_CROPS = ["full", "top_left", "top_right", "bottom_left", "bottom_right"]
 
 # (recipe, stage, option, value, where the report states it)
 STATED = [
-    *[(r, "extract", "backbone", "inception_v3", "4.1: the pre-trained Inception-v3 as feature extractor")
-      for r in ("vanilla", "v2", "v3")],
+    *[
+        (r, "extract", "backbone", "inception_v3", "4.1: the pre-trained Inception-v3 as feature extractor")
+        for r in ("vanilla", "v2", "v3")
+    ],
     *[(r, "extract", "size", 299, "4.1: images re-scaled to 299x299 (bilinear)") for r in ("vanilla", "v2", "v3")],
-    *[(r, "probe", "head", "linear", "4.1: one fully connected layer on the transfer values")
-      for r in ("vanilla", "v2", "v3")],
+    *[
+        (r, "probe", "head", "linear", "4.1: one fully connected layer on the transfer values")
+        for r in ("vanilla", "v2", "v3")
+    ],
     *[(r, "probe", "optimizer", "adam", "4.1: Adam with default parameters") for r in ("vanilla", "v2", "v3")],
-    *[(r, "probe", "batch_size", 100, "4.1: training always with a mini-batch of 100") for r in ("vanilla", "v2", "v3")],
-    *[(r, "probe", "label_smoothing", [0.1], "4.2: the same label smoothing as 3.1, epsilon = 0.1")
-      for r in ("vanilla", "v2", "v3")],
+    *[
+        (r, "probe", "batch_size", 100, "4.1: training always with a mini-batch of 100")
+        for r in ("vanilla", "v2", "v3")
+    ],
+    *[
+        (r, "probe", "label_smoothing", [0.1], "4.2: the same label smoothing as 3.1, epsilon = 0.1")
+        for r in ("vanilla", "v2", "v3")
+    ],
     *[(r, "probe", "keep", 20, "3.4: at most 20 snapshots saved during one run") for r in ("vanilla", "v2", "v3")],
-    *[(r, "predict", "ensemble", "greedy", "4.2: the best val top-1, whether or not it is an ensemble")
-      for r in ("vanilla", "v2", "v3")],
-    *[(r, s, "combine", "raw", "4.2: the crops' predictions \"combined as explained in section 3.4\" (Eq. 2: the "
-       "softmax summed)") for r in ("vanilla", "v2", "v3") for s in ("predict", "submission", "report")],
-    *[(r, "submission", "split", "test", "4.2: \"the final predictions were submitted on the test set\"")
-      for r in ("vanilla", "v2", "v3")],
+    *[
+        (r, "predict", "ensemble", "greedy", "4.2: the best val top-1, whether or not it is an ensemble")
+        for r in ("vanilla", "v2", "v3")
+    ],
+    *[
+        (
+            r,
+            s,
+            "combine",
+            "raw",
+            '4.2: the crops\' predictions "combined as explained in section 3.4" (Eq. 2: the softmax summed)',
+        )
+        for r in ("vanilla", "v2", "v3")
+        for s in ("predict", "submission", "report")
+    ],
+    *[
+        (r, "submission", "split", "test", '4.2: "the final predictions were submitted on the test set"')
+        for r in ("vanilla", "v2", "v3")
+    ],
     ("vanilla", "extract", "views", "full", "4.2: vanilla uses the image as it is"),
     ("vanilla", "probe", "lr", [6.5e-4], "4.2: initial learning rate 6.5e-4"),
     ("vanilla", "probe", "schedule", "exponential", "4.2: decayed per epoch"),
@@ -55,20 +77,27 @@ STATED = [
 ]
 
 # The numbers each recipe's opening comment quotes (4.2 and Table 2).
-QUOTED = {"vanilla": ["74.7%", "66.8%", "6.5e-4", "0.713", "0.0116", "25.25%", "33.2%"],
-          "v2": ["76.1%", "68.6%", "0.8", "23.89%", "31.4%"],
-          "v3": ["76.7%", "69.1%", "23.30%", "30.9%"]}
+QUOTED = {
+    "vanilla": ["74.7%", "66.8%", "6.5e-4", "0.713", "0.0116", "25.25%", "33.2%"],
+    "v2": ["76.1%", "68.6%", "0.8", "23.89%", "31.4%"],
+    "v3": ["76.7%", "69.1%", "23.30%", "30.9%"],
+}
 
 
 @pytest.fixture(scope="module")
 def resolved() -> dict[str, dict[str, dict]]:
-    return {r: {s.name: s.params for s in run_recipe(recipe=PIPELINES / f"milani_transfer_{r}.toml", commands=cli,
-                                                                  dry_run=True)}
-            for r in QUOTED}
+    return {
+        r: {
+            s.name: s.params
+            for s in run_recipe(recipe=PIPELINES / f"milani_transfer_{r}.toml", commands=cli, dry_run=True)
+        }
+        for r in QUOTED
+    }
 
 
-@pytest.mark.parametrize("recipe, stage, option, value, section", STATED,
-                         ids=[f"{r}-{s}-{o}" for r, s, o, _, _ in STATED])
+@pytest.mark.parametrize(
+    "recipe, stage, option, value, section", STATED, ids=[f"{r}-{s}-{o}" for r, s, o, _, _ in STATED]
+)
 def test_stated_values_are_pinned(resolved, recipe, stage, option, value, section):
     assert resolved[recipe][stage][option] == value, f"{REPORT} section {section}"
 

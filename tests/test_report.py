@@ -7,16 +7,16 @@ import re
 import sys
 
 import numpy as np
-import torch
 import pytest
+import torch
 from sklearn.metrics import confusion_matrix
 
-from featx.cli import main
-from featx.finetune import FinetuneConfig, finetune
-from featx.predict import predict
-from featx.probe import HeadConfig, run_probe
-from featx.data import dataset_info
-from featx.report import DEFAULT_TSNE, _tsne_classes, class_errors, confused_pairs, write_report
+from featx.data.cache import dataset_info
+from featx.evaluate.report import DEFAULT_TSNE, _tsne_classes, class_errors, confused_pairs, write_report
+from featx.evaluate.scoring import predict
+from featx.finetune.run import FinetuneConfig, finetune
+from featx.front.cli import main
+from featx.probe.run import HeadConfig, run_probe
 
 
 def read_csv(path) -> list[dict]:
@@ -35,12 +35,22 @@ def test_error_tables_from_a_known_confusion_matrix():
     cm = confusion_matrix(y, p, labels=[0, 1, 2])
     rows = class_errors(cm, ["a", "b", "c"], ["A", "B", "C"])
     assert [r["wnid"] for r in rows] == ["a", "c", "b"]  # worst first
-    assert rows[0] | {"error_rate": 0} == {"wnid": "a", "name": "A", "images": 6, "errors": 4, "error_rate": 0,
-                                           "wrong_classes": 2, "most_confused_with": "B", "times": 3}
+    assert rows[0] | {"error_rate": 0} == {
+        "wnid": "a",
+        "name": "A",
+        "images": 6,
+        "errors": 4,
+        "error_rate": 0,
+        "wrong_classes": 2,
+        "most_confused_with": "B",
+        "times": 3,
+    }
     assert rows[0]["error_rate"] == pytest.approx(4 / 6) and rows[2]["most_confused_with"] == ""
     pairs = confused_pairs(cm, ["a", "b", "c"], ["A", "B", "C"])
     assert [(r["a"], r["b"], r["a_as_b"], r["b_as_a"], r["total"]) for r in pairs] == [
-        ("a", "b", 3, 0, 3), ("a", "c", 1, 1, 2)]
+        ("a", "b", 3, 0, 3),
+        ("a", "c", 1, 1, 2),
+    ]
 
 
 @pytest.mark.slow
@@ -48,16 +58,26 @@ def test_real_report_files_links_and_per_class_errors(mobilenet_features_20, tmp
     run = tmp_path / "run"
     run_probe(features=mobilenet_features_20, out=run, heads=[HeadConfig()], epochs=3, keep=3, device="cpu")
     out = tmp_path / "report"
-    monkeypatch.setattr(sys, "argv", ["featx", "report", "--run", str(run), "--out", str(out), "--device", "cpu",
-                                      "--ensemble", "all"])
+    monkeypatch.setattr(
+        sys, "argv", ["featx", "report", "--run", str(run), "--out", str(out), "--device", "cpu", "--ensemble", "all"]
+    )
     with pytest.raises(SystemExit) as exit:
         main()
     assert exit.value.code == 0
     assert capsys.readouterr().out.strip() == f"report: {out / 'report.html'}"
 
     page = out / "report.html"
-    names = {"per_class.csv", "confused_pairs.csv", "predictions.csv", "confusion.png", "curves.png", "tsne.png",
-             "reliability.png", "ensemble.csv", "ensemble.png"}
+    names = {
+        "per_class.csv",
+        "confused_pairs.csv",
+        "predictions.csv",
+        "confusion.png",
+        "curves.png",
+        "tsne.png",
+        "reliability.png",
+        "ensemble.csv",
+        "ensemble.png",
+    }
     gallery = {n for n in linked_files(page) if n.startswith("gallery/")}  # images found through the feature file
     assert gallery and linked_files(page) == names | gallery
     assert all((out / n).stat().st_size > 100 for n in names - {"ensemble.csv"})  # 3 short rows
@@ -73,7 +93,10 @@ def test_real_report_files_links_and_per_class_errors(mobilenet_features_20, tmp
     assert f"{errors} of 1000" in page.read_text()
     # those of the report's seven t-SNE classes among the first 20, every training image of each (50 here)
     present = [w for w in DEFAULT_TSNE if w in pred.classes]
-    assert len(present) >= 2 and f"t-SNE of {len(present)} classes ({50 * len(present)} training images)" in page.read_text()
+    assert (
+        len(present) >= 2
+        and f"t-SNE of {len(present)} classes ({50 * len(present)} training images)" in page.read_text()
+    )
     assert len(read_csv(out / "ensemble.csv")) == 3
     pairs = read_csv(out / "confused_pairs.csv")
     assert pairs and all(int(r["total"]) == int(r["a_as_b"]) + int(r["b_as_a"]) > 0 for r in pairs)
@@ -82,14 +105,33 @@ def test_real_report_files_links_and_per_class_errors(mobilenet_features_20, tmp
 def test_the_default_t_sne_classes_are_the_seed_reports_seven(real_cache):
     info = dataset_info(real_cache)
     picked = [info.names[i].split(",")[0] for i in _tsne_classes(None, list(info.wnids))]
-    assert picked == ["convertible", "sports car", "plunger", "Egyptian cat", "Persian cat", "golden retriever",
-                      "bullet train"]
+    assert picked == [
+        "convertible",
+        "sports car",
+        "plunger",
+        "Egyptian cat",
+        "Persian cat",
+        "golden retriever",
+        "bullet train",
+    ]
 
 
 def test_a_finetune_report_shows_the_first_layer_filters(synth_cache, tmp_path):
     run = tmp_path / "run"
-    finetune(FinetuneConfig(data=synth_cache, backbone="resnet18", weights="none", size=32, epochs=1, batch_size=16,
-                            keep=1, device="cpu"), out=run, progress=False)
+    finetune(
+        FinetuneConfig(
+            data=synth_cache,
+            backbone="resnet18",
+            weights="none",
+            size=32,
+            epochs=1,
+            batch_size=16,
+            keep=1,
+            device="cpu",
+        ),
+        out=run,
+        progress=False,
+    )
     page = write_report(run=run, out=tmp_path / "report", device="cpu")
     assert {"filters.png", "tsne.png", "curves.png", "confusion.png"} <= linked_files(page)
     assert (tmp_path / "report" / "filters.png").stat().st_size > 1000
@@ -102,8 +144,15 @@ def test_a_finetune_report_shows_the_first_layer_filters(synth_cache, tmp_path):
 @pytest.mark.slow
 def test_several_runs_give_a_leaderboard_and_a_paired_comparison(mobilenet_features_20, tmp_path):
     linear, ncm = tmp_path / "linear", tmp_path / "ncm"
-    run_probe(features=mobilenet_features_20, out=linear, heads=[HeadConfig()], epochs=3, keep=1, device="cpu",
-              select="holdout:0.25")  # 5 a class: the smallest holdout featx selects on
+    run_probe(
+        features=mobilenet_features_20,
+        out=linear,
+        heads=[HeadConfig()],
+        epochs=3,
+        keep=1,
+        device="cpu",
+        select="holdout:0.25",
+    )  # 5 a class: the smallest holdout featx selects on
     run_probe(features=mobilenet_features_20, out=ncm, heads=[HeadConfig()], head="ncm", select="val", device="cpu")
     page = write_report(run=[ncm, linear], out=tmp_path / "report", device="cpu")
     text = page.read_text()
@@ -125,7 +174,7 @@ def test_filters_of_several_models_share_one_scale(tmp_path):
     # filters are twice as large twice as far from grey, where per-filter scaling made the panels identical.
     from PIL import Image
 
-    from featx.plots import filter_grid, first_filters, plot_filters
+    from featx.core.plots import filter_grid, first_filters, plot_filters
 
     torch.manual_seed(0)
     small = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from featx.probe import HeadConfig, run_probe
-from featx.report import write_report
+from featx.evaluate.report import write_report
+from featx.probe.run import HeadConfig, run_probe
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -45,9 +45,21 @@ def test_the_report_works_in_a_real_browser(mobilenet_features_20, real_cache, t
     probed = page.with_name("probed.html")
     text = page.read_text()
     probed.write_text(text.replace("<head>", "<head>" + BEFORE, 1).replace("</body>", AFTER + "</body>", 1))
-    dom = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-                          "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     found = re.search(r"<pre id=\"probe\">(.*?)</pre>", dom, re.S)
     assert found, dom[-2000:]
     result = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))

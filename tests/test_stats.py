@@ -9,11 +9,18 @@ import h5py
 import numpy as np
 import pytest
 
-from featx.errors import FeatxError
-from featx.probe import HeadConfig, run_probe
-from featx.runs import load_checkpoint, read_run
-from featx.stats import (apply_temperature, bootstrap_interval, expected_calibration_error, fit_temperature,
-                         holdout_rows, paired_comparison, parse_select)
+from featx.core.errors import FeatxError
+from featx.core.runs import load_checkpoint, read_run
+from featx.core.stats import (
+    apply_temperature,
+    bootstrap_interval,
+    expected_calibration_error,
+    fit_temperature,
+    holdout_rows,
+    paired_comparison,
+    parse_select,
+)
+from featx.probe.run import HeadConfig, run_probe
 
 
 def test_the_interval_covers_a_known_accuracy_about_95_percent_of_the_time():
@@ -33,7 +40,7 @@ def test_paired_comparison_difference_interval_and_mcnemar():
     b = np.array([0] * 10 + [1] * 40 + [0] * 50, dtype=bool)
     c = paired_comparison(a, b)
     assert (c.a_only, c.b_only) == (10, 0) and c.difference == pytest.approx(0.1)
-    assert c.p_value == pytest.approx(2 * 0.5 ** 10)  # exact: 10 of 10 discordant images go a's way
+    assert c.p_value == pytest.approx(2 * 0.5**10)  # exact: 10 of 10 discordant images go a's way
     assert c.interval[0] > 0 and c.interval[1] <= 0.2
     assert paired_comparison(a, a).p_value == 1.0
 
@@ -63,8 +70,10 @@ def test_temperature_scaling_recovers_a_known_temperature():
     labels = np.array([rng.choice(10, p=p) for p in apply_temperature(np.exp(logits), 1.0)])
     overconfident = apply_temperature(np.exp(logits), 0.5)  # the logits doubled
     assert fit_temperature(overconfident, labels) == pytest.approx(2.0, rel=0.1)
-    assert expected_calibration_error(apply_temperature(overconfident, 2.0), labels) < \
-        expected_calibration_error(overconfident, labels) / 3
+    assert (
+        expected_calibration_error(apply_temperature(overconfident, 2.0), labels)
+        < expected_calibration_error(overconfident, labels) / 3
+    )
 
 
 @pytest.mark.slow
@@ -75,8 +84,16 @@ def test_selection_is_blind_to_val_labels_and_temperature_lowers_ece(mobilenet_f
         f["val/labels"][:] = np.random.default_rng(0).permutation(f["val/labels"][:])
     runs = {}
     for name, path in (("real", mobilenet_features_20), ("shuffled", shuffled)):
-        runs[name] = run_probe(features=path, out=tmp_path / name, heads=[HeadConfig(lr=3e-4), HeadConfig(lr=3e-3)],
-                               epochs=4, keep=2, save="all", device="cpu", select="holdout:0.2")
+        runs[name] = run_probe(
+            features=path,
+            out=tmp_path / name,
+            heads=[HeadConfig(lr=3e-4), HeadConfig(lr=3e-3)],
+            epochs=4,
+            keep=2,
+            save="all",
+            device="cpu",
+            select="holdout:0.2",
+        )
     real, mixed = read_run(tmp_path / "real"), read_run(tmp_path / "shuffled")
     assert real.checkpoints == mixed.checkpoints  # same heads, epochs and selection scores
     assert real.best["head"] == mixed.best["head"] and real.best["select_top1"] == mixed.best["select_top1"]

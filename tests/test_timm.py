@@ -13,26 +13,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from featx.backbones import create_backbone
-from featx.data import read_split
-from featx.errors import FeatxError
-from featx.features import load_features, read_meta
-from featx.views import render_views
 from synth import write_tiny_imagenet
+
+from featx.core.errors import FeatxError
+from featx.data.cache import read_split
+from featx.features.store import load_features, read_meta
+from featx.nets.backbones import create_backbone
+from featx.nets.views import render_views
 
 timm = pytest.importorskip("timm")
 
 BEST = Path(__file__).resolve().parents[1] / "pipelines" / "best.toml"
 # Small members of each family: a CNN (pooled, fc), a ViT (class token), ConvNeXt-V2 (pool + head norm) and
 # EVA-02 (rotary embeddings, the family of best.toml), each at a size other than its native one.
-FAMILIES = [("resnet18", 64), ("vit_tiny_patch16_224", 64), ("convnextv2_atto", 64),
-            ("eva02_tiny_patch14_224.mim_in22k", 56)]
+FAMILIES = [
+    ("resnet18", 64),
+    ("vit_tiny_patch16_224", 64),
+    ("convnextv2_atto", 64),
+    ("eva02_tiny_patch14_224.mim_in22k", 56),
+]
 
 
 def featx_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "featx", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "featx", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def timm_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -54,9 +63,27 @@ def timm_model(name: str, size: int, seed: int = 0, **kwargs) -> torch.nn.Module
 @pytest.mark.parametrize("name, size", [FAMILIES[0], FAMILIES[1]], ids=["cnn", "vit"])
 def test_extract_and_probe_through_the_cli(name, size, synth_cache, tmp_path):
     out = tmp_path / "f.h5"
-    run = featx_cli("extract", "--data", str(synth_cache), "--backbone", f"timm:{name}", "--weights", "none",
-                    "--size", str(size), "--views", "flip", "--dtype", "float32", "--device", "cpu",
-                    "--precision", "fp32", "--out", str(out))  # compared with timm's fp32 forward below
+    run = featx_cli(
+        "extract",
+        "--data",
+        str(synth_cache),
+        "--backbone",
+        f"timm:{name}",
+        "--weights",
+        "none",
+        "--size",
+        str(size),
+        "--views",
+        "flip",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+    )  # compared with timm's fp32 forward below
     assert run.returncode == 0, run.stderr
     meta = read_meta(out)
     cfg = timm.models.get_pretrained_cfg(name)
@@ -65,15 +92,31 @@ def test_extract_and_probe_through_the_cli(name, size, synth_cache, tmp_path):
 
     # The stored features are timm's own forward on the batch featx preprocessed.
     val = read_split(synth_cache, "val")
-    x = render_views(torch.from_numpy(val.read_images()), views=meta.views, crop=meta.crop, size=size,
-                     mean=meta.mean, std=meta.std)
+    x = render_views(
+        torch.from_numpy(val.read_images()), views=meta.views, crop=meta.crop, size=size, mean=meta.mean, std=meta.std
+    )
     want = timm_features(timm_model(name, size), x).reshape(len(val), 2, -1).numpy()
     got = load_features(out, "val").features
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
-    run = featx_cli("probe", "--features", str(out), "--out", str(tmp_path / "probe"), "--lr", "1e-3,3e-3",
-                    "--epochs", "5", "--batch-size", "16", "--normalize", "standard", "--device", "cpu")
+    run = featx_cli(
+        "probe",
+        "--features",
+        str(out),
+        "--out",
+        str(tmp_path / "probe"),
+        "--lr",
+        "1e-3,3e-3",
+        "--epochs",
+        "5",
+        "--batch-size",
+        "16",
+        "--normalize",
+        "standard",
+        "--device",
+        "cpu",
+    )
     assert run.returncode == 0, run.stderr
     metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
     # 4 colour-coded classes: even random-init features separate them well above chance (25%)
@@ -162,15 +205,25 @@ def test_unknown_name_and_missing_pretrained_weights():
 
 
 def test_default_weights_offline_name_the_file_to_download(synth_cache, tmp_path):
-    run = featx_cli("extract", "--data", str(synth_cache), "--backbone", "timm:resnet18", "--weights", "default",
-                    "--out", str(tmp_path / "f.h5"),
-                    env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path)},
-                    timeout=120)
+    run = featx_cli(
+        "extract",
+        "--data",
+        str(synth_cache),
+        "--backbone",
+        "timm:resnet18",
+        "--weights",
+        "default",
+        "--out",
+        str(tmp_path / "f.h5"),
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path)},
+        timeout=120,
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip() == (
         "featx: error: --backbone timm:resnet18: cannot download its weights (LocalEntryNotFoundError); download "
         "https://huggingface.co/timm/resnet18.a1_in1k/resolve/main/model.safetensors and pass that file with "
-        "--weights PATH")
+        "--weights PATH"
+    )
 
 
 @pytest.mark.slow
@@ -178,11 +231,22 @@ def test_best_recipe_runs_with_a_small_stand_in(tmp_path):
     """pipelines/best.toml on 4 synthetic classes; EVA-02 Large at 448 is far too big for a CPU test, so its
     smallest sibling (same family: rotary ViT, patch 14) stands in, randomly initialised, at 56 pixels."""
     source = write_tiny_imagenet(tmp_path, classes=4, train_per_class=6, val_per_class=3, test=4)
-    sets = [f"prepare.data={source}", "extract.backbone=timm:eva02_tiny_patch14_224.mim_in22k",
-            "extract.weights=none", "extract.size=56", "probe.epochs=2", "probe.lr=[1e-3, 3e-3]",
-            "probe.select=holdout:0.25"]  # 24 training images: 10% would hold out fewer than the 4 classes
-    run = subprocess.run([sys.executable, "-m", "featx", "run", str(BEST), *(f"--set={s}" for s in sets)],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    sets = [
+        f"prepare.data={source}",
+        "extract.backbone=timm:eva02_tiny_patch14_224.mim_in22k",
+        "extract.weights=none",
+        "extract.size=56",
+        "probe.epochs=2",
+        "probe.lr=[1e-3, 3e-3]",
+        "probe.select=holdout:0.25",
+    ]  # 24 training images: 10% would hold out fewer than the 4 classes
+    run = subprocess.run(
+        [sys.executable, "-m", "featx", "run", str(BEST), *(f"--set={s}" for s in sets)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     assert read_meta(tmp_path / "features/eva02_large-448-ten.h5").views[-1] == "bottom_right_flip"
     probe = json.loads((tmp_path / "runs/best/probe/metrics.json").read_text())

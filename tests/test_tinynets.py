@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from torchvision.models.inception import BasicConv2d
 
-from featx.augment import Augment
-from featx.backbones import create_backbone, get_spec
-from featx.data import read_split
-from featx.errors import FeatxError
-from featx.models import ModelSpec, build_model
+from featx.core.errors import FeatxError
+from featx.data.cache import read_split
+from featx.nets.augment import Augment
+from featx.nets.backbones import create_backbone, get_spec
+from featx.nets.models import ModelSpec, build_model
 
 NEW = ["bastidas_vgg", "bastidas_inception", "milani_inception"]
 ALL = ["vgg_tiny", "inception_tiny", *NEW]
@@ -42,10 +42,23 @@ def fig10(cin: int, w: int) -> int:  # two 1x1, three 3x3 (the max pool has none
 # Counted from each net's layer list (featx/tinynets.py docstrings), the 200-way head included.
 BODY = {
     "bastidas_vgg": conv(3, 32, 2) + 5 * conv(32, 32, 1, 2) + conv(32, 64, 2) + conv(64, 64, 2) + conv(64, 32, 3),
-    "bastidas_inception": conv(3, 32, 2) + conv(32, 32, 2) + conv(32, 64, 2) + conv(64, 80, 2)
-    + fig5(80, 32, 2) + fig5(128, 32, 2) + fig6(128, 64, 2) + 2 * fig6(256, 64, 2),
-    "milani_inception": conv(3, 32, 3) + conv(32, 32, 3) + conv(32, 64, 3) + fig5(64, 32, 3) + fig5(128, 32, 3)
-    + fig10(128, 64) + 2 * fig6(256, 64, 7) + fig10(256, 128) + fig7(512, 96),
+    "bastidas_inception": conv(3, 32, 2)
+    + conv(32, 32, 2)
+    + conv(32, 64, 2)
+    + conv(64, 80, 2)
+    + fig5(80, 32, 2)
+    + fig5(128, 32, 2)
+    + fig6(128, 64, 2)
+    + 2 * fig6(256, 64, 2),
+    "milani_inception": conv(3, 32, 3)
+    + conv(32, 32, 3)
+    + conv(32, 64, 3)
+    + fig5(64, 32, 3)
+    + fig5(128, 32, 3)
+    + fig10(128, 64)
+    + 2 * fig6(256, 64, 7)
+    + fig10(256, 128)
+    + fig7(512, 96),
 }
 FEATURES = {"bastidas_vgg": 32 * 9 * 8, "bastidas_inception": 256, "milani_inception": 576}
 # The body's last map for a 64x64 input: (channels, H, W).

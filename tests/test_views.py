@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from featx.errors import FeatxError
-from featx.views import VIEW_SETS, render_views, view_names
+from featx.core.errors import FeatxError
+from featx.nets.views import VIEW_SETS, render_views, view_names
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -23,8 +23,18 @@ def _render(x, views, size=96):
 
 def test_view_order_is_fixed_and_full_first():
     assert VIEW_SETS["ten"][0] == "full" and VIEW_SETS["flip"] == ("full", "full_flip")
-    assert VIEW_SETS["ten"] == ("full", "top_left", "top_right", "bottom_left", "bottom_right", "full_flip",
-                                "top_left_flip", "top_right_flip", "bottom_left_flip", "bottom_right_flip")
+    assert VIEW_SETS["ten"] == (
+        "full",
+        "top_left",
+        "top_right",
+        "bottom_left",
+        "bottom_right",
+        "full_flip",
+        "top_left_flip",
+        "top_right_flip",
+        "bottom_left_flip",
+        "bottom_right_flip",
+    )
     with pytest.raises(FeatxError, match="--views"):
         view_names("twelve")
 
@@ -39,8 +49,7 @@ def test_corner_views_equal_explicit_crops_resized_and_normalised(images):
     views = [*view_names("ten"), "center", "center_flip"]  # center: what crop-trained finetune models see
     got = _render(images, views)
     nchw = images.permute(0, 3, 1, 2)
-    corners = {"top_left": (0, 0), "top_right": (0, 8), "bottom_left": (8, 0), "bottom_right": (8, 8),
-               "center": (4, 4)}
+    corners = {"top_left": (0, 0), "top_right": (0, 8), "bottom_left": (8, 0), "bottom_right": (8, 8), "center": (4, 4)}
     for i, name in enumerate(views):
         base = name.removesuffix("_flip")
         x = nchw if base == "full" else TF.crop(nchw, *corners[base], 56, 56)

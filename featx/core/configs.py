@@ -1,0 +1,653 @@
+"""Every stage's options, stated once: one plain dataclass per stage is its schema.
+
+A field's type (a `Literal` of featx.core.choices for enumerated options), default, allowed range and help text are
+written here and nowhere else. The CLI's options (featx.front.cli), the recipes' tables (featx.front.recipes), run.json
+and README's option tables all derive from these classes, and `validate` checks a config in one place, naming
+the field; the CLI turns the field into its flag.
+
+Types and how they read from the command line and from TOML/JSON:
+    bool                      a flag (`--x`, or `--x/--no-x` where the default is true)
+    int, float, str           one value; `min`/`max` bound numbers
+    Literal[...]              one of its values
+    tuple[float, ...]         a comma list of numbers (`1e-4,3e-4`); probe's lists are sweeps
+    tuple[int, ...]           a comma list of whole numbers >= 1
+    tuple[str, ...]           a comma list of names (`flip,crop`), or a repeated option (`repeat=True`)
+    X | None                  unset unless given
+
+The bottom layer: it imports only featx.core.choices and featx.core.errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import re
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+from featx.core.choices import (
+    Activation,
+    BatchNormMode,
+    Combine,
+    CompileMode,
+    Device,
+    FeatureDtype,
+    FinetuneHead,
+    FinetuneSchedule,
+    ImageNormalize,
+    Normalize,
+    Optimizer,
+    Precision,
+    ProbeHead,
+    ProbeSchedule,
+    SaveMode,
+    Split,
+    ViewSet,
+)
+from featx.core.errors import FeatxError
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+    max_open: bool = False,
+    count: int | None = None,
+    repeat: bool = False,
+    metavar: str | None = None,
+    aliases: tuple[str, ...] = (),
+    show_default: bool = True,
+) -> Any:
+    """A config field with what the CLI and `validate` need. `flag`: the option's name where it is not the
+    field's (predict's `--run` fills `runs`); `count`: a list of exactly that many numbers; `repeat`: the
+    option repeats instead of taking a comma list; `aliases`: old names that still work, with a deprecation
+    line (CHANGELOG.md lists them)."""
+    meta = {
+        "help": help,
+        "flag": flag,
+        "min": min,
+        "max": max,
+        "min_open": min_open,
+        "max_open": max_open,
+        "count": count,
+        "repeat": repeat,
+        "metavar": metavar,
+        "aliases": aliases,
+        "show_default": show_default,
+    }
+    if isinstance(default, list):
+        return field(default_factory=functools.partial(list, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+VIEWS_HELP = "all (every deterministic view), full (the full image), or stored view names such as full,top_left,aug0"
+
+
+@dataclass
+class PrepareConfig:
+    """`featx data prepare`: decode a dataset once into the HDF5 cache every stage reads."""
+
+    data: str | None = option(
+        None,
+        "tiny-imagenet-200.zip, its extracted folder, an ImageFolder root "
+        "(train/<class>/*.jpg, val/<class>/..., test/...) or a cache .h5 [default: "
+        "data/tiny-imagenet-200.zip, downloaded if absent].",
+        metavar="SRC",
+    )
+    image_size: int = option(
+        64, "Side of the square images in the cache (others are scaled and centre-cropped).", min=8
+    )
+    classes: int | None = option(None, "Keep only the first K classes (wnids order).", min=1)
+    per_class: int | None = option(None, "Keep only the first N train images per class.", min=1)
+    skip_bad: bool = option(False, "Skip undecodable images (listed, and recorded in the cache).")
+    jobs: int = option(-1, "Decoding processes (-1: all cores).")
+
+
+@dataclass
+class ExtractConfig:
+    """`featx extract`: a frozen backbone's pooled features of every image and view, in one HDF5 file."""
+
+    backbone: str = option(MISSING, "Registered name (see --list-backbones) or timm:<name>.")
+    data: str | None = option(None, "Zip, folder, ImageFolder root or decoded cache [default: ./data].", metavar="SRC")
+    weights: str = option(
+        "default",
+        "default, none, a torchvision weights name of the backbone (IMAGENET1K_V1, "
+        "IMAGENET1K_V2, DEFAULT, ...), or a state_dict PATH.",
+    )
+    size: int | None = option(None, "Input resolution [default: per backbone].", min=16)
+    views: ViewSet = option(
+        "ten", "The views to compute and store: the full image, its mirror too, or five crops and their mirrors."
+    )
+    crop: int = option(56, "Corner-crop size in pixels.", min=1)
+    splits: tuple[Split, ...] | None = option(None, "Comma-separated splits [default: all in the data].")
+    classes: int | None = option(None, "Only the first K classes.", min=1)
+    per_class: int | None = option(None, "Only the first N train images per class.", min=1)
+    batch_size: int | None = option(
+        None, "Images per batch [default: 256 on CUDA; on CPU 16 views' worth: 16 full, 8 flip, 1 ten].", min=1
+    )
+    device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
+    precision: Precision = option(
+        "auto",
+        "auto: bf16 on GPUs that have it (else fp16), bf16 on CPUs with "
+        "AVX-512 BF16/AMX, fp32 elsewhere; the environment variable FEATX_CPU_BF16=1|0 "
+        "makes auto act as on a BF16 / an AVX2 CPU.",
+    )
+    mean: tuple[float, ...] | None = option(None, "Normalisation mean override, e.g. 0.5,0.5,0.5.", count=3)
+    std: tuple[float, ...] | None = option(None, "Normalisation std override, e.g. 0.5,0.5,0.5.", count=3)
+    dtype: FeatureDtype = option("float16", "Storage type of the features.")
+    compile: CompileMode = option(
+        "auto",
+        "torch.compile the backbone with Inductor's freezing: on, off, or auto "
+        "(compile when the job is long enough to repay compiling).",
+    )
+    aug_views: int = option(
+        0,
+        "K augmented views per train image (aug0..augK-1): brightness/contrast jitter of "
+        "the full image or a corner crop, as Milani's v3 trained.",
+        min=0,
+    )
+    aug_seed: int = option(0, "Seed of the augmented views.")
+    layers: str | None = option(
+        None,
+        "Several depths per view, concatenated: lastN (a CNN's last N stages, "
+        "average-pooled; a ViT's class tokens of its last N blocks) or lastN+avg (a ViT's, "
+        "plus its mean patch token).",
+        metavar="SPEC",
+    )
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """What differs between the heads of a probe sweep; the defaults are the seed's single head (Milani's
+    vanilla transfer learning, tuned for Inception-v3's 2048-d features)."""
+
+    lr: float = 6.5e-4
+    weight_decay: float = 0.0116
+    label_smoothing: float = 0.1
+    dropout: float = 0.0
+
+    def label(self) -> str:
+        return f"lr={self.lr:g} wd={self.weight_decay:g} ls={self.label_smoothing:g} dropout={self.dropout:g}"
+
+
+# `featx probe` with no hyperparameter sweeps this grid in its one pass and chooses on the holdout; given any of
+# lr, weight_decay, label_smoothing, dropout it sweeps only those and the others keep the seed's values
+# (HeadConfig). A sweep is cheap: the heads share every minibatch.
+DEFAULT_SWEEP = {"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (1e-3, HeadConfig.weight_decay, 3e-2)}
+
+
+@dataclass
+class ProbeConfig:
+    """`featx probe`: classifier heads on cached features; comma lists sweep every combination in one pass."""
+
+    features: str = option(MISSING, "Feature file from `featx extract`.", metavar="PATH")
+    head: ProbeHead = option(
+        "linear", "knn: cosine k-NN with votes exp(sim/0.07) (DINO); ncm: nearest class mean (cosine); no training."
+    )
+    hidden: int = option(1024, "MLP hidden units.", min=1)
+    k: tuple[int, ...] = option((10, 20, 100), "--head knn: neighbour counts, all scored in one pass.")
+    select: str = option(
+        "holdout:0.1",
+        "Where head, epoch, k and ensembles are chosen: holdout:F (a stratified "
+        "share F of train, val then scored once) or val (the reports' protocol: optimistic).",
+    )
+    lr: tuple[float, ...] | None = option(
+        None,
+        "Learning rates [default: the default sweep when no hyperparameter is given, else 6.5e-4].",
+        min=0,
+        min_open=True,
+        show_default=False,
+    )
+    weight_decay: tuple[float, ...] | None = option(
+        None,
+        "L2 (decoupled with adamw); weights only [default: the default sweep, else 0.0116].",
+        min=0,
+        show_default=False,
+    )
+    label_smoothing: tuple[float, ...] | None = option(
+        None, "[default: 0.1]", min=0, max=1, max_open=True, show_default=False
+    )
+    dropout: tuple[float, ...] | None = option(
+        None, "On the head's input [default: 0].", min=0, max=1, max_open=True, show_default=False
+    )
+    optimizer: Optimizer = option("adam", "")
+    lr_decay: float = option(0.713, "Exponential decay per epoch.", min=0, max=1, min_open=True)
+    schedule: ProbeSchedule = option("exponential", "")
+    epochs: int = option(10, "", min=1)
+    batch_size: int = option(
+        100,
+        "Heads see the same minibatches; smaller than finetune's because a head's step is cheap and more steps help.",
+        min=1,
+    )
+    train_views: str = option(
+        "all", "Views drawn from, one at random per image and step: " + VIEWS_HELP + ".", metavar="all|full|NAME,..."
+    )
+    eval_views: str = option("all", "Views whose softmax is averaged: " + VIEWS_HELP + ".", metavar="all|full|NAME,...")
+    normalize: Normalize = option("none", "Feature normalisation before the head.")
+    feature_set: tuple[str, ...] = option(
+        ("all",),
+        "The columns heads see in a --layers file: all, lastN (the "
+        "last N stages or class tokens), lastN+avg (and the mean patch token); "
+        "a comma list sweeps several in one pass.",
+        metavar="SETS",
+    )
+    seed: int = option(0, "")
+    device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
+    save: SaveMode = option("best", "Keep snapshots of the best head only, or of every head.")
+    keep: int = option(20, "Best snapshots kept per head (snapshot ensembles draw on them).", min=1)
+    snapshot_every: int | None = option(
+        None,
+        "Also validate and offer a snapshot every STEPS training steps, not only after each epoch.",
+        min=1,
+        metavar="STEPS",
+    )
+    stream: bool = option(False, "Read batches from HDF5 instead of RAM (automatic when too big).")
+
+
+@dataclass
+class FinetuneConfig:
+    """`featx finetune`: end-to-end training (fine-tuning or from scratch); torchrun for several GPUs.
+
+    batch_size is the global batch: under torchrun each of the K processes takes batch_size / K.
+    overfit=N trains on N training images only, without augmentation (the sanity check that a model can
+    memorise them); a warning is given when the last epoch's train top-1 is not 100%.
+    bn is the BatchNorm mode (featx.nets.models.set_batchnorm); auto resolves to frozen or train once the weights
+    are loaded, and the checkpoints' ModelSpec records the result.
+    The body trains from the start, or after the head alone for freeze_epochs epochs; with unfreeze_on_plateau=P
+    the head trains alone for at least freeze_epochs epochs and until val top-1 has not improved for P epochs.
+    """
+
+    backbone: str = option(MISSING, "Registered name (see `featx extract --list-backbones`).")
+    data: str | None = option(None, "Zip, folder, ImageFolder root or decoded cache [default: ./data].", metavar="SRC")
+    weights: str = option(
+        "default",
+        "default, none, a torchvision weights name of the backbone (IMAGENET1K_V1, "
+        "IMAGENET1K_V2, DEFAULT, ...), or a state_dict PATH.",
+    )
+    size: int | None = option(None, "Input resolution the images are upsampled to [default: per backbone].", min=16)
+    head: FinetuneHead = option("linear", "")
+    lstm_group: int = option(64, "LSTM head: channels per group, the sequence length.", min=1)
+    lstm_stages: tuple[str, ...] = option(
+        ("layer3", "layer4"), "LSTM head: the ResNet stages it reads (layer1..layer4)."
+    )
+    activation: Activation = option("relu", "ResNets: every ReLU of the body.")
+    normalize: ImageNormalize = option(
+        "channel", "channel: the weights' mean/std; mean-image: subtract the mean training image."
+    )
+    epochs: int = option(10, "", min=1)
+    batch_size: int = option(128, "Global batch (split over torchrun processes).", min=1)
+    optimizer: Optimizer = option("adam", "")
+    lr: float = option(1e-3, "Larger than the probe's: the whole network moves, at batch 128.", min=0, min_open=True)
+    weight_decay: float = option(0.0, "", min=0)
+    schedule: FinetuneSchedule = option("cosine", "")
+    warmup_epochs: float = option(0.0, "", min=0)
+    decay: float | None = option(
+        None,
+        "lr factor per epoch (exponential, default 0.9) or per --step-epochs (step, default 0.1).",
+        min=0,
+        max=1,
+        min_open=True,
+    )
+    step_epochs: int | None = option(None, "Epochs between lr steps [default: epochs / 3].", min=1)
+    label_smoothing: float = option(0.0, "", min=0, max=1, max_open=True)
+    dropout: float = option(0.0, "Before the head.", min=0, max=1, max_open=True)
+    drop_path: float | None = option(
+        None, "Stochastic depth of the last block [default: the backbone's own].", min=0, max=1, max_open=True
+    )
+    aug: tuple[str, ...] = option(
+        ("flip",),
+        "Comma-separated: flip,crop,corners,color,rotate,scale,shift,"
+        "shear,noise,invert (or none); NAME:VALUE sets a magnitude, e.g. rotate:45.",
+    )
+    crop: int = option(56, "Crop size of the crop/corners augmentations.", min=1)
+    mixup: float = option(0.0, "MixUp alpha (0: off).", min=0)
+    cutmix: float = option(0.0, "CutMix alpha (0: off).", min=0)
+    freeze_epochs: int = option(0, "Train only the head for the first N epochs.", min=0)
+    bn: BatchNormMode = option(
+        "auto",
+        "BatchNorm: frozen statistics and affine, train (batch statistics), sync "
+        "(across torchrun processes, CUDA); auto: frozen for folded weights (identity "
+        "statistics), else train.",
+    )
+    unfreeze_on_plateau: int | None = option(
+        None,
+        "Train only the head (for at least --freeze-epochs) until val top-1 has not improved for PATIENCE epochs.",
+        min=1,
+        metavar="PATIENCE",
+    )
+    init_head: str | None = option(None, "Start the head from the best head of this `featx probe` run.", metavar="RUN")
+    init: str | None = option(None, "From scratch (--weights none): kaiming, xavier or gaussian:STD.")
+    classes: int | None = option(None, "Only the first K classes.", min=1)
+    per_class: int | None = option(None, "Only the first N train images per class.", min=1)
+    overfit: int | None = option(None, "Sanity check: train on N training images, expect 100%.", min=1)
+    seed: int = option(0, "")
+    precision: Precision = option(
+        "auto",
+        "auto: bf16 on CUDA (fp16 where it lacks bf16); on CPU bf16 where it "
+        "has AVX-512 BF16/AMX, else fp32 (FEATX_CPU_BF16=1|0 makes auto act as on a "
+        "BF16 / an AVX2 CPU).",
+    )
+    channels_last: bool = option(True, "")
+    compile: CompileMode = option(
+        "auto", "torch.compile the model: on, off, or auto (compile when the steps to run repay compiling)."
+    )
+    device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
+    keep: int = option(3, "Keep the K best checkpoints by val top-1.", min=1)
+    snapshot_every: int | None = option(
+        None,
+        "Also evaluate on val every STEPS optimizer steps and offer those snapshots to --keep.",
+        min=1,
+        metavar="STEPS",
+    )
+    eval_batch_size: int = option(256, "Images per evaluation batch (no gradients: larger than training's).", min=1)
+
+    def __post_init__(self):
+        self.data = None if self.data is None else str(self.data)
+        self.compile = {True: "on", False: "off"}.get(self.compile, self.compile)  # run.json before 0.2: a bool
+
+
+@dataclass
+class PredictConfig:
+    """`featx predict`: score runs on a split or on image files; view, snapshot and run ensembles."""
+
+    runs: tuple[str, ...] = option(
+        MISSING,
+        "Run directory of `featx probe` or `featx finetune`; repeat to average several runs.",
+        flag="run",
+        repeat=True,
+        metavar="RUN",
+    )
+    split: Split = option("val", "")
+    eval_views: str = option(
+        "all",
+        "Views whose softmax is averaged: " + VIEWS_HELP + " (a finetune run: all is the image and its mirror).",
+        metavar="all|full|NAME,...",
+    )
+    ensemble: str = option(
+        "best",
+        "Each run's checkpoints averaged: best, top:K, greedy (added best first while val top-1 improves) or all.",
+    )
+    images: tuple[str, ...] = option(
+        (),
+        "Classify these image files or folders instead of a split (`--images *.jpg` works).",
+        repeat=True,
+        metavar="PATH",
+    )
+    skip_bad: bool = option(False, "With --images: skip undecodable images instead of stopping.")
+    image_size: int = option(64, "With --images: the side the dataset's images had (64 for Tiny ImageNet).", min=8)
+    weights: str | None = option(
+        None, "With --images: the backbone weights file a probe run's features were extracted with.", metavar="PATH"
+    )
+    data: str | None = option(None, "A finetune run's dataset [default: the one it trained on].", metavar="SRC")
+    device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
+    combine: Combine = option(
+        "calibrated",
+        "How checkpoint probabilities are combined: calibrated (each probe "
+        "checkpoint at its fitted temperature) or raw softmax (Milani's Eq. 2).",
+    )
+    compile: CompileMode = option(
+        "auto",
+        "With --images: torch.compile each run's model with Inductor's "
+        "freezing: on, off, or auto (when the images x views repay compiling).",
+    )
+
+
+@dataclass
+class ReportConfig:
+    """`featx report`: accuracy, per-class errors, confusions, curves, t-SNE (and filters) as HTML."""
+
+    runs: tuple[str, ...] = option(
+        MISSING,
+        "Run directory to report on; repeat for a leaderboard and a paired comparison of the best two.",
+        flag="run",
+        repeat=True,
+        metavar="RUN",
+    )
+    split: Split = option("val", "The split to analyse; it needs labels.")
+    eval_views: str = option("all", "The views averaged, as in predict.", metavar="all|full|NAME,...")
+    ensemble: str = option("best", "best, top:K, greedy or all (as in predict).")
+    tsne_classes: tuple[str, ...] | None = option(
+        None,
+        "Classes of the t-SNE map of training images [default: the "
+        "seed report's seven where present, else the first 7].",
+        metavar="WNID,...",
+    )
+    data: str | None = option(
+        None,
+        "A finetune run's dataset [default: the one it trained on]; for a probe run, "
+        "the dataset its features came from, to show the error gallery's images.",
+        metavar="SRC",
+    )
+    device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
+    combine: Combine = option("calibrated", "How checkpoint probabilities are combined, as in predict.")
+
+
+@dataclass
+class CompareConfig:
+    """`featx compare`: several backbones on one dataset, extracted, probed with the default sweep and scored on
+    val; one leaderboard."""
+
+    backbones: tuple[str, ...] = option(
+        MISSING, "Backbones to compare (registered names or timm:<name>).", flag="backbone"
+    )
+    data: str | None = option(None, "Zip, folder, ImageFolder root or decoded cache [default: ./data].", metavar="SRC")
+    weights: tuple[str, ...] | None = option(
+        None,
+        "One per backbone: default, none, a torchvision weights name or a state_dict PATH [default: default for each].",
+    )
+    classes: int | None = option(None, "Only the first K classes.", min=1)
+    per_class: int | None = option(None, "Only the first N train images per class.", min=1)
+    size: int | None = option(None, "Input resolution [default: per backbone].", min=16)
+    views: ViewSet = option("full", "The views extracted, as in extract; one view keeps a comparison quick.")
+    crop: int = option(56, "Corner-crop size in pixels.", min=1)
+    eval_views: str = option("all", "Views whose softmax is averaged: " + VIEWS_HELP + ".", metavar="all|full|NAME,...")
+    select: str = option("holdout:0.1", "Where each probe chooses its head and epoch, as in probe.")
+    epochs: int = option(10, "Probe epochs.", min=1)
+    seed: int = option(0, "")
+    device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
+    precision: Precision = option("auto", "As in extract.")
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "extract": ExtractConfig,
+    "probe": ProbeConfig,
+    "finetune": FinetuneConfig,
+    "predict": PredictConfig,
+    "report": ReportConfig,
+    "compare": CompareConfig,
+}
+
+
+# --- reading the schema --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One option as the front ends see it: the field's name, its parsed type and its metadata."""
+
+    name: str
+    kind: str  # bool, int, float, str, choice, numbers, names
+    choices: tuple = ()
+    item: type | None = None  # numbers: int or float
+    optional: bool = False
+    required: bool = False
+    default: Any = None
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def flag(self) -> str:
+        return self.meta.get("flag") or self.name.replace("_", "-")
+
+
+def _parse_type(tp) -> tuple[str, tuple, type | None, bool]:
+    optional = False
+    if get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp):
+        optional = True
+        (tp,) = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) is Literal:
+        return "choice", get_args(tp), None, optional
+    if get_origin(tp) in (tuple, list):
+        item = get_args(tp)[0]
+        if get_origin(item) is Literal:
+            return "names", get_args(item), None, optional
+        return ("numbers", (), item, optional) if item in (int, float) else ("names", (), None, optional)
+    return tp.__name__, (), None, optional
+
+
+@functools.cache
+def schema(cls: type) -> tuple[Field, ...]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        kind, choices, item, optional = _parse_type(hints[f.name])
+        required = f.default is MISSING and f.default_factory is MISSING
+        default = None if required else f.default if f.default_factory is MISSING else f.default_factory()
+        out.append(Field(f.name, kind, choices, item, optional, required, default, dict(f.metadata)))
+    return tuple(out)
+
+
+def field_named(cls: type, key: str) -> Field | None:
+    """The field a key names: its name, its flag or an alias, with dashes or underscores."""
+    key = key.replace("-", "_")
+    for f in schema(cls):
+        if key in (f.name, f.flag.replace("-", "_"), *(a.replace("-", "_") for a in f.meta["aliases"])):
+            return f
+    return None
+
+
+class OptionError(FeatxError):
+    """A value a field does not take. `field` lets each front end name it its own way: the CLI as its flag,
+    a recipe as its key; the message then reads `<name> <value>: <reason>`."""
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        self.field, self.value, self.reason = field, value, reason
+        super().__init__(f"{field}={value!r}: {reason}", option=field)
+
+    def named(self, name: str) -> str:
+        value = ",".join(map(str, self.value)) if isinstance(self.value, (list, tuple)) else self.value
+        return f"{name} {value}: {self.reason}"
+
+
+def _device_ok(value: str) -> bool:
+    return value in get_args(Device) or re.fullmatch(r"cuda:\d+", value) is not None
+
+
+def _check_number(f: Field, x) -> str | None:
+    m = f.meta
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or ((f.item is int or f.kind == "int") and x != int(x)):
+        return f"give {'a whole number' if (f.item is int or f.kind == 'int') else 'a number'}"
+    low, high = m["min"], m["max"]
+    if low is not None and (x < low or (m["min_open"] and x == low)):
+        return f"must be {'>' if m['min_open'] else '>='} {low:g}"
+    if high is not None and (x > high or (m["max_open"] and x == high)):
+        return f"must be {'<' if m['max_open'] else '<='} {high:g}"
+    return None
+
+
+def _check_value(f: Field, value) -> str | None:
+    if value is None:
+        return None if f.optional else "required"
+    if f.name == "device":
+        return None if _device_ok(value) else f"choose one of {', '.join(get_args(Device))} or cuda:N"
+    if f.kind == "choice":
+        return None if value in f.choices else f"choose one of {', '.join(map(str, f.choices))}"
+    if f.kind in ("int", "float"):
+        return _check_number(f, value)
+    if f.kind == "bool":
+        return None if isinstance(value, bool) else "give true or false"
+    if f.kind == "numbers":
+        if not value or (f.meta["count"] and len(value) != f.meta["count"]):
+            return f"give {f.meta['count'] or 'one or more'} comma-separated numbers"
+        if f.item is int and any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+            return "give whole numbers >= 1 (e.g. 10,20,100)"
+        return next((e for e in (_check_number(f, v) for v in value) if e), None)
+    if f.kind == "names" and f.choices:
+        bad = [v for v in value if v not in f.choices]
+        return f"{', '.join(bad)}: choose from {', '.join(f.choices)}" if bad else None
+    return None
+
+
+def validate(config) -> None:
+    """Check every field's type, choice and range; raise OptionError naming the first bad field."""
+    for f in schema(type(config)):
+        problem = _check_value(f, getattr(config, f.name))
+        if problem:
+            raise OptionError(f.name, getattr(config, f.name), problem)
+
+
+# --- building configs from text and tables --------------------------------------------------------------------
+
+
+def _scalar(f: Field, text: str, kind: str | None = None):
+    kind = kind or f.kind
+    try:
+        return {"int": int, "float": float}.get(kind, str)(text)
+    except ValueError:
+        raise OptionError(f.name, text, f"give {'a whole number' if kind == 'int' else 'a number'}") from None
+
+
+def coerce(f: Field, value):
+    """A value from TOML, JSON or the command line as the field's type: comma strings split, lists become
+    tuples, a single number becomes a one-item list, numbers read from text."""
+    if value is None or (
+        isinstance(value, str) and value.lower() == "none" and f.optional and f.kind not in ("str", "choice")
+    ):
+        return None
+    if f.kind in ("numbers", "names"):
+        items = (
+            value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+        )
+        items = [v.strip() if isinstance(v, str) else v for v in items]
+        items = [v for v in items if v != ""]
+        if f.kind == "names":
+            return () if items == ["none"] else tuple(str(v) for v in items)  # aug = "none": no item
+        kind = "int" if f.item is int else "float"
+        return tuple(
+            _scalar(f, v, kind)
+            if isinstance(v, str)
+            else float(v)
+            if kind == "float" and isinstance(v, int) and not isinstance(v, bool)
+            else v
+            for v in items
+        )
+    if f.kind in ("int", "float") and isinstance(value, str):
+        return _scalar(f, value)
+    if f.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def from_dict(cls: type, table: dict, *, where: str, strict: bool = True) -> Any:
+    """A config from a mapping of option names (fields, flags or aliases; dashes or underscores) to values,
+    checked. An unknown key is one error naming the nearest option (strict) or is dropped (a run.json of an
+    older version)."""
+    values = {}
+    for key, value in table.items():
+        f = field_named(cls, key)
+        if f is None:
+            if not strict:
+                continue
+            names = [g.name for g in schema(cls)]
+            close = difflib.get_close_matches(key.replace("-", "_"), names, n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"its options: {', '.join(names)}"
+            raise FeatxError(f"{where}: `{key}` is not an option of {cls.__name__}; {hint}")
+        values[f.name] = coerce(f, value)
+    missing = [f.name for f in schema(cls) if f.required and f.name not in values]
+    if missing:
+        raise FeatxError(f"{where}: set `{missing[0]}` (required)")
+    config = cls(**values)
+    validate(config)
+    return config
+
+
+def to_dict(config) -> dict:
+    """The config as JSON values (tuples as lists): what run.json and the recipe records store."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

@@ -1,0 +1,699 @@
+"""The `featx` command line: a thin click layer over the Python API.
+
+A stage command's options are its config's fields (featx.core.configs), generated here: a new field appears in
+`--help` with no other edit. The few options without a field are control options (`--out`, `--resume`,
+`--config`, ...). Every stage command takes `--config FILE` (a TOML table of options, or a run's run.json) so
+a run can be repeated exactly; options given on the command line override the file's. Each command builds
+its config, calls its stage's entry point (featx.front.stages) and prints its summary. User mistakes surface as
+FeatxError (one line, exit 2); Ctrl-C exits 130 with a hint that the work resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+
+from featx import __version__
+from featx.core.configs import (
+    STAGE_CONFIGS,
+    CompareConfig,
+    ExtractConfig,
+    Field,
+    FinetuneConfig,
+    OptionError,
+    PredictConfig,
+    PrepareConfig,
+    ProbeConfig,
+    ReportConfig,
+    field_named,
+    from_dict,
+    schema,
+)
+from featx.core.errors import FeatxError, FeatxWarning
+
+
+class CliError(click.ClickException):
+    """A FeatxError as click reports it: `featx: error: <the line>` on stderr, exit 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"featx: error: {self.format_message()}", err=True, file=file)
+
+
+class FeatxGroup(click.Group):
+    """The command group, translating the library's FeatxError into a click error. Done here rather than in
+    main() so that every way of running the group reports it alike: main(), click's standalone mode
+    (CliRunner in the tests) and `featx run`."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", FeatxWarning)
+                warnings.showwarning = _warning_shower(warnings._showwarnmsg_impl)
+                return super().invoke(ctx)
+        except OptionError as e:
+            raise CliError(e.named(f"--{_flag(e.field)}")) from None
+        except FeatxError as e:
+            error = CliError(e.message)
+            error.exit_code = e.exit_code
+            raise error from None
+
+
+def _warning_shower(outer):
+    """showwarning for the commands: a FeatxWarning is one line on stderr. `outer` is what showed warnings
+    before; where a caller records them (warnings.catch_warnings(record=True): pytest.warns, a notebook) it is
+    the record's list.append, and every warning still reaches it."""
+    recording = isinstance(getattr(outer, "__self__", None), list)
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, FeatxWarning):
+            click.echo(f"featx: warning: {message}", err=True)
+        if recording:
+            outer(warnings.WarningMessage(message, category, filename, lineno, file, line))
+        elif not issubclass(category, FeatxWarning):
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    return show
+
+
+class NumberList(click.ParamType):
+    """A comma list of numbers, e.g. `1e-4,3e-4` (a probe sweep: every combination of the lists is trained),
+    `0.5,0.5,0.5` (count=3: exactly three) or `10,20,100` (whole=True: counts of at least 1)."""
+
+    def __init__(self, count: int | None = None, *, whole: bool = False) -> None:
+        self.count, self.whole = count, whole
+        unit = "INT" if whole else "FLOAT"
+        self.name = ",".join([unit] * count) if count else f"{unit}[,{unit}...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        try:
+            numbers = tuple(float(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma list of numbers (e.g. 1e-4,3e-4)", param, ctx)
+        if not numbers or (self.count and len(numbers) != self.count):
+            self.fail(f"{value!r}: give {self.count or 'one or more'} comma-separated numbers", param, ctx)
+        if self.whole:
+            if any(v < 1 or v != int(v) for v in numbers):
+                self.fail(f"{value!r}: give whole numbers >= 1 (e.g. 10,20,100)", param, ctx)
+            return tuple(int(v) for v in numbers)
+        return numbers
+
+
+class NameList(click.ParamType):
+    """A comma list of names, e.g. `flip,crop` or `train,val`; `none` is the empty list."""
+
+    name = "NAME[,NAME...]"
+
+    def __init__(self, choices: tuple = ()) -> None:
+        self.choices = choices
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        items = tuple(v.strip() for v in str(value).split(",") if v.strip())
+        items = () if items == ("none",) else items
+        bad = [v for v in items if self.choices and v not in self.choices]
+        if bad:
+            self.fail(f"{', '.join(bad)}: choose from {', '.join(self.choices)}", param, ctx)
+        return items
+
+
+def _flag(field: str) -> str:
+    """The flag of a field of any stage (the fields of one name are one option everywhere)."""
+    for cls in STAGE_CONFIGS.values():
+        f = field_named(cls, field)
+        if f is not None:
+            return f.flag
+    return field.replace("_", "-")
+
+
+def _click_type(f: Field):
+    m = f.meta
+    if f.name == "device":  # a choice, or cuda:N
+        return click.STRING
+    if f.kind == "choice":
+        return click.Choice(f.choices)
+    if f.kind == "numbers":
+        return NumberList(m["count"], whole=f.item is int)
+    if f.kind == "names":
+        return str if m["repeat"] else NameList(f.choices)
+    if f.kind in ("int", "float") and (m["min"] is not None or m["max"] is not None):
+        kind = click.IntRange if f.kind == "int" else click.FloatRange
+        return kind(m["min"], m["max"], min_open=m["min_open"], max_open=m["max_open"])
+    return {"int": int, "float": float}.get(f.kind, str)
+
+
+def _display(value):
+    if value is None or value == () or isinstance(value, (bool, int, float)):
+        return value
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _option(f: Field) -> click.Option:
+    """The click option of a config field, with the field's default: a value left at it (click's
+    ParameterSource.DEFAULT) yields to --config FILE's."""
+    m = f.meta
+    name = f.flag
+    if f.kind == "bool":
+        decls = [f"--{name}/--no-{name}" if f.default else f"--{name}", f.name]
+        return click.Option(decls, is_flag=True, default=f.default, show_default=True, help=m["help"])
+    if f.name == "compile":  # the bare flag, as before 0.2, still means on
+        return click.Option(
+            [f"--{name}", f.name],
+            type=click.Choice(f.choices),
+            is_flag=False,
+            flag_value="on",
+            default=f.default,
+            show_default=True,
+            help=m["help"],
+        )
+    return click.Option(
+        [f"--{name}", f.name],
+        type=_click_type(f),
+        multiple=m["repeat"],
+        default=None if f.required else _display(f.default),
+        show_default=m["show_default"] and not f.required,
+        metavar=m["metavar"],
+        help=m["help"] + (" [required]" if f.required else ""),
+    )
+
+
+def _alias(f: Field, old: str) -> click.Option:
+    def warn(ctx, _param, value):
+        if value is not None:
+            click.echo(f"featx: warning: --{old} is deprecated; use --{f.flag}", err=True)
+        return value
+
+    return click.Option(
+        [f"--{old}", f"{f.name}__{old.replace('-', '_')}"],
+        type=_click_type(f),
+        hidden=True,
+        default=None,
+        callback=warn,
+        expose_value=True,
+    )
+
+
+def read_config_file(path: Path, cls: type) -> dict:
+    """The options a --config file gives: a TOML table, or a run's run.json (its recorded options)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise FeatxError(f"--config {path}: cannot read it ({e.strerror})") from None
+    if Path(path).suffix == ".json":
+        try:
+            record = json.loads(text)
+        except ValueError as e:
+            raise FeatxError(f"--config {path}: not valid JSON ({e})") from None
+        config = record.get("config", record)
+        options = config.get("options", config)  # a probe run.json keeps the options as given apart
+        return {k: v for k, v in options.items() if field_named(cls, k) is not None}
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise FeatxError(f"--config {path}: not valid TOML ({e})") from None
+
+
+def build_config(cls: type, ctx: click.Context, params: dict, config_file: Path | None):
+    """The config from --config FILE's options overridden by those given on the command line."""
+    from click.core import ParameterSource
+
+    given = dict(read_config_file(config_file, cls)) if config_file else {}
+    for key, value in params.items():
+        name = key.split("__")[0]  # a deprecated alias fills its field
+        if value is not None and ctx.get_parameter_source(key) != ParameterSource.DEFAULT:
+            given[name] = value
+    for f in schema(cls):
+        if f.required and f.name not in given:
+            raise click.UsageError(f"Missing option '--{f.flag}'", ctx)
+    return from_dict(cls, given, where=f"--config {config_file}" if config_file else ctx.command_path)
+
+
+def stage_command(group: click.Group, name: str, cls: type, *control: click.Parameter):
+    """A command whose options are `cls`'s fields plus `control`; the decorated function takes (config,
+    **control) and is also what `featx run` calls for a recipe stage (as `command.run`)."""
+
+    def decorate(run):
+        def callback(config_file, quiet, **params):
+            from featx.core import progress
+
+            progress.quiet = quiet
+            fields = {k: params.pop(k) for k in list(params) if field_named(cls, k.split("__")[0])}
+            config = build_config(cls, click.get_current_context(), fields, config_file)
+            return run(config, **params)
+
+        options = [_option(f) for f in schema(cls)]
+        options += [_alias(f, old) for f in schema(cls) for old in f.meta["aliases"]]
+        config_option = click.Option(
+            ["--config", "config_file"],
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="A TOML table of options or a run's run.json; options given here override its values.",
+        )
+        quiet_option = click.Option(
+            ["--quiet", "-q"], is_flag=True, help="No progress bars or progress lines; results and errors still print."
+        )
+        command = click.Command(
+            name, callback=callback, params=[*control, *options, config_option, quiet_option], help=run.__doc__
+        )
+        command.run, command.config_class = run, cls
+        group.add_command(command)
+        return command
+
+    return decorate
+
+
+FORCE = click.Option(
+    ["--force"],
+    is_flag=True,
+    help="Replace an output made with other settings; the old one stays until the new one is complete.",
+)
+JSON = click.Option(
+    ["--json", "as_json"],
+    is_flag=True,
+    help="Print results.json (what the run scored, where it chose, which views) instead of the summary.",
+)
+
+
+def _echo_results(folder: Path) -> None:
+    click.echo((folder / "results.json").read_text().rstrip())
+
+
+OUT_FILE = click.Option(
+    ["--out"], required=True, type=click.Path(dir_okay=False, path_type=Path), help="Feature file to write (.h5)."
+)
+OUT_RUN = click.Option(
+    ["--out"], required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory to write."
+)
+
+
+@click.group(cls=FeatxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="featx")
+def cli() -> None:
+    """Transfer learning on small-image classification.
+
+    \b
+    featx data prepare   decode a dataset once into an HDF5 cache
+    featx extract        frozen backbone -> cached transfer values (stage 1)
+    featx probe          heads on cached features, sweeps in one pass (stage 2)
+    featx finetune       end-to-end training (stage 3)
+    featx predict        crop and snapshot ensembles, challenge submission
+    featx report         the analysis a researcher looks at
+    featx compare        several backbones on one dataset, one leaderboard
+    featx run            recipes that chain the stages
+    featx info PATH      what a cache, feature file, run or report is and holds
+    featx env            versions and what auto picks on this machine
+    """
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def data() -> None:
+    """Decode datasets into the cache that every stage reads."""
+
+
+@stage_command(
+    data,
+    "prepare",
+    PrepareConfig,
+    click.Option(
+        ["--cache"],
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Cache file to write. Default: data/cache/<dataset>-<size>[-c<K>][-p<N>].h5",
+    ),
+)
+def data_prepare(config: PrepareConfig, *, cache: Path | None = None) -> None:
+    """Decode a dataset once into the HDF5 cache (reused while the source is unchanged)."""
+    from featx.data.cache import cache_info
+    from featx.front.stages import prepare
+
+    _echo_cache_info(cache_info(prepare(config, cache=cache)))
+
+
+@data.command("info")
+@click.option("--cache", type=click.Path(dir_okay=False), help="Cache file. Default: every cache in data/cache/.")
+def data_info(cache) -> None:
+    """Splits, counts, classes, image size, path and size on disk of a cache."""
+    from featx.data.cache import CACHE_DIR, cache_info
+
+    paths = [cache] if cache else sorted(CACHE_DIR.glob("*.h5"))
+    if not paths:
+        raise FeatxError(f"no cache in {CACHE_DIR}/; run `featx data prepare` first or pass --cache PATH")
+    for path in paths:
+        _echo_cache_info(cache_info(path))
+
+
+def _echo_cache_info(info: dict) -> None:
+    click.echo(f"{info['path']}  ({info['size_bytes'] / 1e6:.1f} MB)")
+    size = info["image_size"]
+    click.echo(f"  dataset  {info['dataset']} ({info['kind']}), {info['classes']} classes, {size}x{size} RGB")
+    for split, count in info["splits"].items():
+        click.echo(f"  {split:<8} {count} images")
+    if info["skipped"]:
+        click.echo(f"  skipped  {len(info['skipped'])} undecodable images (listed in the cache attributes)")
+
+
+# --- extract -----------------------------------------------------------------------------------------
+
+
+def _list_backbones(ctx: click.Context, _param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from featx.nets.backbones import list_backbones
+
+    click.echo(f"{'name':<18}{'dim':>6}{'size':>6}  mean/std")
+    for s in list_backbones():
+        click.echo(f"{s.name:<18}{s.feature_dim:>6}{s.input_size:>6}  {s.mean}/{s.std}")
+    click.echo("timm:<name>       any timm model, when timm is installed")
+    ctx.exit(0)
+
+
+@stage_command(
+    cli,
+    "extract",
+    ExtractConfig,
+    OUT_FILE,
+    FORCE,
+    click.Option(
+        ["--list-backbones"],
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_list_backbones,
+        help="Print the registered backbones with feature dims and input sizes, then exit.",
+    ),
+)
+def extract(config: ExtractConfig, *, out: Path, force: bool = False) -> None:
+    """Stage 1: frozen backbone -> transfer values in HDF5."""
+    from featx.front.stages import extract as run_extract
+
+    click.echo(f"features: {run_extract(config, out=out, force=force)}")
+
+
+# --- probe -------------------------------------------------------------------------------------------
+
+
+@stage_command(cli, "probe", ProbeConfig, OUT_RUN, FORCE, JSON)
+def probe(config: ProbeConfig, *, out: Path, force: bool = False, as_json: bool = False) -> None:
+    """Stage 2: train classifier heads on cached features; comma lists sweep every combination in one pass.
+    Given no --lr, --weight-decay, --label-smoothing or --dropout, a small default sweep (featx.core.configs.
+    DEFAULT_SWEEP) is trained and chosen on the holdout; given any, only those are swept."""
+    from featx.core.runs import read_run
+    from featx.front.stages import probe as run_probe
+    from featx.probe.run import format_summary, format_table
+
+    result = run_probe(config, out=out, force=force, progress=True)
+    if as_json:
+        return _echo_results(out)
+    click.echo(format_table(result))
+    click.echo(
+        f"{format_summary(result, config.select)}; {len(result.names)} head(s) in {result.seconds:.1f}s -> {out}"
+    )
+    if config.snapshot_every:
+        snap = read_run(out).checkpoints[0]
+        click.echo(
+            f"best snapshot: head {snap.key}, epoch {snap.epoch}, step {snap.step}: val top-1 "
+            f"{snap.val_top1:.2%} ({snap.file})"
+        )
+
+
+# --- finetune ----------------------------------------------------------------------------------------
+
+
+@stage_command(
+    cli,
+    "finetune",
+    FinetuneConfig,
+    OUT_RUN,
+    FORCE,
+    JSON,
+    click.Option(["--resume"], is_flag=True, hidden=True, help="No longer needed (before 0.2)."),
+)
+def finetune(
+    config: FinetuneConfig, *, out: Path, force: bool = False, as_json: bool = False, resume: bool = False
+) -> None:
+    """Stage 3: end-to-end training (fine-tuning or from scratch); torchrun for several GPUs. The same command
+    resumes an interrupted run."""
+    from featx.finetune.run import eval_views
+    from featx.front.stages import finetune as run_finetune
+
+    if resume:
+        click.echo(
+            "featx: warning: --resume is deprecated and no longer needed: the same command resumes an interrupted run",
+            err=True,
+        )
+    result = run_finetune(config, out=out, force=force)
+    if as_json:
+        return _echo_results(out)
+    if result.epochs:
+        click.echo(
+            f"best val top-1 {result.best_val_top1:.2%} ({'+'.join(eval_views(config))} view); run: {result.out}"
+        )
+
+
+# --- predict -----------------------------------------------------------------------------------------
+
+
+@stage_command(
+    cli,
+    "predict",
+    PredictConfig,
+    click.Option(
+        ["--out"],
+        default="preds",
+        show_default=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Folder for predictions.csv and results.json (and submission.txt for the test split).",
+    ),
+    JSON,
+    click.Argument(["more_images"], nargs=-1, type=click.Path(path_type=Path)),
+)
+def predict(
+    config: PredictConfig, *, out: Path = Path("preds"), as_json: bool = False, more_images: tuple = ()
+) -> None:
+    """Score runs on a split or on image files: view, snapshot and run ensembles; the challenge submission."""
+    from featx.evaluate.writers import (
+        format_curve,
+        write_curve,
+        write_prediction_results,
+        write_predictions,
+        write_submission,
+    )
+    from featx.front.stages import predict as run_predict
+
+    if more_images and not config.images:
+        raise FeatxError(f"{more_images[0]}: unexpected argument; to classify image files pass --images")
+    config.images = (*config.images, *map(str, more_images))
+    started = time.perf_counter()
+    p = run_predict(config)
+    results = write_prediction_results(
+        p,
+        out,
+        runs=config.runs,
+        ensemble=config.ensemble,
+        eval_views=config.eval_views,
+        seconds=time.perf_counter() - started,
+        combine=config.combine,
+    )
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    elif config.images:
+        for i, row in enumerate(p.top(5)):
+            click.echo(f"{p.ids[i]}: " + ", ".join(f"{p.class_names[c]} {p.probs[i, c]:.1%}" for c in row))
+    if not config.images and not as_json:
+        if p.has_labels:
+            click.echo(
+                f"{config.split}: {p.accuracy_text(1)}, {p.accuracy_text(5)} (95% bootstrap intervals) on "
+                f"{len(p.ids)} images, views {'+'.join(p.views)} averaged; {len(p.members)} checkpoint(s) "
+                f"of {len(config.runs)} run(s): "
+                f"{100 * p.gain():+.2f} points top-1 over the best single checkpoint"
+                + ("; selected on val (optimistic)" if p.optimistic else "")
+            )
+        if p.curve is not None:
+            click.echo(f"val top-1 of the best N checkpoints (top:N), best marked *:\n{format_curve(p)}")
+            click.echo(f"ensemble size: {', '.join(map(str, write_curve(p, out)))}")
+        if config.split == "test":
+            click.echo(f"submission: {write_submission(p, out / 'submission.txt')}")
+    click.echo(f"predictions: {write_predictions(p, out / 'predictions.csv')}")
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+
+@stage_command(
+    cli,
+    "report",
+    ReportConfig,
+    click.Option(
+        ["--out"],
+        default="report",
+        show_default=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Folder of the report page.",
+    ),
+)
+def report(config: ReportConfig, *, out: Path = Path("report")) -> None:
+    """Accuracy, per-class errors, confusions, curves, t-SNE (and a finetune run's filters) as HTML."""
+    from featx.front.stages import report as run_report
+
+    click.echo(f"report: {run_report(config, out=out)}")
+
+
+# --- compare -----------------------------------------------------------------------------------------
+
+
+@stage_command(
+    cli,
+    "compare",
+    CompareConfig,
+    click.Option(
+        ["--out"],
+        default="compare",
+        show_default=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Folder of the feature files, runs, leaderboard and report.",
+    ),
+)
+def compare(config: CompareConfig, *, out: Path = Path("compare")) -> None:
+    """Several backbones on one dataset: extract, probe (the default sweep), score val; one leaderboard."""
+    from featx.front.compare import format_leaderboard
+    from featx.front.stages import compare as run_compare
+
+    click.echo(format_leaderboard(run_compare(config, out=out)))
+    click.echo(f"leaderboard: {out / 'leaderboard.txt'}, {out / 'results.json'}; report: {out / 'report'}")
+
+
+# --- info --------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
+def info(path: Path, as_json: bool) -> None:
+    """What PATH is (a cache, a feature file, a probe/finetune/predict run or a report): its settings, splits and
+    sizes, its metrics, where it came from and what made it."""
+    from featx.front.info import format_info
+    from featx.front.info import info as describe
+
+    d = describe(path)
+    click.echo(json.dumps(d, indent=2, default=str) if as_json else format_info(d))
+
+
+# --- env ---------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
+def env(as_json: bool) -> None:
+    """Versions, CPU flags, what --precision auto and --device auto pick here, CUDA devices: for bug reports."""
+    from featx.core.env import environment, format_environment
+
+    click.echo(json.dumps(environment(), indent=2) if as_json else format_environment(environment()))
+
+
+# --- run ---------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="STAGE.KEY=VALUE",
+    help="Override one option of a stage (VALUE: a TOML literal, else a string); repeatable.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print the plan (each stage: run or skip, why, its command line) and stop."
+)
+def run(recipe, overrides, dry_run) -> None:
+    """Run a recipe (pipelines/NAME.toml): its stages in order, skipping those already done with the same options."""
+    from featx.front.recipes import run_recipe
+
+    run_recipe(recipe=recipe, commands=cli, overrides=overrides, dry_run=dry_run)
+
+
+def option_table(command: click.Command) -> str:
+    """README's option table of a command, rendered from its click parameters (config fields and control
+    options alike) so that it cannot drift from `--help`: option (with metavar or choices), default, help."""
+    ctx = click.Context(command, info_name=command.name)
+    rows = ["| option | default | |", "| --- | --- | --- |"]
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.hidden:
+            help_text = " ".join((param.help or "").split())
+            required = param.required or help_text.endswith("[required]")
+            help_text = help_text.removesuffix("[required]").strip()
+            option = " ".join(
+                [
+                    ", ".join(param.opts) + "".join(f"/{o}" for o in param.secondary_opts),
+                    "" if param.is_bool_flag else param.make_metavar(ctx),
+                ]
+            ).strip()
+            default = "(required)" if required else _table_default(param, param.get_default(ctx, call=False))
+            rows.append(f"| `{_cell(option)}` | {default} | {_text(help_text)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _table_default(param: click.Option, value) -> str:
+    if param.is_bool_flag:
+        return "on" if value is True else "off"
+    hidden = not param.show_default or value in (None, ()) or callable(value)
+    shown = "" if hidden else f"`{_cell(str(_display(value)))}`"
+    if isinstance(param.type, click.types._NumberRangeBase):  # click states the range beside the default too
+        shown = ", ".join(filter(None, [shown, _text(param.type._describe_range())]))
+    return shown
+
+
+def _cell(text: str) -> str:
+    """Text inside a table cell's code span: only the column separator needs escaping."""
+    return text.replace("|", "\\|")
+
+
+def _text(text: str) -> str:
+    """Plain text in a table cell: `<name>` would read as an HTML tag, `*` as emphasis."""
+    return _cell(text).replace("<", "\\<").replace("*", "\\*")
+
+
+def main() -> None:
+    try:
+        rv = cli.main(prog_name="featx", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        from featx.core.outputs import resume_hint
+
+        click.echo(f"featx: interrupted; {resume_hint(sys.argv[1:])}", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        click.echo(f"featx: error: {e.format_message()}{hint}", err=True)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        _exit(e.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _exit(code: int) -> None:
+    """sys.exit, except where HDF5 holds a file it could not close (a write that met a full disk): the
+    interpreter's cleanup would then crash in HDF5 (exit 139), so leave without it."""
+    h5py = sys.modules.get("h5py")
+    if h5py is not None and h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,257 @@
+"""`featx compare`: several backbones on one dataset, one leaderboard.
+
+    from featx.front.compare import compare
+    board = compare(data="tiny-imagenet-200.zip", backbones=["resnet50", "mobilenet_v2"], out="compare")
+    print(format_leaderboard(board))
+
+Per backbone: extract (a feature file named by its settings under out/features, reused when it exists),
+probe with the default sweep (featx.core.configs.DEFAULT_SWEEP, chosen on a holdout of train), score val once.
+The leaderboard gives top-1 and top-5 with 95% bootstrap intervals, the paired test against the best
+(featx.core.stats.paired_comparison), feature dimension, parameters, extraction images/s here and the feature
+file's size; it is written as out/leaderboard.txt, out/results.json and out/report/ (featx.evaluate.report's page
+over all the runs).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featx.core.atomic import make_dirs, one_writer, replacing
+from featx.core.choices import Device, Precision, ViewSelection, ViewSet
+from featx.core.configs import DEFAULT_SWEEP, CompareConfig
+from featx.core.device import resolve_device, resolve_precision
+from featx.core.env import environment
+from featx.core.errors import FeatxError
+from featx.core.runs import write_json
+from featx.core.stats import paired_comparison
+from featx.data.cache import prepare_cache, read_split
+from featx.evaluate.report import write_report
+from featx.evaluate.scoring import predict
+from featx.features.extract import compute_features, extract_features
+from featx.features.store import open_split
+from featx.nets.backbones import create_backbone
+from featx.nets.views import view_names
+from featx.probe.run import run_probe
+from featx.probe.sweep import grid
+
+SPEED_IMAGES = 128  # val images timed for the images/s column (after one warm-up batch)
+
+
+@dataclass
+class Entry:
+    """One backbone's line of the leaderboard."""
+
+    backbone: str
+    weights: str
+    features: str  # the feature file
+    run: str  # the probe run
+    feature_dim: int
+    parameters: int  # of the backbone without its classifier
+    images_per_second: float  # extraction forward passes (every view of an image counts once) on this machine
+    feature_bytes: int
+    chosen: str  # the head the probe chose on its holdout
+    top1: float
+    top1_interval: tuple[float, float]
+    top5: float
+    top5_interval: tuple[float, float]
+    # against the best line: top-1 difference (this minus best), its interval, McNemar's p; None for the best
+    vs_best: dict | None = None
+
+
+def _label(backbone: str, weights: str) -> str:
+    """A file-name-safe name for a backbone and its weights."""
+    w = "" if weights == "default" else "-" + Path(weights).stem
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", backbone + w)
+
+
+def _speed(
+    backbone: str,
+    weights: str,
+    cache: Path,
+    *,
+    size,
+    views: ViewSet,
+    crop: int,
+    classes,
+    device: Device,
+    precision: Precision,
+) -> tuple[float, int]:
+    """Images per second of the backbone's forward over every view (extraction's work), and its parameters."""
+    dev = resolve_device(device)
+    bb = create_backbone(backbone, weights=weights, size=size)
+    model = bb.model.eval().requires_grad_(False).to(dev)
+    names = view_names(views)
+    images = read_split(cache, "val", classes=classes).read_images(0, SPEED_IMAGES)
+    batch = max(1, 16 // len(names))  # extraction's batch on CPU
+    run = lambda x: compute_features(
+        bb,
+        model,
+        x,
+        views=names,
+        crop=crop,
+        device=dev,
+        autocast=resolve_precision(precision, dev),
+        out_dtype=np.dtype(np.float16),
+    )
+    run(images[:batch])
+    start = time.perf_counter()
+    for i in range(0, len(images), batch):
+        run(images[i : i + batch])
+    return len(images) / (time.perf_counter() - start), sum(p.numel() for p in model.parameters())
+
+
+def _feature_dim(path: Path) -> int:
+    with open_split(path, "val") as (ds, _, _):
+        return int(ds.shape[-1])
+
+
+@one_writer("out")
+def compare(
+    *,
+    data: str | Path | None,
+    backbones: Sequence[str],
+    out: str | Path,
+    weights: Sequence[str] | None = None,
+    classes: int | None = None,
+    per_class: int | None = None,
+    size: int | None = None,
+    views: ViewSet = CompareConfig.views,
+    crop: int = CompareConfig.crop,
+    eval_views: ViewSelection = CompareConfig.eval_views,
+    select: str = CompareConfig.select,
+    epochs: int = CompareConfig.epochs,
+    seed: int = CompareConfig.seed,
+    device: Device = CompareConfig.device,
+    precision: Precision = CompareConfig.precision,
+    progress: bool = True,
+) -> list[Entry]:
+    """Extract, probe (DEFAULT_SWEEP, chosen on `select`) and score val for each backbone; returns the
+    leaderboard, best top-1 first, and writes out/results.json, out/leaderboard.txt and out/report/.
+
+    `weights`: one per backbone ("default", a torchvision weights name, "none" or a state_dict path); default:
+    "default" for every one. `classes`, `per_class`, `size`, `views`, `crop`: as `featx extract`; the feature
+    file's name carries them, so a second compare with the same settings reuses it."""
+    weights = list(weights) if weights else ["default"] * len(backbones)
+    if not backbones or len(weights) != len(backbones):
+        raise FeatxError(f"--weights: give one per --backbone ({len(backbones)}), or none for 'default' everywhere")
+    labels = [_label(b, w) for b, w in zip(backbones, weights)]
+    if len(set(labels)) < len(labels):
+        raise FeatxError(f"--backbone/--weights: {', '.join(labels)} names one pairing twice; compare each once")
+    out = Path(out)
+    make_dirs(out, option="--out", path=out)
+    cache = prepare_cache(data, classes=classes, per_class=per_class, progress=progress)
+    settings = f"{views}-s{size or 'auto'}-c{classes or 'all'}-n{per_class or 'all'}"
+    found = []
+    for backbone, w, label in zip(backbones, weights, labels):
+        feature_file = extract_features(
+            data=cache,
+            backbone=backbone,
+            weights=w,
+            size=size,
+            views=views,
+            crop=crop,
+            splits=["train", "val"],
+            classes=classes,
+            per_class=per_class,
+            device=device,
+            precision=precision,
+            out=out / "features" / f"{label}-{settings}.h5",
+            progress=progress,
+        )
+        run_dir = out / "runs" / label
+        result = run_probe(
+            features=feature_file,
+            out=run_dir,
+            heads=grid(**DEFAULT_SWEEP),
+            epochs=epochs,
+            eval_views=eval_views,
+            select=select,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
+        pred = predict(runs=[run_dir], split="val", eval_views=eval_views, device=device)
+        speed, parameters = _speed(
+            backbone, w, cache, size=size, views=views, crop=crop, classes=classes, device=device, precision=precision
+        )
+        found.append(
+            (
+                Entry(
+                    backbone,
+                    w,
+                    str(feature_file),
+                    str(run_dir),
+                    _feature_dim(feature_file),
+                    parameters,
+                    speed,
+                    feature_file.stat().st_size,
+                    result.names[result.best],
+                    pred.top_k(1),
+                    pred.interval(1),
+                    pred.top_k(5),
+                    pred.interval(5),
+                ),
+                pred,
+            )
+        )
+    found.sort(key=lambda e: -e[0].top1)
+    best = found[0][1]
+    for entry, pred in found[1:]:
+        c = paired_comparison(pred.correct(1), best.correct(1))
+        entry.vs_best = {"difference": c.difference, "interval": c.interval, "p_value": c.p_value}
+    board = [e for e, _ in found]
+    write_json(
+        out / "results.json",
+        {
+            "settings": {
+                "data": str(data),
+                "classes": classes,
+                "per_class": per_class,
+                "size": size,
+                "views": views,
+                "eval_views": eval_views,
+                "select": select,
+                "grid": DEFAULT_SWEEP,
+            },
+            "environment": environment(),
+            "leaderboard": [asdict(e) for e in board],
+        },
+    )
+    with replacing(out / "leaderboard.txt") as tmp:
+        tmp.write_text(format_leaderboard(board) + "\n")
+    write_report(
+        run=[e.run for e in board], out=out / "report", split="val", eval_views=eval_views, data=cache, device=device
+    )
+    return board
+
+
+def format_leaderboard(board: Sequence[Entry]) -> str:
+    """One line per backbone, best top-1 first: accuracy with intervals, the paired test against the best,
+    and the costs."""
+    names = [e.backbone + ("" if e.weights == "default" else f" ({Path(e.weights).name})") for e in board]
+    width = max(len("backbone"), *map(len, names))
+    lines = [
+        f"{'backbone':<{width}} {'top-1 [95% CI]':<24} {'top-5 [95% CI]':<24} {'vs best (top-1, McNemar p)':<30} "
+        f"{'dim':>5} {'params':>8} {'img/s':>7} {'features':>9}"
+    ]
+    for name, e in zip(names, board):
+        acc = [
+            f"{v:.2%} [{100 * lo:.2f}, {100 * hi:.2f}]"
+            for v, (lo, hi) in ((e.top1, e.top1_interval), (e.top5, e.top5_interval))
+        ]
+        if e.vs_best is None:
+            vs = "best"
+        else:
+            lo, hi = e.vs_best["interval"]
+            vs = f"{100 * e.vs_best['difference']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] p={e.vs_best['p_value']:.2g}"
+        lines.append(
+            f"{name:<{width}} {acc[0]:<24} {acc[1]:<24} {vs:<30} {e.feature_dim:>5} "
+            f"{e.parameters / 1e6:>7.2f}M {e.images_per_second:>7.1f} {e.feature_bytes / 2**20:>7.1f}MB"
+        )
+    return "\n".join(lines)

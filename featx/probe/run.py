@@ -1,0 +1,555 @@
+"""Stage 2: `featx probe`, classifier heads on cached features, a whole hyperparameter sweep in one pass.
+
+    from featx.probe.run import grid, run_probe
+    result = run_probe(features="features/r50.h5", out="runs/r50", heads=grid(lr=[1e-4, 6.5e-4]))
+    result.best, result.val
+
+`run_probe` reads the feature file, fits the heads (featx.probe.sweep trains them, featx.probe.neighbors fits k-NN and NCM),
+chooses the head, epoch and k on the selection split, calibrates and scores the choice once on val
+(featx.probe.calibration) and writes the run directory (featx.core.runs). The loop's names (HeadConfig, grid, train,
+ProbeResult, StreamedSplit) and the console tables (featx.probe.tables) are importable from here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featx.core.atomic import one_writer, require_space
+from featx.core.choices import (
+    PROBE_HEADS,
+    TRAINED_HEADS,
+    Device,
+    Normalize,
+    Optimizer,
+    ProbeHead,
+    ProbeSchedule,
+    SaveMode,
+    ViewSelection,
+)
+from featx.core.configs import ProbeConfig
+from featx.core.device import resolve_device
+from featx.core.errors import FeatxError
+from featx.core.outputs import Existing, promote, target
+from featx.core.outputs import decide as output_action
+from featx.core.runs import HEAD_FORMAT, Snapshots, read_run, start_run, update_run, write_metrics, write_results
+from featx.core.stats import holdout_rows, parse_select, selection_too_small
+from featx.features.batches import StreamedSplit, feature_dim, load_or_stream, only, source, split_labels
+from featx.features.store import (
+    ALL,
+    FeatureMeta,
+    Features,
+    feature_set_columns,
+    feature_splits,
+    load_features,
+    open_split,
+    read_meta,
+    select_views,
+)
+from featx.nets.heads import FeatureSetHeads
+from featx.probe.calibration import calibrate_and_score
+from featx.probe.neighbors import fit_neighbors
+from featx.probe.sweep import HeadConfig, OnEval, ProbeResult, best_head, check_heads, evaluate, grid, train
+from featx.probe.tables import format_summary, format_table
+
+# what `from featx.probe.run import ...` has always offered, besides run_probe
+__all__ = ["HeadConfig", "ProbeResult", "StreamedSplit", "format_summary", "format_table", "grid", "run_probe", "train"]
+
+
+def _check_feature_sets(meta: FeatureMeta, feature_sets: Sequence[str], *, path: Path, head: str) -> list[str]:
+    """The distinct sets, each checked against the file's layout; k-NN and NCM take one."""
+    sets = list(dict.fromkeys(feature_sets))
+    for s in sets:
+        feature_set_columns(meta, s, path=path)
+    if not sets or (head in ("knn", "ncm") and len(sets) > 1):
+        raise FeatxError(f"--feature-set {','.join(sets)}: --head {head} takes exactly one feature set")
+    return sets
+
+
+def _check_options(
+    path: Path,
+    meta: FeatureMeta,
+    *,
+    heads: Sequence[HeadConfig],
+    head: str,
+    keep: int,
+    k: Sequence[int],
+    snapshot_every: int | None,
+    feature_sets: Sequence[str],
+) -> list[str]:
+    """Refuse inconsistent options before anything is written to `out`; returns the distinct feature sets."""
+    feature_sets = _check_feature_sets(meta, feature_sets, path=path, head=head)
+    have = feature_splits(path)
+    for split in ("train", "val"):
+        if split not in have:
+            raise FeatxError(
+                f"{path}: no {split!r} split (has {', '.join(have)}); "
+                "extract it with `featx extract --splits train,val`"
+            )
+    if keep < 1:
+        raise FeatxError(f"--keep {keep}: keep at least 1 checkpoint")
+    if head not in PROBE_HEADS:
+        raise FeatxError(f"--head {head}: choose one of {', '.join(PROBE_HEADS)}")
+    if head in TRAINED_HEADS:
+        check_heads(heads, head)
+    if head == "knn" and (not k or min(k) < 1):
+        raise FeatxError(f"--k {','.join(map(str, k))}: give neighbour counts >= 1 (e.g. 10,20,100)")
+    if snapshot_every is not None and snapshot_every < 1:
+        raise FeatxError(f"--snapshot-every {snapshot_every}: give a number of steps, 1 or more")
+    return feature_sets
+
+
+def _fits_in_memory(path: Path, views: dict[str, str], device: torch.device) -> bool:
+    """Whether the selected splits, as stored (float16), fit comfortably in RAM (and on the GPU)."""
+    size = 0
+    meta = read_meta(path)
+    for split, which in views.items():
+        with open_split(path, split) as (ds, _, _):
+            n, _, d = ds.shape
+            size += n * len(select_views(meta, split, which, path=path)) * d * ds.dtype.itemsize
+    available = _available_ram()
+    if device.type == "cuda":
+        available = min(available, torch.cuda.mem_get_info(device)[0])
+    return size < 0.6 * available
+
+
+def _available_ram() -> int:
+    # MemAvailable counts reclaimable page cache, which the free page count (sysconf) does not
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _checkpoint_bytes(
+    train_split: Features | StreamedSplit,
+    n_classes: int,
+    *,
+    head: str,
+    heads: Sequence[HeadConfig],
+    hidden: int,
+    feature_sets: Sequence[str],
+    keep: int,
+    k: Sequence[int],
+) -> int:
+    """The most the run's checkpoints take on disk: k-NN's hold the training bank (a copy per k), NCM's the class
+    means, trained heads' the `keep` snapshots of every head of every feature set (each at most all columns)."""
+    dim = feature_dim(train_split)
+    if head == "knn":
+        return len(k) * split_labels(train_split).size * (dim + 1) * 4
+    if head == "ncm":
+        return (dim + 1) * n_classes * 4
+    params = (dim + 1) * hidden + (hidden + 1) * n_classes if head == "mlp" else (dim + 1) * n_classes
+    return len(heads) * len(feature_sets) * keep * params * 4
+
+
+def _selection(
+    path: Path,
+    train_split: Features | StreamedSplit,
+    val_split: Features | StreamedSplit,
+    held: np.ndarray | None,
+    *,
+    train_views: str,
+    eval_views: str,
+    stream: bool,
+) -> tuple[Features | StreamedSplit, Features | StreamedSplit]:
+    """What the heads fit on and what chooses among them: train and val, or (`held`, a holdout of train) the rest
+    of train and the held-out rows, seen through the evaluation views."""
+    if held is None:
+        return train_split, val_split
+    chosen_on = train_split if train_views == eval_views else load_or_stream(path, "train", eval_views, stream)
+    return only(train_split, ~held), only(chosen_on, held)
+
+
+def _fit_neighbors(
+    bank: Features,
+    chosen_on: Features | StreamedSplit,
+    *,
+    head: str,
+    ks: Sequence[int],
+    device: str,
+    feature_set: str = ALL,
+) -> ProbeResult:
+    """k-NN (a head per k) or NCM fitted on the labelled rows of `bank` (full view), scored on `chosen_on`."""
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    model = fit_neighbors(bank, head=head, ks=ks, device=dev, feature_set=feature_set)
+    loss, top1, top5 = evaluate(model, source(chosen_on, dev))
+    history = [
+        [
+            {
+                "epoch": 1,
+                "train_loss": math.nan,
+                "train_top1": math.nan,
+                "val_loss": float(loss[h]),
+                "val_top1": float(top1[h]),
+                "val_top5": float(top5[h]),
+            }
+        ]
+        for h in range(model.num_heads)
+    ]
+    best, _ = best_head(history)
+    names = [f"k={k_}" for k_ in ks] if head == "knn" else ["ncm"]
+    return ProbeResult(
+        model,
+        [],
+        history,
+        ["ok"] * len(history),
+        best,
+        1,
+        time.perf_counter() - start,
+        names,
+        feature_sets=[feature_set] * len(history),
+    )
+
+
+def _offer_neighbors(result: ProbeResult, snapshots: Snapshots, config: dict, common: dict) -> None:
+    """Each k-NN or NCM head's one checkpoint."""
+    for h, hist in enumerate(result.history):
+        r = hist[0]
+        snapshots.offer(
+            h,
+            1,
+            r["val_top1"],
+            r["val_top5"],
+            lambda h=h, r=r: {
+                **result.heads.stacks[0].checkpoint(h),
+                "config": {**config, "feature_set": result.feature_sets[h]},
+                **common,
+                "epoch": 1,
+                "val_top1": r["val_top1"],
+                "val_top5": r["val_top5"],
+            },
+        )
+
+
+def _offer_heads(
+    snapshots: Snapshots, plan: list[tuple[str, HeadConfig]], config: dict, common: dict, normalize: str
+) -> OnEval:
+    """train's on_eval: a snapshot of every head after each validation (`plan`: train's numbering of the heads)."""
+
+    def on_eval(epoch: int, step: int, model: FeatureSetHeads, top1: np.ndarray, top5: np.ndarray) -> None:
+        for h, (fs, c) in enumerate(plan):
+            snapshots.offer(
+                h,
+                epoch,
+                float(top1[h]),
+                float(top5[h]),
+                lambda h=h, fs=fs, c=c: {
+                    "format": HEAD_FORMAT,
+                    "normalize": normalize,
+                    "state": model.head_state(h),
+                    "config": {**config, **dataclasses.asdict(c), "feature_set": fs},
+                    **common,
+                    "epoch": epoch,
+                    "step": step,
+                    "val_top1": float(top1[h]),
+                    "val_top5": float(top5[h]),
+                },
+                step=step,
+            )
+        snapshots.prune()
+
+    return on_eval
+
+
+def _finish(
+    run_dir: Path,
+    snapshots: Snapshots,
+    result: ProbeResult,
+    chosen_on: Features | StreamedSplit,
+    val: Features | StreamedSplit,
+    *,
+    save: str,
+    select: str,
+    device: str,
+) -> ProbeResult:
+    """Choose the best kept snapshot, calibrate and score it on val, and record it all in the run directory."""
+    # Snapshot.rank orders as best_head does, so without --snapshot-every this is result's best head and epoch;
+    # with it, the best may fall within an epoch.
+    top = snapshots.listing()[0]
+    result.best, result.best_epoch = top.key, top.epoch
+    if save == "best":
+        snapshots.retain({top.key})
+    result.val = calibrate_and_score(run_dir, snapshots, chosen_on, val, select=select, device=device)
+    best = {
+        "head": top.key,
+        "epoch": top.epoch,
+        "step": top.step,
+        "name": result.names[top.key],
+        "config": dataclasses.asdict(result.configs[top.key]) if result.configs else {},
+        "feature_set": result.feature_sets[top.key],
+        "select": select,
+        "select_top1": top.val_top1,
+        "select_top5": top.val_top5,
+        **result.val,
+        "checkpoint": top.file,
+    }
+    write_metrics(
+        run_dir,
+        [
+            {
+                "index": h,
+                "config": dataclasses.asdict(c) if result.configs else {"name": name},
+                "feature_set": fs,
+                "status": result.status[h],
+                "epochs": result.history[h],
+            }
+            for h, (c, name, fs) in enumerate(zip(result.configs or result.names, result.names, result.feature_sets))
+        ],
+        best,
+    )
+    update_run(run_dir, checkpoints=snapshots.listing(), best=best, seconds=round(result.seconds, 2))
+    return result
+
+
+@one_writer("out")
+def run_probe(
+    *,
+    features: str | Path,
+    out: str | Path,
+    heads: Sequence[HeadConfig],
+    head: ProbeHead = ProbeConfig.head,
+    hidden: int = ProbeConfig.hidden,
+    optimizer: Optimizer = ProbeConfig.optimizer,
+    lr_decay: float = ProbeConfig.lr_decay,
+    schedule: ProbeSchedule = ProbeConfig.schedule,
+    epochs: int = ProbeConfig.epochs,
+    batch_size: int = ProbeConfig.batch_size,
+    train_views: ViewSelection = ProbeConfig.train_views,
+    eval_views: ViewSelection = ProbeConfig.eval_views,
+    normalize: Normalize = ProbeConfig.normalize,
+    seed: int = ProbeConfig.seed,
+    device: Device = ProbeConfig.device,
+    save: SaveMode = ProbeConfig.save,
+    keep: int = ProbeConfig.keep,
+    snapshot_every: int | None = None,
+    stream: bool = ProbeConfig.stream,
+    select: str = ProbeConfig.select,
+    k: Sequence[int] = ProbeConfig.k,
+    feature_sets: Sequence[str] = (ALL,),
+    force: bool = False,
+    progress: bool = False,
+) -> ProbeResult:
+    """`featx probe`: fit the heads (trained, or k-NN/NCM) on the file's train split, choose the head, epoch and
+    k on the selection split (`select`: a stratified holdout of train, or val), score val once, write the run.
+
+    `train_views`, `eval_views`: "all" (every deterministic view), "full" or a comma list of stored view names
+    (augmented views train only). Snapshots are offered after every epoch and, with `snapshot_every`, every
+    that many steps; the `keep` best of each head are kept, and run.json's best is the best of them all.
+    `feature_sets`: the columns heads see (see featx.features.store.feature_set_columns); several sweep in one pass.
+    An existing run in `out` follows featx.core.outputs' contract: up to date when finished with the same settings
+    (its recorded result is returned), refused when made with others unless `force`."""
+    path = Path(features)
+    meta = read_meta(path)
+    feature_sets = _check_options(
+        path, meta, heads=heads, head=head, keep=keep, k=k, snapshot_every=snapshot_every, feature_sets=feature_sets
+    )
+    fraction = parse_select(select)
+    views = {"train": train_views, "val": eval_views}
+    for split, which in views.items():  # a misnamed view fails here, before any training
+        select_views(meta, split, which, path=path)
+    stream = stream or not _fits_in_memory(path, views, resolve_device(device))
+    # the output contract first: an up-to-date run reads no features, a refused one warns of nothing
+    config = {
+        "features": str(path),
+        "head": head,
+        "hidden": hidden if head == "mlp" else 0,
+        "optimizer": optimizer,
+        "lr_decay": lr_decay,
+        "schedule": schedule,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "train_views": train_views,
+        "eval_views": eval_views,
+        "normalize": normalize,
+        "seed": seed,
+        "device": device,
+        "save": save,
+        "keep": keep,
+        "snapshot_every": snapshot_every,
+        "stream": stream,
+        "select": select,
+        "feature_sets": feature_sets,
+    }
+    if head == "knn":
+        config["k"] = list(k)
+    feature_info = {
+        "path": str(path.resolve()),
+        "identity": meta.identity(),
+        "backbone": meta.backbone,
+        "weights": meta.weights,
+        "views": meta.views,
+        "dataset": meta.dataset,
+        "dataset_fingerprint": meta.dataset_fingerprint,
+    }
+    recorded = {**config, "heads": [dataclasses.asdict(c) for c in heads]}
+    if (
+        output_action(out, _existing_probe(Path(out)), _probe_settings(recorded, feature_info), force=force)
+        == "up to date"
+    ):
+        return recorded_result(Path(out))
+    train_split, val_split = (load_or_stream(path, s, v, stream) for s, v in views.items())
+    require_space(
+        Path(out) / "run.json",
+        _checkpoint_bytes(
+            train_split,
+            len(meta.classes),
+            head=head,
+            heads=heads,
+            hidden=hidden,
+            feature_sets=feature_sets,
+            keep=keep,
+            k=k,
+        ),
+    )
+    if not (split_labels(val_split) >= 0).any():
+        raise FeatxError(
+            f"{path}: split 'val' has no labels to validate on; extract a labelled split (e.g. --splits train,val)"
+        )
+    held = None if fraction is None else holdout_rows(split_labels(train_split), fraction, seed)
+    chosen_by = select  # what the run selects on: the user's option, or val where the holdout is too small
+    if held is not None and selection_too_small(split_labels(train_split), held, len(meta.classes)):
+        held, chosen_by = None, "val"
+    fit, chosen_on = _selection(
+        path, train_split, val_split, held, train_views=train_views, eval_views=eval_views, stream=stream
+    )
+    run_dir = start_run(
+        target(out, forced=(Path(out) / "run.json").exists()), kind="probe", config=recorded, features=feature_info
+    )
+    # step-numbered names only when snapshots are taken within epochs, so that per-epoch runs keep theirs
+    name = "head{key:02d}-epoch{epoch:03d}" + ("-step{step:06d}" if snapshot_every else "") + ".pt"
+    snapshots = Snapshots(run_dir, keep=keep, name=name)
+    common = {"features": feature_info, "classes": meta.classes}
+    if head in ("knn", "ncm"):
+        bank = load_features(path, "train", views="full")  # as DINO: the training images' centre view only
+        result = _fit_neighbors(
+            bank if held is None else only(bank, ~held),
+            chosen_on,
+            head=head,
+            ks=k,
+            device=device,
+            feature_set=feature_sets[0],
+        )
+        _offer_neighbors(result, snapshots, config, common)
+    else:
+        result = train(
+            fit,
+            val=chosen_on,
+            heads=heads,
+            head=head,
+            hidden=hidden,
+            optimizer=optimizer,
+            lr_decay=lr_decay,
+            schedule=schedule,
+            epochs=epochs,
+            batch_size=batch_size,
+            normalize=normalize,
+            seed=seed,
+            device=device,
+            feature_sets=feature_sets,
+            on_eval=_offer_heads(snapshots, [(s, c) for s in feature_sets for c in heads], config, common, normalize),
+            eval_every=snapshot_every,
+            progress=progress,
+        )
+    _finish(run_dir, snapshots, result, chosen_on, val_split, save=save, select=chosen_by, device=device)
+    write_probe_results(
+        run_dir,
+        read_run(run_dir).best,
+        recorded,
+        feature_info,
+        result.seconds,
+        0 if held is None else int(held.sum()),
+        len(meta.classes),
+    )
+    promote(run_dir, out)
+    return result
+
+
+# options that leave a probe's results as they are (the file: by identity), and what featx.front.stages adds to
+# run.json's config after the run (the config as given, what auto became)
+PROBE_FREE = ("device", "stream", "features", "options", "resolved")
+
+
+def _probe_settings(config: dict, features: dict) -> dict:
+    """A probe run's resolved settings as featx.core.outputs compares them (JSON-shaped, as run.json holds them)."""
+    d = {k: v for k, v in config.items() if k not in PROBE_FREE}
+    return json.loads(json.dumps({**d, "features_identity": features["identity"]}))
+
+
+def _existing_probe(out: Path) -> Existing:
+    """What a probe `out` holds, for featx.core.outputs.decide: finished once run.json records its best."""
+    if not (out / "run.json").exists():
+        return Existing(None)
+    run = read_run(out)
+    if run.kind != "probe":
+        raise FeatxError(f"--out {out}: holds a `featx {run.kind}` run; choose another --out")
+    return Existing(_probe_settings(run.config, run.features or {"identity": None}), complete=run.best is not None)
+
+
+def recorded_result(run_dir: Path) -> ProbeResult:
+    """The ProbeResult a finished run recorded (metrics.json, run.json), for a run found up to date; `heads`
+    is None: the weights are in its checkpoints."""
+    run = read_run(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    hs = metrics["heads"]
+    trained = run.config["head"] in TRAINED_HEADS
+    configs = (
+        [HeadConfig(**{k: h["config"][k] for k in ("lr", "weight_decay", "label_smoothing", "dropout")}) for h in hs]
+        if trained
+        else []
+    )
+    best = run.best
+    val = {
+        k: best[k]
+        for k in ("val_top1", "val_top1_interval", "val_top5", "val_ece", "val_ece_calibrated", "temperature")
+    }
+    return ProbeResult(
+        heads=None,
+        configs=configs,
+        history=[h["epochs"] for h in hs],
+        status=[h["status"] for h in hs],
+        best=best["head"],
+        best_epoch=best["epoch"],
+        seconds=run.seconds or 0.0,
+        names=[] if trained else [h["config"]["name"] for h in hs],
+        val=val,
+        feature_sets=[h["feature_set"] for h in hs],
+    )
+
+
+def write_probe_results(
+    run_dir: Path, best: dict, config: dict, features: dict, seconds: float, held: int, classes: int
+) -> dict:
+    """results.json of a probe run (featx.core.runs.write_results)."""
+    select = best["select"]
+    return write_results(
+        run_dir,
+        kind="probe",
+        split="val",
+        top1=best["val_top1"],
+        top1_interval=best["val_top1_interval"],
+        top5=best["val_top5"],
+        selection={
+            "protocol": "holdout of train" if select != "val" else "val (optimistic)",
+            "select": select,
+            "images": held or None,
+            "top1": best["select_top1"],
+            "chosen": {k: best[k] for k in ("head", "epoch", "step", "name", "feature_set")},
+        },
+        views=config["eval_views"],
+        settings=config,
+        seconds={"train": seconds},
+        calibration={k: best[k] for k in ("val_ece", "val_ece_calibrated", "temperature")},
+        features=features,
+        classes=classes,
+    )
