@@ -15,6 +15,7 @@ from featx.core import configs
 from featx.core.configs import ExtractConfig, FinetuneConfig, OptionError, ProbeConfig, from_dict, schema, to_dict
 from featx.core.errors import FeatxError
 from featx.front.cli import cli, main
+from featx.front.stages import STAGES, StageSpec
 
 # The options without a field: outputs, and flags that steer a command rather than describe its work.
 CONTROL = {
@@ -27,30 +28,33 @@ CONTROL = {
     "compare": {"out"},
 }
 COMMON_CONTROL = {"config_file", "quiet", "help"}
-COMMANDS = {
-    "prepare": ("data", "prepare"),
-    "extract": ("extract",),
-    "probe": ("probe",),
-    "finetune": ("finetune",),
-    "predict": ("predict",),
-    "report": ("report",),
-    "compare": ("compare",),
-}
 
 
 def command(stage: str) -> click.Command:
     cmd = cli
-    for part in COMMANDS[stage]:
+    for part in STAGES[stage].command:
         cmd = cmd.commands[part]
     return cmd
 
 
-@pytest.mark.parametrize("stage", sorted(configs.STAGE_CONFIGS))
+def test_the_command_line_has_a_command_per_stage_and_no_other():
+    def stage_commands(group):
+        for cmd in group.commands.values():
+            yield from stage_commands(cmd) if isinstance(cmd, click.Group) else [cmd]
+
+    made = {cmd.stage.name for cmd in stage_commands(cli) if hasattr(cmd, "stage")}
+    assert made == set(STAGES) == set(CONTROL)
+    for name, stage in STAGES.items():
+        assert command(name).stage is stage and stage.output in dict(stage.control)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
 def test_every_option_is_a_field_and_every_field_an_option(stage):
-    cls, cmd = configs.STAGE_CONFIGS[stage], command(stage)
+    cls, cmd = STAGES[stage].config, command(stage)
     params = {p.name for p in cmd.params} | {"help"}
     fields = {f.name for f in schema(cls)}
     assert params - fields - COMMON_CONTROL == CONTROL[stage], f"featx {stage}: options without a field"
+    assert {name for name, _ in STAGES[stage].control} <= CONTROL[stage], f"featx {stage}: a recipe's control"
     assert fields <= params, f"featx {stage}: fields without an option: {fields - params}"
     options = {p.name: p for p in cmd.params if isinstance(p, click.Option)}
     for f in schema(cls):
@@ -64,17 +68,18 @@ def test_every_option_is_a_field_and_every_field_an_option(stage):
 
 def test_a_new_field_is_a_new_option_with_no_other_edit():
     @configs.dataclass
-    class Toy:
+    class Toy(configs.Config):
         backbone: str = configs.option(configs.MISSING, "Network.")
         views: configs.ViewSet = configs.option("flip", "Views.")
         lr: tuple[float, ...] = configs.option((1e-3,), "Rates.", min=0, min_open=True)
         warmup: int = configs.option(2, "Warm-up epochs.", min=0)
 
     group = click.Group()
-    from featx.front.cli import stage_command
+    from featx.front.cli import StageCommand
 
     seen = {}
-    stage_command(group, "toy", Toy)(lambda config: seen.setdefault("config", config))
+    toy = StageSpec("toy", ("toy",), Toy, run=lambda config: config)
+    group.add_command(StageCommand(toy, lambda config: seen.setdefault("config", config), ()))
     runner = CliRunner()
     assert "--warmup INTEGER RANGE" in runner.invoke(group, ["toy", "--help"]).output
     assert runner.invoke(group, ["toy", "--backbone", "r18", "--warmup", "5", "--lr", "1e-4,1e-3"]).exit_code == 0
@@ -266,7 +271,7 @@ def test_each_default_is_written_once():
         "front/compare.py": ["compare"],
         "probe/sweep.py": ["train", "grid"],
     }
-    fields = {f.name for cls in configs.STAGE_CONFIGS.values() for f in schema(cls)} | {
+    fields = {f.name for stage in STAGES.values() for f in schema(stage.config)} | {
         "lr",
         "weight_decay",
         "label_smoothing",

@@ -258,7 +258,7 @@ def test_save_best_keeps_only_the_best_heads_snapshots(synthetic, tmp_path, caps
         ("unfinished", "extraction unfinished"),
         ("nan", "NaN/inf"),
         ("unlabelled", "no labels to validate on"),
-        ("bad-lr", "Invalid value for '--lr': '1e-3,fast' is not a comma list of numbers"),
+        ("bad-lr", "--lr 1e-3,fast: give comma-separated numbers (e.g. 1e-4,3e-4)"),
         ("no-val", "no 'val' split"),
         ("finetune-run", "holds a `featx finetune` run"),
         ("unknown-view", "split 'train' has no view top_middle"),

@@ -87,11 +87,18 @@ def option(
     return field(default=default, metadata=meta)
 
 
+class Config:
+    """What every stage's config shares: it is checked once, when it is built (featx.core.configs.validate)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 VIEWS_HELP = "all (every deterministic view), full (the full image), or stored view names such as full,top_left,aug0"
 
 
 @dataclass
-class PrepareConfig:
+class PrepareConfig(Config):
     """`featx data prepare`: decode a dataset once into the HDF5 cache every stage reads."""
 
     data: str | None = option(
@@ -111,7 +118,7 @@ class PrepareConfig:
 
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(Config):
     """`featx extract`: a frozen backbone's pooled features of every image and view, in one HDF5 file."""
 
     backbone: str = option(MISSING, "Registered name (see --list-backbones) or timm:<name>.")
@@ -165,26 +172,35 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """What differs between the heads of a probe sweep; the defaults are the seed's single head (Milani's
-    vanilla transfer learning, tuned for Inception-v3's 2048-d features)."""
+    """What differs between the heads of a probe sweep; the defaults are the single head of the transfer-learning
+    report featx reproduces (Milani's vanilla transfer learning, tuned for Inception-v3's 2048-d features)."""
 
     lr: float = 6.5e-4
     weight_decay: float = 0.0116
     label_smoothing: float = 0.1
     dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        for name in HYPERPARAMETERS:  # the ranges of ProbeConfig's lists, which sweep these values
+            problem = _check_number(field_named(ProbeConfig, name), getattr(self, name))
+            if problem:
+                raise OptionError(name, getattr(self, name), problem)
+
     def label(self) -> str:
         return f"lr={self.lr:g} wd={self.weight_decay:g} ls={self.label_smoothing:g} dropout={self.dropout:g}"
 
 
+# HeadConfig's fields: the options a probe sweeps (ProbeConfig's lists of the same names)
+HYPERPARAMETERS = ("lr", "weight_decay", "label_smoothing", "dropout")
+
 # `featx probe` with no hyperparameter sweeps this grid in its one pass and chooses on the holdout; given any of
-# lr, weight_decay, label_smoothing, dropout it sweeps only those and the others keep the seed's values
-# (HeadConfig). A sweep is cheap: the heads share every minibatch.
+# lr, weight_decay, label_smoothing, dropout it sweeps only those and the others keep the transfer-learning
+# report's values (HeadConfig). A sweep is cheap: the heads share every minibatch.
 DEFAULT_SWEEP = {"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (1e-3, HeadConfig.weight_decay, 3e-2)}
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(Config):
     """`featx probe`: classifier heads on cached features; comma lists sweep every combination in one pass."""
 
     features: str = option(MISSING, "Feature file from `featx extract`.", metavar="PATH")
@@ -252,7 +268,7 @@ class ProbeConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Config):
     """`featx finetune`: end-to-end training (fine-tuning or from scratch); torchrun for several GPUs.
 
     batch_size is the global batch: under torchrun each of the K processes takes batch_size / K.
@@ -348,13 +364,14 @@ class FinetuneConfig:
     )
     eval_batch_size: int = option(256, "Images per evaluation batch (no gradients: larger than training's).", min=1)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.data = None if self.data is None else str(self.data)
         self.compile = {True: "on", False: "off"}.get(self.compile, self.compile)  # run.json before 0.2: a bool
+        super().__post_init__()
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(Config):
     """`featx predict`: score runs on a split or on image files; view, snapshot and run ensembles."""
 
     runs: tuple[str, ...] = option(
@@ -400,7 +417,7 @@ class PredictConfig:
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(Config):
     """`featx report`: accuracy, per-class errors, confusions, curves, t-SNE (and filters) as HTML."""
 
     runs: tuple[str, ...] = option(
@@ -416,7 +433,7 @@ class ReportConfig:
     tsne_classes: tuple[str, ...] | None = option(
         None,
         "Classes of the t-SNE map of training images [default: the "
-        "seed report's seven where present, else the first 7].",
+        "transfer-learning report's seven (Milani's Fig. 11) where present, else the first 7].",
         metavar="WNID,...",
     )
     data: str | None = option(
@@ -430,7 +447,7 @@ class ReportConfig:
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(Config):
     """`featx compare`: several backbones on one dataset, extracted, probed with the default sweep and scored on
     val; one leaderboard."""
 
@@ -453,17 +470,6 @@ class CompareConfig:
     seed: int = option(0, "")
     device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
     precision: Precision = option("auto", "As in extract.")
-
-
-STAGE_CONFIGS: dict[str, type] = {
-    "prepare": PrepareConfig,
-    "extract": ExtractConfig,
-    "probe": ProbeConfig,
-    "finetune": FinetuneConfig,
-    "predict": PredictConfig,
-    "report": ReportConfig,
-    "compare": CompareConfig,
-}
 
 
 # --- reading the schema --------------------------------------------------------------------------------------
@@ -532,8 +538,42 @@ class OptionError(FeatxError):
         super().__init__(f"{field}={value!r}: {reason}", option=field)
 
     def named(self, name: str) -> str:
-        value = ",".join(map(str, self.value)) if isinstance(self.value, (list, tuple)) else self.value
-        return f"{name} {value}: {self.reason}"
+        return f"{name} {show(self.value)}: {self.reason}"
+
+
+def show(value, digits: int | None = None) -> str:
+    """A value as a user reads and writes it, in messages, tables and command lines: a list as a comma list,
+    None and an empty list as `none`, a mapping as `key value, ...`; `digits`: floats to that many significant
+    digits."""
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {show(v, digits)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(show(v, digits) for v in value) or "none"
+    if isinstance(value, float) and digits:
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def describe_range(f: Field) -> str | None:
+    """A numeric field's bounds as `--help` shows them (`x>=1`, `0<=x<1`), or None."""
+    m = f.meta
+    low = None if m["min"] is None else f"{m['min']:g}{'<' if m['min_open'] else '<='}"
+    high = None if m["max"] is None else f"{'<' if m['max_open'] else '<='}{m['max']:g}"
+    if low is None and high is None:
+        return None
+    if high is None:
+        return f"x{'>' if m['min_open'] else '>='}{m['min']:g}"
+    return f"{low or ''}x{high}"
+
+
+class MissingOption(FeatxError):
+    """A required field that was not given; `field` lets a front end name it its own way."""
+
+    def __init__(self, field: Field, message: str) -> None:
+        self.field = field
+        super().__init__(message, option=field.name)
 
 
 def _device_ok(value: str) -> bool:
@@ -565,9 +605,9 @@ def _check_value(f: Field, value) -> str | None:
         return None if isinstance(value, bool) else "give true or false"
     if f.kind == "numbers":
         if not value or (f.meta["count"] and len(value) != f.meta["count"]):
-            return f"give {f.meta['count'] or 'one or more'} comma-separated numbers"
+            return _how_many(f)
         if f.item is int and any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
-            return "give whole numbers >= 1 (e.g. 10,20,100)"
+            return _list_of(f)
         return next((e for e in (_check_number(f, v) for v in value) if e), None)
     if f.kind == "names" and f.choices:
         bad = [v for v in value if v not in f.choices]
@@ -586,12 +626,32 @@ def validate(config) -> None:
 # --- building configs from text and tables --------------------------------------------------------------------
 
 
-def _scalar(f: Field, text: str, kind: str | None = None):
-    kind = kind or f.kind
+def _list_of(f: Field) -> str:
+    """What a list of numbers takes: tuple[int, ...] is a list of counts."""
+    return (
+        "give whole numbers >= 1 (e.g. 10,20,100)" if f.item is int else "give comma-separated numbers (e.g. 1e-4,3e-4)"
+    )
+
+
+def _how_many(f: Field) -> str:
+    return f"give {f.meta['count'] or 'one or more'} comma-separated numbers"
+
+
+def _scalar(f: Field, text: str):
     try:
-        return {"int": int, "float": float}.get(kind, str)(text)
+        return {"int": int, "float": float}.get(f.kind, str)(text)
     except ValueError:
-        raise OptionError(f.name, text, f"give {'a whole number' if kind == 'int' else 'a number'}") from None
+        raise OptionError(f.name, text, f"give {'a whole number' if f.kind == 'int' else 'a number'}") from None
+
+
+def _number_list(f: Field, value, items: list):
+    if not items:
+        raise OptionError(f.name, value, _how_many(f))
+    kind = int if f.item is int else float
+    try:
+        return tuple(kind(v) if isinstance(v, str) or (kind is float and type(v) is int) else v for v in items)
+    except ValueError:
+        raise OptionError(f.name, value, _list_of(f)) from None
 
 
 def coerce(f: Field, value):
@@ -609,15 +669,7 @@ def coerce(f: Field, value):
         items = [v for v in items if v != ""]
         if f.kind == "names":
             return () if items == ["none"] else tuple(str(v) for v in items)  # aug = "none": no item
-        kind = "int" if f.item is int else "float"
-        return tuple(
-            _scalar(f, v, kind)
-            if isinstance(v, str)
-            else float(v)
-            if kind == "float" and isinstance(v, int) and not isinstance(v, bool)
-            else v
-            for v in items
-        )
+        return _number_list(f, value, items)
     if f.kind in ("int", "float") and isinstance(value, str):
         return _scalar(f, value)
     if f.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
@@ -640,12 +692,10 @@ def from_dict(cls: type, table: dict, *, where: str, strict: bool = True) -> Any
             hint = f"did you mean `{close[0]}`?" if close else f"its options: {', '.join(names)}"
             raise FeatxError(f"{where}: `{key}` is not an option of {cls.__name__}; {hint}")
         values[f.name] = coerce(f, value)
-    missing = [f.name for f in schema(cls) if f.required and f.name not in values]
+    missing = [f for f in schema(cls) if f.required and f.name not in values]
     if missing:
-        raise FeatxError(f"{where}: set `{missing[0]}` (required)")
-    config = cls(**values)
-    validate(config)
-    return config
+        raise MissingOption(missing[0], f"{where}: set `{missing[0].name}` (required)")
+    return cls(**values)  # a Config checks itself
 
 
 def to_dict(config) -> dict:

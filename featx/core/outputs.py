@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from featx.core.configs import show
 from featx.core.errors import FeatxError
 
 FORCE = "--force"
@@ -33,12 +34,6 @@ def say(line: str) -> None:
     print(f"featx: {line}", file=sys.stderr, flush=True)
 
 
-def _show(v) -> str:
-    if isinstance(v, (list, tuple)):
-        return ",".join(map(str, v)) or "none"
-    return "none" if v is None else str(v)
-
-
 def differences(
     old: Mapping, new: Mapping, *, auto: Mapping[str, str] = {}, secondary: Sequence[str] = ("dataset_fingerprint",)
 ) -> list[str]:
@@ -48,8 +43,8 @@ def differences(
     out = []
     for k in [k for k in new if k in old] + [k for k in old if k not in new]:
         if old.get(k) != new.get(k):
-            note = f" ({auto[k]} auto resolves to {_show(new.get(k))} on this CPU)" if k in auto else ""
-            out.append((k, f"{k} {_show(old.get(k))} → {_show(new.get(k))}{note}"))
+            note = f" ({auto[k]} auto resolves to {show(new.get(k))} on this CPU)" if k in auto else ""
+            out.append((k, f"{k} {show(old.get(k))} → {show(new.get(k))}{note}"))
     plain = [line for k, line in out if k not in secondary]
     return plain or [line for _, line in out]
 

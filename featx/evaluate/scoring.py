@@ -186,12 +186,12 @@ class ProbeRun:
                     f"{self.dir}: its backbone weights came from a file ({m.weights[:19]}...); "
                     "pass that file with --weights PATH"
                 )
-            source = str(weights)
+            named = str(weights)
         else:
-            source = "none" if m.weights == "none" else "default"
-        bb = create_backbone(m.backbone, weights=source, size=m.input_size, layers=m.layers or None)
+            named = "none" if m.weights == "none" else "default"
+        bb = create_backbone(m.backbone, weights=named, size=m.input_size, layers=m.layers or None)
         if bb.weights_id != m.weights:
-            raise FeatxError(f"--weights {source}: not the weights {self.path} was extracted with ({m.weights})")
+            raise FeatxError(f"--weights {named}: not the weights {self.path} was extracted with ({m.weights})")
         bb.mean, bb.std = tuple(m.mean), tuple(m.std)
         bb.model.eval().to(self.device)
         return bb
@@ -218,12 +218,12 @@ class FinetuneRun:
         self.subset = {"classes": run.data["classes"], "per_class": run.data["per_class"]}
         self.select = "val"  # finetune chooses its checkpoints on val
         self.classes = load_checkpoint(run_dir / self.checkpoints[0].file)["classes"]
-        source = data if data is not None else run.data["source"]
-        self.cache = prepare_cache(source, progress=False)
+        dataset = data if data is not None else run.data["source"]
+        self.cache = prepare_cache(dataset, progress=False)
         info = dataset_info(self.cache, classes=self.subset["classes"])
         if info.wnids != self.classes:
             raise FeatxError(
-                f"--data {source}: its classes differ from those run {run_dir} was trained on; "
+                f"--data {dataset}: its classes differ from those run {run_dir} was trained on; "
                 "pass the dataset it was trained on"
             )
         self.class_names = info.names

@@ -82,7 +82,8 @@ def load_or_stream(path: Path, split: str, views: str, stream: bool) -> Features
     return StreamedSplit(path, split, views) if stream else load_features(path, split, views=views)
 
 
-def source(f: Features | StreamedSplit, device: torch.device) -> Source:
+def batch_source(f: Features | StreamedSplit, device: torch.device) -> Source:
+    """The split ready to be read in minibatches on `device`: from RAM, or streamed from its file."""
     return _InMemory(f, device) if isinstance(f, Features) else _Streamed(f, device)
 
 

@@ -13,6 +13,7 @@ import json
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -80,7 +81,7 @@ def _open_partial(
             }
         else:  # a partial of an older featx records only its identity
             have, want = {"identity": stored.get("identity")}, {"identity": meta.identity()}
-        done = sum(n for s, k, n in shards if (partial / f"{s}-{k:05d}.npy").exists())
+        done = sum(n for s, k, n in shards if _shard_file(partial, s, k).exists())
         total = sum(n for *_, n in shards)
         if (
             output_action(partial, Existing(have, done=done, total=total, unit="images"), want, force=force, auto=auto)
@@ -193,7 +194,6 @@ def compute_features(
     )
 
 
-@one_writer("out")
 def extract_features(
     *,
     data: str | Path | None,
@@ -220,6 +220,53 @@ def extract_features(
     force: bool = False,
     progress: bool = True,
 ) -> Path:
+    """`extract` with its options as keywords."""
+    config = ExtractConfig(
+        backbone=backbone,
+        data=None if data is None else str(data),
+        weights=str(weights),
+        size=size,
+        views=views,
+        crop=crop,
+        splits=None if splits is None else tuple(splits),
+        classes=classes,
+        per_class=per_class,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        mean=None if mean is None else tuple(mean),
+        std=None if std is None else tuple(std),
+        dtype=dtype,
+        compile=compile,
+        aug_views=aug_views,
+        aug_seed=aug_seed,
+        layers=layers,
+    )
+    return extract(config, out=out, force=force, progress=progress, shard_rows=shard_rows)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """An extraction as this process runs it: the config, and what its `auto` and defaults resolve to here."""
+
+    config: ExtractConfig
+    views: list[str]
+    batch_size: int
+    autocast: torch.dtype | None
+    dtype: np.dtype
+    shard_rows: int
+    device: torch.device
+
+
+@one_writer("out")
+def extract(
+    config: ExtractConfig,
+    *,
+    out: str | Path,
+    force: bool = False,
+    progress: bool = True,
+    shard_rows: int = SHARD_ROWS,
+) -> Path:
     """Extract pooled features of every image and view; returns the finished feature file.
 
     `layers` ("lastN", "lastN+avg"): store the last N stages' pooled outputs (CNNs) or blocks' class tokens
@@ -231,110 +278,67 @@ def extract_features(
     unless `force`. `compile` (featx.core.compiled): on = torch.compile with Inductor's freezing, auto = that when the
     job repays the compilation (one CompileWarning line says which and why); the file's meta records what ran,
     outside the settings compared. Under torchrun every rank takes its share of the shards and rank 0 writes the
-    file.
+    file. `shard_rows`: the images of one shard, the unit of resuming.
     """
-    views = view_names(views)
-    with distributed(device) as d:
+    views = view_names(config.views)
+    with distributed(config.device) as d:
         # On CPU, ~16 rows per forward keep the activations in cache: 10-15% faster than 32 images x 10 views
         default_batch = 256 if d.device.type == "cuda" else max(1, 16 // len(views))
-        return _extract(
-            d,
-            data=data,
-            backbone=backbone,
-            out=Path(out),
-            weights=weights,
-            size=size,
-            views=views,
-            crop=crop,
-            splits=splits,
-            classes=classes,
-            per_class=per_class,
-            batch_size=batch_size or default_batch,
-            autocast=resolve_precision(precision, d.device),
-            mean=mean,
-            std=std,
-            compile=compile,
-            dtype=np.dtype(dtype),
-            aug_views=aug_views,
-            aug_seed=aug_seed,
-            shard_rows=shard_rows,
-            layers=layers,
-            force=force,
-            progress=progress and d.rank == 0,
-            auto={"precision": "--precision"} if precision == "auto" else {},
+        job = _Job(
+            config,
+            views,
+            config.batch_size or default_batch,
+            resolve_precision(config.precision, d.device),
+            np.dtype(config.dtype),
+            shard_rows,
+            d.device,
         )
+        auto = {"precision": "--precision"} if config.precision == "auto" else {}
+        return _extract(d, job, Path(out), force=force, progress=progress and d.rank == 0, auto=auto)
 
 
-def _extract(
-    ranks: Dist,
-    *,
-    data,
-    backbone,
-    out: Path,
-    weights,
-    size,
-    views,
-    crop,
-    splits,
-    classes,
-    per_class,
-    batch_size,
-    autocast,
-    mean,
-    std,
-    compile,
-    dtype,
-    aug_views,
-    aug_seed,
-    shard_rows,
-    layers,
-    force,
-    progress,
-    auto,
-) -> Path:
-    device = ranks.device
+def _shard_size(job: _Job, sizes: dict[str, int], split: str, k: int) -> int:
+    """The rows of shard k of a split (the last one may be short)."""
+    return min(job.shard_rows, sizes[split] - k * job.shard_rows)
+
+
+def _shard_file(partial: Path, split: str, k: int) -> Path:
+    return partial / f"{split}-{k:05d}.npy"
+
+
+def _extract(ranks: Dist, job: _Job, out: Path, *, force: bool, progress: bool, auto: dict) -> Path:
+    c, device, shard_rows = job.config, ranks.device, job.shard_rows
     # Rank 0 decodes first so that the other ranks find the cache made instead of racing to make it.
     if ranks.rank == 0:
-        cache = prepare_cache(data, classes=classes, per_class=per_class, progress=progress)
+        cache = prepare_cache(c.data, classes=c.classes, per_class=c.per_class, progress=progress)
     ranks.barrier()
     if ranks.rank != 0:
-        cache = prepare_cache(data, classes=classes, per_class=per_class, progress=False)
-    info = dataset_info(cache, classes=classes)
-    splits = list(splits or info.splits)
+        cache = prepare_cache(c.data, classes=c.classes, per_class=c.per_class, progress=False)
+    info = dataset_info(cache, classes=c.classes)
+    splits = list(c.splits or info.splits)
     unknown = [s for s in splits if s not in info.splits]
     if unknown:
         raise FeatxError(f"--splits {','.join(unknown)}: not in {cache} (has {','.join(info.splits)})")
-    check_crop(crop, info.image_size, info.image_size)
-    bb = create_backbone(backbone, weights=weights, size=size, layers=layers)
-    if mean is not None:
-        bb.mean = tuple(mean)
-    if std is not None:
-        bb.std = tuple(std)
-    meta = _feature_meta(
-        bb,
-        info,
-        cache,
-        views=views,
-        crop=crop,
-        autocast=autocast,
-        dtype=dtype,
-        layers=layers,
-        per_class=per_class,
-        aug_views=aug_views,
-        aug_seed=aug_seed,
-    )
+    check_crop(c.crop, info.image_size, info.image_size)
+    bb = create_backbone(c.backbone, weights=c.weights, size=c.size, layers=c.layers)
+    if c.mean is not None:
+        bb.mean = tuple(c.mean)
+    if c.std is not None:
+        bb.std = tuple(c.std)
+    meta = _feature_meta(bb, info, cache, job)
     kept = _existing_splits(out, meta, splits, force=force, auto=auto)  # every rank reads it: no broadcast
     if kept is None:
         return out
     partial = out.with_name(out.name + ".partial")
-    data_splits = {s: read_split(cache, s, classes=classes, per_class=per_class) for s in splits if s not in kept}
-    shards = [(s, k) for s in data_splits for k in range(-(-len(data_splits[s]) // shard_rows))]
+    data_splits = {s: read_split(cache, s, classes=c.classes, per_class=c.per_class) for s in splits if s not in kept}
+    sizes = {s: len(sp) for s, sp in data_splits.items()}
+    shards = [(s, k) for s in data_splits for k in range(-(-sizes[s] // shard_rows))]
     if ranks.rank == 0:
         _open_partial(
             partial,
             meta,
             shard_rows,
-            [(s, k, min(shard_rows, len(data_splits[s]) - k * shard_rows)) for s, k in shards],
+            [(s, k, _shard_size(job, sizes, s, k)) for s, k in shards],
             force=force,
             auto=auto,
         )
@@ -342,51 +346,32 @@ def _extract(
     todo = [
         (s, k)
         for i, (s, k) in enumerate(shards)
-        if i % ranks.world == ranks.rank and not (partial / f"{s}-{k:05d}.npy").exists()
+        if i % ranks.world == ranks.rank and not _shard_file(partial, s, k).exists()
     ]
-    sizes = {s: len(sp) for s, sp in data_splits.items()}
     if ranks.rank == 0:  # the shards still to write, then the file assembled from all of them
-        left = sum(
-            min(shard_rows, sizes[s] - k * shard_rows) for s, k in shards if not (partial / f"{s}-{k:05d}.npy").exists()
-        )
+        left = sum(_shard_size(job, sizes, s, k) for s, k in shards if not _shard_file(partial, s, k).exists())
         require_space(
-            out, file_bytes(meta, sizes, bb.feature_dim) + left * len(views) * bb.feature_dim * dtype.itemsize
+            out,
+            file_bytes(meta, sizes, bb.feature_dim) + left * len(job.views) * bb.feature_dim * job.dtype.itemsize,
         )
 
-    counts = {(s, k): min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo}
+    counts = {(s, k): _shard_size(job, sizes, s, k) for s, k in todo}
     model = _frozen_model(
         bb,
         device,
-        compile,
+        c.compile,
         counts=counts,
-        views=len(views),
-        aug_views=aug_views,
-        batch_size=batch_size,
+        views=len(job.views),
+        aug_views=c.aug_views,
+        batch_size=job.batch_size,
         quiet=ranks.rank != 0,
     )
     done = sum(
-        min(shard_rows, sizes[s] - k * shard_rows)
+        _shard_size(job, sizes, s, k)
         for i, (s, k) in enumerate(shards)
         if i % ranks.world == ranks.rank and (s, k) not in todo
     )  # this process's share a resumed run has
-    _write_shards(
-        bb,
-        model,
-        data_splits,
-        todo,
-        partial,
-        shard_rows=shard_rows,
-        batch_size=batch_size,
-        views=views,
-        crop=crop,
-        device=device,
-        autocast=autocast,
-        dtype=dtype,
-        aug_views=aug_views,
-        aug_seed=aug_seed,
-        progress=progress,
-        done=done,
-    )
+    _write_shards(bb, model, data_splits, todo, partial, job, progress=progress, done=done)
 
     ranks.barrier()
     if ranks.rank == 0:
@@ -396,43 +381,31 @@ def _extract(
     return out
 
 
-def _feature_meta(
-    bb: Backbone,
-    info: DatasetInfo,
-    cache: Path,
-    *,
-    views: list[str],
-    crop: int,
-    autocast,
-    dtype: np.dtype,
-    layers: str | None,
-    per_class: int | None,
-    aug_views: int,
-    aug_seed: int,
-) -> FeatureMeta:
+def _feature_meta(bb: Backbone, info: DatasetInfo, cache: Path, job: _Job) -> FeatureMeta:
     """What the feature file records: its backbone, views, precision, dataset, and the cache its images came
     from."""
+    c = job.config
     return FeatureMeta(
         backbone=bb.name,
         weights=bb.weights_id,
         input_size=bb.input_size,
-        views=list(views),
-        crop=crop,
+        views=list(job.views),
+        crop=c.crop,
         mean=list(bb.mean),
         std=list(bb.std),
-        precision=precision_name(autocast),
-        dtype=dtype.name,
+        precision=precision_name(job.autocast),
+        dtype=job.dtype.name,
         dataset=info.name,
         dataset_fingerprint=info.fingerprint,
         classes=list(info.wnids),
         class_names=list(info.names),
         featx_version=__version__,
-        layers=layers or "",
+        layers=c.layers or "",
         parts=[[name, dim] for name, dim in bb.parts],
-        source={"cache": str(Path(cache).resolve()), "fingerprint": info.fingerprint, "per_class": per_class},
+        source={"cache": str(Path(cache).resolve()), "fingerprint": info.fingerprint, "per_class": c.per_class},
         **(
-            dict(aug_views=aug_views, aug_seed=aug_seed, aug_brightness=AUG_BRIGHTNESS, aug_contrast=AUG_CONTRAST)
-            if aug_views
+            dict(aug_views=c.aug_views, aug_seed=c.aug_seed, aug_brightness=AUG_BRIGHTNESS, aug_contrast=AUG_CONTRAST)
+            if c.aug_views
             else {}
         ),
     )
@@ -444,22 +417,17 @@ def _write_shards(
     data_splits: dict,
     todo: list[tuple[str, int]],
     partial: Path,
+    job: _Job,
     *,
-    shard_rows: int,
-    batch_size: int,
-    views: list[str],
-    crop: int,
-    device: torch.device,
-    autocast,
-    dtype: np.dtype,
-    aug_views: int,
-    aug_seed: int,
     progress: bool,
     done: int,
 ) -> None:
     """Compute this process's shards still to do, each saved as its own .npy under `partial` (`done` rows of
     its share are there already)."""
-    total = sum(min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo)
+    shard_rows, batch_size, views = job.shard_rows, job.batch_size, job.views
+    aug_views, aug_seed = job.config.aug_views, job.config.aug_seed
+    sizes = {s: len(sp) for s, sp in data_splits.items()}
+    total = sum(_shard_size(job, sizes, s, k) for s, k in todo)
     bar = progress_bar(
         total=done + total, initial=done, unit="img", desc=f"extract {bb.name} x{len(views)} views", enabled=progress
     )
@@ -485,9 +453,9 @@ def _write_shards(
                         model,
                         images[b : b + batch_size],
                         views=views,
-                        crop=crop,
-                        device=device,
-                        autocast=autocast,
+                        crop=job.config.crop,
+                        device=job.device,
+                        autocast=job.autocast,
                         aug=aug,
                     )
                 )
@@ -495,7 +463,7 @@ def _write_shards(
             for p in [p for p in pending if p.done()]:
                 p.result()  # a failed write (a full disk) stops the run here, not after the last shard
                 pending.remove(p)
-            pending.append(writer.submit(_save_shard, partial / f"{s}-{k:05d}.npy", _to_host(parts, dtype)))
+            pending.append(writer.submit(_save_shard, _shard_file(partial, s, k), _to_host(parts, job.dtype)))
         for p in pending:
             p.result()
     bar.close()
@@ -522,7 +490,7 @@ def _assemble(
         for s, sp in data_splits.items():
             g = f[s]
             for k in range(-(-len(sp) // shard_rows)):
-                x = np.load(partial / f"{s}-{k:05d}.npy")
+                x = np.load(_shard_file(partial, s, k))
                 g["features"][k * shard_rows : k * shard_rows + len(x)] = x
             g["labels"][:] = sp.labels
             g["ids"][:] = sp.ids

@@ -15,27 +15,31 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
 
 from featx import __version__
 from featx.core.configs import (
-    STAGE_CONFIGS,
     CompareConfig,
     ExtractConfig,
     Field,
     FinetuneConfig,
+    MissingOption,
     OptionError,
     PredictConfig,
     PrepareConfig,
     ProbeConfig,
     ReportConfig,
+    describe_range,
     field_named,
     from_dict,
     schema,
+    show,
 )
 from featx.core.errors import FeatxError, FeatxWarning
+from featx.front.stages import STAGES, StageSpec
 
 
 class CliError(click.ClickException):
@@ -53,10 +57,12 @@ class FeatxGroup(click.Group):
     (CliRunner in the tests) and `featx run`."""
 
     def invoke(self, ctx: click.Context):
+        formatwarning = warnings.formatwarning
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", FeatxWarning)
-                warnings.showwarning = _warning_shower(warnings._showwarnmsg_impl)
+                warnings.showwarning = _warning_shower(warnings.showwarning)
+                warnings.formatwarning = _format_warning(formatwarning)
                 return super().invoke(ctx)
         except OptionError as e:
             raise CliError(e.named(f"--{_flag(e.field)}")) from None
@@ -64,98 +70,85 @@ class FeatxGroup(click.Group):
             error = CliError(e.message)
             error.exit_code = e.exit_code
             raise error from None
+        finally:
+            warnings.formatwarning = formatwarning  # catch_warnings restores showwarning, not this
 
 
 def _warning_shower(outer):
-    """showwarning for the commands: a FeatxWarning is one line on stderr. `outer` is what showed warnings
-    before; where a caller records them (warnings.catch_warnings(record=True): pytest.warns, a notebook) it is
-    the record's list.append, and every warning still reaches it."""
-    recording = isinstance(getattr(outer, "__self__", None), list)
+    """showwarning for the commands: a FeatxWarning is one line on stderr. Every warning still reaches `outer`,
+    what showed warnings before: it writes the others to stderr, or where a caller records warnings
+    (warnings.catch_warnings(record=True): pytest.warns, a notebook) adds them all to the record."""
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
+    def shower(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, FeatxWarning):
             click.echo(f"featx: warning: {message}", err=True)
-        if recording:
-            outer(warnings.WarningMessage(message, category, filename, lineno, file, line))
-        elif not issubclass(category, FeatxWarning):
-            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        outer(message, category, filename, lineno, file, line)
 
-    return show
+    return shower
 
 
-class NumberList(click.ParamType):
-    """A comma list of numbers, e.g. `1e-4,3e-4` (a probe sweep: every combination of the lists is trained),
-    `0.5,0.5,0.5` (count=3: exactly three) or `10,20,100` (whole=True: counts of at least 1)."""
+def _format_warning(outer):
+    """formatwarning for the commands: a FeatxWarning is shown once already (_warning_shower), as one line."""
 
-    def __init__(self, count: int | None = None, *, whole: bool = False) -> None:
-        self.count, self.whole = count, whole
-        unit = "INT" if whole else "FLOAT"
-        self.name = ",".join([unit] * count) if count else f"{unit}[,{unit}...]"
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        return "" if issubclass(category, FeatxWarning) else outer(message, category, filename, lineno, line)
 
-    def convert(self, value, param, ctx):
-        if isinstance(value, (list, tuple)):
-            return tuple(value)
-        try:
-            numbers = tuple(float(v) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            self.fail(f"{value!r} is not a comma list of numbers (e.g. 1e-4,3e-4)", param, ctx)
-        if not numbers or (self.count and len(numbers) != self.count):
-            self.fail(f"{value!r}: give {self.count or 'one or more'} comma-separated numbers", param, ctx)
-        if self.whole:
-            if any(v < 1 or v != int(v) for v in numbers):
-                self.fail(f"{value!r}: give whole numbers >= 1 (e.g. 10,20,100)", param, ctx)
-            return tuple(int(v) for v in numbers)
-        return numbers
-
-
-class NameList(click.ParamType):
-    """A comma list of names, e.g. `flip,crop` or `train,val`; `none` is the empty list."""
-
-    name = "NAME[,NAME...]"
-
-    def __init__(self, choices: tuple = ()) -> None:
-        self.choices = choices
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (list, tuple)):
-            return tuple(value)
-        items = tuple(v.strip() for v in str(value).split(",") if v.strip())
-        items = () if items == ("none",) else items
-        bad = [v for v in items if self.choices and v not in self.choices]
-        if bad:
-            self.fail(f"{', '.join(bad)}: choose from {', '.join(self.choices)}", param, ctx)
-        return items
+    return format_warning
 
 
 def _flag(field: str) -> str:
     """The flag of a field of any stage (the fields of one name are one option everywhere)."""
-    for cls in STAGE_CONFIGS.values():
-        f = field_named(cls, field)
+    for stage in STAGES.values():
+        f = field_named(stage.config, field)
         if f is not None:
             return f.flag
     return field.replace("_", "-")
 
 
 def _click_type(f: Field):
-    m = f.meta
-    if f.name == "device":  # a choice, or cuda:N
-        return click.STRING
-    if f.kind == "choice":
+    """What click reads the text as: a number, one of the choices, else the text itself. Lists stay text:
+    featx.core.configs reads them (`coerce`) and checks every value (`validate`) where the config is built."""
+    if f.kind == "choice" and f.name != "device":  # device: a choice, or cuda:N
         return click.Choice(f.choices)
-    if f.kind == "numbers":
-        return NumberList(m["count"], whole=f.item is int)
+    return {"int": int, "float": float}.get(f.kind, click.STRING)
+
+
+def _metavar(f: Field) -> str | None:
+    m = f.meta
+    if m["metavar"] or f.kind not in ("int", "float", "numbers", "names") or m["repeat"]:
+        return m["metavar"]
+    unit = "INTEGER" if f.kind == "int" else "FLOAT" if f.kind == "float" else "INT" if f.item is int else "FLOAT"
+    if f.kind in ("int", "float"):
+        return f"{unit} RANGE" if describe_range(f) else None  # as click names its range types
     if f.kind == "names":
-        return str if m["repeat"] else NameList(f.choices)
-    if f.kind in ("int", "float") and (m["min"] is not None or m["max"] is not None):
-        kind = click.IntRange if f.kind == "int" else click.FloatRange
-        return kind(m["min"], m["max"], min_open=m["min_open"], max_open=m["max_open"])
-    return {"int": int, "float": float}.get(f.kind, str)
+        return "NAME[,NAME...]"
+    return ",".join([unit] * m["count"]) if m["count"] else f"{unit}[,{unit}...]"
 
 
-def _display(value):
-    if value is None or value == () or isinstance(value, (bool, int, float)):
-        return value
-    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+class FieldOption(click.Option):
+    """A config field's option: --help states its range (from the field) beside its default, as click does for
+    its own range types."""
+
+    def __init__(self, decls: list[str], field: Field, **attrs) -> None:
+        super().__init__(decls, **attrs)
+        self.field = field
+
+    @property
+    def bounds(self) -> str | None:
+        """The range of a single number (a list's is in its help text)."""
+        return describe_range(self.field) if self.field.kind in ("int", "float") else None
+
+    def get_help_extra(self, ctx: click.Context):
+        extra = super().get_help_extra(ctx)
+        if self.bounds:
+            extra["range"] = self.bounds
+        return extra
+
+
+def _default_text(value):
+    """A list default as the comma list one would type (a repeated option's empty list as it is); click shows
+    and converts the others itself."""
+    return show(value) if isinstance(value, tuple) and value else value
 
 
 def _option(f: Field) -> click.Option:
@@ -165,10 +158,11 @@ def _option(f: Field) -> click.Option:
     name = f.flag
     if f.kind == "bool":
         decls = [f"--{name}/--no-{name}" if f.default else f"--{name}", f.name]
-        return click.Option(decls, is_flag=True, default=f.default, show_default=True, help=m["help"])
+        return FieldOption(decls, f, is_flag=True, default=f.default, show_default=True, help=m["help"])
     if f.name == "compile":  # the bare flag, as before 0.2, still means on
-        return click.Option(
+        return FieldOption(
             [f"--{name}", f.name],
+            f,
             type=click.Choice(f.choices),
             is_flag=False,
             flag_value="on",
@@ -176,13 +170,14 @@ def _option(f: Field) -> click.Option:
             show_default=True,
             help=m["help"],
         )
-    return click.Option(
+    return FieldOption(
         [f"--{name}", f.name],
+        f,
         type=_click_type(f),
         multiple=m["repeat"],
-        default=None if f.required else _display(f.default),
+        default=None if f.required else _default_text(f.default),
         show_default=m["show_default"] and not f.required,
-        metavar=m["metavar"],
+        metavar=_metavar(f),
         help=m["help"] + (" [required]" if f.required else ""),
     )
 
@@ -196,6 +191,7 @@ def _alias(f: Field, old: str) -> click.Option:
     return click.Option(
         [f"--{old}", f"{f.name}__{old.replace('-', '_')}"],
         type=_click_type(f),
+        metavar=_metavar(f),
         hidden=True,
         default=None,
         callback=warn,
@@ -236,27 +232,21 @@ def build_config(cls: type, ctx: click.Context, params: dict, config_file: Path 
         name = key.split("__")[0]  # a deprecated alias fills its field
         if value is not None and ctx.get_parameter_source(key) != ParameterSource.DEFAULT:
             given[name] = value
-    for f in schema(cls):
-        if f.required and f.name not in given:
-            raise click.UsageError(f"Missing option '--{f.flag}'", ctx)
-    return from_dict(cls, given, where=f"--config {config_file}" if config_file else ctx.command_path)
+    try:
+        return from_dict(cls, given, where=f"--config {config_file}" if config_file else ctx.command_path)
+    except MissingOption as e:
+        raise click.UsageError(f"Missing option '--{e.field.flag}'", ctx) from None
 
 
-def stage_command(group: click.Group, name: str, cls: type, *control: click.Parameter):
-    """A command whose options are `cls`'s fields plus `control`; the decorated function takes (config,
-    **control) and is also what `featx run` calls for a recipe stage (as `command.run`)."""
+class StageCommand(click.Command):
+    """A stage's command (featx.front.stages.STAGES): its options are the stage config's fields plus `control`.
+    `run_config(config, **control)` runs the stage and prints its summary: what the command line runs once it
+    has built the config, and what `featx run` runs for a recipe's stage."""
 
-    def decorate(run):
-        def callback(config_file, quiet, **params):
-            from featx.core import progress
-
-            progress.quiet = quiet
-            fields = {k: params.pop(k) for k in list(params) if field_named(cls, k.split("__")[0])}
-            config = build_config(cls, click.get_current_context(), fields, config_file)
-            return run(config, **params)
-
-        options = [_option(f) for f in schema(cls)]
-        options += [_alias(f, old) for f in schema(cls) for old in f.meta["aliases"]]
+    def __init__(self, stage: StageSpec, run_config: Callable, control: Sequence[click.Parameter]) -> None:
+        self.stage, self.run_config = stage, run_config
+        fields = schema(stage.config)
+        options = [_option(f) for f in fields] + [_alias(f, old) for f in fields for old in f.meta["aliases"]]
         config_option = click.Option(
             ["--config", "config_file"],
             type=click.Path(dir_okay=False, path_type=Path),
@@ -265,10 +255,32 @@ def stage_command(group: click.Group, name: str, cls: type, *control: click.Para
         quiet_option = click.Option(
             ["--quiet", "-q"], is_flag=True, help="No progress bars or progress lines; results and errors still print."
         )
-        command = click.Command(
-            name, callback=callback, params=[*control, *options, config_option, quiet_option], help=run.__doc__
+        super().__init__(
+            stage.name,
+            callback=self._run,
+            params=[*control, *options, config_option, quiet_option],
+            help=run_config.__doc__,
         )
-        command.run, command.config_class = run, cls
+
+    def _run(self, config_file, quiet, **params):
+        from featx.core import progress
+
+        progress.quiet = quiet
+        fields = {k: params.pop(k) for k in list(params) if field_named(self.stage.config, k.split("__")[0])}
+        config = build_config(self.stage.config, click.get_current_context(), fields, config_file)
+        return self.run_config(config, **params)
+
+
+def stage_command(name: str, *control: click.Parameter):
+    """Make the decorated function (config, **control) the command of stage `name`, in the group its command
+    words name."""
+
+    def decorate(run_config):
+        stage = STAGES[name]
+        group = cli
+        for word in stage.command[:-1]:
+            group = group.commands[word]
+        command = StageCommand(stage, run_config, control)
         group.add_command(command)
         return command
 
@@ -302,20 +314,9 @@ OUT_RUN = click.Option(
 @click.group(cls=FeatxGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="featx")
 def cli() -> None:
-    """Transfer learning on small-image classification.
-
-    \b
-    featx data prepare   decode a dataset once into an HDF5 cache
-    featx extract        frozen backbone -> cached transfer values (stage 1)
-    featx probe          heads on cached features, sweeps in one pass (stage 2)
-    featx finetune       end-to-end training (stage 3)
-    featx predict        crop and snapshot ensembles, challenge submission
-    featx report         the analysis a researcher looks at
-    featx compare        several backbones on one dataset, one leaderboard
-    featx run            recipes that chain the stages
-    featx info PATH      what a cache, feature file, run or report is and holds
-    featx env            versions and what auto picks on this machine
-    """
+    """Transfer learning on small-image classification: decode a dataset once (data prepare), extract a frozen
+    backbone's transfer values (extract), train heads on them (probe) or the whole network (finetune), then
+    predict, report and compare; `featx run` chains the stages of a recipe."""
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -327,9 +328,7 @@ def data() -> None:
 
 
 @stage_command(
-    data,
     "prepare",
-    PrepareConfig,
     click.Option(
         ["--cache"],
         type=click.Path(dir_okay=False, path_type=Path),
@@ -383,9 +382,7 @@ def _list_backbones(ctx: click.Context, _param, value: bool) -> None:
 
 
 @stage_command(
-    cli,
     "extract",
-    ExtractConfig,
     OUT_FILE,
     FORCE,
     click.Option(
@@ -407,11 +404,12 @@ def extract(config: ExtractConfig, *, out: Path, force: bool = False) -> None:
 # --- probe -------------------------------------------------------------------------------------------
 
 
-@stage_command(cli, "probe", ProbeConfig, OUT_RUN, FORCE, JSON)
+@stage_command("probe", OUT_RUN, FORCE, JSON)
 def probe(config: ProbeConfig, *, out: Path, force: bool = False, as_json: bool = False) -> None:
     """Stage 2: train classifier heads on cached features; comma lists sweep every combination in one pass.
-    Given no --lr, --weight-decay, --label-smoothing or --dropout, a small default sweep (featx.core.configs.
-    DEFAULT_SWEEP) is trained and chosen on the holdout; given any, only those are swept."""
+    Given no --lr, --weight-decay, --label-smoothing or --dropout, a small default sweep (lr 3e-4,1e-3,3e-3 x
+    weight decay 1e-3,0.0116,3e-2: DEFAULT_SWEEP in featx.core.configs) is trained and chosen on the holdout;
+    given any, only those are swept, the others at the transfer-learning report's values."""
     from featx.core.runs import read_run
     from featx.front.stages import probe as run_probe
     from featx.probe.run import format_summary, format_table
@@ -435,9 +433,7 @@ def probe(config: ProbeConfig, *, out: Path, force: bool = False, as_json: bool 
 
 
 @stage_command(
-    cli,
     "finetune",
-    FinetuneConfig,
     OUT_RUN,
     FORCE,
     JSON,
@@ -469,9 +465,7 @@ def finetune(
 
 
 @stage_command(
-    cli,
     "predict",
-    PredictConfig,
     click.Option(
         ["--out"],
         default="preds",
@@ -535,9 +529,7 @@ def predict(
 
 
 @stage_command(
-    cli,
     "report",
-    ReportConfig,
     click.Option(
         ["--out"],
         default="report",
@@ -557,9 +549,7 @@ def report(config: ReportConfig, *, out: Path = Path("report")) -> None:
 
 
 @stage_command(
-    cli,
     "compare",
-    CompareConfig,
     click.Option(
         ["--out"],
         default="compare",
@@ -652,10 +642,9 @@ def _table_default(param: click.Option, value) -> str:
     if param.is_bool_flag:
         return "on" if value is True else "off"
     hidden = not param.show_default or value in (None, ()) or callable(value)
-    shown = "" if hidden else f"`{_cell(str(_display(value)))}`"
-    if isinstance(param.type, click.types._NumberRangeBase):  # click states the range beside the default too
-        shown = ", ".join(filter(None, [shown, _text(param.type._describe_range())]))
-    return shown
+    shown = "" if hidden else f"`{_cell(str(value))}`"
+    bounds = param.bounds if isinstance(param, FieldOption) else None
+    return ", ".join(filter(None, [shown, bounds and _text(bounds)]))
 
 
 def _cell(text: str) -> str:

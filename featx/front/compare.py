@@ -4,9 +4,10 @@
     board = compare(data="tiny-imagenet-200.zip", backbones=["resnet50", "mobilenet_v2"], out="compare")
     print(format_leaderboard(board))
 
-Per backbone: extract (a feature file named by its settings under out/features, reused when it exists),
-probe with the default sweep (featx.core.configs.DEFAULT_SWEEP, chosen on a holdout of train), score val once.
-The leaderboard gives top-1 and top-5 with 95% bootstrap intervals, the paired test against the best
+Per backbone, through the extract and probe stages' own entry points (featx.front.stages): extract (a feature
+file named by its settings under out/features, reused when it exists), probe with the default sweep
+(featx.core.configs.DEFAULT_SWEEP, chosen on a holdout of train), score val once. The leaderboard gives top-1
+and top-5 with 95% bootstrap intervals, the paired test against the best
 (featx.core.stats.paired_comparison), feature dimension, parameters, extraction images/s here and the feature
 file's size; it is written as out/leaderboard.txt, out/results.json and out/report/ (featx.evaluate.report's page
 over all the runs).
@@ -24,7 +25,7 @@ import numpy as np
 
 from featx.core.atomic import make_dirs, one_writer, replacing
 from featx.core.choices import Device, Precision, ViewSelection, ViewSet
-from featx.core.configs import DEFAULT_SWEEP, CompareConfig
+from featx.core.configs import DEFAULT_SWEEP, CompareConfig, ExtractConfig, ProbeConfig
 from featx.core.device import resolve_device, resolve_precision
 from featx.core.env import environment
 from featx.core.errors import FeatxError
@@ -33,12 +34,11 @@ from featx.core.stats import paired_comparison
 from featx.data.cache import prepare_cache, read_split
 from featx.evaluate.report import write_report
 from featx.evaluate.scoring import predict
-from featx.features.extract import compute_features, extract_features
+from featx.features.extract import compute_features
 from featx.features.store import open_split
+from featx.front import stages
 from featx.nets.backbones import create_backbone
 from featx.nets.views import view_names
-from featx.probe.run import run_probe
-from featx.probe.sweep import grid
 
 SPEED_IMAGES = 128  # val images timed for the images/s column (after one warm-up batch)
 
@@ -70,24 +70,14 @@ def _label(backbone: str, weights: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", backbone + w)
 
 
-def _speed(
-    backbone: str,
-    weights: str,
-    cache: Path,
-    *,
-    size,
-    views: ViewSet,
-    crop: int,
-    classes,
-    device: Device,
-    precision: Precision,
-) -> tuple[float, int]:
+def _speed(backbone: str, weights: str, cache: Path, config: CompareConfig) -> tuple[float, int]:
     """Images per second of the backbone's forward over every view (extraction's work), and its parameters."""
-    dev = resolve_device(device)
-    bb = create_backbone(backbone, weights=weights, size=size)
+    dev = resolve_device(config.device)
+    bb = create_backbone(backbone, weights=weights, size=config.size)
     model = bb.model.eval().requires_grad_(False).to(dev)
-    names = view_names(views)
-    images = read_split(cache, "val", classes=classes).read_images(0, SPEED_IMAGES)
+    names = view_names(config.views)
+    crop, autocast = config.crop, resolve_precision(config.precision, dev)
+    images = read_split(cache, "val", classes=config.classes).read_images(0, SPEED_IMAGES)
     batch = max(1, 16 // len(names))  # extraction's batch on CPU
     run = lambda x: compute_features(
         bb,
@@ -96,7 +86,7 @@ def _speed(
         views=names,
         crop=crop,
         device=dev,
-        autocast=resolve_precision(precision, dev),
+        autocast=autocast,
         out_dtype=np.dtype(np.float16),
     )
     run(images[:batch])
@@ -111,7 +101,6 @@ def _feature_dim(path: Path) -> int:
         return int(ds.shape[-1])
 
 
-@one_writer("out")
 def compare(
     *,
     data: str | Path | None,
@@ -131,13 +120,84 @@ def compare(
     precision: Precision = CompareConfig.precision,
     progress: bool = True,
 ) -> list[Entry]:
+    """`leaderboard` with its options as keywords."""
+    config = CompareConfig(
+        backbones=tuple(backbones),
+        data=None if data is None else str(data),
+        weights=None if weights is None else tuple(weights),
+        classes=classes,
+        per_class=per_class,
+        size=size,
+        views=views,
+        crop=crop,
+        eval_views=eval_views,
+        select=select,
+        epochs=epochs,
+        seed=seed,
+        device=device,
+        precision=precision,
+    )
+    return leaderboard(config, out=out, progress=progress)
+
+
+def _entry(backbone: str, weights: str, cache: Path, config: CompareConfig, out: Path, progress: bool):
+    """Extract, probe and score one backbone: its Entry (without the comparison to the best) and Prediction."""
+    label = _label(backbone, weights)
+    settings = f"{config.views}-s{config.size or 'auto'}-c{config.classes or 'all'}-n{config.per_class or 'all'}"
+    extraction = ExtractConfig(
+        backbone=backbone,
+        data=str(cache),
+        weights=weights,
+        size=config.size,
+        views=config.views,
+        crop=config.crop,
+        splits=("train", "val"),
+        classes=config.classes,
+        per_class=config.per_class,
+        device=config.device,
+        precision=config.precision,
+    )
+    feature_file = stages.extract(extraction, out=out / "features" / f"{label}-{settings}.h5", progress=progress)
+    run_dir = out / "runs" / label
+    probing = ProbeConfig(
+        features=str(feature_file),
+        select=config.select,
+        epochs=config.epochs,
+        eval_views=config.eval_views,
+        seed=config.seed,
+        device=config.device,
+    )  # no hyperparameter given: the default sweep
+    result = stages.probe(probing, out=run_dir, progress=progress)
+    pred = predict(runs=[run_dir], split="val", eval_views=config.eval_views, device=config.device)
+    speed, parameters = _speed(backbone, weights, cache, config)
+    entry = Entry(
+        backbone,
+        weights,
+        str(feature_file),
+        str(run_dir),
+        _feature_dim(feature_file),
+        parameters,
+        speed,
+        feature_file.stat().st_size,
+        result.names[result.best],
+        pred.top_k(1),
+        pred.interval(1),
+        pred.top_k(5),
+        pred.interval(5),
+    )
+    return entry, pred
+
+
+@one_writer("out")
+def leaderboard(config: CompareConfig, *, out: str | Path, progress: bool = True) -> list[Entry]:
     """Extract, probe (DEFAULT_SWEEP, chosen on `select`) and score val for each backbone; returns the
     leaderboard, best top-1 first, and writes out/results.json, out/leaderboard.txt and out/report/.
 
     `weights`: one per backbone ("default", a torchvision weights name, "none" or a state_dict path); default:
     "default" for every one. `classes`, `per_class`, `size`, `views`, `crop`: as `featx extract`; the feature
     file's name carries them, so a second compare with the same settings reuses it."""
-    weights = list(weights) if weights else ["default"] * len(backbones)
+    backbones = config.backbones
+    weights = list(config.weights) if config.weights else ["default"] * len(backbones)
     if not backbones or len(weights) != len(backbones):
         raise FeatxError(f"--weights: give one per --backbone ({len(backbones)}), or none for 'default' everywhere")
     labels = [_label(b, w) for b, w in zip(backbones, weights)]
@@ -145,61 +205,8 @@ def compare(
         raise FeatxError(f"--backbone/--weights: {', '.join(labels)} names one pairing twice; compare each once")
     out = Path(out)
     make_dirs(out, option="--out", path=out)
-    cache = prepare_cache(data, classes=classes, per_class=per_class, progress=progress)
-    settings = f"{views}-s{size or 'auto'}-c{classes or 'all'}-n{per_class or 'all'}"
-    found = []
-    for backbone, w, label in zip(backbones, weights, labels):
-        feature_file = extract_features(
-            data=cache,
-            backbone=backbone,
-            weights=w,
-            size=size,
-            views=views,
-            crop=crop,
-            splits=["train", "val"],
-            classes=classes,
-            per_class=per_class,
-            device=device,
-            precision=precision,
-            out=out / "features" / f"{label}-{settings}.h5",
-            progress=progress,
-        )
-        run_dir = out / "runs" / label
-        result = run_probe(
-            features=feature_file,
-            out=run_dir,
-            heads=grid(**DEFAULT_SWEEP),
-            epochs=epochs,
-            eval_views=eval_views,
-            select=select,
-            seed=seed,
-            device=device,
-            progress=progress,
-        )
-        pred = predict(runs=[run_dir], split="val", eval_views=eval_views, device=device)
-        speed, parameters = _speed(
-            backbone, w, cache, size=size, views=views, crop=crop, classes=classes, device=device, precision=precision
-        )
-        found.append(
-            (
-                Entry(
-                    backbone,
-                    w,
-                    str(feature_file),
-                    str(run_dir),
-                    _feature_dim(feature_file),
-                    parameters,
-                    speed,
-                    feature_file.stat().st_size,
-                    result.names[result.best],
-                    pred.top_k(1),
-                    pred.interval(1),
-                    pred.top_k(5),
-                    pred.interval(5),
-                ),
-                pred,
-            )
-        )
+    cache = prepare_cache(config.data, classes=config.classes, per_class=config.per_class, progress=progress)
+    found = [_entry(backbone, w, cache, config, out, progress) for backbone, w in zip(backbones, weights)]
     found.sort(key=lambda e: -e[0].top1)
     best = found[0][1]
     for entry, pred in found[1:]:
@@ -210,13 +217,13 @@ def compare(
         out / "results.json",
         {
             "settings": {
-                "data": str(data),
-                "classes": classes,
-                "per_class": per_class,
-                "size": size,
-                "views": views,
-                "eval_views": eval_views,
-                "select": select,
+                "data": str(config.data),
+                "classes": config.classes,
+                "per_class": config.per_class,
+                "size": config.size,
+                "views": config.views,
+                "eval_views": config.eval_views,
+                "select": config.select,
                 "grid": DEFAULT_SWEEP,
             },
             "environment": environment(),
@@ -226,7 +233,12 @@ def compare(
     with replacing(out / "leaderboard.txt") as tmp:
         tmp.write_text(format_leaderboard(board) + "\n")
     write_report(
-        run=[e.run for e in board], out=out / "report", split="val", eval_views=eval_views, data=cache, device=device
+        run=[e.run for e in board],
+        out=out / "report",
+        split="val",
+        eval_views=config.eval_views,
+        data=cache,
+        device=config.device,
     )
     return board
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import h5py
 
+from featx.core.configs import show
 from featx.core.errors import FeatxError
 from featx.core.runs import read_run
 from featx.data.cache import cache_info
@@ -174,16 +175,6 @@ def info(path: str | Path) -> dict:
     )
 
 
-def _line(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {_line(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return ",".join(_line(v) for v in value)
-    return str(value)
-
-
 def format_info(d: dict) -> str:
     """`featx info`'s text: the kind and path, then one line per section."""
     lines = [f"{d['path']}: {d['kind']}{'' if d['complete'] else ' (unfinished)'}, {d['size_bytes'] / 2**20:.1f} MB"]
@@ -192,5 +183,5 @@ def format_info(d: dict) -> str:
     for section in ("metrics", "settings", "source", "made_by"):
         if d[section]:
             lines.append(f"  {section.replace('_', ' ')}:")
-            lines += [f"    {k}: {_line(v)}" for k, v in d[section].items()]
+            lines += [f"    {k}: {show(v, digits=4)}" for k, v in d[section].items()]
     return "\n".join(lines)

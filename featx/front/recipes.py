@@ -56,19 +56,10 @@ else:
     import tomli as tomllib
 
 from featx import __version__
-from featx.core.configs import OptionError, field_named, from_dict, schema, to_dict
+from featx.core.configs import OptionError, field_named, from_dict, schema, show, to_dict
 from featx.core.errors import FeatxError
+from featx.front.stages import STAGES
 
-COMMANDS = {
-    "prepare": ("data", "prepare"),
-    "extract": ("extract",),
-    "probe": ("probe",),
-    "finetune": ("finetune",),
-    "predict": ("predict",),
-    "report": ("report",),
-    "compare": ("compare",),
-}
-OUTPUT = {"prepare": "cache"}  # the option naming a command's output; "out" for the others
 RECORD = ".featx-stage.json"
 REFERENCE = re.compile(r"\$\{([\w-]+)\.([\w-]+)\}")
 
@@ -76,7 +67,7 @@ REFERENCE = re.compile(r"\$\{([\w-]+)\.([\w-]+)\}")
 @dataclass
 class Stage:
     name: str
-    command: str  # a key of COMMANDS
+    command: str  # a key of featx.front.stages.STAGES
     options: dict  # as in the recipe, after --set and ${...} substitution
     config: object  # the stage's config (featx.core.configs), defaults included
     control: dict  # its options without a config field: the output, force
@@ -89,12 +80,12 @@ class Stage:
     seconds: float | None = None
 
     def command_line(self) -> str:
-        return shlex.join(["featx", *COMMANDS[self.command], *_argv(self.config, self.control)])
+        return shlex.join(["featx", *STAGES[self.command].command, *_argv(self.config, self.control)])
 
 
 def _command(commands: click.Group, name: str) -> click.Command:
     cmd = commands
-    for part in COMMANDS[name]:
+    for part in STAGES[name].command:
         cmd = cmd.commands[part]
     return cmd
 
@@ -154,39 +145,26 @@ def _substitute(table: dict, earlier: dict[str, Stage], where: str) -> tuple[dic
     return {k: sub(v) for k, v in table.items()}, depends
 
 
-def _control_keys(cmd: click.Command) -> set[str]:
-    """The command's options without a config field: its output and flags such as --force."""
-    fields = {f.name for f in schema(cmd.config_class)}
-    return {
-        p.name
-        for p in cmd.params
-        if p.expose_value
-        and p.name not in fields
-        and "__" not in p.name
-        and p.name not in ("config_file", "more_images")
-    }
-
-
-def _configure(cmd: click.Command, options: dict, where: str) -> tuple[object, dict]:
+def _configure(command: str, options: dict, where: str) -> tuple[object, dict]:
     """The stage's config and control values from its table: the TOML loads straight into the config."""
-    control_keys = _control_keys(cmd)
+    stage = STAGES[command]
+    control_keys = {name for name, _ in stage.control}
     control = {k: options[k] for k in options if k in control_keys}
     fields = {k: v for k, v in options.items() if k not in control_keys}
-    unknown = [k for k in fields if field_named(cmd.config_class, k) is None]
+    unknown = [k for k in fields if field_named(stage.config, k) is None]
     if unknown:
-        names = [f.name for f in schema(cmd.config_class)] + sorted(control_keys)
+        names = [f.name for f in schema(stage.config)] + sorted(control_keys)
         close = difflib.get_close_matches(unknown[0], names, n=1)
-        hint = f"did you mean `{close[0]}`?" if close else f"see `{cmd.name} --help`"
-        raise FeatxError(f"{where}: `{unknown[0]}` is not an option of `featx {cmd.name}`; {hint}")
-    flags = {p.name for p in cmd.params if isinstance(p, click.Option) and p.is_flag}
+        hint = f"did you mean `{close[0]}`?" if close else f"see `{stage.name} --help`"
+        raise FeatxError(f"{where}: `{unknown[0]}` is not an option of `featx {stage.name}`; {hint}")
     for key, value in control.items():
-        if isinstance(value, bool) != (key in flags):
+        if isinstance(value, bool) != (key in stage.flags):
             raise FeatxError(
                 f"{where}: `{key}` = {value!r}: "
-                + (f"a flag; write {key} = true or false" if key in flags else "give a path")
+                + (f"a flag; write {key} = true or false" if key in stage.flags else "give a path")
             )
     try:
-        config = from_dict(cmd.config_class, fields, where=where)
+        config = from_dict(stage.config, fields, where=where)
     except OptionError as e:
         raise FeatxError(f"{where}: {e.named(e.field + ' =')}") from None
     return config, control
@@ -204,7 +182,7 @@ def _argv(config, control: dict) -> list[str]:
         elif isinstance(value, tuple) and f.meta["repeat"]:
             argv += [a for v in value for a in (f"--{f.flag}", str(v))]
         elif value is not None:
-            argv += [f"--{f.flag}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+            argv += [f"--{f.flag}", show(value)]
     return argv
 
 
@@ -239,24 +217,22 @@ def _decide(stage: Stage, earlier: dict[str, Stage]) -> tuple[bool, str]:
     return True, "options changed: " + ("; ".join(changed) or "the options of a stage it references")
 
 
-def plan(*, recipe: str | Path, commands: click.Group, overrides: Sequence[str] = ()) -> list[Stage]:
-    """Resolve every stage of the recipe (all are checked before any runs) against `commands`, the `featx`
-    click group, and decide which run and why."""
+def plan(*, recipe: str | Path, overrides: Sequence[str] = ()) -> list[Stage]:
+    """Resolve every stage of the recipe (all are checked before any runs) and decide which run and why."""
     recipe = Path(recipe)
     stages: dict[str, Stage] = {}
     cwd = Path.cwd().resolve()
     for name, table in read_recipe(recipe, overrides=overrides).items():
         where = f"{recipe} [{name}]"
         command = table.pop("command", name)
-        if command not in COMMANDS:
+        if command not in STAGES:
             raise FeatxError(
-                f'{where}: not a command ({", ".join(COMMANDS)}); add command = "..." to a stage named otherwise'
+                f'{where}: not a command ({", ".join(STAGES)}); add command = "..." to a stage named otherwise'
             )
         options, depends = _substitute(table, stages, where)
-        cmd = _command(commands, command)
-        config, control = _configure(cmd, options, where)
+        config, control = _configure(command, options, where)
         params = {**to_dict(config), **control}
-        output_key = OUTPUT.get(command, "out")
+        output_key = STAGES[command].output
         if output_key not in options:
             raise FeatxError(f"{where}: set `{output_key}`; a stage names its output so that a re-run finds it")
         output = Path(options[output_key])
@@ -293,7 +269,7 @@ def _execute(stage: Stage, *, commands: click.Group, recipe: dict) -> None:
     if _read_record(stage.output) is not None:
         # Made by another configuration (or before an upstream stage ran again). A command that keeps the old
         # output until the new one is complete is forced; the others start afresh.
-        if "force" in _control_keys(_command(commands, stage.command)):
+        if "force" in STAGES[stage.command].flags:
             control["force"] = True
         else:
             shutil.rmtree(stage.output) if stage.output.is_dir() else stage.output.unlink()
@@ -302,7 +278,7 @@ def _execute(stage: Stage, *, commands: click.Group, recipe: dict) -> None:
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     cmd = _command(commands, stage.command)
     try:
-        cmd.run(stage.config, **control)
+        cmd.run_config(stage.config, **control)
     except OptionError as e:
         raise FeatxError(
             f"[{stage.name}] {e.named(e.field + ' =')} (in the recipe: --set {stage.name}.{e.field}=...)"
@@ -339,15 +315,15 @@ def run_recipe(
     """Print the plan, then (unless dry_run) run the stages that need it, in order; returns the stages.
     `commands` is the `featx` click group (`featx.front.cli.cli`), whose commands run the stages and check their
     options: the pipeline drives the command line without importing it."""
-    stages = plan(recipe=recipe, commands=commands, overrides=overrides)
+    stages = plan(recipe=recipe, overrides=overrides)
     click.echo(f"{recipe}: {sum(s.run for s in stages)} of {len(stages)} stages to run")
     click.echo(format_plan(stages))
     if dry_run:
         return stages
-    source = {"path": str(recipe), "text": Path(recipe).read_text(), "overrides": list(overrides)}
+    recorded = {"path": str(recipe), "text": Path(recipe).read_text(), "overrides": list(overrides)}
     for stage in stages:
         if stage.run:
-            _execute(stage, commands=commands, recipe=source)
+            _execute(stage, commands=commands, recipe=recorded)
     ran = [f"{s.name} {s.seconds:.1f}s" for s in stages if s.run]
     click.echo(f"{recipe}: ran {', '.join(ran) or 'nothing'}; skipped {sum(not s.run for s in stages)} up-to-date")
     return stages

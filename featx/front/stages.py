@@ -1,44 +1,40 @@
-"""Each stage's entry point takes its typed config (featx.core.configs) and the stage's output::
+"""Each stage's entry point takes its typed config (featx.core.configs) and the stage's control values (its
+output, force, progress)::
 
     from featx.core.configs import ExtractConfig, ProbeConfig
     from featx.front.stages import extract, probe
     features = extract(ExtractConfig(backbone="resnet50", views="flip"), out="features/r50.h5")
     result = probe(ProbeConfig(features=str(features), lr=(3e-4, 1e-3)), out="runs/r50")
 
-The command line and the recipes call these, so a config means the same in all three. `run_stage` picks the
-entry point by the config's type. The stages' keyword functions (featx.features.extract.extract_features, ...) stay for
-convenience; these translate a config into them, and the configs' defaults are the only defaults that count.
+The command line and the recipes call these, so a config means the same in all three. `STAGES` is the one list
+of the stages: each one's name, command, config, entry point, output and control options; the CLI
+(featx.front.cli), the recipes (featx.front.recipes) and `run_stage`, which picks the entry point by the config's
+type, read it. The stages' keyword functions (featx.features.extract.extract_features, ...) stay for convenience:
+they build the config and call the same code, and the configs' defaults are the only defaults that count.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from featx.core.configs import (
-    DEFAULT_SWEEP,
     CompareConfig,
     ExtractConfig,
     FinetuneConfig,
-    HeadConfig,
     PredictConfig,
     PrepareConfig,
     ProbeConfig,
     ReportConfig,
     to_dict,
-    validate,
 )
-from featx.core.device import resolve_device
-from featx.core.runs import read_run, update_run
-
-HYPERPARAMETERS = ("lr", "weight_decay", "label_smoothing", "dropout")
 
 
 def prepare(config: PrepareConfig, *, cache: str | Path | None = None, progress: bool = True) -> Path:
     """Decode the dataset into the cache; returns the cache path (reused while the source is unchanged)."""
     from featx.data.cache import prepare_cache
 
-    validate(config)
     return prepare_cache(
         config.data,
         cache=cache,
@@ -53,40 +49,24 @@ def prepare(config: PrepareConfig, *, cache: str | Path | None = None, progress:
 
 def extract(config: ExtractConfig, *, out: str | Path, force: bool = False, progress: bool = True) -> Path:
     """Extract the transfer values; returns the finished feature file."""
-    from featx.features.extract import extract_features
+    from featx.features.extract import extract as run_extract
 
-    validate(config)
-    options = dataclasses.asdict(config)
-    options["splits"] = list(config.splits) if config.splits else None
-    return extract_features(**options, out=out, force=force, progress=progress)
-
-
-def probe_heads(config: ProbeConfig) -> list:
-    """The sweep a probe config trains: the default sweep when it gives no hyperparameter; else every
-    combination of those it gives, the others at the seed's values (featx.core.configs.HeadConfig)."""
-    from featx.probe.sweep import grid
-
-    given = {h: getattr(config, h) for h in HYPERPARAMETERS if getattr(config, h) is not None}
-    seed = HeadConfig()
-    sweep = given or DEFAULT_SWEEP
-    return grid(**{h: sweep.get(h, (getattr(seed, h),)) for h in HYPERPARAMETERS})
+    return run_extract(config, out=out, force=force, progress=progress)
 
 
 def probe(config: ProbeConfig, *, out: str | Path, force: bool = False, progress: bool = False):
     """Train the config's heads on its feature file; run.json records the config as given and what it resolved
     to on this machine. Returns the ProbeResult."""
-    from featx.probe.run import run_probe
+    from featx.core.device import resolve_device
+    from featx.core.runs import read_run, update_run
+    from featx.probe.run import probe as run_probe
 
-    validate(config)
-    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in HYPERPARAMETERS}
-    options["k"], options["feature_sets"] = list(options["k"]), list(options.pop("feature_set"))
-    heads = probe_heads(config)
-    result = run_probe(**options, heads=heads, out=out, force=force, progress=progress)
+    result = run_probe(config, out=out, force=force, progress=progress)
     recorded = read_run(out).config
     resolved = {
         "device": str(resolve_device(config.device)),
         "stream": recorded.get("stream", config.stream),
-        "heads": [dataclasses.asdict(h) for h in heads],
+        "heads": recorded["heads"],
     }
     update_run(out, config={**recorded, "options": to_dict(config), "resolved": resolved})
     return result
@@ -98,7 +78,6 @@ def finetune(
     """Train end to end; returns the FinetuneResult."""
     from featx.finetune.run import finetune as train
 
-    validate(config)
     return train(config, out=out, resume=resume, force=force, progress=progress)
 
 
@@ -107,7 +86,6 @@ def predict(config: PredictConfig):
     from featx.evaluate.images import predict_images
     from featx.evaluate.scoring import predict as predict_split
 
-    validate(config)
     if config.images:
         return predict_images(
             runs=config.runs,
@@ -138,7 +116,6 @@ def report(config: ReportConfig, *, out: str | Path = "report") -> Path:
     """Write the report page; returns its path."""
     from featx.evaluate.report import write_report
 
-    validate(config)
     return write_report(
         run=list(config.runs),
         out=out,
@@ -154,23 +131,48 @@ def report(config: ReportConfig, *, out: str | Path = "report") -> Path:
 
 def compare(config: CompareConfig, *, out: str | Path = "compare", progress: bool = True) -> list:
     """Compare the backbones; returns the leaderboard (featx.front.compare.Entry), best first."""
-    from featx.front.compare import compare as compare_backbones
+    from featx.front.compare import leaderboard
 
-    validate(config)
-    return compare_backbones(**dataclasses.asdict(config), out=out, progress=progress)
+    return leaderboard(config, out=out, progress=progress)
 
 
-ENTRY_POINTS = {
-    PrepareConfig: prepare,
-    ExtractConfig: extract,
-    ProbeConfig: probe,
-    FinetuneConfig: finetune,
-    PredictConfig: predict,
-    ReportConfig: report,
-    CompareConfig: compare,
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: `name` (a recipe's table and the command's last word), `command` (the words after `featx`),
+    its config class, its entry point, `output` (the control option naming its output) and `control` (the
+    entry point's options besides the config that a recipe may set, each `path` or `flag`)."""
+
+    name: str
+    command: tuple[str, ...]
+    config: type
+    run: Callable
+    output: str = "out"
+    control: tuple[tuple[str, str], ...] = (("out", "path"),)
+
+    @property
+    def flags(self) -> set[str]:
+        return {name for name, kind in self.control if kind == "flag"}
+
+
+FORCE = ("force", "flag")
+STAGES = {
+    s.name: s
+    for s in (
+        StageSpec("prepare", ("data", "prepare"), PrepareConfig, prepare, "cache", (("cache", "path"),)),
+        StageSpec("extract", ("extract",), ExtractConfig, extract, control=(("out", "path"), FORCE)),
+        StageSpec("probe", ("probe",), ProbeConfig, probe, control=(("out", "path"), FORCE)),
+        StageSpec("finetune", ("finetune",), FinetuneConfig, finetune, control=(("out", "path"), FORCE)),
+        StageSpec("predict", ("predict",), PredictConfig, predict),
+        StageSpec("report", ("report",), ReportConfig, report),
+        StageSpec("compare", ("compare",), CompareConfig, compare),
+    )
 }
+
+
+def stage_of(config_class: type) -> StageSpec:
+    return next(s for s in STAGES.values() if s.config is config_class)
 
 
 def run_stage(config, **control):
     """Run the stage whose config this is: `run_stage(ExtractConfig(backbone="resnet18"), out="f.h5")`."""
-    return ENTRY_POINTS[type(config)](config, **control)
+    return stage_of(type(config)).run(config, **control)

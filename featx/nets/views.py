@@ -113,15 +113,15 @@ def render_aug_views(
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
-    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalised float (B * k, 3, size, size) of their augmented views, grouped by image."""
+    """uint8 (B, H, W, 3) -> normalised float32 (B * k, 3, size, size) of their augmented views, grouped by
+    image."""
     check_crop(crop, *images.shape[1:3])
     pixels = aug_pixels(images, first=first, k=k, seed=seed, crop=crop)
-    out = torch.empty(len(pixels), 3, size, size, device=images.device, dtype=dtype)
+    out = torch.empty(len(pixels), 3, size, size, device=images.device)
     for shape in {p.shape for p in pixels}:  # one resize per crop size, not per view
         rows = [i for i, p in enumerate(pixels) if p.shape == shape]
-        out[rows] = to_input(torch.stack([pixels[i] for i in rows]), size=size, mean=mean, std=std, dtype=dtype)
+        out[rows] = to_input(torch.stack([pixels[i] for i in rows]), size=size, mean=mean, std=std)
     return out.contiguous(memory_format=torch.channels_last)
 
 

@@ -12,7 +12,7 @@ from featx.core.atomic import replacing
 from featx.core.device import resolve_device
 from featx.core.runs import Snapshots, load_checkpoint
 from featx.core.stats import apply_temperature, bootstrap_interval, calibration_temperature, expected_calibration_error
-from featx.features.batches import Source, StreamedSplit, scoring_pieces, source
+from featx.features.batches import Source, StreamedSplit, batch_source, scoring_pieces
 from featx.features.store import Features
 from featx.nets.heads import label_rank
 from featx.probe.checkpoints import probe_heads
@@ -43,12 +43,12 @@ def calibrate_and_score(
     listing = snapshots.listing()
     ckpts = [load_checkpoint(run_dir / s.file) for s in listing]
     meta, path = chosen_on.meta, chosen_on.path
-    probs, labels = _probabilities(probe_heads(ckpts, meta, path=path).to(dev).eval(), source(chosen_on, dev))
+    probs, labels = _probabilities(probe_heads(ckpts, meta, path=path).to(dev).eval(), batch_source(chosen_on, dev))
     for s, c, p in zip(listing, ckpts, probs):
         c["calibration"] = {"temperature": calibration_temperature(p, labels), "fitted_on": select}
         with replacing(run_dir / s.file) as tmp:
             torch.save(c, tmp)
-    probs, labels = _probabilities(probe_heads(ckpts[:1], meta, path=path).to(dev).eval(), source(val, dev))
+    probs, labels = _probabilities(probe_heads(ckpts[:1], meta, path=path).to(dev).eval(), batch_source(val, dev))
     rank = label_rank(torch.from_numpy(probs), torch.from_numpy(labels))[0].numpy()
     calibrated = apply_temperature(probs[0], ckpts[0]["calibration"]["temperature"])
     return {

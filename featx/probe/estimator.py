@@ -26,13 +26,13 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from featx import __version__
 from featx.core.choices import Device, Normalize, Optimizer, ProbeSchedule
-from featx.core.configs import DEFAULT_SWEEP, HeadConfig, ProbeConfig
+from featx.core.configs import DEFAULT_SWEEP, HYPERPARAMETERS, HeadConfig, ProbeConfig
 from featx.core.device import resolve_device
 from featx.core.errors import FeatxError
 from featx.core.stats import holdout_rows
 from featx.features.store import FeatureMeta, Features
 from featx.nets.heads import StackedHeads
-from featx.probe.sweep import grid, train
+from featx.probe.sweep import ProbeResult, fit, grid
 
 # `LinearProbeCV`'s grid is `featx probe`'s default sweep (featx.core.configs.DEFAULT_SWEEP): lr x L2 weight decay
 # around the seed's head (lr 6.5e-4, wd 0.0116), with Adam, label smoothing 0.1 and 10 epochs of exponential
@@ -99,9 +99,15 @@ class _Probe(ClassifierMixin, BaseEstimator):
         self.classes_ = self._encoder.classes_
         return self._encoder.transform(y)
 
-    def _train(self, fit: Features, val: Features, heads: Sequence[HeadConfig]):
-        """Train every config in one pass; keep, per head, its weights at the epoch that scored best on `val`
-        (ordered as the probe orders heads: top-1, then top-5, the earliest epoch on ties)."""
+    def _config(self) -> ProbeConfig:
+        """The probe options among the estimator's parameters (scikit-learn's get_params), as a ProbeConfig;
+        its hyperparameters are the heads' (`_heads`)."""
+        options = {k: v for k, v in self.get_params().items() if hasattr(ProbeConfig, k) and k not in HYPERPARAMETERS}
+        return ProbeConfig(features=str(ARRAYS), **options)
+
+    def _train(self, fit_on: Features, val: Features) -> ProbeResult:
+        """Train every head (`_heads`) in one pass; keep, per head, its weights at the epoch that scored best on
+        `val` (ordered as the probe orders heads: top-1, then top-5, the earliest epoch on ties)."""
         kept: dict[int, tuple[float, float, dict]] = {}
 
         def on_eval(epoch, step, model, top1, top5) -> None:
@@ -110,20 +116,7 @@ class _Probe(ClassifierMixin, BaseEstimator):
                     kept[h] = (top1[h], top5[h], model.head_state(h))
 
         try:
-            result = train(
-                fit,
-                val=val,
-                heads=heads,
-                optimizer=self.optimizer,
-                lr_decay=self.lr_decay,
-                schedule=self.schedule,
-                epochs=self.epochs,
-                batch_size=self.batch_size,
-                normalize=self.normalize,
-                seed=self.seed,
-                device=self.device,
-                on_eval=on_eval,
-            )
+            result = fit(fit_on, val=val, config=self._config(), heads=self._heads(), on_eval=on_eval)
         except FeatxError as e:  # scikit-learn's convention for bad input and parameters
             raise ValueError(e.message) from None
         self.head_ = StackedHeads.from_state(kept[result.best][2], normalize=self.normalize).eval()
@@ -152,7 +145,7 @@ class _Probe(ClassifierMixin, BaseEstimator):
 class LinearProbe(_Probe):
     """One linear softmax head trained as `featx probe` trains it (Adam with L2 weight decay, label smoothing,
     minibatches of `batch_size`, `epochs` epochs with exponential lr decay), from zero weights. The defaults
-    are the seed's head; `LinearProbeCV` sweeps a grid and chooses. Fitted: `classes_`, `head_` (the
+    are the transfer-learning report's head; `LinearProbeCV` sweeps a grid and chooses. Fitted: `classes_`, `head_` (the
     featx.nets.heads.StackedHeads), `history_` (per epoch, scored on the training data itself)."""
 
     def __init__(
@@ -175,10 +168,13 @@ class LinearProbe(_Probe):
         self.epochs, self.batch_size, self.optimizer, self.lr_decay = epochs, batch_size, optimizer, lr_decay
         self.schedule, self.normalize, self.seed, self.device = schedule, normalize, seed, device
 
+    def _heads(self) -> list[HeadConfig]:
+        return [HeadConfig(self.lr, self.weight_decay, self.label_smoothing, self.dropout)]
+
     def fit(self, X, y) -> LinearProbe:
         X, y = self._x(X, y=y, reset=True)
         data = as_features(X, self._encode(y), n_classes=len(self.classes_))
-        result = self._train(data, data, [HeadConfig(self.lr, self.weight_decay, self.label_smoothing, self.dropout)])
+        result = self._train(data, data)
         # the final weights, not the best epoch on the training data
         self.head_ = StackedHeads.from_state(result.heads.head_state(0), normalize=self.normalize).eval()
         return self
@@ -232,18 +228,16 @@ class LinearProbeCV(_Probe):
             unknown = sorted(set(np.unique(y_val)) - set(self.classes_))
             if unknown:
                 raise ValueError(f"y_val has labels not in y: {unknown[:5]}")
-            fit, val = (
+            fit_on, val = (
                 data,
                 as_features(x_val, self._encoder.transform(y_val), n_classes=len(self.classes_), split="val"),
             )
         else:
             held = self._held_out(labels)
-            fit = dataclasses.replace(data, labels=np.where(held, -1, labels))
+            fit_on = dataclasses.replace(data, labels=np.where(held, -1, labels))
             val = dataclasses.replace(data, labels=np.where(held, labels, -1), split="val")
-        configs = grid(
-            lr=self.lr, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing, dropout=self.dropout
-        )
-        result = self._train(fit, val, configs)
+        result = self._train(fit_on, val)
+        configs = self._heads()
         self.configs_ = configs
         self.best_params_ = dataclasses.asdict(configs[result.best])
         self.best_epoch_ = result.best_epoch
@@ -252,6 +246,11 @@ class LinearProbeCV(_Probe):
             [max((r["val_top1"] for r in h if math.isfinite(r["val_top1"])), default=math.nan) for h in result.history]
         )
         return self
+
+    def _heads(self) -> list[HeadConfig]:
+        return grid(
+            lr=self.lr, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing, dropout=self.dropout
+        )
 
     def _held_out(self, labels: np.ndarray) -> np.ndarray:
         """The probe's class-stratified holdout (`featx.core.stats.holdout_rows`, so the same rows `featx probe`

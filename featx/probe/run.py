@@ -25,7 +25,6 @@ import torch
 
 from featx.core.atomic import one_writer, require_space
 from featx.core.choices import (
-    PROBE_HEADS,
     TRAINED_HEADS,
     Device,
     Normalize,
@@ -42,7 +41,7 @@ from featx.core.outputs import Existing, promote, target
 from featx.core.outputs import decide as output_action
 from featx.core.runs import HEAD_FORMAT, Snapshots, read_run, start_run, update_run, write_metrics, write_results
 from featx.core.stats import holdout_rows, parse_select, selection_too_small
-from featx.features.batches import StreamedSplit, feature_dim, load_or_stream, only, source, split_labels
+from featx.features.batches import StreamedSplit, batch_source, feature_dim, load_or_stream, only, split_labels
 from featx.features.store import (
     ALL,
     FeatureMeta,
@@ -57,7 +56,7 @@ from featx.features.store import (
 from featx.nets.heads import FeatureSetHeads
 from featx.probe.calibration import calibrate_and_score
 from featx.probe.neighbors import fit_neighbors
-from featx.probe.sweep import HeadConfig, OnEval, ProbeResult, best_head, check_heads, evaluate, grid, train
+from featx.probe.sweep import HeadConfig, OnEval, ProbeResult, best_head, evaluate, fit, grid, head_grid, train
 from featx.probe.tables import format_summary, format_table
 
 # what `from featx.probe.run import ...` has always offered, besides run_probe
@@ -74,19 +73,10 @@ def _check_feature_sets(meta: FeatureMeta, feature_sets: Sequence[str], *, path:
     return sets
 
 
-def _check_options(
-    path: Path,
-    meta: FeatureMeta,
-    *,
-    heads: Sequence[HeadConfig],
-    head: str,
-    keep: int,
-    k: Sequence[int],
-    snapshot_every: int | None,
-    feature_sets: Sequence[str],
-) -> list[str]:
-    """Refuse inconsistent options before anything is written to `out`; returns the distinct feature sets."""
-    feature_sets = _check_feature_sets(meta, feature_sets, path=path, head=head)
+def _check_file(path: Path, meta: FeatureMeta, config: ProbeConfig) -> list[str]:
+    """Refuse a feature file the options do not fit before anything is written to `out`; returns the distinct
+    feature sets."""
+    feature_sets = _check_feature_sets(meta, config.feature_set, path=path, head=config.head)
     have = feature_splits(path)
     for split in ("train", "val"):
         if split not in have:
@@ -94,16 +84,6 @@ def _check_options(
                 f"{path}: no {split!r} split (has {', '.join(have)}); "
                 "extract it with `featx extract --splits train,val`"
             )
-    if keep < 1:
-        raise FeatxError(f"--keep {keep}: keep at least 1 checkpoint")
-    if head not in PROBE_HEADS:
-        raise FeatxError(f"--head {head}: choose one of {', '.join(PROBE_HEADS)}")
-    if head in TRAINED_HEADS:
-        check_heads(heads, head)
-    if head == "knn" and (not k or min(k) < 1):
-        raise FeatxError(f"--k {','.join(map(str, k))}: give neighbour counts >= 1 (e.g. 10,20,100)")
-    if snapshot_every is not None and snapshot_every < 1:
-        raise FeatxError(f"--snapshot-every {snapshot_every}: give a number of steps, 1 or more")
     return feature_sets
 
 
@@ -131,25 +111,17 @@ def _available_ram() -> int:
 
 
 def _checkpoint_bytes(
-    train_split: Features | StreamedSplit,
-    n_classes: int,
-    *,
-    head: str,
-    heads: Sequence[HeadConfig],
-    hidden: int,
-    feature_sets: Sequence[str],
-    keep: int,
-    k: Sequence[int],
+    train_split: Features | StreamedSplit, n_classes: int, config: ProbeConfig, heads: Sequence[HeadConfig]
 ) -> int:
     """The most the run's checkpoints take on disk: k-NN's hold the training bank (a copy per k), NCM's the class
     means, trained heads' the `keep` snapshots of every head of every feature set (each at most all columns)."""
-    dim = feature_dim(train_split)
-    if head == "knn":
-        return len(k) * split_labels(train_split).size * (dim + 1) * 4
-    if head == "ncm":
+    dim, hidden = feature_dim(train_split), config.hidden
+    if config.head == "knn":
+        return len(config.k) * split_labels(train_split).size * (dim + 1) * 4
+    if config.head == "ncm":
         return (dim + 1) * n_classes * 4
-    params = (dim + 1) * hidden + (hidden + 1) * n_classes if head == "mlp" else (dim + 1) * n_classes
-    return len(heads) * len(feature_sets) * keep * params * 4
+    params = (dim + 1) * hidden + (hidden + 1) * n_classes if config.head == "mlp" else (dim + 1) * n_classes
+    return len(heads) * len(config.feature_set) * config.keep * params * 4
 
 
 def _selection(
@@ -183,7 +155,7 @@ def _fit_neighbors(
     start = time.perf_counter()
     dev = resolve_device(device)
     model = fit_neighbors(bank, head=head, ks=ks, device=dev, feature_set=feature_set)
-    loss, top1, top5 = evaluate(model, source(chosen_on, dev))
+    loss, top1, top5 = evaluate(model, batch_source(chosen_on, dev))
     history = [
         [
             {
@@ -312,7 +284,6 @@ def _finish(
     return result
 
 
-@one_writer("out")
 def run_probe(
     *,
     features: str | Path,
@@ -340,50 +311,68 @@ def run_probe(
     force: bool = False,
     progress: bool = False,
 ) -> ProbeResult:
-    """`featx probe`: fit the heads (trained, or k-NN/NCM) on the file's train split, choose the head, epoch and
-    k on the selection split (`select`: a stratified holdout of train, or val), score val once, write the run.
-
-    `train_views`, `eval_views`: "all" (every deterministic view), "full" or a comma list of stored view names
-    (augmented views train only). Snapshots are offered after every epoch and, with `snapshot_every`, every
-    that many steps; the `keep` best of each head are kept, and run.json's best is the best of them all.
-    `feature_sets`: the columns heads see (see featx.features.store.feature_set_columns); several sweep in one pass.
-    An existing run in `out` follows featx.core.outputs' contract: up to date when finished with the same settings
-    (its recorded result is returned), refused when made with others unless `force`."""
-    path = Path(features)
-    meta = read_meta(path)
-    feature_sets = _check_options(
-        path, meta, heads=heads, head=head, keep=keep, k=k, snapshot_every=snapshot_every, feature_sets=feature_sets
+    """`probe` with its options as keywords and the heads given as a list (`grid(...)`, or any configs)."""
+    config = ProbeConfig(
+        features=str(features),
+        head=head,
+        hidden=hidden,
+        k=tuple(k),
+        select=select,
+        optimizer=optimizer,
+        lr_decay=lr_decay,
+        schedule=schedule,
+        epochs=epochs,
+        batch_size=batch_size,
+        train_views=train_views,
+        eval_views=eval_views,
+        normalize=normalize,
+        feature_set=tuple(feature_sets),
+        seed=seed,
+        device=device,
+        save=save,
+        keep=keep,
+        snapshot_every=snapshot_every,
+        stream=stream,
     )
-    fraction = parse_select(select)
-    views = {"train": train_views, "val": eval_views}
-    for split, which in views.items():  # a misnamed view fails here, before any training
-        select_views(meta, split, which, path=path)
-    stream = stream or not _fits_in_memory(path, views, resolve_device(device))
-    # the output contract first: an up-to-date run reads no features, a refused one warns of nothing
-    config = {
-        "features": str(path),
-        "head": head,
-        "hidden": hidden if head == "mlp" else 0,
-        "optimizer": optimizer,
-        "lr_decay": lr_decay,
-        "schedule": schedule,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "train_views": train_views,
-        "eval_views": eval_views,
-        "normalize": normalize,
-        "seed": seed,
-        "device": device,
-        "save": save,
-        "keep": keep,
-        "snapshot_every": snapshot_every,
+    return probe(config, out=out, heads=heads, force=force, progress=progress)
+
+
+def _settings(config: ProbeConfig, feature_sets: list[str], stream: bool) -> dict:
+    """What run.json records of the options (the output contract compares them): `hidden` only where a head
+    has it, `k` only for k-NN, the distinct feature sets, and whether the run streamed."""
+    settings = {
+        "features": config.features,
+        "head": config.head,
+        "hidden": config.hidden if config.head == "mlp" else 0,
+        **{
+            name: getattr(config, name)
+            for name in (
+                "optimizer",
+                "lr_decay",
+                "schedule",
+                "epochs",
+                "batch_size",
+                "train_views",
+                "eval_views",
+                "normalize",
+                "seed",
+                "device",
+                "save",
+                "keep",
+                "snapshot_every",
+            )
+        },
         "stream": stream,
-        "select": select,
+        "select": config.select,
         "feature_sets": feature_sets,
     }
-    if head == "knn":
-        config["k"] = list(k)
-    feature_info = {
+    if config.head == "knn":
+        settings["k"] = list(config.k)
+    return settings
+
+
+def _feature_info(path: Path, meta: FeatureMeta) -> dict:
+    return {
         "path": str(path.resolve()),
         "identity": meta.identity(),
         "backbone": meta.backbone,
@@ -392,76 +381,88 @@ def run_probe(
         "dataset": meta.dataset,
         "dataset_fingerprint": meta.dataset_fingerprint,
     }
-    recorded = {**config, "heads": [dataclasses.asdict(c) for c in heads]}
+
+
+@one_writer("out")
+def probe(
+    config: ProbeConfig,
+    *,
+    out: str | Path,
+    heads: Sequence[HeadConfig] | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> ProbeResult:
+    """`featx probe`: fit the heads (trained, or k-NN/NCM) on the file's train split, choose the head, epoch and
+    k on the selection split (`config.select`: a stratified holdout of train, or val), score val once, write the
+    run. `heads`: the configs trained [default: the config's sweep, featx.probe.sweep.head_grid].
+
+    `train_views`, `eval_views`: "all" (every deterministic view), "full" or a comma list of stored view names
+    (augmented views train only). Snapshots are offered after every epoch and, with `snapshot_every`, every
+    that many steps; the `keep` best of each head are kept, and run.json's best is the best of them all.
+    `feature_set`: the columns heads see (see featx.features.store.feature_set_columns); several sweep in one
+    pass. An existing run in `out` follows featx.core.outputs' contract: up to date when finished with the same
+    settings (its recorded result is returned), refused when made with others unless `force`."""
+    heads = head_grid(config) if heads is None else list(heads)
+    path = Path(config.features)
+    meta = read_meta(path)
+    feature_sets = _check_file(path, meta, config)
+    config = dataclasses.replace(config, feature_set=tuple(feature_sets))
+    fraction = parse_select(config.select)
+    views = {"train": config.train_views, "val": config.eval_views}
+    for split, which in views.items():  # a misnamed view fails here, before any training
+        select_views(meta, split, which, path=path)
+    stream = config.stream or not _fits_in_memory(path, views, resolve_device(config.device))
+    # the output contract first: an up-to-date run reads no features, a refused one warns of nothing
+    settings = _settings(config, feature_sets, stream)
+    feature_info = _feature_info(path, meta)
+    recorded = {**settings, "heads": [dataclasses.asdict(c) for c in heads]}
     if (
         output_action(out, _existing_probe(Path(out)), _probe_settings(recorded, feature_info), force=force)
         == "up to date"
     ):
         return recorded_result(Path(out))
     train_split, val_split = (load_or_stream(path, s, v, stream) for s, v in views.items())
-    require_space(
-        Path(out) / "run.json",
-        _checkpoint_bytes(
-            train_split,
-            len(meta.classes),
-            head=head,
-            heads=heads,
-            hidden=hidden,
-            feature_sets=feature_sets,
-            keep=keep,
-            k=k,
-        ),
-    )
+    require_space(Path(out) / "run.json", _checkpoint_bytes(train_split, len(meta.classes), config, heads))
     if not (split_labels(val_split) >= 0).any():
         raise FeatxError(
             f"{path}: split 'val' has no labels to validate on; extract a labelled split (e.g. --splits train,val)"
         )
-    held = None if fraction is None else holdout_rows(split_labels(train_split), fraction, seed)
-    chosen_by = select  # what the run selects on: the user's option, or val where the holdout is too small
+    held = None if fraction is None else holdout_rows(split_labels(train_split), fraction, config.seed)
+    chosen_by = config.select  # what the run selects on: the user's option, or val where the holdout is too small
     if held is not None and selection_too_small(split_labels(train_split), held, len(meta.classes)):
         held, chosen_by = None, "val"
-    fit, chosen_on = _selection(
-        path, train_split, val_split, held, train_views=train_views, eval_views=eval_views, stream=stream
+    fit_on, chosen_on = _selection(
+        path, train_split, val_split, held, train_views=config.train_views, eval_views=config.eval_views, stream=stream
     )
     run_dir = start_run(
         target(out, forced=(Path(out) / "run.json").exists()), kind="probe", config=recorded, features=feature_info
     )
     # step-numbered names only when snapshots are taken within epochs, so that per-epoch runs keep theirs
-    name = "head{key:02d}-epoch{epoch:03d}" + ("-step{step:06d}" if snapshot_every else "") + ".pt"
-    snapshots = Snapshots(run_dir, keep=keep, name=name)
+    name = "head{key:02d}-epoch{epoch:03d}" + ("-step{step:06d}" if config.snapshot_every else "") + ".pt"
+    snapshots = Snapshots(run_dir, keep=config.keep, name=name)
     common = {"features": feature_info, "classes": meta.classes}
-    if head in ("knn", "ncm"):
+    if config.head in ("knn", "ncm"):
         bank = load_features(path, "train", views="full")  # as DINO: the training images' centre view only
         result = _fit_neighbors(
             bank if held is None else only(bank, ~held),
             chosen_on,
-            head=head,
-            ks=k,
-            device=device,
+            head=config.head,
+            ks=config.k,
+            device=config.device,
             feature_set=feature_sets[0],
         )
-        _offer_neighbors(result, snapshots, config, common)
+        _offer_neighbors(result, snapshots, settings, common)
     else:
-        result = train(
-            fit,
+        plan = [(s, c) for s in feature_sets for c in heads]
+        result = fit(
+            fit_on,
             val=chosen_on,
+            config=config,
             heads=heads,
-            head=head,
-            hidden=hidden,
-            optimizer=optimizer,
-            lr_decay=lr_decay,
-            schedule=schedule,
-            epochs=epochs,
-            batch_size=batch_size,
-            normalize=normalize,
-            seed=seed,
-            device=device,
-            feature_sets=feature_sets,
-            on_eval=_offer_heads(snapshots, [(s, c) for s in feature_sets for c in heads], config, common, normalize),
-            eval_every=snapshot_every,
+            on_eval=_offer_heads(snapshots, plan, settings, common, config.normalize),
             progress=progress,
         )
-    _finish(run_dir, snapshots, result, chosen_on, val_split, save=save, select=chosen_by, device=device)
+    _finish(run_dir, snapshots, result, chosen_on, val_split, save=config.save, select=chosen_by, device=config.device)
     write_probe_results(
         run_dir,
         read_run(run_dir).best,

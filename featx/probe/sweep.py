@@ -23,18 +23,18 @@ import numpy as np
 import torch
 
 from featx.core.choices import TRAINED_HEADS, Device, Normalize, Optimizer, ProbeSchedule, TrainedHead
-from featx.core.configs import HeadConfig, ProbeConfig
+from featx.core.configs import DEFAULT_SWEEP, HYPERPARAMETERS, HeadConfig, ProbeConfig
 from featx.core.device import resolve_device
 from featx.core.errors import FeatxError
 from featx.core.progress import progress_bar
 from featx.features.batches import (
     Source,
     StreamedSplit,
+    batch_source,
     batches,
     feature_dim,
     pieces,
     scoring_pieces,
-    source,
     split_labels,
 )
 from featx.features.store import ALL, Features, feature_set_columns, require_same_extraction
@@ -49,8 +49,18 @@ def grid(
     label_smoothing: Sequence[float] = (HeadConfig.label_smoothing,),
     dropout: Sequence[float] = (HeadConfig.dropout,),
 ) -> list[HeadConfig]:
-    """Every combination, lr varying slowest; what is not given keeps the seed's value (HeadConfig)."""
+    """Every combination, lr varying slowest; what is not given keeps the transfer-learning report's value
+    (HeadConfig)."""
     return [HeadConfig(*c) for c in itertools.product(lr, weight_decay, label_smoothing, dropout)]
+
+
+def head_grid(config: ProbeConfig) -> list[HeadConfig]:
+    """The heads a probe config trains: the default sweep when it gives no hyperparameter; else every
+    combination of those it gives, the others at the transfer-learning report's values (HeadConfig)."""
+    given = {h: getattr(config, h) for h in HYPERPARAMETERS if getattr(config, h) is not None}
+    sweep = given or DEFAULT_SWEEP
+    reported = HeadConfig()
+    return grid(**{h: sweep.get(h, (getattr(reported, h),)) for h in HYPERPARAMETERS})
 
 
 @dataclass
@@ -79,12 +89,12 @@ class ProbeResult:
 
 
 @torch.no_grad()
-def evaluate(heads: FeatureSetHeads, src: Source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def evaluate(model: FeatureSetHeads, src: Source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per head: cross-entropy, top-1 and top-5 of the view-averaged softmax over the labelled rows."""
     loss = top1 = top5 = 0
     n = 0
     for x, y in scoring_pieces(src):
-        probs = heads.predict_proba(x)
+        probs = model.predict_proba(x)
         p_true = probs.gather(-1, y.view(1, -1, 1).expand(probs.shape[0], -1, 1)).squeeze(-1)
         loss = loss - p_true.clamp_min(1e-12).log().sum(1)
         rank = label_rank(probs, y)
@@ -106,18 +116,9 @@ def best_head(history: list[list[dict]]) -> tuple[int, int]:
     return h, epoch
 
 
-def check_heads(heads: Sequence[HeadConfig], head: str) -> None:
-    if head not in TRAINED_HEADS:
+def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, head: str) -> None:
+    if head not in TRAINED_HEADS:  # k-NN and NCM are fitted, not trained (featx.probe.neighbors)
         raise FeatxError(f"--head {head}: choose one of {', '.join(TRAINED_HEADS)}")
-    for c in heads:
-        if not (c.lr > 0 and c.weight_decay >= 0 and 0 <= c.label_smoothing < 1 and 0 <= c.dropout < 1):
-            raise FeatxError(f"head {c.label()}: need lr > 0, weight decay >= 0, label smoothing and dropout in [0, 1)")
-
-
-def _check(
-    features: Features | StreamedSplit, val: Features | StreamedSplit, heads: Sequence[HeadConfig], head: str
-) -> None:
-    check_heads(heads, head)
     require_same_extraction(features, val)
     if not (split_labels(val) >= 0).any():
         raise FeatxError(
@@ -143,29 +144,25 @@ def _build(
     features: Features | StreamedSplit,
     train_src: Source,
     columns: list[slice],
-    heads: Sequence[HeadConfig],
-    *,
-    head: str,
-    hidden: int,
-    normalize: Normalize,
-    seed: int,
+    configs: Sequence[HeadConfig],
+    config: ProbeConfig,
     device: torch.device,
 ) -> FeatureSetHeads:
     """A stack of the configs' heads per feature set, each on its columns, standardised on the training split."""
     n_classes = len(features.meta.classes)
     stacks = [
         StackedHeads(
-            heads=len(heads),
+            heads=len(configs),
             in_dim=len(range(feature_dim(features))[c]),
             num_classes=n_classes,
-            hidden=hidden if head == "mlp" else 0,
-            dropout=[c.dropout for c in heads],
-            normalize=normalize,
-            seed=seed,
+            hidden=config.hidden if config.head == "mlp" else 0,
+            dropout=[c.dropout for c in configs],
+            normalize=config.normalize,
+            seed=config.seed,
         ).to(device)
         for c in columns
     ]
-    if normalize == "standard":
+    if config.normalize == "standard":
         mean, std = _standardization(train_src)
         for stack, c in zip(stacks, columns):
             stack.set_standardization(mean[c], std[c])
@@ -181,33 +178,33 @@ class _Loop:
     def __init__(
         self,
         model: FeatureSetHeads,
-        heads: Sequence[HeadConfig],
+        configs: Sequence[HeadConfig],
         val_src: Source,
+        config: ProbeConfig,
         *,
-        optimizer: str,
-        schedule: str,
-        lr_decay: float,
         steps_per_epoch: int,
-        epochs: int,
-        seed: int,
         device: torch.device,
         on_eval: OnEval | None,
     ):
-        self.model, self.per_stack, self.val_src, self.on_eval = model, len(heads), val_src, on_eval
+        self.model, self.per_stack, self.val_src, self.on_eval = model, len(configs), val_src, on_eval
         self.opts = [
-            HeadOptimizer(s, kind=optimizer, lr=[c.lr for c in heads], weight_decay=[c.weight_decay for c in heads])
+            HeadOptimizer(
+                s, kind=config.optimizer, lr=[c.lr for c in configs], weight_decay=[c.weight_decay for c in configs]
+            )
             for s in model.stacks
         ]
         self.scheds = [
-            make_scheduler(o.opt, schedule, steps_per_epoch=steps_per_epoch, epochs=epochs, decay=lr_decay)
+            make_scheduler(
+                o.opt, config.schedule, steps_per_epoch=steps_per_epoch, epochs=config.epochs, decay=config.lr_decay
+            )
             for o in self.opts
         ]
-        self.smoothing = torch.tensor([c.label_smoothing for c in heads] * len(model.stacks), device=device)
+        self.smoothing = torch.tensor([c.label_smoothing for c in configs] * len(model.stacks), device=device)
         self.dims = [s.weights[0].shape[1] for s in model.stacks]
         # a generator per feature set, so that each set's heads see the dropout masks they would see alone
         self.noise_gens = (
-            [torch.Generator(device=device).manual_seed(seed) for _ in model.stacks]
-            if any(c.dropout > 0 for c in heads)
+            [torch.Generator(device=device).manual_seed(config.seed) for _ in model.stacks]
+            if any(c.dropout > 0 for c in configs)
             else None
         )
         self.status = ["ok"] * model.num_heads
@@ -222,7 +219,7 @@ class _Loop:
     def active(self) -> list[bool]:
         return [a for opt in self.opts for a in opt.active]
 
-    def validate(self, epoch: int) -> tuple[np.ndarray, ...]:
+    def score_val(self, epoch: int) -> tuple[np.ndarray, ...]:
         # A step can turn weights NaN/inf with a finite loss, and the epoch's last step has no next loss to
         # show it: such a head is stopped before it is evaluated, let alone saved.
         for s, stack in enumerate(self.model.stacks):
@@ -247,7 +244,7 @@ class _Loop:
         seen = 0
         for i, (x, y) in enumerate(minibatches):
             if eval_every and self.step % eval_every == 0 and i:  # the epoch's end validates anyway
-                self.validate(epoch)
+                self.score_val(epoch)
             noise = (
                 None
                 if self.noise_gens is None
@@ -289,41 +286,68 @@ def train(
     eval_every: int | None = None,
     progress: bool = False,
 ) -> ProbeResult:
-    """Train one head per config and feature set on `features`, all over the same minibatches, validating on
-    `val`. Heads are numbered set by set: head s * len(heads) + c is config c on feature_sets[s].
+    """`fit` with its options as keywords: one head per config of `heads` and feature set, validating every
+    `eval_every` steps as well as after each epoch."""
+    config = ProbeConfig(
+        features=str(features.path),
+        head=head,
+        hidden=hidden,
+        optimizer=optimizer,
+        lr_decay=lr_decay,
+        schedule=schedule,
+        epochs=epochs,
+        batch_size=batch_size,
+        normalize=normalize,
+        seed=seed,
+        device=device,
+        feature_set=tuple(feature_sets),
+        snapshot_every=eval_every or None,
+    )
+    return fit(features, val=val, config=config, heads=heads, on_eval=on_eval, progress=progress)
+
+
+def fit(
+    features: Features | StreamedSplit,
+    *,
+    val: Features | StreamedSplit,
+    config: ProbeConfig,
+    heads: Sequence[HeadConfig],
+    on_eval: OnEval | None = None,
+    progress: bool = False,
+) -> ProbeResult:
+    """Train one head per config of `heads` and feature set of `config.feature_set` on `features`, all over the
+    same minibatches, validating on `val`. Heads are numbered set by set: head s * len(heads) + c is config c on
+    feature set s. `config` gives the rest of the probe's options (its features, lr... and selection are the
+    caller's: featx.probe.run).
 
     Each step draws one stored view per training image (load with views="full" to train on full images);
     validation averages the softmax over `val`'s views. `on_eval(epoch, step, heads, val_top1, val_top5)` runs
-    after each validation (the CLI saves snapshots there): at the end of every epoch and, with `eval_every`,
-    also every that many steps (counted from the start of training). `feature_sets` ("all", "last2", ...; see
-    featx.features.store.feature_set_columns): each set's heads are a stack of their own on its columns.
+    after each validation (the CLI saves snapshots there): at the end of every epoch and, with
+    `config.snapshot_every`, also every that many steps (counted from the start of training). Feature sets
+    ("all", "last2", ...; see featx.features.store.feature_set_columns): each set's heads are a stack of their
+    own on its columns.
     """
-    _check(features, val, heads, head)
+    _check(features, val, config.head)
     start = time.perf_counter()
-    dev = resolve_device(device)
-    train_src = source(features, dev)
+    dev = resolve_device(config.device)
+    train_src = batch_source(features, dev)
+    feature_sets = config.feature_set
     columns = [feature_set_columns(features.meta, s, path=features.path) for s in feature_sets]
-    model = _build(
-        features, train_src, columns, heads, head=head, hidden=hidden, normalize=normalize, seed=seed, device=dev
-    )
+    model = _build(features, train_src, columns, heads, config, dev)
     loop = _Loop(
         model,
         heads,
-        source(val, dev),
-        optimizer=optimizer,
-        schedule=schedule,
-        lr_decay=lr_decay,
-        steps_per_epoch=math.ceil(int((split_labels(features) >= 0).sum()) / batch_size),
-        epochs=epochs,
-        seed=seed,
+        batch_source(val, dev),
+        config,
+        steps_per_epoch=math.ceil(int((split_labels(features) >= 0).sum()) / config.batch_size),
         device=dev,
         on_eval=on_eval,
     )
-    gen = torch.Generator().manual_seed(seed)  # minibatch order and views: the same for every head
+    gen = torch.Generator().manual_seed(config.seed)  # minibatch order and views: the same for every head
     history: list[list[dict]] = [[] for _ in range(model.num_heads)]
-    for epoch in progress_bar(range(1, epochs + 1), desc="probe", unit="epoch", enabled=progress):
-        train_loss, train_top1 = loop.epoch(epoch, batches(train_src, gen, batch_size), eval_every)
-        val_loss, val_top1, val_top5 = loop.validate(epoch)
+    for epoch in progress_bar(range(1, config.epochs + 1), desc="probe", unit="epoch", enabled=progress):
+        train_loss, train_top1 = loop.epoch(epoch, batches(train_src, gen, config.batch_size), config.snapshot_every)
+        val_loss, val_top1, val_top5 = loop.score_val(epoch)
         for h, (hist, ok) in enumerate(zip(history, loop.active())):
             hist.append(
                 {
