@@ -53,6 +53,7 @@ _API = {
     "write_predictions": "featx.evaluate.writers",
     "write_submission": "featx.evaluate.writers",
     "write_report": "featx.evaluate.report",
+    "compare_backbones": "featx.front.compare:compare",
     # recipes (pass the click group: run_recipe(recipe=..., commands=featx.front.cli.cli))
     "run_recipe": "featx.front.recipes",
 }

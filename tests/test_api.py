@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 import featx
 from featx.core import choices, configs
-from featx.core.errors import FeatxError
 from featx.core.configs import coerce, field_named
+from featx.core.errors import FeatxError
 from featx.front.cli import cli, main
 from featx.front.stages import STAGES
 

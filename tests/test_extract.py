@@ -280,7 +280,7 @@ def test_torchrun_two_gloo_ranks_write_the_single_process_file(synth_cache, tmp_
         (["--backbone", "resnet9000"], "unknown; known: resnet18"),
         (["--backbone", "resnet18", "--crop", "80"], "--crop 80 is larger than the 64x64 images"),
         (["--backbone", "resnet18", "--device", "cuda"], None),
-        (["--backbone", "resnet18", "--mean", "0.5,0.5"], "--mean': '0.5,0.5': give 3 comma-separated numbers"),
+        (["--backbone", "resnet18", "--mean", "0.5,0.5"], "--mean 0.5,0.5: give 3 comma-separated numbers"),
     ],
 )
 def test_cli_mistakes_are_one_line_exit_2(args, message, synth_cache, tmp_path):

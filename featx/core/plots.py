@@ -83,7 +83,7 @@ def plot_curves(path: Path, metrics: dict) -> str:
 
 def plot_ensemble(path: Path, top1: Sequence[float]) -> str:
     """Val top-1 against the number of snapshots averaged (best first), the best size marked in red, as the
-    seed report's Fig. 6 draws it."""
+    transfer-learning report's Fig. 6 (Milani) draws it."""
     sizes = np.arange(1, len(top1) + 1)
     best = int(np.argmax(top1))
     fig = _figure(6, 4)

@@ -140,14 +140,22 @@ def start_run(
 RESULTS_FORMAT = "featx-results-1"
 
 
+@dataclass(frozen=True)
+class Scores:
+    """What a run or a prediction scored on `split`: top-1 with its 95% interval, and top-5, in [0, 1]; None
+    where the split has no labels."""
+
+    split: str
+    top1: float | None
+    top1_interval: Sequence[float] | None
+    top5: float | None
+
+
 def write_results(
     folder: str | Path,
     *,
     kind: str,
-    split: str,
-    top1: float | None,
-    top1_interval: Sequence[float] | None,
-    top5: float | None,
+    scores: Scores,
     selection: dict | None,
     views: str | Sequence[str],
     settings: dict,
@@ -155,17 +163,18 @@ def write_results(
     **extra,
 ) -> dict:
     """results.json, the one record of a probe's, finetune's or predict's scores (as timm's --results-file):
-    top-1 with its 95% interval and top-5 on `split`, how the model was chosen (`selection`), which views the
-    number averages, the settings and timings; accuracies in [0, 1]. Returns what it wrote (for --json)."""
+    the scores, how the model was chosen (`selection`), which views the number averages, the settings and
+    timings. Returns what it wrote (for --json)."""
     views = views if isinstance(views, str) else ",".join(views)
+    interval = scores.top1_interval
     results = {
         "format": RESULTS_FORMAT,
         "kind": kind,
         "featx_version": __version__,
-        "split": split,
-        "top1": top1,
-        "top1_interval": list(top1_interval) if top1_interval is not None else None,
-        "top5": top5,
+        "split": scores.split,
+        "top1": scores.top1,
+        "top1_interval": list(interval) if interval is not None else None,
+        "top5": scores.top5,
         "views": views,
         "selection": selection,
         **extra,

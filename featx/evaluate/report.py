@@ -39,9 +39,9 @@ from featx.evaluate.scoring import FinetuneRun, ProbeRun, open_run, score_runs
 from featx.evaluate.writers import write_curve, write_predictions
 from featx.nets.models import load_model
 
-# The seven classes of the seed report's t-SNE (Milani, section 4.3, Fig. 11), drawn as it drew them: every
-# training image of each (500 in the full data). Convertible, sports car, plunger, Egyptian cat, Persian cat,
-# golden retriever, bullet train (wnids from the dataset's words.txt).
+# The seven classes of the transfer-learning report's t-SNE (Milani, section 4.3, Fig. 11), drawn as it drew them: every
+# training image of each (500 in the full data). Convertible, sports car, plunger, Egyptian cat, Persian cat, golden
+# retriever, bullet train (wnids from the dataset's words.txt).
 DEFAULT_TSNE = ("n03100240", "n04285008", "n03970156", "n02124075", "n02123394", "n02099601", "n02917067")
 TSNE_SPLIT, TSNE_PER_CLASS = "train", 500
 PAIRS = 20  # most-confused pairs listed

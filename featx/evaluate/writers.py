@@ -11,7 +11,7 @@ from featx.core.choices import (
     Combine,
 )
 from featx.core.plots import plot_ensemble
-from featx.core.runs import write_results
+from featx.core.runs import Scores, write_results
 from featx.evaluate.metrics import Prediction, top_k
 
 # compute_features is extraction's own "render the views, run the model" step: reusing it keeps predictions on new
@@ -35,10 +35,9 @@ def write_prediction_results(
     return write_results(
         folder,
         kind="predict",
-        split=p.split,
-        top1=p.top_k(1) if scored else None,
-        top1_interval=p.interval(1) if scored else None,
-        top5=p.top_k(5) if scored else None,
+        scores=Scores(
+            p.split, p.top_k(1) if scored else None, p.interval(1) if scored else None, p.top_k(5) if scored else None
+        ),
         views=p.views,
         selection={
             "protocol": ", ".join(dict.fromkeys(p.selection)),

@@ -468,10 +468,7 @@ def _write_results(out: Path, rows: list[dict], recorded: dict, views: list[str]
     return runs.write_results(
         out,
         kind="finetune",
-        split="val",
-        top1=best["val_top1"],
-        top1_interval=interval,
-        top5=best["val_top5"],
+        scores=runs.Scores("val", best["val_top1"], interval, best["val_top5"]),
         views=views,
         selection={"protocol": "val (optimistic)", "chosen": {"epoch": best["epoch"]}},
         settings=recorded,

@@ -5,14 +5,14 @@ because every head sees the same minibatch: the logits of all heads come from on
 features with weights of shape (H, D, C) (or two, for the MLP head).
 
 Each head's result does not depend on which other heads share the stack:
-- every head starts from the same initial weights (drawn once from the seed);
+- every head starts from the same initial weights (drawn once from the random seed);
 - dropout masks come from one uniform draw per step shared by all heads (head h keeps a unit where
   u >= p_h), so a head sees the same masks whether trained alone or in a sweep;
 - the optimizer has one param group per head whose params alias that head's slice of the stacked
   tensors, so per-head lr and weight decay are ordinary group settings and torch's fused kernels apply.
 
-Weight decay is L2 in the seed's sense for adam and sgd (the gradient gains wd * W, i.e. wd/2 * ||W||^2 is
-added to the loss) and decoupled for adamw; it applies to weights, not biases.
+Weight decay is L2 in the transfer-learning report's sense for adam and sgd (the gradient gains wd * W, i.e.
+wd/2 * ||W||^2 is added to the loss) and decoupled for adamw; it applies to weights, not biases.
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ from featx.nets.heads import StackedHeads
 from featx.probe.sweep import ProbeResult, fit, grid
 
 # `LinearProbeCV`'s grid is `featx probe`'s default sweep (featx.core.configs.DEFAULT_SWEEP): lr x L2 weight decay
-# around the seed's head (lr 6.5e-4, wd 0.0116), with Adam, label smoothing 0.1 and 10 epochs of exponential
-# decay. On MobileNetV2 features of the full Tiny ImageNet the seed's single head scores 60.49% val and this
-# grid, chosen on the holdout, 63.50% (issue 24), for one pass over the data.
+# around the transfer-learning report's head (lr 6.5e-4, wd 0.0116), with Adam, label smoothing 0.1 and 10 epochs
+# of exponential decay. On MobileNetV2 features of the full Tiny ImageNet that report's single head scores 60.49%
+# val and this grid, chosen on the holdout, 63.50% (issue 24), for one pass over the data.
 
 ARRAYS = Path("<arrays>")  # the `path` of Features built from arrays, as error messages name it
 

@@ -39,7 +39,16 @@ from featx.core.device import resolve_device
 from featx.core.errors import FeatxError
 from featx.core.outputs import Existing, promote, target
 from featx.core.outputs import decide as output_action
-from featx.core.runs import HEAD_FORMAT, Snapshots, read_run, start_run, update_run, write_metrics, write_results
+from featx.core.runs import (
+    HEAD_FORMAT,
+    Scores,
+    Snapshots,
+    read_run,
+    start_run,
+    update_run,
+    write_metrics,
+    write_results,
+)
 from featx.core.stats import holdout_rows, parse_select, selection_too_small
 from featx.features.batches import StreamedSplit, batch_source, feature_dim, load_or_stream, only, split_labels
 from featx.features.store import (
@@ -536,10 +545,7 @@ def write_probe_results(
     return write_results(
         run_dir,
         kind="probe",
-        split="val",
-        top1=best["val_top1"],
-        top1_interval=best["val_top1_interval"],
-        top5=best["val_top5"],
+        scores=Scores("val", best["val_top1"], best["val_top1_interval"], best["val_top5"]),
         selection={
             "protocol": "holdout of train" if select != "val" else "val (optimistic)",
             "select": select,

@@ -321,7 +321,7 @@ def fit(
     caller's: featx.probe.run).
 
     Each step draws one stored view per training image (load with views="full" to train on full images);
-    validation averages the softmax over `val`'s views. `on_eval(epoch, step, heads, val_top1, val_top5)` runs
+    validation averages the softmax over `val`'s views. `on_eval(epoch, step, model, val_top1, val_top5)` runs
     after each validation (the CLI saves snapshots there): at the end of every epoch and, with
     `config.snapshot_every`, also every that many steps (counted from the start of training). Feature sets
     ("all", "last2", ...; see featx.features.store.feature_set_columns): each set's heads are a stack of their
