@@ -19,6 +19,7 @@ import pytest
 from synth import write_tiny_imagenet
 
 from featx.front.cli import cli, option_table
+from featx.front.stages import STAGES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -27,15 +28,12 @@ BLOCK = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
 SKIP = re.compile(r"#\s*not run:\s*(\S.*)")
 
 
-def stage_commands(group: click.Group = cli, path: str = "featx") -> dict[str, click.Command]:
-    """Every command generated from a config (featx.front.cli.stage_command), by its command line."""
-    found = {}
-    for name, command in group.commands.items():
-        if isinstance(command, click.Group):
-            found.update(stage_commands(command, f"{path} {name}"))
-        elif getattr(command, "config_class", None) is not None:
-            found[f"{path} {name}"] = command
-    return found
+def stage_commands() -> dict[str, click.Command]:
+    """Every stage's command (featx.front.stages.STAGES), by its command line."""
+    return {
+        " ".join(["featx", *stage.command]): command_named(" ".join(["featx", *stage.command]))
+        for stage in STAGES.values()
+    }
 
 
 def command_named(path: str) -> click.Command:

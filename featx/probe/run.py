@@ -34,7 +34,7 @@ from featx.core.choices import (
     SaveMode,
     ViewSelection,
 )
-from featx.core.configs import ProbeConfig
+from featx.core.configs import HYPERPARAMETERS, ProbeConfig
 from featx.core.device import resolve_device
 from featx.core.errors import FeatxError
 from featx.core.outputs import Existing, promote, target
@@ -347,34 +347,11 @@ def run_probe(
 
 
 def _settings(config: ProbeConfig, feature_sets: list[str], stream: bool) -> dict:
-    """What run.json records of the options (the output contract compares them): `hidden` only where a head
-    has it, `k` only for k-NN, the distinct feature sets, and whether the run streamed."""
-    settings = {
-        "features": config.features,
-        "head": config.head,
-        "hidden": config.hidden if config.head == "mlp" else 0,
-        **{
-            name: getattr(config, name)
-            for name in (
-                "optimizer",
-                "lr_decay",
-                "schedule",
-                "epochs",
-                "batch_size",
-                "train_views",
-                "eval_views",
-                "normalize",
-                "seed",
-                "device",
-                "save",
-                "keep",
-                "snapshot_every",
-            )
-        },
-        "stream": stream,
-        "select": config.select,
-        "feature_sets": feature_sets,
-    }
+    """What run.json records of the options (the output contract compares them): every field but the heads'
+    hyperparameters (run.json lists the heads), `hidden` only where a head has it, `k` only for k-NN, the
+    distinct feature sets, and whether the run streamed."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in (*HYPERPARAMETERS, "k", "feature_set")}
+    settings.update(hidden=config.hidden if config.head == "mlp" else 0, stream=stream, feature_sets=feature_sets)
     if config.head == "knn":
         settings["k"] = list(config.k)
     return settings
@@ -514,7 +491,7 @@ def recorded_result(run_dir: Path) -> ProbeResult:
     hs = metrics["heads"]
     trained = run.config["head"] in TRAINED_HEADS
     configs = (
-        [HeadConfig(**{k: h["config"][k] for k in ("lr", "weight_decay", "label_smoothing", "dropout")}) for h in hs]
+        [HeadConfig(**{k: h["config"][k] for k in HYPERPARAMETERS}) for h in hs]
         if trained
         else []
     )
