@@ -490,11 +490,7 @@ def recorded_result(run_dir: Path) -> ProbeResult:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     hs = metrics["heads"]
     trained = run.config["head"] in TRAINED_HEADS
-    configs = (
-        [HeadConfig(**{k: h["config"][k] for k in HYPERPARAMETERS}) for h in hs]
-        if trained
-        else []
-    )
+    configs = [HeadConfig(**{k: h["config"][k] for k in HYPERPARAMETERS}) for h in hs] if trained else []
     best = run.best
     val = {
         k: best[k]
