@@ -4,7 +4,7 @@
     board = compare(data="tiny-imagenet-200.zip", backbones=["resnet50", "mobilenet_v2"], out="compare")
     print(format_leaderboard(board))
 
-Per backbone, through the extract and probe stages' own entry points (featx.front.stages): extract (a feature
+Per backbone, through the extract and probe stages' own code (a config each): extract (a feature
 file named by its settings under out/features, reused when it exists), probe with the default sweep
 (featx.core.configs.DEFAULT_SWEEP, chosen on a holdout of train), score val once. The leaderboard gives top-1
 and top-5 with 95% bootstrap intervals, the paired test against the best
@@ -34,11 +34,11 @@ from featx.core.stats import paired_comparison
 from featx.data.cache import prepare_cache, read_split
 from featx.evaluate.report import write_report
 from featx.evaluate.scoring import predict
-from featx.features.extract import compute_features
+from featx.features.extract import compute_features, extract
 from featx.features.store import open_split
-from featx.front import stages
 from featx.nets.backbones import create_backbone
 from featx.nets.views import view_names
+from featx.probe.run import probe
 
 SPEED_IMAGES = 128  # val images timed for the images/s column (after one warm-up batch)
 
@@ -157,7 +157,7 @@ def _entry(backbone: str, weights: str, cache: Path, config: CompareConfig, out:
         device=config.device,
         precision=config.precision,
     )
-    feature_file = stages.extract(extraction, out=out / "features" / f"{label}-{settings}.h5", progress=progress)
+    feature_file = extract(extraction, out=out / "features" / f"{label}-{settings}.h5", progress=progress)
     run_dir = out / "runs" / label
     probing = ProbeConfig(
         features=str(feature_file),
@@ -167,7 +167,7 @@ def _entry(backbone: str, weights: str, cache: Path, config: CompareConfig, out:
         seed=config.seed,
         device=config.device,
     )  # no hyperparameter given: the default sweep
-    result = stages.probe(probing, out=run_dir, progress=progress)
+    result = probe(probing, out=run_dir, progress=progress)
     pred = predict(runs=[run_dir], split="val", eval_views=config.eval_views, device=config.device)
     speed, parameters = _speed(backbone, weights, cache, config)
     entry = Entry(

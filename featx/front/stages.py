@@ -140,7 +140,7 @@ def compare(config: CompareConfig, *, out: str | Path = "compare", progress: boo
 class StageSpec:
     """One stage: `name` (a recipe's table and the command's last word), `command` (the words after `featx`),
     its config class, its entry point, `output` (the control option naming its output) and `control` (the
-    entry point's options besides the config that a recipe may set, each `path` or `flag`)."""
+    command's options besides the config that a recipe may set, each a `path` or a `flag`)."""
 
     name: str
     command: tuple[str, ...]
@@ -170,6 +170,7 @@ STAGES = {
 
 
 def stage_of(config_class: type) -> StageSpec:
+    """The stage a config class belongs to."""
     return next(s for s in STAGES.values() if s.config is config_class)
 
 
