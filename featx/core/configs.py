@@ -181,8 +181,9 @@ class HeadConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in HYPERPARAMETERS:  # the ranges of ProbeConfig's lists, which sweep these values
-            problem = _check_number(field_named(ProbeConfig, name), getattr(self, name))
+        ranges = {f.name: f for f in schema(ProbeConfig)}  # the ranges of the lists that sweep these values
+        for name in HYPERPARAMETERS:
+            problem = _check_number(ranges[name], getattr(self, name))
             if problem:
                 raise OptionError(name, getattr(self, name), problem)
 

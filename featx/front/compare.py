@@ -25,7 +25,7 @@ import numpy as np
 
 from featx.core.atomic import make_dirs, one_writer, replacing
 from featx.core.choices import Device, Precision, ViewSelection, ViewSet
-from featx.core.configs import DEFAULT_SWEEP, CompareConfig, ExtractConfig, ProbeConfig
+from featx.core.configs import DEFAULT_SWEEP, CompareConfig, ExtractConfig, ProbeConfig, show
 from featx.core.device import resolve_device, resolve_precision
 from featx.core.env import environment
 from featx.core.errors import FeatxError
@@ -130,7 +130,7 @@ def compare(
         size=size,
         views=views,
         crop=crop,
-        eval_views=eval_views,
+        eval_views=show(eval_views),
         select=select,
         epochs=epochs,
         seed=seed,

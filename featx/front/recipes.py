@@ -84,9 +84,9 @@ class Stage:
 
 
 def _command(commands: click.Group, name: str) -> click.Command:
-    cmd = commands
+    cmd: click.Command = commands
     for part in STAGES[name].command:
-        cmd = cmd.commands[part]
+        cmd = cmd.commands[part]  # type: ignore[attr-defined]  # a group until the last word
     return cmd
 
 
@@ -278,7 +278,7 @@ def _execute(stage: Stage, *, commands: click.Group, recipe: dict) -> None:
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     cmd = _command(commands, stage.command)
     try:
-        cmd.run_config(stage.config, **control)
+        cmd.run_config(stage.config, **control)  # type: ignore[attr-defined]  # featx.front.cli.StageCommand
     except OptionError as e:
         raise FeatxError(
             f"[{stage.name}] {e.named(e.field + ' =')} (in the recipe: --set {stage.name}.{e.field}=...)"

@@ -34,7 +34,7 @@ from featx.core.choices import (
     SaveMode,
     ViewSelection,
 )
-from featx.core.configs import HYPERPARAMETERS, ProbeConfig
+from featx.core.configs import HYPERPARAMETERS, ProbeConfig, show
 from featx.core.device import resolve_device
 from featx.core.errors import FeatxError
 from featx.core.outputs import Existing, promote, target
@@ -332,8 +332,8 @@ def run_probe(
         schedule=schedule,
         epochs=epochs,
         batch_size=batch_size,
-        train_views=train_views,
-        eval_views=eval_views,
+        train_views=show(train_views),  # a list of view names as the comma list the config holds
+        eval_views=show(eval_views),
         normalize=normalize,
         feature_set=tuple(feature_sets),
         seed=seed,
