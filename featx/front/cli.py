@@ -628,7 +628,7 @@ def run(recipe, overrides, dry_run) -> None:
 
 
 def option_table(command: click.Command) -> str:
-    """README's option table of a command, rendered from its click parameters (config fields and control
+    """The option table of a command (docs/options.md), rendered from its click parameters (config fields and control
     options alike) so that it cannot drift from `--help`: option (with metavar or choices), default, help."""
     ctx = click.Context(command, info_name=command.name)
     rows = ["| option | default | |", "| --- | --- | --- |"]
