@@ -195,6 +195,7 @@ def python_blocks(page: Path) -> list[str]:
     return BLOCK.findall(page.read_text())
 
 
+@pytest.mark.slow  # the real MobileNetV2 through every stage: about 3.5 min for README, 1.5 for docs/api.md on 2 cores
 @pytest.mark.parametrize("page", [p for p in pages() if python_blocks(p)], ids=page_id)
 def test_python_blocks_run(page, docs_dir):
     namespace = {"__name__": "docs", **arrays()}
