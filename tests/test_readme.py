@@ -107,8 +107,7 @@ def test_readme_opens_with_setup_example_and_contents():
     example = BLOCK.search(head)[1]
     assert len(example.strip().splitlines()) <= 10
     for title in re.findall(r"^## (.+)$", text, re.M):
-        anchor = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
-        assert f"(#{anchor})" in head, f"the table of contents lacks ## {title}"
+        assert f"(#{anchor(title)})" in head, f"the table of contents lacks ## {title}"
 
 
 def test_readme_installs_as_ci_does():
@@ -119,6 +118,29 @@ def test_readme_installs_as_ci_does():
     assert installs and all(line in setup.splitlines() for line in installs), (
         f"README's set-up section should say {installs} as .ci/run does"
     )
+
+
+def anchor(title: str) -> str:
+    """The fragment the code host gives a heading."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", pages(), ids=page_id)
+def test_links_resolve(page):
+    """Every relative link names a file that exists and, after `#`, one of its headings."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, fragment = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(target)
+        elif fragment and linked.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(), re.M)
+            if fragment not in {anchor(h) for h in headings}:
+                broken.append(target)
+    assert not broken, f"{page_id(page)} links to what is not there: {broken}"
 
 
 def test_readme_links_every_doc():
