@@ -25,7 +25,7 @@ from featx.core.errors import FeatxError, FeatxWarning
 
 # The work (GFLOP, multiply-adds counted twice) past which compiling pays: about 40 s of compilation on 2 cores
 # (MobileNetV2 and Inception-v3 alike; the graph's size, not its FLOPs, sets it) repaid by running 1.2-2x
-# faster at a few hundred GFLOP/s. README's "Compilation" section has the measurement.
+# faster at a few hundred GFLOP/s. docs/results.md's "Compilation" section has the measurement.
 BREAK_EVEN_GFLOP = 40_000.0
 
 

@@ -2,7 +2,7 @@
 
 A field's type (a `Literal` of featx.core.choices for enumerated options), default, allowed range and help text are
 written here and nowhere else. The CLI's options (featx.front.cli), the recipes' tables (featx.front.recipes), run.json
-and README's option tables all derive from these classes, and `validate` checks a config in one place, naming
+and docs/options.md's option tables all derive from these classes, and `validate` checks a config in one place, naming
 the field; the CLI turns the field into its flag.
 
 Types and how they read from the command line and from TOML/JSON:
@@ -157,7 +157,7 @@ class ExtractConfig(Config):
     aug_views: int = option(
         0,
         "K augmented views per train image (aug0..augK-1): brightness/contrast jitter of "
-        "the full image or a corner crop, as Milani's v3 trained.",
+        "the full image or a corner crop, as recipe milani_transfer_v3 trains.",
         min=0,
     )
     aug_seed: int = option(0, "Seed of the augmented views.")
@@ -408,7 +408,7 @@ class PredictConfig(Config):
     combine: Combine = option(
         "calibrated",
         "How checkpoint probabilities are combined: calibrated (each probe "
-        "checkpoint at its fitted temperature) or raw softmax (Milani's Eq. 2).",
+        "checkpoint at its fitted temperature) or raw softmax, summed as the milani_* recipes do.",
     )
     compile: CompileMode = option(
         "auto",
@@ -433,8 +433,8 @@ class ReportConfig(Config):
     ensemble: str = option("best", "best, top:K, greedy or all (as in predict).")
     tsne_classes: tuple[str, ...] | None = option(
         None,
-        "Classes of the t-SNE map of training images [default: the "
-        "transfer-learning report's seven (Milani's Fig. 11) where present, else the first 7].",
+        "Classes of the t-SNE map of training images [default: convertible, sports car, plunger, Egyptian "
+        "cat, Persian cat, golden retriever and bullet train where present, else the first 7].",
         metavar="WNID,...",
     )
     data: str | None = option(

@@ -409,7 +409,8 @@ def probe(config: ProbeConfig, *, out: Path, force: bool = False, as_json: bool 
     """Stage 2: train classifier heads on cached features; comma lists sweep every combination in one pass.
     Given no --lr, --weight-decay, --label-smoothing or --dropout, a small default sweep (lr 3e-4,1e-3,3e-3 x
     weight decay 1e-3,0.0116,3e-2: DEFAULT_SWEEP in featx.core.configs) is trained and chosen on the holdout;
-    given any, only those are swept, the others at the transfer-learning report's values."""
+    given any, only those are swept and the others keep one value each (lr 6.5e-4, weight decay 0.0116,
+    label smoothing 0.1, dropout 0)."""
     from featx.core.runs import read_run
     from featx.front.stages import probe as run_probe
     from featx.probe.run import format_summary, format_table
@@ -618,7 +619,7 @@ def run(recipe, overrides, dry_run) -> None:
 
 
 def option_table(command: click.Command) -> str:
-    """README's option table of a command, rendered from its click parameters (config fields and control
+    """The option table of a command (docs/options.md), rendered from its click parameters (config fields and control
     options alike) so that it cannot drift from `--help`: option (with metavar or choices), default, help."""
     ctx = click.Context(command, info_name=command.name)
     rows = ["| option | default | |", "| --- | --- | --- |"]
