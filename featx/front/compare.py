@@ -79,16 +79,12 @@ def _speed(backbone: str, weights: str, cache: Path, config: CompareConfig) -> t
     crop, autocast = config.crop, resolve_precision(config.precision, dev)
     images = read_split(cache, "val", classes=config.classes).read_images(0, SPEED_IMAGES)
     batch = max(1, 16 // len(names))  # extraction's batch on CPU
-    run = lambda x: compute_features(
-        bb,
-        model,
-        x,
-        views=names,
-        crop=crop,
-        device=dev,
-        autocast=autocast,
-        out_dtype=np.dtype(np.float16),
-    )
+
+    def run(x):
+        return compute_features(
+            bb, model, x, views=names, crop=crop, device=dev, autocast=autocast, out_dtype=np.dtype(np.float16)
+        )
+
     run(images[:batch])
     start = time.perf_counter()
     for i in range(0, len(images), batch):
