@@ -69,7 +69,7 @@ def probe_heads(config: ProbeConfig) -> list:
     given = {h: getattr(config, h) for h in HYPERPARAMETERS if getattr(config, h) is not None}
     seed = HeadConfig()
     sweep = given or DEFAULT_SWEEP
-    return grid(**{h: sweep.get(h, (getattr(seed, h),)) for h in HYPERPARAMETERS})
+    return grid(**{h: sweep.get(h, (getattr(seed, h),)) for h in HYPERPARAMETERS}, lr_decay=config.lr_decay)
 
 
 def probe(config: ProbeConfig, *, out: str | Path, force: bool = False, progress: bool = False):
@@ -78,7 +78,7 @@ def probe(config: ProbeConfig, *, out: str | Path, force: bool = False, progress
     from featx.probe.run import run_probe
 
     validate(config)
-    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in HYPERPARAMETERS}
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in (*HYPERPARAMETERS, "lr_decay")}
     options["k"], options["feature_sets"] = list(options["k"]), list(options.pop("feature_set"))
     heads = probe_heads(config)
     result = run_probe(**options, heads=heads, out=out, force=force, progress=progress)

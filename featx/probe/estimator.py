@@ -115,7 +115,6 @@ class _Probe(ClassifierMixin, BaseEstimator):
                 val=val,
                 heads=heads,
                 optimizer=self.optimizer,
-                lr_decay=self.lr_decay,
                 schedule=self.schedule,
                 epochs=self.epochs,
                 batch_size=self.batch_size,
@@ -165,7 +164,7 @@ class LinearProbe(_Probe):
         epochs: int = ProbeConfig.epochs,
         batch_size: int = ProbeConfig.batch_size,
         optimizer: Optimizer = ProbeConfig.optimizer,
-        lr_decay: float = ProbeConfig.lr_decay,
+        lr_decay: float = HeadConfig.lr_decay,
         schedule: ProbeSchedule = ProbeConfig.schedule,
         normalize: Normalize = ProbeConfig.normalize,
         seed: int = ProbeConfig.seed,
@@ -178,14 +177,15 @@ class LinearProbe(_Probe):
     def fit(self, X, y) -> LinearProbe:
         X, y = self._x(X, y=y, reset=True)
         data = as_features(X, self._encode(y), n_classes=len(self.classes_))
-        result = self._train(data, data, [HeadConfig(self.lr, self.weight_decay, self.label_smoothing, self.dropout)])
+        head = HeadConfig(self.lr, self.weight_decay, self.label_smoothing, self.dropout, self.lr_decay)
+        result = self._train(data, data, [head])
         # the final weights, not the best epoch on the training data
         self.head_ = StackedHeads.from_state(result.heads.head_state(0), normalize=self.normalize).eval()
         return self
 
 
 class LinearProbeCV(_Probe):
-    """Every combination of `lr` x `weight_decay` x `label_smoothing` x `dropout` (default: DEFAULT_SWEEP)
+    """Every combination of `lr` x `weight_decay` x `label_smoothing` x `dropout` (default: DEFAULT_SWEEP) x `lr_decay`
     trained in one pass over the same minibatches, as `featx probe` sweeps; the head and epoch with the best
     top-1 on a class-stratified `holdout` share of the training data (or on `X_val`, `y_val` given to fit) are
     kept. Unlike LogisticRegressionCV there is no refit: the chosen head is the one trained without the
@@ -204,7 +204,7 @@ class LinearProbeCV(_Probe):
         epochs: int = ProbeConfig.epochs,
         batch_size: int = ProbeConfig.batch_size,
         optimizer: Optimizer = ProbeConfig.optimizer,
-        lr_decay: float = ProbeConfig.lr_decay,
+        lr_decay: float | Sequence[float] = ProbeConfig.lr_decay,
         schedule: ProbeSchedule = ProbeConfig.schedule,
         normalize: Normalize = ProbeConfig.normalize,
         seed: int = ProbeConfig.seed,
@@ -241,7 +241,11 @@ class LinearProbeCV(_Probe):
             fit = dataclasses.replace(data, labels=np.where(held, -1, labels))
             val = dataclasses.replace(data, labels=np.where(held, labels, -1), split="val")
         configs = grid(
-            lr=self.lr, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing, dropout=self.dropout
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+            dropout=self.dropout,
+            lr_decay=np.atleast_1d(self.lr_decay).tolist(),  # one number (as before the axis) or a list
         )
         result = self._train(fit, val, configs)
         self.configs_ = configs

@@ -57,7 +57,17 @@ from featx.features.store import (
 from featx.nets.heads import FeatureSetHeads
 from featx.probe.calibration import calibrate_and_score
 from featx.probe.neighbors import fit_neighbors
-from featx.probe.sweep import HeadConfig, OnEval, ProbeResult, best_head, check_heads, evaluate, grid, train
+from featx.probe.sweep import (
+    HeadConfig,
+    OnEval,
+    ProbeResult,
+    best_head,
+    check_epoch_views,
+    check_heads,
+    evaluate,
+    grid,
+    train,
+)
 from featx.probe.tables import format_summary, format_table
 
 # what `from featx.probe.run import ...` has always offered, besides run_probe
@@ -321,12 +331,12 @@ def run_probe(
     head: ProbeHead = ProbeConfig.head,
     hidden: int = ProbeConfig.hidden,
     optimizer: Optimizer = ProbeConfig.optimizer,
-    lr_decay: float = ProbeConfig.lr_decay,
     schedule: ProbeSchedule = ProbeConfig.schedule,
     epochs: int = ProbeConfig.epochs,
     batch_size: int = ProbeConfig.batch_size,
     train_views: ViewSelection = ProbeConfig.train_views,
     eval_views: ViewSelection = ProbeConfig.eval_views,
+    epoch_views: bool = ProbeConfig.epoch_views,
     normalize: Normalize = ProbeConfig.normalize,
     seed: int = ProbeConfig.seed,
     device: Device = ProbeConfig.device,
@@ -344,8 +354,9 @@ def run_probe(
     k on the selection split (`select`: a stratified holdout of train, or val), score val once, write the run.
 
     `train_views`, `eval_views`: "all" (every deterministic view), "full" or a comma list of stored view names
-    (augmented views train only). Snapshots are offered after every epoch and, with `snapshot_every`, every
-    that many steps; the `keep` best of each head are kept, and run.json's best is the best of them all.
+    (augmented views train only); `epoch_views`: epoch e trains on every image's e-th training view. Each head's
+    lr decay is its config's (HeadConfig.lr_decay). Snapshots are offered after every epoch and, with
+    `snapshot_every`, every that many steps; the `keep` best of each head are kept, and run.json's best is the best of them all.
     `feature_sets`: the columns heads see (see featx.features.store.feature_set_columns); several sweep in one pass.
     An existing run in `out` follows featx.core.outputs' contract: up to date when finished with the same settings
     (its recorded result is returned), refused when made with others unless `force`."""
@@ -358,6 +369,8 @@ def run_probe(
     views = {"train": train_views, "val": eval_views}
     for split, which in views.items():  # a misnamed view fails here, before any training
         select_views(meta, split, which, path=path)
+    if epoch_views and head in TRAINED_HEADS:
+        check_epoch_views(len(select_views(meta, "train", train_views, path=path)), epochs)
     stream = stream or not _fits_in_memory(path, views, resolve_device(device))
     # the output contract first: an up-to-date run reads no features, a refused one warns of nothing
     config = {
@@ -365,12 +378,12 @@ def run_probe(
         "head": head,
         "hidden": hidden if head == "mlp" else 0,
         "optimizer": optimizer,
-        "lr_decay": lr_decay,
         "schedule": schedule,
         "epochs": epochs,
         "batch_size": batch_size,
         "train_views": train_views,
         "eval_views": eval_views,
+        "epoch_views": epoch_views,
         "normalize": normalize,
         "seed": seed,
         "device": device,
@@ -449,10 +462,10 @@ def run_probe(
             head=head,
             hidden=hidden,
             optimizer=optimizer,
-            lr_decay=lr_decay,
             schedule=schedule,
             epochs=epochs,
             batch_size=batch_size,
+            epoch_views=epoch_views,
             normalize=normalize,
             seed=seed,
             device=device,
@@ -481,8 +494,13 @@ PROBE_FREE = ("device", "stream", "features", "options", "resolved")
 
 
 def _probe_settings(config: dict, features: dict) -> dict:
-    """A probe run's resolved settings as featx.core.outputs compares them (JSON-shaped, as run.json holds them)."""
+    """A probe run's resolved settings as featx.core.outputs compares them (JSON-shaped, as run.json holds them);
+    a 0.2 run's read as today's: one lr decay for all its heads, and no --epoch-views."""
     d = {k: v for k, v in config.items() if k not in PROBE_FREE}
+    if "lr_decay" in d:
+        decay = d.pop("lr_decay")
+        d["heads"] = [{**h, "lr_decay": decay} for h in d.get("heads", [])]
+    d.setdefault("epoch_views", False)
     return json.loads(json.dumps({**d, "features_identity": features["identity"]}))
 
 
@@ -496,6 +514,12 @@ def _existing_probe(out: Path) -> Existing:
     return Existing(_probe_settings(run.config, run.features or {"identity": None}), complete=run.best is not None)
 
 
+def _head_fields(head: dict) -> dict:
+    """A metrics.json head's HeadConfig fields (a 0.2 run's lack lr_decay: its run.json has one for all)."""
+    names = {f.name for f in dataclasses.fields(HeadConfig)}
+    return {k: v for k, v in head["config"].items() if k in names}
+
+
 def recorded_result(run_dir: Path) -> ProbeResult:
     """The ProbeResult a finished run recorded (metrics.json, run.json), for a run found up to date; `heads`
     is None: the weights are in its checkpoints."""
@@ -504,7 +528,7 @@ def recorded_result(run_dir: Path) -> ProbeResult:
     hs = metrics["heads"]
     trained = run.config["head"] in TRAINED_HEADS
     configs = (
-        [HeadConfig(**{k: h["config"][k] for k in ("lr", "weight_decay", "label_smoothing", "dropout")}) for h in hs]
+        [HeadConfig(**{"lr_decay": run.config.get("lr_decay", HeadConfig.lr_decay), **_head_fields(h)}) for h in hs]
         if trained
         else []
     )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from featx.core.choices import TRAINED_HEADS, Device, Normalize, Optimizer, ProbeSchedule, TrainedHead
 from featx.core.configs import HeadConfig, ProbeConfig
@@ -39,7 +40,7 @@ from featx.features.batches import (
 )
 from featx.features.store import ALL, Features, feature_set_columns, require_same_extraction
 from featx.nets.heads import FeatureSetHeads, HeadOptimizer, StackedHeads, label_rank, smoothed_cross_entropy
-from featx.nets.optim import make_scheduler
+from featx.nets.optim import lr_factor
 
 
 def grid(
@@ -48,9 +49,10 @@ def grid(
     weight_decay: Sequence[float] = (HeadConfig.weight_decay,),
     label_smoothing: Sequence[float] = (HeadConfig.label_smoothing,),
     dropout: Sequence[float] = (HeadConfig.dropout,),
+    lr_decay: Sequence[float] = (HeadConfig.lr_decay,),
 ) -> list[HeadConfig]:
     """Every combination, lr varying slowest; what is not given keeps the seed's value (HeadConfig)."""
-    return [HeadConfig(*c) for c in itertools.product(lr, weight_decay, label_smoothing, dropout)]
+    return [HeadConfig(*c) for c in itertools.product(lr, weight_decay, label_smoothing, dropout, lr_decay)]
 
 
 @dataclass
@@ -128,6 +130,15 @@ def _check(
         raise FeatxError(f"{features.path}: split {features.split!r} has no labels to train on")
 
 
+def check_epoch_views(n_views: int, epochs: int) -> None:
+    """--epoch-views trains epoch e on view e: it needs a view for every epoch."""
+    if n_views < epochs:
+        raise FeatxError(
+            f"--epoch-views: {n_views} training views for --epochs {epochs}; each epoch needs a view of its own: "
+            "extract at least as many (--aug-views) or train fewer epochs"
+        )
+
+
 @torch.no_grad()
 def _standardization(src: Source) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std over every stored row and view of the training split."""
@@ -186,7 +197,6 @@ class _Loop:
         *,
         optimizer: str,
         schedule: str,
-        lr_decay: float,
         steps_per_epoch: int,
         epochs: int,
         seed: int,
@@ -198,10 +208,13 @@ class _Loop:
             HeadOptimizer(s, kind=optimizer, lr=[c.lr for c in heads], weight_decay=[c.weight_decay for c in heads])
             for s in model.stacks
         ]
-        self.scheds = [
-            make_scheduler(o.opt, schedule, steps_per_epoch=steps_per_epoch, epochs=epochs, decay=lr_decay)
-            for o in self.opts
+        # each head's own decay, on its two param groups (weights, biases: HeadOptimizer's order)
+        factors = [
+            lr_factor(schedule, steps_per_epoch=steps_per_epoch, epochs=epochs, decay=c.lr_decay)
+            for c in heads
+            for _ in range(2)
         ]
+        self.scheds = [LambdaLR(o.opt, factors) for o in self.opts]
         self.smoothing = torch.tensor([c.label_smoothing for c in heads] * len(model.stacks), device=device)
         self.dims = [s.weights[0].shape[1] for s in model.stacks]
         # a generator per feature set, so that each set's heads see the dropout masks they would see alone
@@ -277,10 +290,10 @@ def train(
     head: TrainedHead = ProbeConfig.head,
     hidden: int = ProbeConfig.hidden,
     optimizer: Optimizer = ProbeConfig.optimizer,
-    lr_decay: float = ProbeConfig.lr_decay,
     schedule: ProbeSchedule = ProbeConfig.schedule,
     epochs: int = ProbeConfig.epochs,
     batch_size: int = ProbeConfig.batch_size,
+    epoch_views: bool = ProbeConfig.epoch_views,
     normalize: Normalize = ProbeConfig.normalize,
     seed: int = ProbeConfig.seed,
     device: Device = ProbeConfig.device,
@@ -292,7 +305,8 @@ def train(
     """Train one head per config and feature set on `features`, all over the same minibatches, validating on
     `val`. Heads are numbered set by set: head s * len(heads) + c is config c on feature_sets[s].
 
-    Each step draws one stored view per training image (load with views="full" to train on full images);
+    Each step draws one stored view per training image (load with views="full" to train on full images), or
+    with `epoch_views` epoch e takes every image's e-th view (there must be at least `epochs`);
     validation averages the softmax over `val`'s views. `on_eval(epoch, step, heads, val_top1, val_top5)` runs
     after each validation (the CLI saves snapshots there): at the end of every epoch and, with `eval_every`,
     also every that many steps (counted from the start of training). `feature_sets` ("all", "last2", ...; see
@@ -302,6 +316,8 @@ def train(
     start = time.perf_counter()
     dev = resolve_device(device)
     train_src = source(features, dev)
+    if epoch_views:
+        check_epoch_views(train_src.n_views, epochs)
     columns = [feature_set_columns(features.meta, s, path=features.path) for s in feature_sets]
     model = _build(
         features, train_src, columns, heads, head=head, hidden=hidden, normalize=normalize, seed=seed, device=dev
@@ -312,7 +328,6 @@ def train(
         source(val, dev),
         optimizer=optimizer,
         schedule=schedule,
-        lr_decay=lr_decay,
         steps_per_epoch=math.ceil(int((split_labels(features) >= 0).sum()) / batch_size),
         epochs=epochs,
         seed=seed,
@@ -322,7 +337,8 @@ def train(
     gen = torch.Generator().manual_seed(seed)  # minibatch order and views: the same for every head
     history: list[list[dict]] = [[] for _ in range(model.num_heads)]
     for epoch in progress_bar(range(1, epochs + 1), desc="probe", unit="epoch", enabled=progress):
-        train_loss, train_top1 = loop.epoch(epoch, batches(train_src, gen, batch_size), eval_every)
+        view = epoch - 1 if epoch_views else None
+        train_loss, train_top1 = loop.epoch(epoch, batches(train_src, gen, batch_size, view=view), eval_every)
         val_loss, val_top1, val_top5 = loop.validate(epoch)
         for h, (hist, ok) in enumerate(zip(history, loop.active())):
             hist.append(
