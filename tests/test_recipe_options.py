@@ -21,6 +21,7 @@ from featx.evaluate.scoring import predict
 from featx.features.batches import batches, source
 from featx.features.store import load_features
 from featx.finetune.run import _param_groups, check_config, eval_views, finetune, trains_head_alone
+from featx.front.stages import probe as stage_probe
 from featx.front.stages import probe_heads
 from featx.nets.models import ModelSpec, build_model
 from featx.nets.optim import make_optimizer
@@ -191,3 +192,20 @@ def test_no_score_crop_scores_the_whole_image_of_a_crop_trained_run():
     crop = FinetuneConfig(backbone="resnet18", aug=["flip", "crop"])
     assert eval_views(crop) == ["center"]
     assert eval_views(FinetuneConfig(backbone="resnet18", aug=["flip", "crop"], score_crop=False)) == ["full"]
+
+
+def test_a_0_2_probe_run_with_one_decay_stays_up_to_date(tmp_path):
+    path = write_synthetic(tmp_path / "f.h5")
+    config = ProbeConfig(features=str(path), lr=(0.05,), epochs=2, device="cpu")
+    out = tmp_path / "run"
+    first = stage_probe(config, out=out)
+    record = json.loads((out / "run.json").read_text())
+    # run.json as 0.2 wrote it: one decay for the run, heads without theirs, no --epoch-views
+    record["config"]["lr_decay"] = 0.713
+    del record["config"]["epoch_views"]
+    for h in record["config"]["heads"]:
+        del h["lr_decay"]
+    (out / "run.json").write_text(json.dumps(record))
+    again = stage_probe(config, out=out)
+    assert again.heads is None  # read back from the run, not trained again
+    assert again.configs == first.configs == [HeadConfig(lr=0.05)]
