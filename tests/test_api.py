@@ -127,6 +127,7 @@ def test_one_number_list_type_for_every_comma_list_option():
         ("probe", "weight_decay"),
         ("probe", "label_smoothing"),
         ("probe", "dropout"),
+        ("probe", "lr_decay"),
         ("probe", "k"),
     }
     import featx.front.cli as module
