@@ -356,7 +356,8 @@ def run_probe(
     `train_views`, `eval_views`: "all" (every deterministic view), "full" or a comma list of stored view names
     (augmented views train only); `epoch_views`: epoch e trains on every image's e-th training view. Each head's
     lr decay is its config's (HeadConfig.lr_decay). Snapshots are offered after every epoch and, with
-    `snapshot_every`, every that many steps; the `keep` best of each head are kept, and run.json's best is the best of them all.
+    `snapshot_every`, every that many steps; the `keep` best of each head are kept, and run.json's best is the
+    best of them all.
     `feature_sets`: the columns heads see (see featx.features.store.feature_set_columns); several sweep in one pass.
     An existing run in `out` follows featx.core.outputs' contract: up to date when finished with the same settings
     (its recorded result is returned), refused when made with others unless `force`."""
