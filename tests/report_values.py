@@ -167,6 +167,25 @@ for recipe, stage in INAN_LSTM + [INAN_GROUP128, INAN_EARLY]:
         '4. Experiment: "when we reached at a flat region in terms of accuracy, we trained the whole network"',
         check="set",
     )
+    rows(
+        [recipe],
+        stage,
+        "max_head_epochs",
+        None,
+        INAN,
+        '4. Experiment: "a jump in the performance when we went to training the whole network" (the body must '
+        "train: the head-only phase is bounded)",
+        check="set",
+    )
+    rows(
+        [recipe],
+        stage,
+        "restart_schedule",
+        True,
+        INAN,
+        '4. Experiment: "when we reached at a flat region in terms of accuracy, we trained the whole network" '
+        "(a second stage: a schedule of its own)",
+    )
 for recipe, stage in INAN_LSTM + [INAN_EARLY]:
     rows([recipe], stage, "lstm_group", 64, INAN, '3. Approach: "we separate them into groups of length 64"')
 rows(
@@ -193,6 +212,15 @@ rows(
     INAN,
     '4. Experiment: "we took the average of the scores produced by these networks"',
 )
+for stage in ("predict", "submission"):
+    rows(
+        ["inan_ensemble"],
+        stage,
+        "combine",
+        "logits",
+        INAN,
+        '4. Experiment: "we took the average of the scores produced by these networks" (scores: the fc\'s outputs)',
+    )
 
 # --- Sun (002) ---------------------------------------------------------------------------------------------
 rows(
@@ -222,15 +250,6 @@ rows(
     SUN,
     'More is coming (Model #3): "Brightness" (brightness alone: the list names no contrast)',
     check="has",
-)
-rows(
-    ["sun_resnet_augmented"],
-    "finetune",
-    "drop_path",
-    None,
-    SUN,
-    'More is coming (Model #3): built on model #2 ("Even more Image Augmentation")',
-    check="set",
 )
 
 # --- Bastidas (003) ----------------------------------------------------------------------------------------
@@ -271,6 +290,23 @@ rows(
     BASTIDAS,
     'Algorithms: "all convolutional layers also include I2 regularization" (sic)',
     check="set",
+)
+rows(
+    BASTIDAS_ALL,
+    "finetune",
+    "weight_decay_on",
+    "conv",
+    BASTIDAS,
+    'Algorithms: "all convolutional layers also include I2 regularization" (sic): the convolutions only',
+)
+rows(
+    BASTIDAS_ALL,
+    "finetune",
+    "schedule",
+    "step",
+    BASTIDAS,
+    'Metrics & Results: "learning rate was adjusted manually throughout training" (featx\'s reading: drops in '
+    "steps, the nearest to drops made by hand)",
 )
 rows(
     BASTIDAS_ALL,
@@ -342,13 +378,21 @@ rows(
     MILANI_ALL,
     "finetune",
     "schedule",
-    "step",
+    "exponential",
     MILANI,
-    '3.2: "decayed by 0.9 at every epoch"; 3.3: "once every *two* epochs" (a decay at set epochs: featx\'s step schedule)',
+    '3.2: "decayed by 0.9 at every epoch"; 3.3: "once every *two* epochs" (featx\'s reading, one for all of the '
+    "report's per-epoch decays: applied smoothly within the epoch, as the transfer recipes' 0.713)",
 )
-rows(MILANI_ALL, "finetune", "decay", 0.9, MILANI, '3.2: "decayed by 0.9 at every epoch"; 3.3: "by a factor of 0.9"')
+rows([MILANI_BASE], "finetune", "decay", 0.9, MILANI, '3.2: "decayed by 0.9 at every epoch"')
+rows(
+    [MILANI_REG],
+    "finetune",
+    "decay",
+    0.9**0.5,
+    MILANI,
+    '3.3: "it decayed by a factor of 0.9 once every *two* epochs" (per epoch, smoothly: 0.9^(1/2))',
+)
 rows([MILANI_BASE], "finetune", "lr", 1e-3, MILANI, '3.2: "settled on 1 x 10^{-3}"')
-rows([MILANI_BASE], "finetune", "step_epochs", 1, MILANI, '3.2: "decayed by 0.9 at every epoch"')
 rows([MILANI_BASE], "finetune", "dropout", 0.0, MILANI, '3.2: "I also decided not to use the dropout layer"')
 rows(
     [MILANI_BASE],
@@ -368,7 +412,6 @@ rows(
     check="min",
 )
 rows([MILANI_REG], "finetune", "lr", 2e-3, MILANI, '3.3: "the initial learning rate was doubled"')
-rows([MILANI_REG], "finetune", "step_epochs", 2, MILANI, '3.3: "it decayed by a factor of 0.9 once every *two* epochs"')
 rows(
     [MILANI_REG],
     "finetune",
@@ -398,13 +441,33 @@ rows(
     check="set",
 )
 rows(
-    [MILANI_BASE],
-    "predict",
-    "ensemble",
-    "top:9",
+    MILANI_ALL,
+    "finetune",
+    "keep_rule",
+    "records",
     MILANI,
-    '3.4: "the highest accuracy was obtained from an ensemble of the best 9 networks"',
+    '3.4: "If the new validation accuracy, calculated after some number of training steps, surpassed the best seen '
+    'so far, then the new weights would be saved" ... "the first saved file would be overwritten"',
 )
+for stage in ("predict", "submission", "report"):
+    rows(
+        [MILANI_BASE],
+        stage,
+        "ensemble",
+        "best-size",
+        MILANI,
+        '3.4: "I investigated how many networks should be added to the ensemble to maximize the top-1 validation '
+        'accuracy" ... "the highest accuracy was obtained from an ensemble of the best 9 networks" (9: the argmax of '
+        "the report's curve; the size is chosen on val, then applied to test)",
+    )
+    rows(
+        [MILANI_REG],
+        stage,
+        "ensemble",
+        "best-size",
+        MILANI,
+        '3.4: "46.8% (best ensemble)": the size that scores best on val',
+    )
 rows(
     MILANI_ALL,
     "predict",
@@ -426,13 +489,65 @@ rows(
 )
 rows(MILANI_ALL, "submission", "combine", "raw", MILANI, '3.4: "summing them for all the N networks of the ensemble"')
 rows(MILANI_ALL, "report", "combine", "raw", MILANI, '3.4: "summing them for all the N networks of the ensemble"')
+
+# --- one score per image, the whole image: none of these reports names a test-time view (no mirror average, no
+# centre crop), so their recipes' scoring stages score one view, and crop-trained runs choose on the whole image --
+SCORING = ["predict", "report"]
+SUBMITTING = ["predict", "submission", "report"]
+SCORED: dict[str, tuple[str, dict[str, list[str]]]] = {
+    MA: (
+        'Conclusions: "We use pre-trained model to achieve 53.9% error rate on the test dataset"',
+        {"ma_resnet18": SUBMITTING, **{r: SCORING for r in MA_ALL[1:4]}, "ma_resnet18_filters": ["report"]},
+    ),
+    INAN: (
+        '4. Experiment: "The final accuracy for the validation set is 0.6659"',
+        {
+            "inan_resnet_baseline": SUBMITTING,
+            "inan_resnet_lstm": SUBMITTING,
+            "inan_resnet_lstm_early": SCORING,
+            "inan_resnet_lstm_group128": SCORING,
+            "inan_ensemble": ["predict", "submission"],
+        },
+    ),
+    SUN: (
+        'Resnet and Model #1: "Val Err = 50% (Test Err 48%)"',
+        {"sun_resnet": SUBMITTING, "sun_resnet_stochastic_depth": SUBMITTING, "sun_resnet_augmented": SCORING},
+    ),
+    BASTIDAS: ("Classification Metrics: the val accuracy", {r: SCORING for r in BASTIDAS_ALL}),
+}
+CROP_TRAINED = {
+    **{r: ["finetune"] for r in MA_ALL[:4]},
+    "ma_resnet18_filters": ["pretrained", "scratch"],
+    **{r: ["finetune"] for r, _ in INAN_BASE[:1] + INAN_LSTM[:1] + [INAN_GROUP128, INAN_EARLY]},
+    "inan_ensemble": ["baseline", "lstm"],
+}
+for report, (section, scored) in SCORED.items():
+    for recipe, stages in scored.items():
+        for stage in stages:
+            rows([recipe], stage, "eval_views", "full", report, section + " (one view: the whole image)")
+for recipe, stages in CROP_TRAINED.items():
+    for stage in stages:
+        report = MA if recipe.startswith("ma_") else INAN
+        rows([recipe], stage, "score_crop", False, report, "crop-trained, scored on the whole image as the report")
+
+# --- Ma's filter figure ---------------------------------------------------------------------------------------
 rows(
-    [MILANI_BASE],
-    "submission",
-    "ensemble",
-    "top:9",
-    MILANI,
-    '3.4: "the highest accuracy was obtained from an ensemble of the best 9 networks"',
+    ["ma_resnet18_filters"],
+    "pretrained",
+    "weights",
+    "default",
+    MA,
+    'Residual network: "Convolution filters from the first layer. We run 30 iterations from the pre-trained model."',
+)
+rows(["ma_resnet18_filters"], "pretrained", "backbone", "resnet18", MA, 'Residual network: "We use ResNet-18"')
+rows(["ma_resnet18_filters"], "scratch", "backbone", "resnet18", MA, 'Residual network: "We use ResNet-18"')
+rows(
+    ["ma_resnet18_filters"],
+    "report",
+    "runs",
+    ["runs/ma_resnet18_filters/pretrained", "runs/ma_resnet18_filters/scratch"],
+    MA,
+    'Residual network: "Convolution filters from the first layer" (both runs\' in one figure)',
 )
 
 # --- test submissions: every recipe whose report gives a test number writes the file the report sent ----------
@@ -509,4 +624,5 @@ SILENT: dict[str, tuple[str, str]] = {
     "inan_resnet_lstm_group128": (INAN, "but they gave similar performances"),
     "inan_resnet_lstm_early": (INAN, "but they gave similar performances"),
     "sun_resnet_augmented": (SUN, "Model #3 is still under training"),
+    "ma_resnet18_filters": (MA, "We run 30 iterations from the pre-trained model."),
 }

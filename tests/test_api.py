@@ -131,6 +131,7 @@ def test_comma_lists_are_read_once_by_the_configs():
         ("probe", "weight_decay"),
         ("probe", "label_smoothing"),
         ("probe", "dropout"),
+        ("probe", "lr_decay"),
         ("probe", "k"),
     }
     for cmd, p in _params(cli):  # click passes them on as text: featx.core.configs.coerce reads them

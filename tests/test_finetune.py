@@ -182,6 +182,7 @@ def test_run_directory_and_checkpoint_rebuilds_model(synth_cache, tmp_path):
     assert record.resolved == {
         "precision": precision_name(resolve_precision("auto", torch.device("cpu"))),
         "compile": "off",
+        "unfrozen_epoch": 2,  # the first epoch the body trained, after --freeze-epochs 1
     }
     assert len(listed) == 2 == len(list((out / "checkpoints").glob("epoch*.pt")))
     assert listed == result.snapshots and listed[0].val_top1 >= listed[1].val_top1

@@ -93,10 +93,9 @@ def test_separable_features_reach_100_percent_and_the_smoothed_optimum(synthetic
     result = train(
         tr,
         val=va,
-        heads=[HeadConfig(lr=0.05, weight_decay=0.0, label_smoothing=eps)],
+        heads=[HeadConfig(lr=0.05, weight_decay=0.0, label_smoothing=eps, lr_decay=0.9)],
         epochs=20,
         batch_size=20,
-        lr_decay=0.9,
         device="cpu",
     )
     assert result.best_metrics["val_top1"] == 1.0
@@ -200,13 +199,19 @@ def test_cli_writes_the_run_directory(synthetic, tmp_path, capsys, monkeypatch):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["heads"]) == 4
     for head in metrics["heads"]:
-        assert set(head["config"]) == {"lr", "weight_decay", "label_smoothing", "dropout"}
+        assert set(head["config"]) == {"lr", "weight_decay", "label_smoothing", "dropout", "lr_decay"}
         assert [r["epoch"] for r in head["epochs"]] == [1, 2, 3]
         for row in head["epochs"]:
             assert set(row) == {"epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5"}
             assert all(0 <= row[k] <= 1 for k in ("train_top1", "val_top1", "val_top5"))
     best = metrics["best"]
-    assert best["val_top1"] == 1.0 and set(best["config"]) == {"lr", "weight_decay", "label_smoothing", "dropout"}
+    assert best["val_top1"] == 1.0 and set(best["config"]) == {
+        "lr",
+        "weight_decay",
+        "label_smoothing",
+        "dropout",
+        "lr_decay",
+    }
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {"head", "lr", "epoch", "val_top1"} <= set(rows[0])

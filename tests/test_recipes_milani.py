@@ -36,8 +36,15 @@ STATED = [
     ],
     *[(r, "probe", "keep", 20, "3.4: at most 20 snapshots saved during one run") for r in ("vanilla", "v2", "v3")],
     *[
-        (r, "predict", "ensemble", "greedy", "4.2: the best val top-1, whether or not it is an ensemble")
+        (
+            r,
+            s,
+            "ensemble",
+            "best-size",
+            "4.2: the best val top-1, whether or not it is an ensemble (size chosen on val)",
+        )
         for r in ("vanilla", "v2", "v3")
+        for s in ("predict", "submission", "report")
     ],
     *[
         (
@@ -57,7 +64,7 @@ STATED = [
     ("vanilla", "extract", "views", "full", "4.2: vanilla uses the image as it is"),
     ("vanilla", "probe", "lr", [6.5e-4], "4.2: initial learning rate 6.5e-4"),
     ("vanilla", "probe", "schedule", "exponential", "4.2: decayed per epoch"),
-    ("vanilla", "probe", "lr_decay", 0.713, "4.2: decayed by 0.713 per epoch"),
+    ("vanilla", "probe", "lr_decay", [0.713], "4.2: decayed by 0.713 per epoch"),
     ("vanilla", "probe", "weight_decay", [0.0116], "4.2: L2 regularization strength 0.0116"),
     ("vanilla", "probe", "dropout", [0.0], "4.2: dropout only comes with v2"),
     ("vanilla", "probe", "epochs", 10, "4.2: 10 epochs is sufficient for convergence"),
@@ -109,11 +116,26 @@ def test_v3_trains_on_jittered_crops_without_mirrors(resolved):
     assert resolved["v3"]["probe"]["train_views"].split(",") == [f"aug{i}" for i in range(k)]
 
 
+def test_v3_reads_a_fresh_draw_every_epoch(resolved):
+    # fresh jitter each epoch, from a finite file: epoch e reads draw e, so there must be a draw per epoch
+    probe = resolved["v3"]["probe"]
+    assert probe["epoch_views"] is True
+    assert resolved["v3"]["extract"]["aug_views"] >= probe["epochs"]
+
+
+def test_v2_reads_the_shared_file_s_full_view_only(resolved):
+    assert resolved["v2"]["extract"]["out"] == resolved["v3"]["extract"]["out"]
+    assert resolved["v2"]["probe"]["train_views"] == "full" and resolved["v2"]["probe"]["epoch_views"] is False
+
+
 def test_v2_and_v3_sweep_what_the_report_re_tuned_without_stating_it(resolved):
+    # 4.2: "A thorough cross-validation was performed on the learning rate, learning rate decay, and weight decay"
+    # for vanilla, and "A new cross-validation was performed" for v2 (and v3): all three swept, in one pass
     for recipe in ("v2", "v3"):
         probe = resolved[recipe]["probe"]
         assert len(probe["lr"]) > 1 and 6.5e-4 in probe["lr"]
         assert len(probe["weight_decay"]) > 1 and 0.0116 in probe["weight_decay"]
+        assert len(probe["lr_decay"]) > 1 and 0.713 in probe["lr_decay"]
 
 
 def test_each_recipe_quotes_the_report_and_marks_featx_choices():

@@ -45,12 +45,18 @@ Normalize = Literal["none", "l2", "standard"]
 NORMALIZE = get_args(Normalize)
 # predict, report: how checkpoint probabilities are combined: each at the temperature fitted on its run's selection
 # split (a probe run's calibration), or the raw softmax (Milani's snapshot ensembles, report Eq. 2). A finetune run's
-# checkpoints carry no temperature, so both give its raw softmax.
-Combine = Literal["calibrated", "raw"]
+# checkpoints carry no temperature, so both give its raw softmax; logits averages a finetune run's logits (over
+# views, checkpoints and runs) before one softmax (Inan's "average of the scores").
+Combine = Literal["calibrated", "raw", "logits"]
 COMBINES = get_args(Combine)
+KeepRule = Literal["best", "records"]  # finetune: the K best evaluations, or each new best with the oldest dropped
+KEEP_RULES = get_args(KeepRule)
+WeightDecayOn = Literal["weights", "conv"]  # finetune: every weight matrix and kernel, or convolution kernels only
+WEIGHT_DECAY_ON = get_args(WeightDecayOn)
 SaveMode = Literal["best", "all"]  # probe: snapshots of the best head only, or of every head
 SAVE_MODES = get_args(SaveMode)
 
-# A run's checkpoints averaged by predict and report: best, top:K (the best K), greedy or all. No Literal can
+# A run's checkpoints averaged by predict and report: best, top:K (the best K), greedy, best-size (the top:K whose
+# K scores best on the run's selection split) or all. No Literal can
 # spell top:K, so the API types it str.
-ENSEMBLES = ("best", "top:K", "greedy", "all")
+ENSEMBLES = ("best", "top:K", "greedy", "best-size", "all")

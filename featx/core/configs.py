@@ -38,6 +38,7 @@ from featx.core.choices import (
     FinetuneHead,
     FinetuneSchedule,
     ImageNormalize,
+    KeepRule,
     Normalize,
     Optimizer,
     Precision,
@@ -46,6 +47,7 @@ from featx.core.choices import (
     SaveMode,
     Split,
     ViewSet,
+    WeightDecayOn,
 )
 from featx.core.errors import FeatxError
 
@@ -179,16 +181,20 @@ class HeadConfig:
     weight_decay: float = 0.0116
     label_smoothing: float = 0.1
     dropout: float = 0.0
+    lr_decay: float = 0.713  # the exponential schedule's factor per epoch
 
     def __post_init__(self) -> None:
         ranges = {f.name: f for f in schema(ProbeConfig)}  # the ranges of the lists that sweep these values
-        for name in HYPERPARAMETERS:
+        for name in (*HYPERPARAMETERS, "lr_decay"):
             problem = _check_number(ranges[name], getattr(self, name))
             if problem:
                 raise OptionError(name, getattr(self, name), problem)
 
     def label(self) -> str:
-        return f"lr={self.lr:g} wd={self.weight_decay:g} ls={self.label_smoothing:g} dropout={self.dropout:g}"
+        return (
+            f"lr={self.lr:g} wd={self.weight_decay:g} ls={self.label_smoothing:g} dropout={self.dropout:g} "
+            f"decay={self.lr_decay:g}"
+        )
 
 
 # HeadConfig's fields: the options a probe sweeps (ProbeConfig's lists of the same names)
@@ -196,7 +202,8 @@ HYPERPARAMETERS = ("lr", "weight_decay", "label_smoothing", "dropout")
 
 # `featx probe` with no hyperparameter sweeps this grid in its one pass and chooses on the holdout; given any of
 # lr, weight_decay, label_smoothing, dropout it sweeps only those and the others keep the transfer-learning
-# report's values (HeadConfig). A sweep is cheap: the heads share every minibatch.
+# report's values (HeadConfig). lr_decay is an axis of its own: one value (the default) keeps the sweep as it
+# is, a list multiplies it. A sweep is cheap: the heads share every minibatch.
 DEFAULT_SWEEP = {"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (1e-3, HeadConfig.weight_decay, 3e-2)}
 
 
@@ -235,7 +242,14 @@ class ProbeConfig(Config):
         None, "On the head's input [default: 0].", min=0, max=1, max_open=True, show_default=False
     )
     optimizer: Optimizer = option("adam", "")
-    lr_decay: float = option(0.713, "Exponential decay per epoch.", min=0, max=1, min_open=True)
+    lr_decay: tuple[float, ...] = option(
+        (HeadConfig.lr_decay,),
+        "Exponential decay of the lr per epoch, applied smoothly at every step; a comma list sweeps it with the "
+        "other hyperparameters (one value keeps the sweep they make).",
+        min=0,
+        max=1,
+        min_open=True,
+    )
     schedule: ProbeSchedule = option("exponential", "")
     epochs: int = option(10, "", min=1)
     batch_size: int = option(
@@ -247,6 +261,11 @@ class ProbeConfig(Config):
         "all", "Views drawn from, one at random per image and step: " + VIEWS_HELP + ".", metavar="all|full|NAME,..."
     )
     eval_views: str = option("all", "Views whose softmax is averaged: " + VIEWS_HELP + ".", metavar="all|full|NAME,...")
+    epoch_views: bool = option(
+        False,
+        "Epoch e trains every image on the e-th of --train-views (each view once, none repeated; needs at least "
+        "--epochs views) instead of a view drawn at random per image and step.",
+    )
     normalize: Normalize = option("none", "Feature normalisation before the head.")
     feature_set: tuple[str, ...] = option(
         ("all",),
@@ -278,7 +297,8 @@ class FinetuneConfig(Config):
     bn is the BatchNorm mode (featx.nets.models.set_batchnorm); auto resolves to frozen or train once the weights
     are loaded, and the checkpoints' ModelSpec records the result.
     The body trains from the start, or after the head alone for freeze_epochs epochs; with unfreeze_on_plateau=P
-    the head trains alone for at least freeze_epochs epochs and until val top-1 has not improved for P epochs.
+    the head trains alone for at least freeze_epochs epochs and until val top-1 has not improved for P epochs, or
+    for max_head_epochs at most. restart_schedule gives the whole network a schedule of its own from the switch.
     """
 
     backbone: str = option(MISSING, "Registered name (see `featx extract --list-backbones`).")
@@ -303,6 +323,11 @@ class FinetuneConfig(Config):
     optimizer: Optimizer = option("adam", "")
     lr: float = option(1e-3, "Larger than the probe's: the whole network moves, at batch 128.", min=0, min_open=True)
     weight_decay: float = option(0.0, "", min=0)
+    weight_decay_on: WeightDecayOn = option(
+        "weights",
+        "What --weight-decay shrinks: every weight matrix and convolution kernel (never biases or BatchNorm), or "
+        "conv: convolution kernels only (the classifier and LSTMs undecayed).",
+    )
     schedule: FinetuneSchedule = option("cosine", "")
     warmup_epochs: float = option(0.0, "", min=0)
     decay: float | None = option(
@@ -339,6 +364,19 @@ class FinetuneConfig(Config):
         min=1,
         metavar="PATIENCE",
     )
+    max_head_epochs: int | None = option(
+        None,
+        "With --unfreeze-on-plateau: the head trains alone for at most N epochs; the body trains from the next "
+        "whether or not val top-1 has stopped improving.",
+        min=1,
+        metavar="N",
+    )
+    restart_schedule: bool = option(
+        False,
+        "When the body starts training after head-only epochs, start --schedule afresh over the epochs left "
+        "(after --body-warmup-epochs of warm-up) instead of going on with the head's.",
+    )
+    body_warmup_epochs: float = option(0.0, "With --restart-schedule: warm-up epochs of the restarted schedule.", min=0)
     init_head: str | None = option(None, "Start the head from the best head of this `featx probe` run.", metavar="RUN")
     init: str | None = option(None, "From scratch (--weights none): kaiming, xavier or gaussian:STD.")
     classes: int | None = option(None, "Only the first K classes.", min=1)
@@ -357,6 +395,17 @@ class FinetuneConfig(Config):
     )
     device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
     keep: int = option(3, "Keep the K best checkpoints by val top-1.", min=1)
+    keep_rule: KeepRule = option(
+        "best",
+        "Which checkpoints --keep holds: best (the K best of all evaluations) or records (each evaluation whose "
+        "val top-1 beats every earlier one, the oldest dropped beyond K).",
+    )
+    score_crop: bool = option(
+        True,
+        "A model trained with the crop augmentation is scored on the centre --crop window, as training saw "
+        "objects; --no-score-crop scores the whole image. It decides what val picks checkpoints on and what "
+        "predict and report score as the run's full view.",
+    )
     snapshot_every: int | None = option(
         None,
         "Also evaluate on val every STEPS optimizer steps and offer those snapshots to --keep.",
@@ -385,12 +434,15 @@ class PredictConfig(Config):
     split: Split = option("val", "")
     eval_views: str = option(
         "all",
-        "Views whose softmax is averaged: " + VIEWS_HELP + " (a finetune run: all is the image and its mirror).",
+        "Views whose softmax is averaged: " + VIEWS_HELP + " (a finetune run: full is the view its training "
+        "scored, the centre --crop window of a crop-trained run unless trained with --no-score-crop; all adds its "
+        "mirror).",
         metavar="all|full|NAME,...",
     )
     ensemble: str = option(
         "best",
-        "Each run's checkpoints averaged: best, top:K, greedy (added best first while val top-1 improves) or all.",
+        "Each run's checkpoints averaged: best, top:K, greedy (added best first while val top-1 improves), "
+        "best-size (the top:K whose K scores best on the run's selection split, val for a finetune run) or all.",
     )
     images: tuple[str, ...] = option(
         (),
@@ -408,7 +460,8 @@ class PredictConfig(Config):
     combine: Combine = option(
         "calibrated",
         "How checkpoint probabilities are combined: calibrated (each probe "
-        "checkpoint at its fitted temperature) or raw softmax, summed as the milani_* recipes do.",
+        "checkpoint at its fitted temperature), raw softmax (summed as the milani_* recipes do), or logits: a "
+        "finetune run's logits averaged over views, checkpoints and runs before one softmax.",
     )
     compile: CompileMode = option(
         "auto",
@@ -430,7 +483,7 @@ class ReportConfig(Config):
     )
     split: Split = option("val", "The split to analyse; it needs labels.")
     eval_views: str = option("all", "The views averaged, as in predict.", metavar="all|full|NAME,...")
-    ensemble: str = option("best", "best, top:K, greedy or all (as in predict).")
+    ensemble: str = option("best", "best, top:K, greedy, best-size or all (as in predict).")
     tsne_classes: tuple[str, ...] | None = option(
         None,
         "Classes of the t-SNE map of training images [default: convertible, sports car, plunger, Egyptian "

@@ -231,6 +231,9 @@ def write_metrics(run_dir: Path, heads: list[dict], best: dict) -> None:
 
 class Snapshots:
     """Keeps the `keep` best checkpoints per key on disk (by Snapshot.rank); worse ones are deleted as training goes.
+    With `records`, only a snapshot whose val top-1 beats every earlier one of its key is saved, and the oldest
+    is deleted beyond `keep` (Milani's "surpassed the best seen so far"): records only rise, so the oldest is
+    also the worst and the best-first order is newest first.
 
     `name` formats a new checkpoint's file name from its key, epoch and step. A snapshot that falls out of the best
     is deleted by `prune`, which a loop that lists the snapshots elsewhere (finetune's last.pt) calls only once
@@ -243,8 +246,9 @@ class Snapshots:
         keep: int,
         name: str = "head{key:02d}-epoch{epoch:03d}.pt",
         kept: Sequence[Snapshot] = (),
+        records: bool = False,
     ):
-        self.run_dir, self.keep, self.name = Path(run_dir), keep, name
+        self.run_dir, self.keep, self.name, self.records = Path(run_dir), keep, name, records
         self.kept: dict[int, list[Snapshot]] = {}
         for s in kept:
             self.kept.setdefault(s.key, []).append(s)
@@ -260,12 +264,15 @@ class Snapshots:
         *,
         step: int | None = None,
     ) -> bool:
-        """Save `payload()` if it ranks among the best `keep` of its key; `payload` is only called then."""
+        """Save `payload()` if it ranks among the best `keep` of its key (with `records`: if it beats them all);
+        `payload` is only called then."""
         kept = self.kept.setdefault(key, [])
         snap = Snapshot(
             f"{CHECKPOINTS}/{self.name.format(key=key, epoch=epoch, step=step)}", key, epoch, val_top1, val_top5, step
         )
         if not math.isfinite(val_top1) or (len(kept) >= self.keep and snap.rank() >= kept[-1].rank()):
+            return False
+        if self.records and kept and val_top1 <= kept[0].val_top1:
             return False
         checkpoint = payload()
         need = sum(t.nbytes for t in checkpoint["state"].values()) + (1 << 16)

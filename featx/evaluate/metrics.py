@@ -12,6 +12,7 @@ import torch
 
 from featx.core.choices import (
     ENSEMBLES,
+    Combine,
 )
 from featx.core.errors import FeatxError
 from featx.core.stats import (
@@ -55,34 +56,46 @@ def ranked_picks(ensemble: str, n: int) -> list[int]:
     raise FeatxError(f"--ensemble {ensemble}: choose one of {', '.join(ENSEMBLES)}")
 
 
-def greedy(probs: np.ndarray, labels: np.ndarray) -> list[int]:
+def pool(probs: np.ndarray | Sequence[np.ndarray], combine: Combine = "raw") -> np.ndarray:
+    """(K, N, C) members' probabilities -> (N, C) the ensemble's: their mean, or with `logits` the softmax of
+    their mean log-probability, which is the softmax of their mean logits (a member's log-softmax differs from its
+    logits by one constant per row); exact until a probability underflows to 0."""
+    probs = np.asarray(probs)
+    if combine != "logits":
+        return probs.mean(0)
+    logp = np.log(np.maximum(probs, np.finfo(probs.dtype).tiny)).mean(0)
+    return torch.from_numpy(logp).softmax(-1).numpy()
+
+
+def greedy(probs: np.ndarray, labels: np.ndarray, combine: Combine = "raw") -> list[int]:
     """Add checkpoints in best-first order while the ensemble's val top-1 improves; stop at the first that
     does not. probs: (K, N, C) val softmaxes of the K checkpoints, best first."""
-    picked, total = [0], probs[0].copy()
-    best = top_k(total, labels)
+    picked = [0]
+    best = top_k(probs[0], labels)
     for i in range(1, len(probs)):
-        acc = top_k((total + probs[i]) / (len(picked) + 1), labels)
+        acc = top_k(pool(probs[[*picked, i]], combine), labels)
         if acc <= best:
             break
         picked.append(i)
-        total += probs[i]
         best = acc
     return picked
 
 
-def ensemble_curve(scored: Sequence[Scored]) -> list[float]:
+def ensemble_curve(scored: Sequence[Scored], combine: Combine = "raw") -> list[float]:
     """Val top-1 of top:N for N = 1..K (K: the most checkpoints of any run), as predict's top:N averages: each
     run's best min(N, its count) checkpoints, then the runs with equal weight. scored: every checkpoint's val
     softmaxes of each run, best first."""
-    totals = [np.zeros_like(s.probs[0]) for s in scored]
-    curve = []
-    for n in range(1, max(len(s.probs) for s in scored) + 1):
-        for total, s in zip(totals, scored):
-            if n <= len(s.probs):
-                total += s.probs[n - 1]
-        mean = np.mean([total / min(n, len(s.probs)) for total, s in zip(totals, scored)], axis=0)
-        curve.append(top_k(mean, scored[0].labels))
-    return curve
+    return [
+        top_k(pool([pool(s.probs[:n], combine) for s in scored], combine), scored[0].labels)
+        for n in range(1, max(len(s.probs) for s in scored) + 1)
+    ]
+
+
+def best_size(probs: np.ndarray, labels: np.ndarray, combine: Combine = "raw") -> list[int]:
+    """The best K checkpoints for the K whose ensemble scores best (the smallest such K): the argmax of the
+    ensemble-size curve. probs: (K, N, C) softmaxes of the K checkpoints, best first."""
+    curve = ensemble_curve([Scored([], labels, probs)], combine)
+    return list(range(int(np.argmax(curve)) + 1))
 
 
 @dataclass

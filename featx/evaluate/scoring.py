@@ -9,7 +9,8 @@ A probe run is scored on its feature file (its checkpoints' heads stacked into o
 the images of its dataset. Each checkpoint gives the softmax averaged over the views; the ensemble is the mean
 of the selected checkpoints' softmaxes within a run, then the mean over runs (each run weighs the same).
 `combine` "calibrated" takes each probe checkpoint's softmax at its fitted temperature, "raw" the softmax as
-it is (Milani's Eq. 2 sums them: the mean has the same argmax).
+it is (Milani's Eq. 2 sums them: the mean has the same argmax), "logits" a finetune run's logits averaged over
+views, checkpoints and runs before one softmax (metrics.pool).
 Checkpoints are selected in the run's best-first order (by val top-1), so every selection starts with the best.
 """
 
@@ -46,9 +47,11 @@ from featx.data.cache import dataset_info, prepare_cache, read_split
 from featx.evaluate.metrics import (
     Prediction,
     Scored,
+    best_size,
     calibrated,
     ensemble_curve,
     greedy,
+    pool,
     ranked_picks,
 )
 
@@ -212,8 +215,10 @@ class FinetuneRun:
     the model learned at).
     """
 
-    def __init__(self, run_dir: Path, run: dict, device: torch.device, data: str | Path | None):
-        self.dir, self.device = run_dir, device
+    def __init__(
+        self, run_dir: Path, run: dict, device: torch.device, data: str | Path | None, combine: Combine = "raw"
+    ):
+        self.dir, self.device, self.combine = run_dir, device, combine
         self.checkpoints = run.checkpoints
         self.subset = {"classes": run.data["classes"], "per_class": run.data["per_class"]}
         self.select = "val"  # finetune chooses its checkpoints on val
@@ -267,9 +272,10 @@ class FinetuneRun:
         compile: CompileMode = "off",
     ) -> np.ndarray:
         """`weights` is not needed: a finetune checkpoint holds its whole model."""
-        return np.stack(
-            [torch.from_numpy(self._logits(i, images, views, compile)).softmax(-1).mean(1).numpy() for i in picks]
-        )
+        logits = (torch.from_numpy(self._logits(i, images, views, compile)) for i in picks)
+        if self.combine == "logits":  # (N, V, C): the views' mean logits, one softmax
+            return np.stack([x.mean(1).softmax(-1).numpy() for x in logits])
+        return np.stack([x.softmax(-1).mean(1).numpy() for x in logits])
 
     def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
         s = self._split("val" if split == SELECTION else split)
@@ -303,9 +309,13 @@ def open_run(
         raise FeatxError(f"{run_dir}: has no checkpoints; let its `featx {run.kind}` run finish")
     dev = resolve_device(device)
     if run.kind == "probe":
+        if combine == "logits":
+            raise FeatxError(
+                f"--combine logits: averages finetune runs' logits; {run_dir} is a probe run: use calibrated or raw"
+            )
         return ProbeRun(run_dir, run, dev, combine)
     if run.kind == "finetune":
-        return FinetuneRun(run_dir, run, dev, data)
+        return FinetuneRun(run_dir, run, dev, data, combine)
     raise FeatxError(f"{run_dir}: a {run.kind!r} run; predict takes probe and finetune runs")
 
 
@@ -329,19 +339,17 @@ def open_runs(
 def choose_members(
     run: ProbeRun | FinetuneRun, views: str, ensemble: str, score_all: bool = False
 ) -> tuple[list[int], Scored | None]:
-    """The picked checkpoints, and the val scores of every checkpoint where they were computed anyway (a greedy
-    ensemble chosen on val, or `score_all` for the ensemble-size curve). Greedy decides on the run's selection
-    split: its held-out part of train, or val for a run selected on val."""
+    """The picked checkpoints, and the val scores of every checkpoint where they were computed anyway (an
+    ensemble chosen on val, or `score_all` for the ensemble-size curve). Greedy and best-size decide on the run's
+    selection split, whatever split is scored: its held-out part of train, or val for a run selected on val."""
     everything = range(len(run.checkpoints))
-    val = (
-        run.score_split("val", views, everything)
-        if score_all or (ensemble == "greedy" and run.select == "val")
-        else None
-    )
-    if ensemble != "greedy":
+    chosen = ensemble in ("greedy", "best-size")
+    val = run.score_split("val", views, everything) if score_all or (chosen and run.select == "val") else None
+    if not chosen:
         return ranked_picks(ensemble, len(run.checkpoints)), val
     chosen_on = val if run.select == "val" else run.score_split(SELECTION, views, everything)
-    return greedy(chosen_on.probs, chosen_on.labels), val
+    choose = greedy if ensemble == "greedy" else best_size
+    return choose(chosen_on.probs, chosen_on.labels, run.combine), val
 
 
 def merge_runs(runs: list, scored: list[Scored], picks: list[list[int]], split: str) -> Prediction:
@@ -356,7 +364,7 @@ def merge_runs(runs: list, scored: list[Scored], picks: list[list[int]], split: 
         split=split,
         ids=scored[0].ids,
         labels=scored[0].labels,
-        probs=np.mean([s.probs.mean(0) for s in scored], axis=0),
+        probs=pool([pool(s.probs, runs[0].combine) for s in scored], runs[0].combine),
         single=scored[best].probs[0],  # every selection starts with the run's best checkpoint
         classes=runs[0].classes,
         class_names=runs[0].class_names,
@@ -406,7 +414,7 @@ def score_runs(
     pred = merge_runs(runs, scored, picks, split)
     pred.views = list(dict.fromkeys(v for run in runs for v in run.view_names(eval_views)))
     if curve:
-        pred.curve = ensemble_curve(vals)
+        pred.curve = ensemble_curve(vals, runs[0].combine)
     return pred
 
 

@@ -113,13 +113,17 @@ def only(f: Features | StreamedSplit, keep: np.ndarray) -> Features | StreamedSp
     return dataclasses.replace(f, keep=keep if f.keep is None else f.keep & keep)
 
 
-def batches(src: Source, gen: torch.Generator, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled labelled rows of each block, each row as one view drawn at random from those stored."""
+def batches(
+    src: Source, gen: torch.Generator, batch_size: int, *, view: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled labelled rows of each block, each row as one view drawn at random from those stored, or as
+    the stored view `view` (an index into the source's views) for every row."""
     for x, y in src.blocks(gen):
         rows = (y >= 0).nonzero().squeeze(1).cpu()
         order = rows[torch.randperm(len(rows), generator=gen)].to(x.device)
         n_views = x.shape[1]
-        flat = order * n_views + torch.randint(n_views, (len(order),), generator=gen).to(x.device)
+        picked = torch.randint(n_views, (len(order),), generator=gen) if view is None else torch.full_like(order, view)
+        flat = order * n_views + picked.to(x.device)
         rows_by_view = x.view(-1, x.shape[-1])  # index_select on this is ~10x faster than x[idx, view]
         for idx, pick in zip(order.split(batch_size), flat.split(batch_size)):
             yield rows_by_view.index_select(0, pick), y[idx]

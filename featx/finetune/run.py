@@ -36,6 +36,7 @@ from torch.utils.data import DistributedSampler
 
 from featx.core import runs
 from featx.core.atomic import one_writer, replacing
+from featx.core.choices import WeightDecayOn
 from featx.core.compiled import CompileChoice, compile_training, decide, ran_compiled
 from featx.core.configs import FinetuneConfig, from_dict, to_dict, validate
 from featx.core.device import Dist, distributed, precision_name, resolve_precision
@@ -75,6 +76,12 @@ def check_config(c: FinetuneConfig) -> None:
         raise FeatxError("--init-head: probe heads are linear; use --head linear")
     if not 0 <= c.freeze_epochs <= c.epochs:
         raise FeatxError(f"--freeze-epochs {c.freeze_epochs}: must be between 0 and --epochs {c.epochs}")
+    if c.max_head_epochs is not None and not c.unfreeze_on_plateau:
+        raise FeatxError(f"--max-head-epochs {c.max_head_epochs}: bounds --unfreeze-on-plateau; add it")
+    if c.max_head_epochs is not None and c.max_head_epochs < c.freeze_epochs:
+        raise FeatxError(f"--max-head-epochs {c.max_head_epochs}: must be at least --freeze-epochs {c.freeze_epochs}")
+    if c.restart_schedule and not (c.freeze_epochs or c.unfreeze_on_plateau):
+        raise FeatxError("--restart-schedule: restarts at the end of head-only epochs; add --freeze-epochs N")
     if c.head != "lstm" and (c.lstm_group != GROUP or list(c.lstm_stages) != list(STAGES)):
         raise FeatxError("--lstm-group/--lstm-stages: options of the LSTM head; add --head lstm")
     if not c.overfit:
@@ -83,8 +90,9 @@ def check_config(c: FinetuneConfig) -> None:
 
 def eval_views(c: FinetuneConfig) -> list[str]:
     """What evaluation feeds the model: training on random --crop windows (upsampled to the input size) is
-    evaluated on the centre window of that size, so objects appear at the scale training saw them."""
-    crops = not c.overfit and any(parse_augmentation(a)[0] == "crop" for a in c.aug)
+    evaluated on the centre window of that size, so objects appear at the scale training saw them (unless
+    --no-score-crop asks for the whole image)."""
+    crops = c.score_crop and not c.overfit and any(parse_augmentation(a)[0] == "crop" for a in c.aug)
     return ["center"] if crops else ["full"]
 
 
@@ -95,9 +103,16 @@ def trains_head_alone(c: FinetuneConfig, rows: list[dict]) -> bool:
         return True
     if not c.unfreeze_on_plateau or (rows and not rows[-1]["frozen"]):
         return False  # once the body trains it keeps training
+    if c.max_head_epochs is not None and len(rows) >= c.max_head_epochs:
+        return False
     tops = [r["val_top1"] for r in rows]
     since_best = len(tops) - 1 - tops.index(max(tops)) if tops else 0
     return since_best < c.unfreeze_on_plateau
+
+
+def unfrozen_epoch(rows: list[dict]) -> int | None:
+    """The first epoch (1-based) the body trained, None while only the head has."""
+    return next((r["epoch"] for r in rows if not r["frozen"]), None)
 
 
 def _mean_image(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -108,13 +123,30 @@ def _mean_image(images: torch.Tensor, size: int) -> torch.Tensor:
     return to_input(mean, size=size, mean=(0.0,) * 3, std=(1.0,) * 3)[0].contiguous()
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def _param_groups(model: nn.Module, weight_decay: float, on: WeightDecayOn = "weights") -> list[dict]:
     # Decay weights only: shrinking BatchNorm scales and biases does not regularise anything.
+    convs = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)}
     params = list(model.parameters())
+    decayed = [(id(p) in convs) if on == "conv" else p.ndim > 1 for p in params]
     return [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        {"params": [p for p, d in zip(params, decayed) if d], "weight_decay": weight_decay},
+        {"params": [p for p, d in zip(params, decayed) if not d], "weight_decay": 0.0},
     ]
+
+
+def make_schedule(c: FinetuneConfig, opt: torch.optim.Optimizer, steps: int, *, start_epoch: int = 0):
+    """The lr schedule over the epochs from `start_epoch`: 0, or with --restart-schedule the first epoch of the
+    whole network, whose schedule starts afresh (after --body-warmup-epochs of warm-up)."""
+    warmup = c.body_warmup_epochs if start_epoch else c.warmup_epochs
+    return make_scheduler(
+        opt,
+        c.schedule,
+        steps_per_epoch=steps,
+        epochs=c.epochs - start_epoch,
+        decay=c.decay,
+        step_epochs=c.step_epochs,
+        warmup_steps=round(warmup * steps),
+    )
 
 
 def _not_learning(row: dict, num_classes: int) -> bool:
@@ -230,16 +262,9 @@ def _setup(c: FinetuneConfig, d: Dist, out: Path, recorded: dict, state: dict | 
         range(len(train)), num_replicas=d.world, rank=d.rank, shuffle=True, seed=c.seed, drop_last=True
     )
     steps = len(sampler) // (batch_size // d.world)
-    opt = make_optimizer(c.optimizer, _param_groups(model, c.weight_decay), lr=c.lr)
-    sched = make_scheduler(
-        opt,
-        c.schedule,
-        steps_per_epoch=steps,
-        epochs=c.epochs,
-        decay=c.decay,
-        step_epochs=c.step_epochs,
-        warmup_steps=round(c.warmup_epochs * steps),
-    )
+    opt = make_optimizer(c.optimizer, _param_groups(model, c.weight_decay, c.weight_decay_on), lr=c.lr)
+    switched = unfrozen_epoch(state["metrics"]) if state and c.restart_schedule else None
+    sched = make_schedule(c, opt, steps, start_epoch=switched - 1 if switched and switched > 1 else 0)
     scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
     mixup, cutmix = (0.0, 0.0) if c.overfit else (c.mixup, c.cutmix)
     augment = Augment(
@@ -275,7 +300,7 @@ def _setup(c: FinetuneConfig, d: Dist, out: Path, recorded: dict, state: dict | 
             },
         )
     name = "step{step:07d}.pt" if c.snapshot_every else "epoch{epoch:03d}.pt"
-    snapshots = runs.Snapshots(out, keep=c.keep, name=name, kept=kept)
+    snapshots = runs.Snapshots(out, keep=c.keep, name=name, kept=kept, records=c.keep_rule == "records")
     if d.rank == 0:  # snapshots an interrupted epoch wrote after the last full checkpoint
         snapshots.remove_unlisted(besides=["last.pt"])
     return Training(
@@ -346,7 +371,7 @@ def _save_epoch(t: Training, epoch: int, compiled: str) -> None:
         )
     t.snapshots.prune()  # only now: last.pt no longer lists what falls out
     best = max(t.rows, key=lambda r: r["val_top1"])
-    unfrozen = next((r["epoch"] for r in t.rows if not r["frozen"]), None)  # the first epoch the body trained
+    unfrozen = unfrozen_epoch(t.rows)
     runs.write_metrics(
         t.out,
         [
@@ -360,9 +385,8 @@ def _save_epoch(t: Training, epoch: int, compiled: str) -> None:
         ],
         best,
     )
-    runs.update_run(
-        t.out, checkpoints=t.snapshots.listing(), resolved={"precision": precision_name(t.dtype), "compile": compiled}
-    )
+    resolved = {"precision": precision_name(t.dtype), "compile": compiled, "unfrozen_epoch": unfrozen}
+    runs.update_run(t.out, checkpoints=t.snapshots.listing(), resolved=resolved)
     if t.progress:  # the views named: predict's default averages more of them (its mirror too)
         row = t.rows[-1]
         print(
@@ -420,6 +444,8 @@ def finetune(
             t.model.train()
             was_frozen, frozen = frozen, trains_head_alone(c, t.rows)
             freeze_body(t.model, frozen)
+            if c.restart_schedule and t.rows and t.rows[-1]["frozen"] and not frozen:  # the whole network's start
+                t.sched = make_schedule(c, t.opt, t.steps, start_epoch=epoch)
             if frozen != was_frozen:  # DDP only tracks the parameters that train
                 net = DistributedDataParallel(t.model) if d.world > 1 else t.model
                 net = compile_training(net, choice)
@@ -474,4 +500,5 @@ def _write_results(out: Path, rows: list[dict], recorded: dict, views: list[str]
         settings=recorded,
         seconds={"train": round(sum(r["seconds"] for r in rows), 2)},
         epochs=len(rows),
+        unfrozen_epoch=unfrozen_epoch(rows),
     )

@@ -101,8 +101,12 @@ class _Probe(ClassifierMixin, BaseEstimator):
 
     def _config(self) -> ProbeConfig:
         """The probe options among the estimator's parameters (scikit-learn's get_params), as a ProbeConfig;
-        its hyperparameters are the heads' (`_heads`)."""
-        options = {k: v for k, v in self.get_params().items() if hasattr(ProbeConfig, k) and k not in HYPERPARAMETERS}
+        its hyperparameters and lr decay are the heads' (`_heads`)."""
+        options = {
+            k: v
+            for k, v in self.get_params().items()
+            if hasattr(ProbeConfig, k) and k not in (*HYPERPARAMETERS, "lr_decay")
+        }
         return ProbeConfig(features=str(ARRAYS), **options)
 
     def _train(self, fit_on: Features, val: Features) -> ProbeResult:
@@ -158,7 +162,7 @@ class LinearProbe(_Probe):
         epochs: int = ProbeConfig.epochs,
         batch_size: int = ProbeConfig.batch_size,
         optimizer: Optimizer = ProbeConfig.optimizer,
-        lr_decay: float = ProbeConfig.lr_decay,
+        lr_decay: float = HeadConfig.lr_decay,
         schedule: ProbeSchedule = ProbeConfig.schedule,
         normalize: Normalize = ProbeConfig.normalize,
         seed: int = ProbeConfig.seed,
@@ -169,7 +173,7 @@ class LinearProbe(_Probe):
         self.schedule, self.normalize, self.seed, self.device = schedule, normalize, seed, device
 
     def _heads(self) -> list[HeadConfig]:
-        return [HeadConfig(self.lr, self.weight_decay, self.label_smoothing, self.dropout)]
+        return [HeadConfig(self.lr, self.weight_decay, self.label_smoothing, self.dropout, self.lr_decay)]
 
     def fit(self, X, y) -> LinearProbe:
         X, y = self._x(X, y=y, reset=True)
@@ -181,7 +185,7 @@ class LinearProbe(_Probe):
 
 
 class LinearProbeCV(_Probe):
-    """Every combination of `lr` x `weight_decay` x `label_smoothing` x `dropout` (default: DEFAULT_SWEEP)
+    """Every combination of `lr` x `weight_decay` x `label_smoothing` x `dropout` (default: DEFAULT_SWEEP) x `lr_decay`
     trained in one pass over the same minibatches, as `featx probe` sweeps; the head and epoch with the best
     top-1 on a class-stratified `holdout` share of the training data (or on `X_val`, `y_val` given to fit) are
     kept. Unlike LogisticRegressionCV there is no refit: the chosen head is the one trained without the
@@ -200,7 +204,7 @@ class LinearProbeCV(_Probe):
         epochs: int = ProbeConfig.epochs,
         batch_size: int = ProbeConfig.batch_size,
         optimizer: Optimizer = ProbeConfig.optimizer,
-        lr_decay: float = ProbeConfig.lr_decay,
+        lr_decay: float | Sequence[float] = ProbeConfig.lr_decay,
         schedule: ProbeSchedule = ProbeConfig.schedule,
         normalize: Normalize = ProbeConfig.normalize,
         seed: int = ProbeConfig.seed,
@@ -249,7 +253,11 @@ class LinearProbeCV(_Probe):
 
     def _heads(self) -> list[HeadConfig]:
         return grid(
-            lr=self.lr, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing, dropout=self.dropout
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+            dropout=self.dropout,
+            lr_decay=np.atleast_1d(self.lr_decay).tolist(),  # one number (as before the axis) or a list
         )
 
     def _held_out(self, labels: np.ndarray) -> np.ndarray:

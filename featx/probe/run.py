@@ -66,7 +66,18 @@ from featx.features.store import (
 from featx.nets.heads import FeatureSetHeads
 from featx.probe.calibration import calibrate_and_score
 from featx.probe.neighbors import fit_neighbors
-from featx.probe.sweep import HeadConfig, OnEval, ProbeResult, best_head, evaluate, fit, grid, head_grid, train
+from featx.probe.sweep import (
+    HeadConfig,
+    OnEval,
+    ProbeResult,
+    best_head,
+    check_epoch_views,
+    evaluate,
+    fit,
+    grid,
+    head_grid,
+    train,
+)
 from featx.probe.tables import format_summary, format_table
 
 # what `from featx.probe.run import ...` has always offered, besides run_probe
@@ -302,12 +313,12 @@ def run_probe(
     head: ProbeHead = ProbeConfig.head,
     hidden: int = ProbeConfig.hidden,
     optimizer: Optimizer = ProbeConfig.optimizer,
-    lr_decay: float = ProbeConfig.lr_decay,
     schedule: ProbeSchedule = ProbeConfig.schedule,
     epochs: int = ProbeConfig.epochs,
     batch_size: int = ProbeConfig.batch_size,
     train_views: ViewSelection = ProbeConfig.train_views,
     eval_views: ViewSelection = ProbeConfig.eval_views,
+    epoch_views: bool = ProbeConfig.epoch_views,
     normalize: Normalize = ProbeConfig.normalize,
     seed: int = ProbeConfig.seed,
     device: Device = ProbeConfig.device,
@@ -329,7 +340,7 @@ def run_probe(
         k=tuple(k),
         select=select,
         optimizer=optimizer,
-        lr_decay=lr_decay,
+        epoch_views=epoch_views,
         schedule=schedule,
         epochs=epochs,
         batch_size=batch_size,
@@ -349,9 +360,13 @@ def run_probe(
 
 def _settings(config: ProbeConfig, feature_sets: list[str], stream: bool) -> dict:
     """What run.json records of the options (the output contract compares them): every field but the heads'
-    hyperparameters (run.json lists the heads), `hidden` only where a head has it, `k` only for k-NN, the
+    hyperparameters and lr decays (run.json lists the heads), `hidden` only where a head has it, `k` only for k-NN, the
     distinct feature sets, and whether the run streamed."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in (*HYPERPARAMETERS, "k", "feature_set")}
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in (*HYPERPARAMETERS, "lr_decay", "k", "feature_set")
+    }
     settings.update(hidden=config.hidden if config.head == "mlp" else 0, stream=stream, feature_sets=feature_sets)
     if config.head == "knn":
         settings["k"] = list(config.k)
@@ -384,9 +399,10 @@ def probe(
     run. `heads`: the configs trained [default: the config's sweep, featx.probe.sweep.head_grid].
 
     `train_views`, `eval_views`: "all" (every deterministic view), "full" or a comma list of stored view names
-    (augmented views train only). Snapshots are offered after every epoch and, with `snapshot_every`, every
-    that many steps; the `keep` best of each head are kept, and run.json's best is the best of them all.
-    `feature_set`: the columns heads see (see featx.features.store.feature_set_columns); several sweep in one
+    (augmented views train only); `epoch_views`: epoch e trains on every image's e-th training view. Each head's
+    lr decay is its config's (HeadConfig.lr_decay). Snapshots are offered after every epoch and, with
+    `snapshot_every`, every that many steps; the `keep` best of each head are kept, and run.json's best is the
+    best of them all. `feature_set`: the columns heads see (see featx.features.store.feature_set_columns); several sweep in one
     pass. An existing run in `out` follows featx.core.outputs' contract: up to date when finished with the same
     settings (its recorded result is returned), refused when made with others unless `force`."""
     heads = head_grid(config) if heads is None else list(heads)
@@ -398,6 +414,8 @@ def probe(
     views = {"train": config.train_views, "val": config.eval_views}
     for split, which in views.items():  # a misnamed view fails here, before any training
         select_views(meta, split, which, path=path)
+    if config.epoch_views and config.head in TRAINED_HEADS:
+        check_epoch_views(len(select_views(meta, "train", config.train_views, path=path)), config.epochs)
     stream = config.stream or not _fits_in_memory(path, views, resolve_device(config.device))
     # the output contract first: an up-to-date run reads no features, a refused one warns of nothing
     settings = _settings(config, feature_sets, stream)
@@ -469,8 +487,13 @@ PROBE_FREE = ("device", "stream", "features", "options", "resolved")
 
 
 def _probe_settings(config: dict, features: dict) -> dict:
-    """A probe run's resolved settings as featx.core.outputs compares them (JSON-shaped, as run.json holds them)."""
+    """A probe run's resolved settings as featx.core.outputs compares them (JSON-shaped, as run.json holds them);
+    a 0.2 run's read as today's: one lr decay for all its heads, and no --epoch-views."""
     d = {k: v for k, v in config.items() if k not in PROBE_FREE}
+    if "lr_decay" in d:
+        decay = d.pop("lr_decay")
+        d["heads"] = [{**h, "lr_decay": decay} for h in d.get("heads", [])]
+    d.setdefault("epoch_views", False)
     return json.loads(json.dumps({**d, "features_identity": features["identity"]}))
 
 
@@ -484,6 +507,12 @@ def _existing_probe(out: Path) -> Existing:
     return Existing(_probe_settings(run.config, run.features or {"identity": None}), complete=run.best is not None)
 
 
+def _head_fields(head: dict) -> dict:
+    """A metrics.json head's HeadConfig fields (a 0.2 run's lack lr_decay: its run.json has one for all)."""
+    names = {f.name for f in dataclasses.fields(HeadConfig)}
+    return {k: v for k, v in head["config"].items() if k in names}
+
+
 def recorded_result(run_dir: Path) -> ProbeResult:
     """The ProbeResult a finished run recorded (metrics.json, run.json), for a run found up to date; `heads`
     is None: the weights are in its checkpoints."""
@@ -491,7 +520,11 @@ def recorded_result(run_dir: Path) -> ProbeResult:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     hs = metrics["heads"]
     trained = run.config["head"] in TRAINED_HEADS
-    configs = [HeadConfig(**{k: h["config"][k] for k in HYPERPARAMETERS}) for h in hs] if trained else []
+    configs = (
+        [HeadConfig(**{"lr_decay": run.config.get("lr_decay", HeadConfig.lr_decay), **_head_fields(h)}) for h in hs]
+        if trained
+        else []
+    )
     best = run.best
     val = {
         k: best[k]

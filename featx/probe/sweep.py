@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from featx.core.choices import TRAINED_HEADS, Device, Normalize, Optimizer, ProbeSchedule, TrainedHead
 from featx.core.configs import DEFAULT_SWEEP, HYPERPARAMETERS, HeadConfig, ProbeConfig
@@ -39,7 +40,7 @@ from featx.features.batches import (
 )
 from featx.features.store import ALL, Features, feature_set_columns, require_same_extraction
 from featx.nets.heads import FeatureSetHeads, HeadOptimizer, StackedHeads, label_rank, smoothed_cross_entropy
-from featx.nets.optim import make_scheduler
+from featx.nets.optim import lr_factor
 
 
 def grid(
@@ -48,10 +49,11 @@ def grid(
     weight_decay: Sequence[float] = (HeadConfig.weight_decay,),
     label_smoothing: Sequence[float] = (HeadConfig.label_smoothing,),
     dropout: Sequence[float] = (HeadConfig.dropout,),
+    lr_decay: Sequence[float] = (HeadConfig.lr_decay,),
 ) -> list[HeadConfig]:
     """Every combination, lr varying slowest; what is not given keeps the transfer-learning report's value
     (HeadConfig)."""
-    return [HeadConfig(*c) for c in itertools.product(lr, weight_decay, label_smoothing, dropout)]
+    return [HeadConfig(*c) for c in itertools.product(lr, weight_decay, label_smoothing, dropout, lr_decay)]
 
 
 def head_grid(config: ProbeConfig) -> list[HeadConfig]:
@@ -60,7 +62,7 @@ def head_grid(config: ProbeConfig) -> list[HeadConfig]:
     given = {h: getattr(config, h) for h in HYPERPARAMETERS if getattr(config, h) is not None}
     sweep = given or DEFAULT_SWEEP
     reported = HeadConfig()
-    return grid(**{h: sweep.get(h, (getattr(reported, h),)) for h in HYPERPARAMETERS})
+    return grid(**{h: sweep.get(h, (getattr(reported, h),)) for h in HYPERPARAMETERS}, lr_decay=config.lr_decay)
 
 
 @dataclass
@@ -129,6 +131,15 @@ def _check(features: Features | StreamedSplit, val: Features | StreamedSplit, he
         raise FeatxError(f"{features.path}: split {features.split!r} has no labels to train on")
 
 
+def check_epoch_views(n_views: int, epochs: int) -> None:
+    """--epoch-views trains epoch e on view e: it needs a view for every epoch."""
+    if n_views < epochs:
+        raise FeatxError(
+            f"--epoch-views: {n_views} training views for --epochs {epochs}; each epoch needs a view of its own: "
+            "extract at least as many (--aug-views) or train fewer epochs"
+        )
+
+
 @torch.no_grad()
 def _standardization(src: Source) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std over every stored row and view of the training split."""
@@ -193,12 +204,13 @@ class _Loop:
             )
             for s in model.stacks
         ]
-        self.scheds = [
-            make_scheduler(
-                o.opt, config.schedule, steps_per_epoch=steps_per_epoch, epochs=config.epochs, decay=config.lr_decay
-            )
-            for o in self.opts
+        # each head's own decay, on its two param groups (weights, biases: HeadOptimizer's order)
+        factors = [
+            lr_factor(config.schedule, steps_per_epoch=steps_per_epoch, epochs=config.epochs, decay=c.lr_decay)
+            for c in configs
+            for _ in range(2)
         ]
+        self.scheds = [LambdaLR(o.opt, factors) for o in self.opts]
         self.smoothing = torch.tensor([c.label_smoothing for c in configs] * len(model.stacks), device=device)
         self.dims = [s.weights[0].shape[1] for s in model.stacks]
         # a generator per feature set, so that each set's heads see the dropout masks they would see alone
@@ -274,10 +286,10 @@ def train(
     head: TrainedHead = ProbeConfig.head,
     hidden: int = ProbeConfig.hidden,
     optimizer: Optimizer = ProbeConfig.optimizer,
-    lr_decay: float = ProbeConfig.lr_decay,
     schedule: ProbeSchedule = ProbeConfig.schedule,
     epochs: int = ProbeConfig.epochs,
     batch_size: int = ProbeConfig.batch_size,
+    epoch_views: bool = ProbeConfig.epoch_views,
     normalize: Normalize = ProbeConfig.normalize,
     seed: int = ProbeConfig.seed,
     device: Device = ProbeConfig.device,
@@ -293,10 +305,10 @@ def train(
         head=head,
         hidden=hidden,
         optimizer=optimizer,
-        lr_decay=lr_decay,
         schedule=schedule,
         epochs=epochs,
         batch_size=batch_size,
+        epoch_views=epoch_views,
         normalize=normalize,
         seed=seed,
         device=device,
@@ -320,7 +332,8 @@ def fit(
     feature set s. `config` gives the rest of the probe's options (its features, lr... and selection are the
     caller's: featx.probe.run).
 
-    Each step draws one stored view per training image (load with views="full" to train on full images);
+    Each step draws one stored view per training image (load with views="full" to train on full images), or
+    with `config.epoch_views` epoch e takes every image's e-th view (there must be at least `epochs`);
     validation averages the softmax over `val`'s views. `on_eval(epoch, step, model, val_top1, val_top5)` runs
     after each validation (the CLI saves snapshots there): at the end of every epoch and, with
     `config.snapshot_every`, also every that many steps (counted from the start of training). Feature sets
@@ -331,6 +344,8 @@ def fit(
     start = time.perf_counter()
     dev = resolve_device(config.device)
     train_src = batch_source(features, dev)
+    if config.epoch_views:
+        check_epoch_views(train_src.n_views, config.epochs)
     feature_sets = config.feature_set
     columns = [feature_set_columns(features.meta, s, path=features.path) for s in feature_sets]
     model = _build(features, train_src, columns, heads, config, dev)
@@ -346,7 +361,9 @@ def fit(
     gen = torch.Generator().manual_seed(config.seed)  # minibatch order and views: the same for every head
     history: list[list[dict]] = [[] for _ in range(model.num_heads)]
     for epoch in progress_bar(range(1, config.epochs + 1), desc="probe", unit="epoch", enabled=progress):
-        train_loss, train_top1 = loop.epoch(epoch, batches(train_src, gen, config.batch_size), config.snapshot_every)
+        view = epoch - 1 if config.epoch_views else None
+        batched = batches(train_src, gen, config.batch_size, view=view)
+        train_loss, train_top1 = loop.epoch(epoch, batched, config.snapshot_every)
         val_loss, val_top1, val_top5 = loop.score_val(epoch)
         for h, (hist, ok) in enumerate(zip(history, loop.active())):
             hist.append(
