@@ -78,7 +78,8 @@ rows(
     "weights",
     "none",
     MA,
-    'Weight initialization: "We train the ResNet with different weight initialization" (an init only matters from scratch)',
+    'Weight initialization: "We train the ResNet with different weight initialization" '
+    "(an init only matters from scratch)",
 )
 rows(
     ["ma_resnet18_scratch_gaussian"],
@@ -136,7 +137,8 @@ for recipe, stage in INAN_BASE:
         "head",
         "linear",
         INAN,
-        '3. Approach: "modifying the last layer, i.e., the fully-connected layer such that it provides scores for 200 classes"',
+        '3. Approach: "modifying the last layer, i.e., the fully-connected layer such that it provides scores '
+        'for 200 classes"',
     )
 for recipe, stage in INAN_LSTM + [INAN_GROUP128, INAN_EARLY]:
     rows([recipe], stage, "head", "lstm", INAN, '3. Approach: "there will be in total of 12 LSTM\'s"')
@@ -344,7 +346,8 @@ rows(
     "schedule",
     "step",
     MILANI,
-    '3.2: "decayed by 0.9 at every epoch"; 3.3: "once every *two* epochs" (a decay at set epochs: featx\'s step schedule)',
+    '3.2: "decayed by 0.9 at every epoch"; 3.3: "once every *two* epochs" '
+    "(a decay at set epochs: featx's step schedule)",
 )
 rows(MILANI_ALL, "finetune", "decay", 0.9, MILANI, '3.2: "decayed by 0.9 at every epoch"; 3.3: "by a factor of 0.9"')
 rows([MILANI_BASE], "finetune", "lr", 1e-3, MILANI, '3.2: "settled on 1 x 10^{-3}"')

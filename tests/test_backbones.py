@@ -44,7 +44,8 @@ def test_default_sizes_and_normalisation():
 
 
 def test_inception_features_match_torchvision_pooled_layer():
-    """Our Inception-v3 (transform_input off, [-1,1] inputs) = torchvision's with transform_input on ImageNet-normalised inputs."""
+    """Our Inception-v3 (transform_input off, [-1,1] inputs) = torchvision's with transform_input on
+    ImageNet-normalised inputs."""
     torch.manual_seed(0)
     ours = create_backbone("inception_v3", weights="none", size=299).model.eval()
     ref = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)

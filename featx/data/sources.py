@@ -65,7 +65,9 @@ def open_tree(path: Path) -> Tree:
     try:
         infos = [i for i in _zip_index(str(path))[1].values() if not i.is_dir()]
     except (zipfile.BadZipFile, OSError) as e:
-        raise FeatxError(f"{path}: cannot read it as a zip or a folder ({e}); pass the dataset zip or folder to --data")
+        raise FeatxError(
+            f"{path}: cannot read it as a zip or a folder ({e}); pass the dataset zip or folder to --data"
+        ) from None
     for i in infos:
         digest.update(f"{i.filename}\0{i.CRC}\0{i.file_size}\n".encode())
     return Tree(path, True, sorted(i.filename for i in infos), digest.hexdigest()[:16])

@@ -175,7 +175,7 @@ def _comparison(out: Path, scored: list, views: str) -> list[str]:
     """The leaderboard of several runs (best top-1 first), the paired comparison of the best two and their
     per-class differences (per_class_diff.csv); returns the page's sections."""
     board = []
-    for d, opened, pred in scored:
+    for d, _opened, pred in scored:
         record = read_run(d)
         backbone = (record.features or {}).get("backbone") or (record.model or {}).get("backbone", "")
         stored = (record.features or {}).get("views")

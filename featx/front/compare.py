@@ -89,16 +89,19 @@ def _speed(
     names = view_names(views)
     images = read_split(cache, "val", classes=classes).read_images(0, SPEED_IMAGES)
     batch = max(1, 16 // len(names))  # extraction's batch on CPU
-    run = lambda x: compute_features(
-        bb,
-        model,
-        x,
-        views=names,
-        crop=crop,
-        device=dev,
-        autocast=resolve_precision(precision, dev),
-        out_dtype=np.dtype(np.float16),
-    )
+
+    def run(x):
+        return compute_features(
+            bb,
+            model,
+            x,
+            views=names,
+            crop=crop,
+            device=dev,
+            autocast=resolve_precision(precision, dev),
+            out_dtype=np.dtype(np.float16),
+        )
+
     run(images[:batch])
     start = time.perf_counter()
     for i in range(0, len(images), batch):

@@ -27,9 +27,9 @@ the stage's hash, the recipe, the resolved options, versions and timings. The ha
 resolved options (defaults included) and the hashes of the stages it references. A stage is skipped when
 its record holds the same hash and no stage it references runs. Before a stage runs again, an output whose
 record holds another hash is replaced: with `--force` where the command keeps the old output until the new one
-is complete (extract, probe, finetune), else deleted first (the commands refuse to mix settings in one output); an output without
-a record, left by an interrupted stage, is handed to the command as it is, which resumes it. Input files are not hashed: after replacing a dataset under the same
-path, delete the outputs made from it.
+is complete (extract, probe, finetune), else deleted first (the commands refuse to mix settings in one output); an
+output without a record, left by an interrupted stage, is handed to the command as it is, which resumes it. Input
+files are not hashed: after replacing a dataset under the same path, delete the outputs made from it.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 `create_backbone(name, weights=...)` returns a model that maps normalised (B, 3, S, S) images to pooled
 features (B, D): the classifier layer named by `head` is replaced by Identity, so features come from the
 network's own pooling layer. With `layers="lastN"` (or `"lastN+avg"`) the model returns features of several
-depths concatenated instead (see `LayerFeatures`); `Backbone.parts` names them. Weights come from torchvision's weights API ("default", or a name such as "IMAGENET1K_V2"), a local state_dict
-(PATH, loaded with weights_only=True) or seeded random init ("none"). `timm:<name>` uses timm when
-installed: its pretrained config, its loader and its pre-logits features.
+depths concatenated instead (see `LayerFeatures`); `Backbone.parts` names them. Weights come from torchvision's
+weights API ("default", or a name such as "IMAGENET1K_V2"), a local state_dict (PATH, loaded with weights_only=True)
+or seeded random init ("none"). `timm:<name>` uses timm when installed: its pretrained config, its loader and its
+pre-logits features.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise FeatxError(
-            f"--weights {path}: not a loadable state_dict ({type(e).__name__}); save one with torch.save(model.state_dict(), ...)"
+            f"--weights {path}: not a loadable state_dict ({type(e).__name__}); "
+            "save one with torch.save(model.state_dict(), ...)"
         ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -4,8 +4,8 @@
     result = run_probe(features="features/r50.h5", out="runs/r50", heads=grid(lr=[1e-4, 6.5e-4]))
     result.best, result.val
 
-`run_probe` reads the feature file, fits the heads (featx.probe.sweep trains them, featx.probe.neighbors fits k-NN and NCM),
-chooses the head, epoch and k on the selection split, calibrates and scores the choice once on val
+`run_probe` reads the feature file, fits the heads (featx.probe.sweep trains them, featx.probe.neighbors fits k-NN
+and NCM), chooses the head, epoch and k on the selection split, calibrates and scores the choice once on val
 (featx.probe.calibration) and writes the run directory (featx.core.runs). The loop's names (HeadConfig, grid, train,
 ProbeResult, StreamedSplit) and the console tables (featx.probe.tables) are importable from here too.
 """
