@@ -577,7 +577,7 @@ def _check_value(f: Field, value) -> str | None:
 
 def validate(config) -> None:
     """Check every field's type, choice and range; raise OptionError naming the first bad field."""
-    for f in schema(type(config)):
+    for f in schema(type(config)):  # type: ignore[arg-type]  # mypy: a type(x) is not Hashable, wrongly
         problem = _check_value(f, getattr(config, f.name))
         if problem:
             raise OptionError(f.name, getattr(config, f.name), problem)

@@ -36,7 +36,7 @@ from featx.core.compiled import compile_frozen, decide
 from featx.core.configs import PredictConfig
 from featx.core.device import resolve_device
 from featx.core.errors import FeatxError
-from featx.core.runs import load_checkpoint, read_run
+from featx.core.runs import RunRecord, load_checkpoint, read_run
 from featx.core.stats import (
     holdout_rows,
     parse_select,
@@ -107,8 +107,9 @@ def _first_of_classes(labels: np.ndarray, classes: Sequence[int], per_class: int
 class ProbeRun:
     """A `featx probe` run: heads scored on its feature file, or on new images through its backbone."""
 
-    def __init__(self, run_dir: Path, run: dict, device: torch.device, combine: Combine = "calibrated"):
+    def __init__(self, run_dir: Path, run: RunRecord, device: torch.device, combine: Combine = "calibrated"):
         self.dir, self.device, self.combine = run_dir, device, combine
+        assert run.features is not None  # every probe run records its feature file
         self.checkpoints = run.checkpoints
         self.path = Path(run.features["path"])
         self.meta = read_meta(self.path)
@@ -122,7 +123,7 @@ class ProbeRun:
         self.select = (run.best or {}).get("select") or run.config.get("select", "val")
         self.seed = run.config.get("seed", 0)
 
-    def view_names(self, views: str) -> list[str]:
+    def view_names(self, views: ViewSelection) -> list[str]:
         """The stored views a score averages under --eval-views `views`: all, full or stored view names."""
         return [self.meta.views[i] for i in select_views(self.meta, "val", views, path=self.path)]
 
@@ -149,7 +150,7 @@ class ProbeRun:
         )
         return probs if self.combine == "raw" else np.stack([calibrated(p, c) for p, c in zip(probs, ckpts)])
 
-    def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
+    def score_split(self, split: str, views: ViewSelection, picks: Sequence[int]) -> Scored:
         """`split` may be SELECTION: the rows of train the run chose its checkpoints on (see selection_split)."""
         if split == SELECTION:
             fraction = parse_select(self.select)
@@ -164,7 +165,7 @@ class ProbeRun:
     def score_images(
         self,
         images: np.ndarray,
-        views: str,
+        views: ViewSelection,
         picks: Sequence[int],
         *,
         weights: str | Path | None,
@@ -212,8 +213,9 @@ class FinetuneRun:
     the model learned at).
     """
 
-    def __init__(self, run_dir: Path, run: dict, device: torch.device, data: str | Path | None):
+    def __init__(self, run_dir: Path, run: RunRecord, device: torch.device, data: str | Path | None):
         self.dir, self.device = run_dir, device
+        assert run.data is not None and run.model is not None  # every finetune run records them
         self.checkpoints = run.checkpoints
         self.subset = {"classes": run.data["classes"], "per_class": run.data["per_class"]}
         self.select = "val"  # finetune chooses its checkpoints on val
@@ -232,7 +234,7 @@ class FinetuneRun:
     def _split(self, split: str):
         return read_split(self.cache, split, **self.subset)
 
-    def view_names(self, views: str) -> list[str]:
+    def view_names(self, views: ViewSelection) -> list[str]:
         """The views a score averages: the one its training evaluated, with all also its mirror."""
         if views not in EVAL_VIEWS:
             raise FeatxError(
@@ -251,7 +253,7 @@ class FinetuneRun:
             spec.backbone, model.to(self.device), spec.num_classes, spec.size, tuple(spec.mean), tuple(spec.std), ""
         ), spec
 
-    def _logits(self, i: int, images: np.ndarray, views: str, compile: CompileMode = "off") -> np.ndarray:
+    def _logits(self, i: int, images: np.ndarray, views: ViewSelection, compile: CompileMode = "off") -> np.ndarray:
         """Checkpoint i's outputs (N, V, C) on the view its training evaluated, and with all also its mirror."""
         bb, spec = self._model(i)
         names = [*spec.views, *(f"{v}_flip" for v in spec.views if views == "all")]
@@ -260,7 +262,7 @@ class FinetuneRun:
     def score_images(
         self,
         images: np.ndarray,
-        views: str,
+        views: ViewSelection,
         picks: Sequence[int],
         *,
         weights: str | Path | None = None,
@@ -271,7 +273,7 @@ class FinetuneRun:
             [torch.from_numpy(self._logits(i, images, views, compile)).softmax(-1).mean(1).numpy() for i in picks]
         )
 
-    def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
+    def score_split(self, split: str, views: ViewSelection, picks: Sequence[int]) -> Scored:
         s = self._split("val" if split == SELECTION else split)
         return Scored(s.ids, s.labels, self.score_images(s.read_images(), views, picks))
 
@@ -327,7 +329,7 @@ def open_runs(
 
 
 def choose_members(
-    run: ProbeRun | FinetuneRun, views: str, ensemble: str, score_all: bool = False
+    run: ProbeRun | FinetuneRun, views: ViewSelection, ensemble: str, score_all: bool = False
 ) -> tuple[list[int], Scored | None]:
     """The picked checkpoints, and the val scores of every checkpoint where they were computed anyway (a greedy
     ensemble chosen on val, or `score_all` for the ensemble-size curve). Greedy decides on the run's selection
@@ -341,6 +343,7 @@ def choose_members(
     if ensemble != "greedy":
         return ranked_picks(ensemble, len(run.checkpoints)), val
     chosen_on = val if run.select == "val" else run.score_split(SELECTION, views, everything)
+    assert chosen_on is not None  # greedy on val: scored above
     return greedy(chosen_on.probs, chosen_on.labels), val
 
 
@@ -401,7 +404,8 @@ def score_runs(
     for run in runs:
         p, val = choose_members(run, eval_views, ensemble, score_all=curve)
         picks.append(p)
-        vals.append(val)
+        if val is not None:  # with curve, always
+            vals.append(val)
         scored.append(val.take(p) if val is not None and split == "val" else run.score_split(split, eval_views, p))
     pred = merge_runs(runs, scored, picks, split)
     pred.views = list(dict.fromkeys(v for run in runs for v in run.view_names(eval_views)))

@@ -93,8 +93,9 @@ class Stage:
 
 
 def _command(commands: click.Group, name: str) -> click.Command:
-    cmd = commands
+    cmd: click.Command = commands
     for part in COMMANDS[name]:
+        assert isinstance(cmd, click.Group)  # every part but the last names a group
         cmd = cmd.commands[part]
     return cmd
 
@@ -195,7 +196,7 @@ def _configure(cmd: click.Command, options: dict, where: str) -> tuple[object, d
 def _argv(config, control: dict) -> list[str]:
     """The command line that runs the same config: the options that differ from their defaults."""
     argv = [a for k, v in control.items() if v is not False for a in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
-    for f in schema(type(config)):
+    for f in schema(type(config)):  # type: ignore[arg-type]  # mypy: a type(x) is not Hashable, wrongly
         value = getattr(config, f.name)
         if not f.required and value == f.default:
             continue

@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ from featx.features.store import (
 )
 from featx.nets.heads import FeatureSetHeads
 from featx.probe.calibration import calibrate_and_score
-from featx.probe.neighbors import fit_neighbors
+from featx.probe.neighbors import KNNHeads, NCMHead, fit_neighbors
 from featx.probe.sweep import HeadConfig, OnEval, ProbeResult, best_head, check_heads, evaluate, grid, train
 from featx.probe.tables import format_summary, format_table
 
@@ -107,7 +108,7 @@ def _check_options(
     return feature_sets
 
 
-def _fits_in_memory(path: Path, views: dict[str, str], device: torch.device) -> bool:
+def _fits_in_memory(path: Path, views: dict[str, ViewSelection], device: torch.device) -> bool:
     """Whether the selected splits, as stored (float16), fit comfortably in RAM (and on the GPU)."""
     size = 0
     meta = read_meta(path)
@@ -158,8 +159,8 @@ def _selection(
     val_split: Features | StreamedSplit,
     held: np.ndarray | None,
     *,
-    train_views: str,
-    eval_views: str,
+    train_views: ViewSelection,
+    eval_views: ViewSelection,
     stream: bool,
 ) -> tuple[Features | StreamedSplit, Features | StreamedSplit]:
     """What the heads fit on and what chooses among them: train and val, or (`held`, a holdout of train) the rest
@@ -214,6 +215,8 @@ def _fit_neighbors(
 
 def _offer_neighbors(result: ProbeResult, snapshots: Snapshots, config: dict, common: dict) -> None:
     """Each k-NN or NCM head's one checkpoint."""
+    assert result.heads is not None  # fitted just now
+    neighbors = cast("KNNHeads | NCMHead", result.heads.stacks[0])  # a ModuleList yields plain Modules
     for h, hist in enumerate(result.history):
         r = hist[0]
         snapshots.offer(
@@ -221,8 +224,8 @@ def _offer_neighbors(result: ProbeResult, snapshots: Snapshots, config: dict, co
             1,
             r["val_top1"],
             r["val_top5"],
-            lambda h=h, r=r: {
-                **result.heads.stacks[0].checkpoint(h),
+            lambda h=h, r=r: {  # type: ignore[misc]  # mypy cannot infer a lambda with defaults
+                **neighbors.checkpoint(h),
                 "config": {**config, "feature_set": result.feature_sets[h]},
                 **common,
                 "epoch": 1,
@@ -244,7 +247,7 @@ def _offer_heads(
                 epoch,
                 float(top1[h]),
                 float(top5[h]),
-                lambda h=h, fs=fs, c=c: {
+                lambda h=h, fs=fs, c=c: {  # type: ignore[misc]  # mypy cannot infer a lambda with defaults
                     "format": HEAD_FORMAT,
                     "normalize": normalize,
                     "state": model.head_state(h),
@@ -299,7 +302,7 @@ def _finish(
         [
             {
                 "index": h,
-                "config": dataclasses.asdict(c) if result.configs else {"name": name},
+                "config": dataclasses.asdict(c) if isinstance(c, HeadConfig) else {"name": name},
                 "feature_set": fs,
                 "status": result.status[h],
                 "epochs": result.history[h],
@@ -430,7 +433,7 @@ def run_probe(
     name = "head{key:02d}-epoch{epoch:03d}" + ("-step{step:06d}" if snapshot_every else "") + ".pt"
     snapshots = Snapshots(run_dir, keep=keep, name=name)
     common = {"features": feature_info, "classes": meta.classes}
-    if head in ("knn", "ncm"):
+    if head == "knn" or head == "ncm":  # (not `in`: mypy narrows head by ==)
         bank = load_features(path, "train", views="full")  # as DINO: the training images' centre view only
         result = _fit_neighbors(
             bank if held is None else only(bank, ~held),
@@ -462,9 +465,11 @@ def run_probe(
             progress=progress,
         )
     _finish(run_dir, snapshots, result, chosen_on, val_split, save=save, select=chosen_by, device=device)
+    best = read_run(run_dir).best
+    assert best is not None  # _finish recorded it
     write_probe_results(
         run_dir,
-        read_run(run_dir).best,
+        best,
         recorded,
         feature_info,
         result.seconds,
@@ -509,6 +514,7 @@ def recorded_result(run_dir: Path) -> ProbeResult:
         else []
     )
     best = run.best
+    assert best is not None  # a finished run records its best head
     val = {
         k: best[k]
         for k in ("val_top1", "val_top1_interval", "val_top5", "val_ece", "val_ece_calibrated", "temperature")
