@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from tiers import FAMILY_SMALLEST, backbone_names
 
 from featx.core.errors import FeatxError
 from featx.nets.backbones import (
@@ -15,7 +16,6 @@ from featx.nets.backbones import (
     file_sha256,
     get_spec,
     input_spec,
-    list_backbones,
     named_weights,
     weights_file,
 )
@@ -24,7 +24,7 @@ SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 MOBILENET = SHARED_WEIGHTS / "mobilenet_v2_imagenet_tflite.pth"
 
 
-@pytest.mark.parametrize("name", [s.name for s in list_backbones()])
+@pytest.mark.parametrize("name", backbone_names(FAMILY_SMALLEST))
 def test_every_backbone_gives_pooled_features_of_its_registered_dim(name):
     size = 75 if name == "inception_v3" else 64 if name == "bastidas_vgg" else 32  # it flattens a 64x64 map
     bb = create_backbone(name, weights="none", size=size)

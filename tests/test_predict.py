@@ -447,6 +447,7 @@ def test_real_views_all_at_least_as_accurate_as_full(mobilenet_features_20, tmp_
     assert both.top_k(1) >= full.top_k(1) - 0.005
 
 
+@pytest.mark.slow
 def test_ensemble_curve_on_real_features_starts_at_the_best_snapshot(
     mobilenet_features_20, tmp_path, capsys, monkeypatch
 ):
