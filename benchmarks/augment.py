@@ -1,6 +1,7 @@
 """Training augmentation throughput: featx's per-image batched pipeline against two peers, on the same batches.
 
-    python benchmarks/augment.py [--batch 128] [--batches 20] [--aug invert,brightness,noise,flip,rotate,scale,shift,shear]
+    python benchmarks/augment.py [--batch 128] [--batches 20] \
+        [--aug invert,brightness,noise,flip,rotate,scale,shift,shear]
 
 - `batched`: featx.nets.augment.Augment, every image its own parameters, one grid_sample per output size.
 - `groups16`: the pipeline featx had before issue 23 (kept here only, as the peer): the batch split into 16

@@ -5,12 +5,12 @@
 
 featx: the decoded uint8 cache in memory, random crop + flip + upsampling + normalisation on the device,
 channels_last, --precision (auto: bf16 where the hardware has it, on CPUs with AVX-512 BF16 or AMX too) and
---compile (auto: when the steps repay compiling) as given; each prints what ran. Plain loop: torchvision ImageFolder over the same JPEG
-files extracted from the zip to a temp dir, PIL RandomCrop + flip + Resize + ToTensor + Normalize on
-DataLoader workers, fp32, eager. Both train the backbone from random init with Adam; images/s is measured over
-the last training epoch (validation excluded; steady state, after any compilation), each side in its own process
-with its peak RSS (workers included). The first epoch's excess over the last is the one-off cost (compilation,
-warm-up); the line after the ratio includes it, over every epoch.
+--compile (auto: when the steps repay compiling) as given; each prints what ran. Plain loop: torchvision
+ImageFolder over the same JPEG files extracted from the zip to a temp dir, PIL RandomCrop + flip + Resize +
+ToTensor + Normalize on DataLoader workers, fp32, eager. Both train the backbone from random init with Adam;
+images/s is measured over the last training epoch (validation excluded; steady state, after any compilation),
+each side in its own process with its peak RSS (workers included). The first epoch's excess over the last is the
+one-off cost (compilation, warm-up); the line after the ratio includes it, over every epoch.
 """
 
 from __future__ import annotations
@@ -152,9 +152,8 @@ def main() -> None:
     ratio = results["featx"]["images_per_s"] / results["plain"]["images_per_s"]
     images = args.epochs * (args.classes * args.per_class // args.batch_size) * args.batch_size
     overall = {side: images / sum(r["epoch_seconds"]) for side, r in results.items()}
-    print(
-        f"{args.backbone} at {args.size} px, batch {args.batch_size}, {args.classes * args.per_class} images; {machine()}"
-    )
+    images_in_run = args.classes * args.per_class
+    print(f"{args.backbone} at {args.size} px, batch {args.batch_size}, {images_in_run} images; {machine()}")
     for side, r in results.items():
         print(
             f"{side:6} {r['images_per_s']:8.1f} images/s  {r['precision']}, compile {r['compile']}, "

@@ -78,7 +78,8 @@ rows(
     "weights",
     "none",
     MA,
-    'Weight initialization: "We train the ResNet with different weight initialization" (an init only matters from scratch)',
+    'Weight initialization: "We train the ResNet with different weight initialization" '
+    "(an init only matters from scratch)",
 )
 rows(
     ["ma_resnet18_scratch_gaussian"],
@@ -136,7 +137,8 @@ for recipe, stage in INAN_BASE:
         "head",
         "linear",
         INAN,
-        '3. Approach: "modifying the last layer, i.e., the fully-connected layer such that it provides scores for 200 classes"',
+        '3. Approach: "modifying the last layer, i.e., the fully-connected layer such that it provides scores '
+        'for 200 classes"',
     )
 for recipe, stage in INAN_LSTM + [INAN_GROUP128, INAN_EARLY]:
     rows([recipe], stage, "head", "lstm", INAN, '3. Approach: "there will be in total of 12 LSTM\'s"')

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from tiers import FAMILY_SMALLEST, backbone_names
 
 from featx.core.errors import FeatxError
 from featx.nets.backbones import (
@@ -15,7 +16,6 @@ from featx.nets.backbones import (
     file_sha256,
     get_spec,
     input_spec,
-    list_backbones,
     named_weights,
     weights_file,
 )
@@ -24,7 +24,7 @@ SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 MOBILENET = SHARED_WEIGHTS / "mobilenet_v2_imagenet_tflite.pth"
 
 
-@pytest.mark.parametrize("name", [s.name for s in list_backbones()])
+@pytest.mark.parametrize("name", backbone_names(FAMILY_SMALLEST))
 def test_every_backbone_gives_pooled_features_of_its_registered_dim(name):
     size = 75 if name == "inception_v3" else 64 if name == "bastidas_vgg" else 32  # it flattens a 64x64 map
     bb = create_backbone(name, weights="none", size=size)
@@ -44,7 +44,8 @@ def test_default_sizes_and_normalisation():
 
 
 def test_inception_features_match_torchvision_pooled_layer():
-    """Our Inception-v3 (transform_input off, [-1,1] inputs) = torchvision's with transform_input on ImageNet-normalised inputs."""
+    """Our Inception-v3 (transform_input off, [-1,1] inputs) = torchvision's with transform_input on
+    ImageNet-normalised inputs."""
     torch.manual_seed(0)
     ours = create_backbone("inception_v3", weights="none", size=299).model.eval()
     ref = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)

@@ -81,6 +81,7 @@ def test_given_validation_arrays_choose():
         LinearProbeCV(device="cpu").fit(x, y, X_val=xv)
 
 
+@pytest.mark.slow
 def test_matches_featx_probe_on_real_features(mobilenet_features_20, tmp_path):
     """Same file, same grid, same holdout: the same chosen setting and val top-1 within half a point."""
     run = run_probe(

@@ -14,13 +14,14 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from click.testing import CliRunner
+from tiers import FAMILY_SMALLEST, backbone_names
 
 from featx import extract_features
 from featx.core.errors import FeatxError
 from featx.data.cache import read_split
 from featx.features.store import load_features, read_meta
 from featx.front.cli import cli
-from featx.nets.backbones import create_backbone, get_spec, list_backbones
+from featx.nets.backbones import create_backbone, get_spec
 from featx.nets.views import AUG_BRIGHTNESS, AUG_CONTRAST, aug_params, aug_pixels, crop_view, view_names
 
 TINY = {"size": 32, "progress": False, "weights": "none"}
@@ -30,7 +31,7 @@ def _small_size(name: str) -> int:
     return 75 if name == "inception_v3" else 64 if name == "bastidas_vgg" else 32  # it flattens a 64x64 map
 
 
-@pytest.mark.parametrize("name", [s.name for s in list_backbones()])
+@pytest.mark.parametrize("name", backbone_names(FAMILY_SMALLEST))
 def test_every_backbone_extracts_n_v_d(name, synth_cache, tmp_path):
     # float32: randomly initialised deep nets (ResNet-152) produce activations beyond float16's range
     out = extract_features(
@@ -107,6 +108,7 @@ extract_features(data=sys.argv[1], backbone="resnet18", weights="none", size=96,
 """
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_kill_9_then_resume_equals_an_uninterrupted_run(synth_cache, tmp_path):
     out = tmp_path / "killed.h5"
@@ -361,6 +363,7 @@ def _nearest_class_mean_top1(path: Path) -> float:
     return float(((y @ means.T).argmax(1) == val.labels).mean())
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_real_weights_on_real_images_separate_the_classes(mobilenet_features_20, real_cache, tmp_path):
     """Wrong normalisation, resizing or crops would pass every shape test and fail this one."""

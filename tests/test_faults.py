@@ -326,6 +326,7 @@ def test_a_second_writer_is_refused_at_once(features, synth_cache, tmp_path, cap
         assert not Path(out).exists() and not Path(f"{out}.lock").exists(), command
 
 
+@pytest.mark.slow
 def test_two_extract_processes_on_one_output(synth_cache, tmp_path):
     args = [
         sys.executable,

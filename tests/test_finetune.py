@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiers import TRAINED_FAST, backbone_names
 
 from featx.core import runs
 from featx.core.device import precision_name, resolve_precision
 from featx.core.errors import FeatxError, FeatxWarning
 from featx.finetune.run import FinetuneConfig, finetune
-from featx.nets.backbones import list_backbones
 from featx.nets.heads import StackedHeads
 from featx.nets.lstm_head import LSTMHead
 from featx.nets.models import ModelSpec, build_model, load_model
@@ -47,7 +47,7 @@ def loss_after_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
     return losses
 
 
-@pytest.mark.parametrize("name", [s.name for s in list_backbones()])
+@pytest.mark.parametrize("name", backbone_names(TRAINED_FAST))
 def test_every_backbone_trains(name):
     # inception_v3's stem needs >= 75 px; EfficientNet's 1x1 last maps at 32 px make batch-4 BatchNorm too noisy;
     # bastidas_vgg flattens a 64x64 input's map

@@ -117,6 +117,7 @@ def test_the_resume_hint_is_the_same_command_quoted():
 # --- extract ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_extract_adds_the_splits_a_finished_file_lacks_then_is_up_to_date(synth_cache, tmp_path):
     out = tmp_path / "f.h5"
     first = _extract_cli(synth_cache, out, "--splits", "train,val")

@@ -447,6 +447,7 @@ def test_real_views_all_at_least_as_accurate_as_full(mobilenet_features_20, tmp_
     assert both.top_k(1) >= full.top_k(1) - 0.005
 
 
+@pytest.mark.slow
 def test_ensemble_curve_on_real_features_starts_at_the_best_snapshot(
     mobilenet_features_20, tmp_path, capsys, monkeypatch
 ):
@@ -476,7 +477,8 @@ def test_ensemble_curve_on_real_features_starts_at_the_best_snapshot(
     out = tmp_path / "preds"
     code, stdout, _ = featx_cli(capsys, monkeypatch, "predict", "--run", str(run), "--device", "cpu", "--out", str(out))
     assert code == 0
-    rows = list(csv.DictReader(open(out / "ensemble.csv")))
+    with open(out / "ensemble.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert [float(r["val_top1"]) for r in rows] == pytest.approx(p.curve, abs=1e-6)
     assert [int(r["best"]) for r in rows].index(1) == p.best_size - 1
     assert f"* {p.best_size:>3} {max(p.curve):9.2%}" in stdout and (out / "ensemble.png").stat().st_size > 1000

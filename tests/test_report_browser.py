@@ -30,8 +30,9 @@ AFTER = """<script>window.addEventListener('load', () => {
   const names = () => Array.from(table.tBodies[0].rows).map(r => r.cells[col].textContent);
   const before = names(); table.tHead.rows[0].cells[col].click(); const after = names();
   const out = document.createElement('pre'); out.id = 'probe';
-  out.textContent = JSON.stringify({images: imgs.length, broken: imgs.filter(i => !(i.naturalWidth > 0)).map(i => i.src),
-    alt: imgs.filter(i => !i.alt).length, before, after, errors: window.__errors});
+  out.textContent = JSON.stringify({images: imgs.length,
+    broken: imgs.filter(i => !(i.naturalWidth > 0)).map(i => i.src), alt: imgs.filter(i => !i.alt).length,
+    before, after, errors: window.__errors});
   document.body.appendChild(out);
 });</script>"""
 

@@ -112,6 +112,7 @@ class Guarded:
             return self.eager(x)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.compiled is not None  # __call__ runs eager once it is None
         if not self.rows or len(x) == self.rows:
             return self.compiled(x)
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
@@ -129,7 +130,9 @@ def ran_compiled(model: Callable) -> str:
     return "on" if isinstance(model, Guarded) and model.compiled is not None else "off"
 
 
-def compile_frozen(model: torch.nn.Module, choice: CompileChoice, *, rows: int) -> Callable:
+def compile_frozen(
+    model: torch.nn.Module, choice: CompileChoice, *, rows: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A frozen (eval, no-grad) model as the choice says: compiled with Inductor's freezing, for calls under
     torch.inference_mode with `rows`-row batches (others are cut or padded to that), or the model itself."""
     if not choice.compiled:

@@ -416,7 +416,8 @@ class FinetuneConfig(Config):
 
     def __post_init__(self) -> None:
         self.data = None if self.data is None else str(self.data)
-        self.compile = {True: "on", False: "off"}.get(self.compile, self.compile)  # run.json before 0.2: a bool
+        if isinstance(self.compile, bool):  # run.json before 0.2 held a bool
+            self.compile = "on" if self.compile else "off"
         super().__post_init__()
 
 
@@ -671,7 +672,7 @@ def _check_value(f: Field, value) -> str | None:
 
 def validate(config) -> None:
     """Check every field's type, choice and range; raise OptionError naming the first bad field."""
-    for f in schema(type(config)):
+    for f in schema(type(config)):  # type: ignore[arg-type]  # mypy: a type(x) is not Hashable, wrongly
         problem = _check_value(f, getattr(config, f.name))
         if problem:
             raise OptionError(f.name, getattr(config, f.name), problem)

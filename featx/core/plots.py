@@ -50,7 +50,7 @@ def plot_confusion(path: Path, cm: np.ndarray, names: Sequence[str], most: int =
     ax = fig.subplots()
     im = ax.imshow(rates[np.ix_(shown, shown)], cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    labels = [names[i] if len(names) > 40 else _short(names[i]) for i in shown]
+    labels = [names[i] if len(names) > 40 else _short(names[i]) for i in shown.tolist()]
     ax.set_xticks(range(len(shown)), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(len(shown)), labels, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title=title)
@@ -109,7 +109,8 @@ def plot_tsne(path: Path, x: np.ndarray, labels: np.ndarray, names: Sequence[str
     fig = _figure(7, 6)
     ax = fig.subplots()
     for c in np.unique(labels):
-        ax.scatter(*xy[labels == c].T, s=12, label=_short(names[c]))
+        points = xy[labels == c]
+        ax.scatter(points[:, 0], points[:, 1], s=12, label=_short(names[c]))
     ax.legend(fontsize=8)
     ax.set(xticks=[], yticks=[], title="t-SNE of the features")
     return _save(fig, path)

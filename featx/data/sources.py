@@ -65,7 +65,9 @@ def open_tree(path: Path) -> Tree:
     try:
         infos = [i for i in _zip_index(str(path))[1].values() if not i.is_dir()]
     except (zipfile.BadZipFile, OSError) as e:
-        raise FeatxError(f"{path}: cannot read it as a zip or a folder ({e}); pass the dataset zip or folder to --data")
+        raise FeatxError(
+            f"{path}: cannot read it as a zip or a folder ({e}); pass the dataset zip or folder to --data"
+        ) from None
     for i in infos:
         digest.update(f"{i.filename}\0{i.CRC}\0{i.file_size}\n".encode())
     return Tree(path, True, sorted(i.filename for i in infos), digest.hexdigest()[:16])
@@ -128,7 +130,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     """uint8 (size, size, 3): grayscale, CMYK and palette images become RGB; other sizes are scaled so the
     shorter side is `size` and centre-cropped (the aspect ratio is kept)."""
     try:
-        im = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
+        im: Image.Image = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
     except UnidentifiedImageError:  # its message would name the in-memory buffer, not the file
         raise UnidentifiedImageError("not a JPEG or PNG image") from None
     if min(im.size) >= 2 * size:
@@ -299,19 +301,19 @@ def _tiny_imagenet(tree: Tree, prefix: str, name: str, classes: int | None, per_
     for n, line in enumerate(need("val/val_annotations.txt").splitlines(), 1):
         if not line.strip():
             continue
-        f = line.split("\t")
-        if len(f) < 2 or f[1] not in known:
+        cols = line.split("\t")
+        if len(cols) < 2 or cols[1] not in known:
             raise FeatxError(
-                f"{tree.where(ann)} line {n} names class {f[1] if len(f) > 1 else '(none)'!r}, "
+                f"{tree.where(ann)} line {n} names class {cols[1] if len(cols) > 1 else '(none)'!r}, "
                 f"which is not in {prefix}wnids.txt; fix the annotation or wnids.txt"
             )
-        if prefix + "val/images/" + f[0] not in files:
+        if prefix + "val/images/" + cols[0] not in files:
             raise FeatxError(
-                f"{tree.where(ann)} line {n} lists {f[0]} but {prefix}val/images/{f[0]} is missing; "
+                f"{tree.where(ann)} line {n} lists {cols[0]} but {prefix}val/images/{cols[0]} is missing; "
                 f"restore the image or remove the line"
             )
-        if f[1] in label:
-            val_rows.append((f[0], label[f[1]], _box(f[2:6])))
+        if cols[1] in label:
+            val_rows.append((cols[0], label[cols[1]], _box(cols[2:6])))
     val_rows.sort(key=lambda r: natural_key(r[0]))
     val = SplitList(
         [prefix + "val/images/" + r[0] for r in val_rows],

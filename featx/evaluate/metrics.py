@@ -127,6 +127,7 @@ class Prediction:
     @property
     def best_size(self) -> int:
         """The N of the curve's highest val top-1 (the smallest such N)."""
+        assert self.curve is not None, "a Prediction made without curve=True has no ensemble-size curve"
         return int(np.argmax(self.curve)) + 1
 
     @property

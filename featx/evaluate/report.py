@@ -14,6 +14,7 @@ import html
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import SupportsIndex
 
 import numpy as np
 from PIL import Image
@@ -139,7 +140,7 @@ def _gallery(out: Path, pred: Prediction, images: DecodedSplit | None, per_class
     conf = pred.probs[np.arange(len(top1)), top1]
     (out / "gallery").mkdir(exist_ok=True)
 
-    def thumb(i: int, caption: str) -> str:
+    def thumb(i: SupportsIndex, caption: str) -> str:
         row = where[pred.ids[i]]
         name = f"gallery/{pred.split}-{row}.png"
         with replacing(out / name) as tmp:
@@ -171,7 +172,7 @@ def _selection_text(pred: Prediction) -> str:
     return f"selected on {where}" + (" (optimistic)" if pred.optimistic else "")
 
 
-def _comparison(out: Path, scored: list, views: str) -> list[str]:
+def _comparison(out: Path, scored: list, views: ViewSelection) -> list[str]:
     """The leaderboard of several runs (best top-1 first), the paired comparison of the best two and their
     per-class differences (per_class_diff.csv); returns the page's sections."""
     board = []
@@ -277,6 +278,7 @@ def _pictures(
     ]
     first += [figure(t) for t in ("Confusion matrix", "Reliability diagram")]
     first += [figure(t) for t in list(figures) if t.startswith("t-SNE")]
+    assert pred.curve is not None  # _score asks for it
     ensemble = [
         "<h2>Ensemble size</h2><p>val top-1 of the best N checkpoints averaged (top:N); the best N marked. "
         "<a href='ensemble.csv'>ensemble.csv</a></p>",
@@ -349,8 +351,8 @@ figure img{image-rendering:pixelated}"""
 def _score(
     run: str | Path | Sequence[str | Path],
     *,
-    split: str,
-    eval_views: str,
+    split: Split,
+    eval_views: ViewSelection,
     ensemble: str,
     data: str | Path | None,
     device: str,

@@ -37,7 +37,7 @@ from featx.core.compiled import compile_frozen, decide
 from featx.core.configs import PredictConfig
 from featx.core.device import resolve_device
 from featx.core.errors import FeatxError
-from featx.core.runs import load_checkpoint, read_run
+from featx.core.runs import RunRecord, load_checkpoint, read_run
 from featx.core.stats import (
     holdout_rows,
     parse_select,
@@ -110,8 +110,9 @@ def _first_of_classes(labels: np.ndarray, classes: Sequence[int], per_class: int
 class ProbeRun:
     """A `featx probe` run: heads scored on its feature file, or on new images through its backbone."""
 
-    def __init__(self, run_dir: Path, run: dict, device: torch.device, combine: Combine = "calibrated"):
+    def __init__(self, run_dir: Path, run: RunRecord, device: torch.device, combine: Combine = "calibrated"):
         self.dir, self.device, self.combine = run_dir, device, combine
+        assert run.features is not None  # every probe run records its feature file
         self.checkpoints = run.checkpoints
         self.path = Path(run.features["path"])
         self.meta = read_meta(self.path)
@@ -125,7 +126,7 @@ class ProbeRun:
         self.select = (run.best or {}).get("select") or run.config.get("select", "val")
         self.seed = run.config.get("seed", 0)
 
-    def view_names(self, views: str) -> list[str]:
+    def view_names(self, views: ViewSelection) -> list[str]:
         """The stored views a score averages under --eval-views `views`: all, full or stored view names."""
         return [self.meta.views[i] for i in select_views(self.meta, "val", views, path=self.path)]
 
@@ -152,7 +153,7 @@ class ProbeRun:
         )
         return probs if self.combine == "raw" else np.stack([calibrated(p, c) for p, c in zip(probs, ckpts)])
 
-    def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
+    def score_split(self, split: str, views: ViewSelection, picks: Sequence[int]) -> Scored:
         """`split` may be SELECTION: the rows of train the run chose its checkpoints on (see selection_split)."""
         if split == SELECTION:
             fraction = parse_select(self.select)
@@ -167,7 +168,7 @@ class ProbeRun:
     def score_images(
         self,
         images: np.ndarray,
-        views: str,
+        views: ViewSelection,
         picks: Sequence[int],
         *,
         weights: str | Path | None,
@@ -216,9 +217,10 @@ class FinetuneRun:
     """
 
     def __init__(
-        self, run_dir: Path, run: dict, device: torch.device, data: str | Path | None, combine: Combine = "raw"
+        self, run_dir: Path, run: RunRecord, device: torch.device, data: str | Path | None, combine: Combine = "raw"
     ):
         self.dir, self.device, self.combine = run_dir, device, combine
+        assert run.data is not None and run.model is not None  # every finetune run records them
         self.checkpoints = run.checkpoints
         self.subset = {"classes": run.data["classes"], "per_class": run.data["per_class"]}
         self.select = "val"  # finetune chooses its checkpoints on val
@@ -237,7 +239,7 @@ class FinetuneRun:
     def _split(self, split: str):
         return read_split(self.cache, split, **self.subset)
 
-    def view_names(self, views: str) -> list[str]:
+    def view_names(self, views: ViewSelection) -> list[str]:
         """The views a score averages: the one its training evaluated, with all also its mirror."""
         if views not in EVAL_VIEWS:
             raise FeatxError(
@@ -256,7 +258,7 @@ class FinetuneRun:
             spec.backbone, model.to(self.device), spec.num_classes, spec.size, tuple(spec.mean), tuple(spec.std), ""
         ), spec
 
-    def _logits(self, i: int, images: np.ndarray, views: str, compile: CompileMode = "off") -> np.ndarray:
+    def _logits(self, i: int, images: np.ndarray, views: ViewSelection, compile: CompileMode = "off") -> np.ndarray:
         """Checkpoint i's outputs (N, V, C) on the view its training evaluated, and with all also its mirror."""
         bb, spec = self._model(i)
         names = [*spec.views, *(f"{v}_flip" for v in spec.views if views == "all")]
@@ -265,7 +267,7 @@ class FinetuneRun:
     def score_images(
         self,
         images: np.ndarray,
-        views: str,
+        views: ViewSelection,
         picks: Sequence[int],
         *,
         weights: str | Path | None = None,
@@ -277,7 +279,7 @@ class FinetuneRun:
             return np.stack([x.mean(1).softmax(-1).numpy() for x in logits])
         return np.stack([x.softmax(-1).mean(1).numpy() for x in logits])
 
-    def score_split(self, split: str, views: str, picks: Sequence[int]) -> Scored:
+    def score_split(self, split: str, views: ViewSelection, picks: Sequence[int]) -> Scored:
         s = self._split("val" if split == SELECTION else split)
         return Scored(s.ids, s.labels, self.score_images(s.read_images(), views, picks))
 
@@ -337,7 +339,7 @@ def open_runs(
 
 
 def choose_members(
-    run: ProbeRun | FinetuneRun, views: str, ensemble: str, score_all: bool = False
+    run: ProbeRun | FinetuneRun, views: ViewSelection, ensemble: str, score_all: bool = False
 ) -> tuple[list[int], Scored | None]:
     """The picked checkpoints, and the val scores of every checkpoint where they were computed anyway (an
     ensemble chosen on val, or `score_all` for the ensemble-size curve). Greedy and best-size decide on the run's
@@ -349,6 +351,7 @@ def choose_members(
         return ranked_picks(ensemble, len(run.checkpoints)), val
     chosen_on = val if run.select == "val" else run.score_split(SELECTION, views, everything)
     choose = greedy if ensemble == "greedy" else best_size
+    assert chosen_on is not None  # scored above
     return choose(chosen_on.probs, chosen_on.labels, run.combine), val
 
 
@@ -409,7 +412,8 @@ def score_runs(
     for run in runs:
         p, val = choose_members(run, eval_views, ensemble, score_all=curve)
         picks.append(p)
-        vals.append(val)
+        if val is not None:  # with curve, always
+            vals.append(val)
         scored.append(val.take(p) if val is not None and split == "val" else run.score_split(split, eval_views, p))
     pred = merge_runs(runs, scored, picks, split)
     pred.views = list(dict.fromkeys(v for run in runs for v in run.view_names(eval_views)))

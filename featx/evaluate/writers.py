@@ -85,6 +85,7 @@ def write_predictions(p: Prediction, path: str | Path) -> Path:
 
 def format_curve(p: Prediction) -> str:
     """The ensemble-size curve as a table, the best N marked with *."""
+    assert p.curve is not None, "a Prediction made without curve=True has no ensemble-size curve"
     return "\n".join(
         [f"  {'N':>3} {'val top-1':>9}"]
         + [f"{'*' if n == p.best_size else ' '} {n:>3} {t:9.2%}" for n, t in enumerate(p.curve, 1)]
@@ -93,6 +94,7 @@ def format_curve(p: Prediction) -> str:
 
 def write_curve(p: Prediction, folder: str | Path) -> tuple[Path, Path]:
     """ensemble.csv (n, val_top1, best) and ensemble.png of a prediction made with curve=True."""
+    assert p.curve is not None, "a Prediction made without curve=True has no ensemble-size curve"
     folder = Path(folder)
     make_dirs(folder, option="--out", path=folder)
     with replacing(folder / "ensemble.csv") as tmp, open(tmp, "w", newline="") as f:

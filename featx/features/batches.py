@@ -13,10 +13,12 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
+from featx.core.choices import ViewSelection
 from featx.core.errors import FeatxError
 from featx.features.store import FeatureMeta, Features, load_features, open_split, read_meta, select_views
 
@@ -27,7 +29,7 @@ class StreamedSplit:
 
     path: Path
     split: str
-    views: str = "all"
+    views: ViewSelection = "all"
     keep: np.ndarray | None = None  # rows whose labels count (the others read as unlabelled); None: all
 
     @property
@@ -77,7 +79,7 @@ class _Streamed:
 Source = _InMemory | _Streamed  # blocks of (rows, views, dim) features and their labels, on the device
 
 
-def load_or_stream(path: Path, split: str, views: str, stream: bool) -> Features | StreamedSplit:
+def load_or_stream(path: Path, split: str, views: ViewSelection, stream: bool) -> Features | StreamedSplit:
     """The split loaded into RAM, or (stream) opened to be read chunk by chunk."""
     return StreamedSplit(path, split, views) if stream else load_features(path, split, views=views)
 
@@ -106,7 +108,10 @@ def _kept(labels: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
     return labels if keep is None else np.where(keep, labels, -1)
 
 
-def only(f: Features | StreamedSplit, keep: np.ndarray) -> Features | StreamedSplit:
+SplitT = TypeVar("SplitT", bound="Features | StreamedSplit")
+
+
+def only(f: SplitT, keep: np.ndarray) -> SplitT:
     """The split with the labels of the rows outside `keep` hidden: training and evaluation skip those rows."""
     if isinstance(f, Features):
         return dataclasses.replace(f, labels=_kept(f.labels, keep))

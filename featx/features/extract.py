@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -23,7 +24,7 @@ from torch.fx.experimental.optimization import fuse
 
 from featx import __version__
 from featx.core.atomic import one_writer, replacing, require_space
-from featx.core.choices import CompileMode, Device, FeatureDtype, Precision, ViewSet
+from featx.core.choices import CompileMode, Device, FeatureDtype, Precision, Split, ViewSet
 from featx.core.compiled import compile_frozen, decide, ran_compiled
 from featx.core.configs import ExtractConfig
 from featx.core.device import Dist, distributed, precision_name, resolve_precision
@@ -124,7 +125,9 @@ def _frozen_model(
     """The backbone as extraction runs it: eval, no gradients, BatchNorm folded, channels_last, and compiled as
     `compile` decides for the images still to do (`counts`: per (split, shard)), each making `views` rows and
     in train `aug_views` more."""
-    model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(device, memory_format=torch.channels_last)
+    model = _fold_batchnorm(bb.model.eval().requires_grad_(False))
+    # Module.to takes a device and a memory_format together; torch's stubs have no overload for the pair
+    model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     per_image = {s: views + (aug_views if s == "train" else 0) for s, _ in counts} or {"": views}
     choice = decide(
         compile,
@@ -140,7 +143,7 @@ def _frozen_model(
 @torch.inference_mode()
 def _forward_views(
     bb: Backbone,
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     images: np.ndarray,
     *,
     views: Sequence[str],
@@ -178,7 +181,7 @@ def _to_host(outputs: list[torch.Tensor], out_dtype: np.dtype) -> np.ndarray:
 
 def compute_features(
     bb: Backbone,
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     images: np.ndarray,
     *,
     views: Sequence[str],
@@ -203,7 +206,7 @@ def extract_features(
     size: int | None = None,
     views: ViewSet = ExtractConfig.views,
     crop: int = ExtractConfig.crop,
-    splits: Sequence[str] | None = None,
+    splits: Sequence[Split] | None = None,
     classes: int | None = None,
     per_class: int | None = None,
     batch_size: int | None = None,
@@ -404,7 +407,9 @@ def _feature_meta(bb: Backbone, info: DatasetInfo, cache: Path, job: _Job) -> Fe
         parts=[[name, dim] for name, dim in bb.parts],
         source={"cache": str(Path(cache).resolve()), "fingerprint": info.fingerprint, "per_class": c.per_class},
         **(
-            dict(aug_views=c.aug_views, aug_seed=c.aug_seed, aug_brightness=AUG_BRIGHTNESS, aug_contrast=AUG_CONTRAST)
+            dict[str, Any](
+                aug_views=c.aug_views, aug_seed=c.aug_seed, aug_brightness=AUG_BRIGHTNESS, aug_contrast=AUG_CONTRAST
+            )
             if c.aug_views
             else {}
         ),
@@ -413,7 +418,7 @@ def _feature_meta(bb: Backbone, info: DatasetInfo, cache: Path, job: _Job) -> Fe
 
 def _write_shards(
     bb: Backbone,
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     data_splits: dict,
     todo: list[tuple[str, int]],
     partial: Path,
@@ -442,6 +447,7 @@ def _write_shards(
         pending: list[Future] = []
         nxt = reader.submit(read, todo[0]) if todo else None
         for i, (s, k) in enumerate(todo):
+            assert nxt is not None  # submitted for each shard of todo
             images = nxt.result()
             nxt = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
             parts = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +66,8 @@ class Training:
 def freeze_body(model: nn.Module, frozen: bool) -> None:
     # A frozen body also keeps its BatchNorm statistics, whatever --bn says: the head trains on the
     # pretrained features.
-    model.body.requires_grad_(not frozen)
-    model.body.train(not frozen)
+    model.get_submodule("body").requires_grad_(not frozen)
+    model.get_submodule("body").train(not frozen)
 
 
 def evaluate(model, images, labels, d: Dist, *, spec: ModelSpec, dtype, batch: int) -> tuple[float, float, float]:
@@ -89,9 +90,9 @@ def evaluate(model, images, labels, d: Dist, *, spec: ModelSpec, dtype, batch: i
             loss += nn.functional.cross_entropy(logits, y, reduction="sum")
             top1 += topk_correct(logits[None], y, 1)[0]
             top5 += topk_correct(logits[None], y, 5)[0]
-    loss, top1, top5 = d.sum(loss, top1, top5)
+    loss_total, top1_total, top5_total = d.sum(loss, top1, top5)
     n = len(labels)
-    return loss / n, top1 / n, top5 / n
+    return loss_total / n, top1_total / n, top5_total / n
 
 
 def evaluate_and_offer(t: Training, epoch: int, step: int | None) -> tuple[float, float, float]:
@@ -131,7 +132,9 @@ def _check_loss(t: Training, pending: list[torch.Tensor], epoch: int, step: int)
         )
 
 
-def train_epoch(t: Training, net: nn.Module, epoch: int, frozen: bool) -> tuple[float, float, float, float]:
+def train_epoch(
+    t: Training, net: Callable[..., torch.Tensor], epoch: int, frozen: bool
+) -> tuple[float, float, float, float]:
     """One epoch of optimizer steps (0-based `epoch`), snapshots within it as asked; the train loss and top-1
     over all processes, the images seen and the seconds taken."""
     d = t.d
@@ -169,5 +172,5 @@ def train_epoch(t: Training, net: nn.Module, epoch: int, frozen: bool) -> tuple[
     if d.device.type == "cuda":
         torch.cuda.synchronize(d.device)
     seconds = time.perf_counter() - t0
-    loss_sum, correct, seen = d.sum(loss_sum, correct, torch.tensor(t.steps * t.per_rank, device=d.device))
-    return loss_sum / seen, correct / seen, seen, seconds
+    loss_total, correct_total, seen = d.sum(loss_sum, correct, torch.tensor(t.steps * t.per_rank, device=d.device))
+    return loss_total / seen, correct_total / seen, seen, seconds

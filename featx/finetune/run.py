@@ -25,6 +25,7 @@ import dataclasses
 import math
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,8 +184,8 @@ def _resumed(out: Path, recorded: dict, *, epochs: int, force: bool) -> tuple[Pa
     if output_action(out, have, settings(recorded), force=force) != "fresh":
         return out, state
     staged = target(out, forced=True)  # a killed forced run's staging folder resumes; one of other settings restarts
-    nested, state = _resumed(staged, recorded, epochs=epochs, force=True)
-    return staged, state if nested == staged else None
+    nested, staged_state = _resumed(staged, recorded, epochs=epochs, force=True)
+    return staged, staged_state if nested == staged else None
 
 
 def _read_data(c: FinetuneConfig, d: Dist, batch_size: int, progress: bool) -> tuple[DatasetInfo, Split, Split]:
@@ -236,8 +237,9 @@ def _build(c: FinetuneConfig, d: Dist, info: DatasetInfo, train_x: torch.Tensor)
         )
         print(f"featx: --bn auto: {spec.bn} BatchNorm: {why}", file=sys.stderr)
     if c.init_head:
-        init_from_probe(c.init_head, backbone=c.backbone, classes=info.wnids, head=model.head)
-    model.to(d.device, memory_format=torch.channels_last if c.channels_last else torch.preserve_format)
+        init_from_probe(c.init_head, backbone=c.backbone, classes=info.wnids, head=model.get_submodule("head"))
+    layout = torch.channels_last if c.channels_last else torch.preserve_format
+    model.to(d.device, memory_format=layout)  # type: ignore[call-overload]  # torch's stubs lack this pair
     return model, spec
 
 
@@ -258,8 +260,13 @@ def _setup(c: FinetuneConfig, d: Dist, out: Path, recorded: dict, state: dict | 
         torch.from_numpy(a).to(d.device) for a in (train.read_images(), train.labels, val.read_images(), val.labels)
     )
     model, spec = _build(c, d, info, train_x)
-    sampler = DistributedSampler(
-        range(len(train)), num_replicas=d.world, rank=d.rank, shuffle=True, seed=c.seed, drop_last=True
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(len(train)),  # type: ignore[arg-type]  # a sampler only takes len() of its dataset
+        num_replicas=d.world,
+        rank=d.rank,
+        shuffle=True,
+        seed=c.seed,
+        drop_last=True,
     )
     steps = len(sampler) // (batch_size // d.world)
     opt = make_optimizer(c.optimizer, _param_groups(model, c.weight_decay, c.weight_decay_on), lr=c.lr)
@@ -438,7 +445,8 @@ def finetune(
     with distributed(c.device) as d:
         t = _setup(c, d, out, recorded, state, progress)
         choice = _compile_choice(c, t)
-        net, frozen = None, None
+        net: Callable[..., torch.Tensor] = t.model  # replaced in the first epoch (frozen changes from None)
+        frozen: bool | None = None
         for epoch in range(t.start, c.epochs):
             torch.manual_seed(c.seed * 100003 + epoch * 1009 + d.rank)
             t.model.train()

@@ -68,7 +68,7 @@ class FeatxGroup(click.Group):
             raise CliError(e.named(f"--{_flag(e.field)}")) from None
         except FeatxError as e:
             error = CliError(e.message)
-            error.exit_code = e.exit_code
+            error.exit_code = e.exit_code  # type: ignore[misc]  # click types it ClassVar; it reads the instance's
             raise error from None
         finally:
             warnings.formatwarning = formatwarning  # catch_warnings restores showwarning, not this

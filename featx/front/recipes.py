@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import click
 
@@ -83,11 +84,18 @@ class Stage:
         return shlex.join(["featx", *STAGES[self.command].command, *_argv(self.config, self.control)])
 
 
-def _command(commands: click.Group, name: str) -> click.Command:
+class StageRunner(Protocol):
+    """What a recipe needs of a stage's command (featx.front.cli.StageCommand; the CLI imports this module)."""
+
+    def run_config(self, config: Any, **control: Any) -> Any: ...
+
+
+def _command(commands: click.Group, name: str) -> StageRunner:
     cmd: click.Command = commands
     for part in STAGES[name].command:
-        cmd = cmd.commands[part]  # type: ignore[attr-defined]  # a group until the last word
-    return cmd
+        assert isinstance(cmd, click.Group)  # every word but the last names a group
+        cmd = cmd.commands[part]
+    return cast(StageRunner, cmd)  # featx.front.cli builds every stage's command as one
 
 
 def _key(key: str) -> str:
@@ -173,7 +181,7 @@ def _configure(command: str, options: dict, where: str) -> tuple[object, dict]:
 def _argv(config, control: dict) -> list[str]:
     """The command line that runs the same config: the options that differ from their defaults."""
     argv = [a for k, v in control.items() if v is not False for a in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
-    for f in schema(type(config)):
+    for f in schema(type(config)):  # type: ignore[arg-type]  # mypy: a type(x) is not Hashable, wrongly
         value = getattr(config, f.name)
         if not f.required and value == f.default:
             continue
@@ -278,7 +286,7 @@ def _execute(stage: Stage, *, commands: click.Group, recipe: dict) -> None:
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     cmd = _command(commands, stage.command)
     try:
-        cmd.run_config(stage.config, **control)  # type: ignore[attr-defined]  # featx.front.cli.StageCommand
+        cmd.run_config(stage.config, **control)
     except OptionError as e:
         raise FeatxError(
             f"[{stage.name}] {e.named(e.field + ' =')} (in the recipe: --set {stage.name}.{e.field}=...)"

@@ -21,6 +21,7 @@ sets an augmentation's magnitude; a bare name takes the default in AUGMENTATIONS
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -93,7 +94,7 @@ class Draw(NamedTuple):
     value: torch.Tensor | None
 
 
-def _uniform(n: int, m: float, device: torch.device, cols: int = 1) -> torch.Tensor:
+def _uniform(n: int, m: float, device: torch.device | str, cols: int = 1) -> torch.Tensor:
     return ((torch.rand(n, cols, device=device, dtype=torch.float64) * 2 - 1) * m).squeeze(1)
 
 
@@ -106,7 +107,8 @@ def draw(
         torch.full((n,), float(height), device=device, dtype=torch.float64),
         torch.full((n,), float(width), device=device, dtype=torch.float64),
     )
-    for name, m in check_augmentations(items):
+    for name, magnitude in check_augmentations(items):
+        m = 0.0 if magnitude is None else magnitude  # None: crop and corners, which do not read it
         if name in ("flip", "invert"):
             value = torch.rand(n, device=device) < m
         elif name == "crop":
@@ -127,7 +129,7 @@ def draw(
             value = None  # per pixel, drawn where it is added
         else:  # rotate, shear (degrees), scale, brightness (factor around 1)
             value = _uniform(n, m, device) + (1 if name in ("scale", "brightness") else 0)
-        out.append(Draw(name, m, value))
+        out.append(Draw(name, magnitude, value))
     return out
 
 
@@ -155,6 +157,7 @@ def _geometry(
     for d in draws:
         if not AUGMENTATIONS[d.name].geometric:
             continue
+        assert d.value is not None  # only noise, not geometric, draws no value
         centre = size / 2
         if d.name == "flip":
             step = _about(
@@ -217,10 +220,12 @@ def _contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 def _colour(x: torch.Tensor, d: Draw) -> torch.Tensor:
     """One colour augmentation on float images in [0, 1]; d.value holds these images' rows."""
     per_image = lambda v: v.to(x.dtype).view(-1, 1, 1, 1)  # noqa: E731
+    if d.name == "noise":
+        assert d.magnitude is not None  # noise always has one (AUGMENTATIONS' default)
+        return (x + d.magnitude * torch.randn_like(x)).clamp(0, 1)
+    assert d.value is not None  # every colour augmentation but noise draws one value per image
     if d.name == "invert":
         return torch.where(per_image(d.value) > 0, 1 - x, x)
-    if d.name == "noise":
-        return (x + d.magnitude * torch.randn_like(x)).clamp(0, 1)
     if d.name == "brightness":
         return (x * per_image(d.value)).clamp(0, 1)
     b, c, first = (per_image(d.value[:, i]) for i in range(3))
@@ -284,13 +289,13 @@ class Augment:
         n, _, h, w = x.shape
         draws = draw(self.items, n=n, height=h, width=w, crop=self.crop, device=x.device)
         groups = apply_draws(x, draws, crop=self.crop)
-        kw = dict(size=self.size, mean=self.mean, std=self.std)
+        normalise = partial(to_input, size=self.size, mean=self.mean, std=self.std)
         if len(groups) == 1:
-            x = to_input(groups[0][1], **kw)
+            x = normalise(groups[0][1])
         else:
             x = torch.empty(n, 3, self.size, self.size, device=images.device)
             for rows, g in groups:
-                x[rows] = to_input(g, **kw)
+                x[rows] = normalise(g)
         if self.mix is not None:
             x, labels = self.mix(x, labels)
         return x.contiguous(memory_format=torch.channels_last), labels

@@ -3,9 +3,10 @@
 `create_backbone(name, weights=...)` returns a model that maps normalised (B, 3, S, S) images to pooled
 features (B, D): the classifier layer named by `head` is replaced by Identity, so features come from the
 network's own pooling layer. With `layers="lastN"` (or `"lastN+avg"`) the model returns features of several
-depths concatenated instead (see `LayerFeatures`); `Backbone.parts` names them. Weights come from torchvision's weights API ("default", or a name such as "IMAGENET1K_V2"), a local state_dict
-(PATH, loaded with weights_only=True) or seeded random init ("none"). `timm:<name>` uses timm when
-installed: its pretrained config, its loader and its pre-logits features.
+depths concatenated instead (see `LayerFeatures`); `Backbone.parts` names them. Weights come from torchvision's
+weights API ("default", or a name such as "IMAGENET1K_V2"), a local state_dict (PATH, loaded with weights_only=True)
+or seeded random init ("none"). `timm:<name>` uses timm when installed: its pretrained config, its loader and its
+pre-logits features.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import urllib.error
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -149,7 +151,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise FeatxError(
-            f"--weights {path}: not a loadable state_dict ({type(e).__name__}); save one with torch.save(model.state_dict(), ...)"
+            f"--weights {path}: not a loadable state_dict ({type(e).__name__}); "
+            "save one with torch.save(model.state_dict(), ...)"
         ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -234,6 +237,8 @@ class TimmFeatures(nn.Module):
     """A timm model's pre-logits features: its own pooling (class token, average or attention pool) and
     head norm, up to but not including the classifier, the same path for every timm family."""
 
+    model: Any  # a timm model: forward_head and forward_features are timm's, not nn.Module's
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -294,20 +299,22 @@ class TimmLayers(LayerFeatures):
     EVA, DINOv2) the normed class token of each block and, with `avg`, the last block's mean patch token, as
     DINOv2's linear evaluation takes them; for the others (CNNs, Swin) each stage's average-pooled output."""
 
+    model: Any  # a timm model: blocks, feature_info and forward_intermediates are timm's
+
     def __init__(self, model: nn.Module, name: str, n: int, avg: bool):
         super().__init__()
         self.model, self.n, self.avg = model, n, avg
         self.tokens = getattr(model, "cls_token", None) is not None
         if self.tokens:
-            depth = len(model.blocks)
+            depth = len(self.model.blocks)
             self.names = [f"block{i}" for i in range(depth - n, depth)] + ([AVGPOOL] if avg else [])
         else:
             if avg:
                 raise FeatxError(
                     f"--layers last{n}+avg: timm:{name} has no class token and patch tokens; use --layers last{n}"
                 )
-            depth = len(model.feature_info)
-            self.names = [info["module"] for info in model.feature_info[-n:]]
+            depth = len(self.model.feature_info)
+            self.names = [info["module"] for info in self.model.feature_info[-n:]]
         if n > depth:
             raise FeatxError(f"--layers last{n}: timm:{name} has {depth} blocks or stages; ask for at most {depth}")
 
@@ -368,7 +375,8 @@ def _create_timm(name: str, weights: str, *, size: int | None, seed: int, layers
     if weights not in ("default", "none"):
         # The classifier is dropped (features stop before it), so a head of any size fits; with the
         # overlay's num_classes equal to the model's, timm then loads every other key strictly.
-        heads = (cfg.classifier,) if isinstance(cfg.classifier, str) else tuple(cfg.classifier or ())
+        classifier = cfg.classifier if cfg else None
+        heads = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
         drop = {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
         overlay = {
             "state_dict": {k: v for k, v in read_state_dict(Path(weights)).items() if k not in drop},
@@ -378,7 +386,9 @@ def _create_timm(name: str, weights: str, *, size: int | None, seed: int, layers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = timm.create_model(name, pretrained=weights != "none", num_classes=0, pretrained_cfg_overlay=overlay)
+            model: Any = timm.create_model(  # its pretrained_cfg, set_input_size, num_features are timm's
+                name, pretrained=weights != "none", num_classes=0, pretrained_cfg_overlay=overlay
+            )
         except Exception as e:
             if weights == "default":
                 raise FeatxError(
@@ -395,6 +405,7 @@ def _create_timm(name: str, weights: str, *, size: int | None, seed: int, layers
     data = timm.data.resolve_model_data_config(model)
     mean, std, input_size = data["mean"], data["std"], data["input_size"][-1]
     if weights == "default":
+        assert cfg is not None  # checked above: default weights come with a pretrained config
         weights_id = "timm:" + ".".join(filter(None, (cfg.architecture, cfg.tag)))
     elif weights == "none":
         weights_id = _seeded_id(seed)
@@ -474,7 +485,7 @@ def create_backbone(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = spec.constructor(**kwargs)
-    if getattr(model, "AuxLogits", None) is not None:
+    if isinstance(model, torchvision.models.Inception3) and model.AuxLogits is not None:
         model.AuxLogits = None  # only used in training mode; frozen features never need it
         model.aux_logits = False
     named = named_weights(name, weights)

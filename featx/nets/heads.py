@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,10 @@ class StackedHeads(nn.Module):
     forward((B, D) raw features) -> (H, B, C) logits. Feature normalisation is part of the module (its
     statistics are buffers), so a checkpoint scores raw stored features on its own.
     """
+
+    dropout: torch.Tensor  # buffers
+    norm_mean: torch.Tensor
+    norm_std: torch.Tensor
 
     def __init__(
         self,
@@ -127,6 +132,19 @@ class StackedHeads(nn.Module):
         return heads
 
 
+class HeadStack(Protocol):
+    """What FeatureSetHeads asks of each stack: StackedHeads, or featx.probe.neighbors' k-NN and NCM heads."""
+
+    @property
+    def num_heads(self) -> int: ...
+
+    def __call__(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def head_state(self, h: int) -> dict[str, torch.Tensor]: ...
+
+
 class FeatureSetHeads(nn.Module):
     """Stacks of heads, each on its own columns of the same features (a feature set of a --layers file):
     a sweep over feature sets in one pass. Heads are numbered stack by stack, then reordered by `order`
@@ -137,9 +155,12 @@ class FeatureSetHeads(nn.Module):
         self.stacks, self.columns = nn.ModuleList(stacks), list(columns)
         self.order = None if order is None else list(order)
 
+    def _stacks(self) -> list[HeadStack]:
+        return cast("list[HeadStack]", list(self.stacks))  # a ModuleList yields them as plain Modules
+
     @property
     def num_heads(self) -> int:
-        return sum(s.num_heads for s in self.stacks)
+        return sum(s.num_heads for s in self._stacks())
 
     def _joined(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
@@ -148,15 +169,15 @@ class FeatureSetHeads(nn.Module):
     def forward(self, x: torch.Tensor, noise: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         """(B, D) -> (H, B, C); `noise`: one uniform (B, d) per stack, for its dropout (training)."""
         noise = noise or [None] * len(self.stacks)
-        return self._joined([s(x[:, c], n) for s, c, n in zip(self.stacks, self.columns, noise)])
+        return self._joined([s(x[:, c], n) for s, c, n in zip(self._stacks(), self.columns, noise)])
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        return self._joined([s.predict_proba(x[..., c]) for s, c in zip(self.stacks, self.columns)])
+        return self._joined([s.predict_proba(x[..., c]) for s, c in zip(self._stacks(), self.columns)])
 
     def head_state(self, h: int) -> dict[str, torch.Tensor]:
         h = h if self.order is None else self.order[h]
-        for s in self.stacks:
+        for s in self._stacks():
             if h < s.num_heads:
                 return s.head_state(h)
             h -= s.num_heads

@@ -51,6 +51,8 @@ class SubtractImage(nn.Module):
     """--normalize mean-image: subtracts the mean training image (3, size, size), held as a buffer so that every
     checkpoint carries it and predict applies it as training did."""
 
+    image: torch.Tensor  # a buffer
+
     def __init__(self, image: torch.Tensor):
         super().__init__()
         self.register_buffer("image", image)
@@ -85,6 +87,7 @@ def build_model(
         set_activation(bb.model, spec.activation, spec.backbone)
     if spec.drop_path is not None:
         set_drop_path(bb.model, spec.drop_path, spec.backbone)
+    model: LSTMNet | Classifier
     if spec.head == "lstm":
         model = LSTMNet(
             bb.model,
@@ -121,13 +124,14 @@ def load_model(checkpoint: dict) -> tuple[nn.Module, ModelSpec]:
 
 def init_weights(model: nn.Module, init: str) -> None:
     """--init kaiming|xavier|gaussian:STD for every conv and linear weight; biases start at zero."""
-    kind, _, std = init.partition(":")
+    kind, _, value = init.partition(":")
+    std = 0.0
     if kind == "gaussian":
         try:
-            std = float(std)
+            std = float(value)
         except ValueError:
             raise FeatxError(f"--init {init}: write the standard deviation as gaussian:0.1") from None
-    elif kind not in ("kaiming", "xavier") or std:
+    elif kind not in ("kaiming", "xavier") or value:
         raise FeatxError(f"--init {init}: choose kaiming, xavier or gaussian:STD")
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -184,7 +188,9 @@ def identity_batchnorm(model: nn.Module) -> bool:
     1 - eps, so that the division by sqrt(var + eps) is exactly 1: hence the tolerance.)"""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     return bool(norms) and all(
-        torch.allclose(m.running_mean, torch.zeros_like(m.running_mean), rtol=0, atol=1e-4)
+        m.running_mean is not None
+        and m.running_var is not None
+        and torch.allclose(m.running_mean, torch.zeros_like(m.running_mean), rtol=0, atol=1e-4)
         and torch.allclose(m.running_var, torch.ones_like(m.running_var), rtol=0, atol=1e-4)
         for m in norms
     )
@@ -213,6 +219,7 @@ def set_batchnorm(model: nn.Module, mode: str) -> None:
     elif mode == "frozen":
         for name, child in model.named_children():
             if isinstance(child, nn.BatchNorm2d):
+                assert child.running_mean is not None  # featx's backbones keep running statistics
                 frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.running_mean.device)
                 frozen.load_state_dict(child.state_dict())
                 setattr(model, name, frozen)

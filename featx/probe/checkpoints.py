@@ -58,14 +58,16 @@ def probe_heads(ckpts: Sequence[dict], meta: FeatureMeta, *, path: str | Path) -
     )
 
 
-def init_from_probe(run_dir: str, *, backbone: str, classes: list[str], head: nn.Sequential) -> None:
+def init_from_probe(run_dir: str, *, backbone: str, classes: list[str], head: nn.Module) -> None:
     """Start a network's linear head (head[-1]) from the best head of a `featx probe` run on the same backbone's
     features."""
     run = read_run(run_dir)
-    if run.kind != "probe" or not run.checkpoints:
+    if run.kind != "probe" or not run.checkpoints or run.features is None:
         raise FeatxError(f"--init-head {run_dir}: not a probe run with a saved head; run `featx probe` first")
     if run.features.get("backbone") != backbone:
         raise FeatxError(f"--init-head {run_dir}: trained on {run.features.get('backbone')} features, not {backbone}")
+    linear = head[-1] if isinstance(head, nn.Sequential) else head
+    assert isinstance(linear, nn.Linear)  # every featx network ends in one (featx.nets.models)
     ckpt = load_checkpoint(Path(run_dir) / run.checkpoints[0].file)
     if ckpt["classes"] != classes:
         raise FeatxError(f"--init-head {run_dir}: its classes differ from the data's; probe with the same --classes")
@@ -76,15 +78,15 @@ def init_from_probe(run_dir: str, *, backbone: str, classes: list[str], head: nn
             "probe with --hidden 0 --normalize none|standard"
         )
     w, b = state["weights.0"][0].T, state["biases.0"][0, 0]  # (C, D), (C,)
-    if w.shape != head[-1].weight.shape:  # a head on several depths (probe --feature-set) reads other features
+    if w.shape != linear.weight.shape:  # a head on several depths (probe --feature-set) reads other features
         raise FeatxError(
             f"--init-head {run_dir}: its head reads {w.shape[1]} features "
-            f"({ckpt['config'].get('feature_set', 'all')}), this network's head {head[-1].in_features}; "
+            f"({ckpt['config'].get('feature_set', 'all')}), this network's head {linear.in_features}; "
             "probe the pooled vector (--feature-set all, or last1 of a CNN's --layers file)"
         )
     if normalize == "standard":  # fold (x - mean) / std into the linear layer
         w = w / state["norm_std"]
         b = b - w @ state["norm_mean"]
     with torch.no_grad():
-        head[-1].weight.copy_(w)
-        head[-1].bias.copy_(b)
+        linear.weight.copy_(w)
+        linear.bias.copy_(b)

@@ -71,6 +71,7 @@ class _Probe(ClassifierMixin, BaseEstimator):
     """What both estimators share: input checks, label encoding, training and view-averaged prediction."""
 
     _DTYPES = (np.float32, np.float16)  # float16 stays float16 (the feature files' dtype); the heads cast
+    n_features_in_: int  # set by fit (scikit-learn's name)
 
     def _x(self, X, *, y="no_validation", reset: bool):
         """X as a contiguous (n, views, dim) array, and y checked when fitting (y=None then says it is missing)."""
@@ -179,6 +180,7 @@ class LinearProbe(_Probe):
         X, y = self._x(X, y=y, reset=True)
         data = as_features(X, self._encode(y), n_classes=len(self.classes_))
         result = self._train(data, data)
+        assert result.heads is not None  # trained just now
         # the final weights, not the best epoch on the training data
         self.head_ = StackedHeads.from_state(result.heads.head_state(0), normalize=self.normalize).eval()
         return self

@@ -29,6 +29,9 @@ TEMPERATURE = 0.07
 class KNNHeads(nn.Module):
     """One head per k over a bank of (N, D) training features; the bank is stored normalised, in float16."""
 
+    bank: torch.Tensor  # buffers
+    labels: torch.Tensor
+
     def __init__(
         self,
         bank: torch.Tensor,
@@ -71,6 +74,8 @@ class KNNHeads(nn.Module):
 
 class NCMHead(nn.Module):
     """Nearest class mean: cosine similarity to each class's mean of normalised training features."""
+
+    means: torch.Tensor  # a buffer
 
     def __init__(self, means: torch.Tensor, *, temperature: float = TEMPERATURE):
         super().__init__()

@@ -18,8 +18,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ from featx.features.store import (
 )
 from featx.nets.heads import FeatureSetHeads
 from featx.probe.calibration import calibrate_and_score
-from featx.probe.neighbors import fit_neighbors
+from featx.probe.neighbors import KNNHeads, NCMHead, fit_neighbors
 from featx.probe.sweep import (
     HeadConfig,
     OnEval,
@@ -108,7 +109,7 @@ def _check_file(path: Path, meta: FeatureMeta, config: ProbeConfig) -> list[str]
     return feature_sets
 
 
-def _fits_in_memory(path: Path, views: dict[str, str], device: torch.device) -> bool:
+def _fits_in_memory(path: Path, views: Mapping[str, ViewSelection], device: torch.device) -> bool:
     """Whether the selected splits, as stored (float16), fit comfortably in RAM (and on the GPU)."""
     size = 0
     meta = read_meta(path)
@@ -151,8 +152,8 @@ def _selection(
     val_split: Features | StreamedSplit,
     held: np.ndarray | None,
     *,
-    train_views: str,
-    eval_views: str,
+    train_views: ViewSelection,
+    eval_views: ViewSelection,
     stream: bool,
 ) -> tuple[Features | StreamedSplit, Features | StreamedSplit]:
     """What the heads fit on and what chooses among them: train and val, or (`held`, a holdout of train) the rest
@@ -207,6 +208,8 @@ def _fit_neighbors(
 
 def _offer_neighbors(result: ProbeResult, snapshots: Snapshots, config: dict, common: dict) -> None:
     """Each k-NN or NCM head's one checkpoint."""
+    assert result.heads is not None  # fitted just now
+    neighbors = cast("KNNHeads | NCMHead", result.heads.stacks[0])  # a ModuleList yields plain Modules
     for h, hist in enumerate(result.history):
         r = hist[0]
         snapshots.offer(
@@ -214,8 +217,8 @@ def _offer_neighbors(result: ProbeResult, snapshots: Snapshots, config: dict, co
             1,
             r["val_top1"],
             r["val_top5"],
-            lambda h=h, r=r: {
-                **result.heads.stacks[0].checkpoint(h),
+            lambda h=h, r=r: {  # type: ignore[misc]  # mypy cannot infer a lambda with defaults
+                **neighbors.checkpoint(h),
                 "config": {**config, "feature_set": result.feature_sets[h]},
                 **common,
                 "epoch": 1,
@@ -237,7 +240,7 @@ def _offer_heads(
                 epoch,
                 float(top1[h]),
                 float(top5[h]),
-                lambda h=h, fs=fs, c=c: {
+                lambda h=h, fs=fs, c=c: {  # type: ignore[misc]  # mypy cannot infer a lambda with defaults
                     "format": HEAD_FORMAT,
                     "normalize": normalize,
                     "state": model.head_state(h),
@@ -292,7 +295,7 @@ def _finish(
         [
             {
                 "index": h,
-                "config": dataclasses.asdict(c) if result.configs else {"name": name},
+                "config": dataclasses.asdict(c) if isinstance(c, HeadConfig) else {"name": name},
                 "feature_set": fs,
                 "status": result.status[h],
                 "epochs": result.history[h],
@@ -402,9 +405,10 @@ def probe(
     (augmented views train only); `epoch_views`: epoch e trains on every image's e-th training view. Each head's
     lr decay is its config's (HeadConfig.lr_decay). Snapshots are offered after every epoch and, with
     `snapshot_every`, every that many steps; the `keep` best of each head are kept, and run.json's best is the
-    best of them all. `feature_set`: the columns heads see (see featx.features.store.feature_set_columns); several sweep in one
-    pass. An existing run in `out` follows featx.core.outputs' contract: up to date when finished with the same
-    settings (its recorded result is returned), refused when made with others unless `force`."""
+    best of them all. `feature_set`: the columns heads see (see featx.features.store.feature_set_columns);
+    several sweep in one pass. An existing run in `out` follows featx.core.outputs' contract: up to date when
+    finished with the same settings (its recorded result is returned), refused when made with others unless
+    `force`."""
     heads = head_grid(config) if heads is None else list(heads)
     path = Path(config.features)
     meta = read_meta(path)
@@ -468,9 +472,11 @@ def probe(
             progress=progress,
         )
     _finish(run_dir, snapshots, result, chosen_on, val_split, save=config.save, select=chosen_by, device=config.device)
+    best = read_run(run_dir).best
+    assert best is not None  # _finish recorded it
     write_probe_results(
         run_dir,
-        read_run(run_dir).best,
+        best,
         recorded,
         feature_info,
         result.seconds,
@@ -526,6 +532,7 @@ def recorded_result(run_dir: Path) -> ProbeResult:
         else []
     )
     best = run.best
+    assert best is not None  # a finished run records its best head
     val = {
         k: best[k]
         for k in ("val_top1", "val_top1_interval", "val_top5", "val_ece", "val_ece_calibrated", "temperature")

@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def head_grid(config: ProbeConfig) -> list[HeadConfig]:
 
 @dataclass
 class ProbeResult:
-    heads: FeatureSetHeads  # final weights of every head, on the training device
+    heads: FeatureSetHeads | None  # final weights of every head, on the training device; None: read from files
     configs: list[HeadConfig]  # per head
     history: list[list[dict]]  # per head, per epoch: epoch, train_loss, train_top1, val_loss, val_top1, val_top5
     status: list[str]  # per head: "ok" or why it stopped
@@ -91,9 +92,9 @@ class ProbeResult:
 
 
 @torch.no_grad()
-def evaluate(model: FeatureSetHeads, src: Source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def evaluate(model: FeatureSetHeads, src: Source) -> tuple[np.ndarray, ...]:
     """Per head: cross-entropy, top-1 and top-5 of the view-averaged softmax over the labelled rows."""
-    loss = top1 = top5 = 0
+    loss = top1 = top5 = torch.zeros(())  # per-head sums once the first piece is added
     n = 0
     for x, y in scoring_pieces(src):
         probs = model.predict_proba(x)
@@ -143,7 +144,8 @@ def check_epoch_views(n_views: int, epochs: int) -> None:
 @torch.no_grad()
 def _standardization(src: Source) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std over every stored row and view of the training split."""
-    total, sq, n = 0.0, 0.0, 0
+    total = sq = torch.zeros((), dtype=torch.float64)
+    n = 0
     for x, _ in pieces(src, 4096):
         x = x.reshape(-1, x.shape[-1]).double()
         total, sq, n = total + x.sum(0), sq + (x * x).sum(0), n + len(x)
@@ -198,11 +200,12 @@ class _Loop:
         on_eval: OnEval | None,
     ):
         self.model, self.per_stack, self.val_src, self.on_eval = model, len(configs), val_src, on_eval
+        self.stacks = cast("list[StackedHeads]", list(model.stacks))  # trained heads: StackedHeads only
         self.opts = [
             HeadOptimizer(
                 s, kind=config.optimizer, lr=[c.lr for c in configs], weight_decay=[c.weight_decay for c in configs]
             )
-            for s in model.stacks
+            for s in self.stacks
         ]
         # each head's own decay, on its two param groups (weights, biases: HeadOptimizer's order)
         factors = [
@@ -212,7 +215,7 @@ class _Loop:
         ]
         self.scheds = [LambdaLR(o.opt, factors) for o in self.opts]
         self.smoothing = torch.tensor([c.label_smoothing for c in configs] * len(model.stacks), device=device)
-        self.dims = [s.weights[0].shape[1] for s in model.stacks]
+        self.dims = [s.weights[0].shape[1] for s in self.stacks]
         # a generator per feature set, so that each set's heads see the dropout masks they would see alone
         self.noise_gens = (
             [torch.Generator(device=device).manual_seed(config.seed) for _ in model.stacks]
@@ -234,7 +237,7 @@ class _Loop:
     def score_val(self, epoch: int) -> tuple[np.ndarray, ...]:
         # A step can turn weights NaN/inf with a finite loss, and the epoch's last step has no next loss to
         # show it: such a head is stopped before it is evaluated, let alone saved.
-        for s, stack in enumerate(self.model.stacks):
+        for s, stack in enumerate(self.stacks):
             for local in (~stack.finite_heads()).nonzero().flatten().tolist():
                 self.stop(s * self.per_stack + local, f"stopped in epoch {epoch}: its weights turned NaN/inf")
         self.model.eval()
@@ -283,7 +286,7 @@ def train(
     *,
     val: Features | StreamedSplit,
     heads: Sequence[HeadConfig] = (HeadConfig(),),
-    head: TrainedHead = ProbeConfig.head,
+    head: TrainedHead = ProbeConfig.head,  # type: ignore[assignment]  # its default, linear, is a TrainedHead
     hidden: int = ProbeConfig.hidden,
     optimizer: Optimizer = ProbeConfig.optimizer,
     schedule: ProbeSchedule = ProbeConfig.schedule,
