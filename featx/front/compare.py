@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.core.atomic import make_dirs, one_writer, replacing
-from featx.core.choices import Device, Precision, ViewSelection, ViewSet
+from featx.core.choices import Device, FrozenPrecision, ViewSelection, ViewSet
 from featx.core.configs import DEFAULT_SWEEP, CompareConfig
 from featx.core.device import resolve_device, resolve_precision
 from featx.core.env import environment
@@ -33,7 +33,7 @@ from featx.core.stats import paired_comparison
 from featx.data.cache import prepare_cache, read_split
 from featx.evaluate.report import write_report
 from featx.evaluate.scoring import predict
-from featx.features.extract import compute_features, extract_features
+from featx.features.extract import compute_features, extract_features, int8_model_of
 from featx.features.store import open_split
 from featx.nets.backbones import create_backbone
 from featx.nets.views import view_names
@@ -80,23 +80,27 @@ def _speed(
     crop: int,
     classes,
     device: Device,
-    precision: Precision,
+    precision: FrozenPrecision,
+    feature_file: Path,
 ) -> tuple[float, int]:
-    """Images per second of the backbone's forward over every view (extraction's work), and its parameters."""
+    """Images per second of the backbone's forward over every view (extraction's work), and its parameters;
+    an int8 backbone is quantized as its `feature_file`'s features were."""
     dev = resolve_device(device)
     bb = create_backbone(backbone, weights=weights, size=size)
     model = bb.model.eval().requires_grad_(False).to(dev)
     names = view_names(views)
     images = read_split(cache, "val", classes=classes).read_images(0, SPEED_IMAGES)
     batch = max(1, 16 // len(names))  # extraction's batch on CPU
+    int8 = precision == "int8"
+    run_model = int8_model_of(feature_file, bb, rows=batch * len(names)) if int8 else model
     run = lambda x: compute_features(
         bb,
-        model,
+        run_model,
         x,
         views=names,
         crop=crop,
         device=dev,
-        autocast=resolve_precision(precision, dev),
+        autocast=None if int8 else resolve_precision(precision, dev),
         out_dtype=np.dtype(np.float16),
     )
     run(images[:batch])
@@ -128,7 +132,8 @@ def compare(
     epochs: int = CompareConfig.epochs,
     seed: int = CompareConfig.seed,
     device: Device = CompareConfig.device,
-    precision: Precision = CompareConfig.precision,
+    precision: FrozenPrecision = CompareConfig.precision,
+    calibration: int = CompareConfig.calibration,
     progress: bool = True,
 ) -> list[Entry]:
     """Extract, probe (DEFAULT_SWEEP, chosen on `select`) and score val for each backbone; returns the
@@ -147,6 +152,7 @@ def compare(
     make_dirs(out, option="--out", path=out)
     cache = prepare_cache(data, classes=classes, per_class=per_class, progress=progress)
     settings = f"{views}-s{size or 'auto'}-c{classes or 'all'}-n{per_class or 'all'}"
+    settings += f"-int8c{calibration}" if precision == "int8" else ""  # beside, not over, the float features
     found = []
     for backbone, w, label in zip(backbones, weights, labels):
         feature_file = extract_features(
@@ -161,6 +167,7 @@ def compare(
             per_class=per_class,
             device=device,
             precision=precision,
+            calibration=calibration,
             out=out / "features" / f"{label}-{settings}.h5",
             progress=progress,
         )
@@ -178,7 +185,16 @@ def compare(
         )
         pred = predict(runs=[run_dir], split="val", eval_views=eval_views, device=device)
         speed, parameters = _speed(
-            backbone, w, cache, size=size, views=views, crop=crop, classes=classes, device=device, precision=precision
+            backbone,
+            w,
+            cache,
+            size=size,
+            views=views,
+            crop=crop,
+            classes=classes,
+            device=device,
+            precision=precision,
+            feature_file=feature_file,
         )
         found.append(
             (
