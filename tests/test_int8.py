@@ -32,7 +32,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def int8_and_fp32(real_cache, shared_weights, tmp_path_factory):
-    """The same 40 real train images (2 classes x 20) through the shared MobileNetV2, int8 and fp32."""
+    """The same 100 real train images (2 classes x 50) through the shared MobileNetV2, int8 and fp32."""
     out = tmp_path_factory.mktemp("int8")
     common = dict(
         data=real_cache,
@@ -40,7 +40,7 @@ def int8_and_fp32(real_cache, shared_weights, tmp_path_factory):
         weights=shared_weights / "mobilenet_v2_imagenet_tflite.pth",
         views="full",
         classes=2,
-        per_class=20,
+        per_class=50,
         splits=["train"],
         progress=False,
     )
@@ -76,7 +76,7 @@ def test_predictions_rebuild_the_quantized_model_from_the_file(int8_and_fp32, re
     stored = load_features(int8, "train")
     from featx.data.cache import read_split
 
-    images = read_split(real_cache, "train", classes=2, per_class=20).read_images()
+    images = read_split(real_cache, "train", classes=2, per_class=50).read_images()
     again = compute_features(
         bb,
         int8_model_of(int8, bb, rows=8),  # another batch size than extraction's

@@ -32,7 +32,7 @@ from featx.core.choices import (
     Split,
     ViewSelection,
 )
-from featx.core.compiled import compile_frozen, decide
+from featx.core.compiled import frozen
 from featx.core.configs import PredictConfig
 from featx.core.device import resolve_device
 from featx.core.errors import FeatxError
@@ -54,7 +54,7 @@ from featx.evaluate.metrics import (
 
 # compute_features is extraction's own "render the views, run the model" step: reusing it keeps predictions on new
 # images computed exactly as the stored features were.
-from featx.features.extract import compute_features, int8_model_of
+from featx.features.extract import compute_features, example_batch, int8_model_of
 from featx.features.int8 import check_int8
 from featx.features.store import FeatureMeta, load_features, read_meta, select_views
 from featx.nets.backbones import Backbone, create_backbone
@@ -83,8 +83,8 @@ def _run_model(
         check_int8(device)
         model = int8_model_of(int8_from, bb, rows=BATCH * len(views))
     else:
-        choice = decide(compile, bb.model, size=bb.input_size, device=device, views=len(images) * len(views))
-        model = compile_frozen(bb.model, choice, rows=BATCH * len(views))
+        rows = BATCH * len(views)
+        model = frozen(bb.model, compile, example=example_batch(bb, rows, device), views=len(images) * len(views))
     return np.concatenate(
         [
             compute_features(

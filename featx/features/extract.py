@@ -24,7 +24,7 @@ from torch.fx.experimental.optimization import fuse
 from featx import __version__
 from featx.core.atomic import one_writer, replacing, require_space
 from featx.core.choices import CompileMode, Device, FeatureDtype, FrozenPrecision, ViewSet
-from featx.core.compiled import compile_frozen, decide, ran_compiled
+from featx.core.compiled import frozen, ran_compiled
 from featx.core.configs import ExtractConfig
 from featx.core.device import Dist, distributed, precision_name, resolve_precision
 from featx.core.errors import FeatxError
@@ -32,7 +32,7 @@ from featx.core.outputs import Existing, say
 from featx.core.outputs import decide as output_action
 from featx.core.progress import progress_bar
 from featx.data.cache import DatasetInfo, Split, dataset_info, prepare_cache, read_split
-from featx.features.int8 import CHECK_IMAGES, calibration_rows, check_int8, mean_cosine, quantize
+from featx.features.int8 import calibration_rows, check_int8, mean_cosine, quantize
 from featx.features.store import CALIBRATION, FeatureMeta, create_file, feature_splits, file_bytes, read_meta
 from featx.nets.backbones import Backbone, create_backbone
 from featx.nets.views import AUG_BRIGHTNESS, AUG_CONTRAST, check_crop, render_aug_views, render_views, view_names
@@ -111,12 +111,16 @@ def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
         return model
 
 
-def calibration_images(train: Split, n: int) -> np.ndarray:
-    """uint8 images of the seeded calibration sample of `train` (n), then CHECK_IMAGES more to check it on."""
-    rows = calibration_rows(len(train.rows), n)
+def _images_at(split: Split, rows: np.ndarray) -> np.ndarray:
+    """uint8 images of these rows of the split, in that order."""
     order = np.argsort(rows)  # the cache reads increasing rows
-    images = dataclasses.replace(train, rows=train.rows[rows[order]], labels=train.labels[rows[order]], ids=[])
+    images = dataclasses.replace(split, rows=split.rows[rows[order]], labels=split.labels[rows[order]], ids=[])
     return images.read_images()[np.argsort(order)]
+
+
+def calibration_images(train: Split, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images of the seeded calibration sample of `train` (n), and of the images to check it on."""
+    return tuple(_images_at(train, rows) for rows in calibration_rows(len(train.rows), n))
 
 
 def _full_views(bb: Backbone, images: np.ndarray, crop: int) -> torch.Tensor:
@@ -143,12 +147,12 @@ def int8_model_of(path: Path, bb: Backbone, *, rows: int) -> Callable[[torch.Ten
 
 
 def _int8_frozen(
-    bb: Backbone, sample: np.ndarray, *, crop: int, rows: int
+    bb: Backbone, calibration: np.ndarray, check: np.ndarray, *, crop: int, rows: int
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
-    """int8_model of the calibration part of `sample` and its mean cosine to fp32 on the CHECK_IMAGES after."""
-    model = int8_model(bb, sample[:-CHECK_IMAGES], crop=crop, rows=rows)
+    """int8_model of the `calibration` images and its mean cosine to fp32 on the `check` images."""
+    model = int8_model(bb, calibration, crop=crop, rows=rows)
     reference = _fold_batchnorm(bb.model.eval().requires_grad_(False))
-    return model, mean_cosine(reference, model, _full_views(bb, sample[-CHECK_IMAGES:], crop))
+    return model, mean_cosine(reference, model, _full_views(bb, check, crop))
 
 
 def _frozen_model(
@@ -160,22 +164,29 @@ def _frozen_model(
     views: int,
     aug_views: int,
     batch_size: int,
+    autocast: torch.dtype | None,
     quiet: bool,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The backbone as extraction runs it: eval, no gradients, BatchNorm folded, channels_last, and compiled as
-    `compile` decides for the images still to do (`counts`: per (split, shard)), each making `views` rows and
-    in train `aug_views` more."""
+    `compile` decides (featx.core.compiled.frozen) for the images still to do (`counts`: per (split, shard)),
+    each making `views` rows and in train `aug_views` more."""
     model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(device, memory_format=torch.channels_last)
     per_image = {s: views + (aug_views if s == "train" else 0) for s, _ in counts} or {"": views}
-    choice = decide(
-        compile,
+    return frozen(
         model,
-        size=bb.input_size,
-        device=device,
-        quiet=quiet,
+        compile,
+        example=example_batch(bb, batch_size * max(per_image.values()), device),
         views=sum(n * per_image[s] for (s, _), n in counts.items()),
+        autocast=autocast,
+        quiet=quiet,
     )
-    return compile_frozen(model, choice, rows=batch_size * max(per_image.values()))
+
+
+def example_batch(bb: Backbone, rows: int, device: torch.device) -> torch.Tensor:
+    """A batch of the backbone's input shape, for timing (its speed does not depend on the values)."""
+    return torch.zeros(rows, 3, bb.input_size, bb.input_size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
 
 
 @torch.inference_mode()
@@ -273,10 +284,10 @@ def extract_features(
     `aug_views` K > 0 adds K augmented views per train image (featx.nets.views.aug_pixels), drawn from `aug_seed`.
     An existing `out` follows featx.core.outputs' contract: a finished extraction of the same settings is up to date
     (asked for splits it lacks, it gains them), an interrupted one resumes, one of other settings is refused
-    unless `force`. `compile` (featx.core.compiled): on = torch.compile with Inductor's freezing, auto = that when the
-    job repays the compilation (one CompileWarning line says which and why); the file's meta records what ran,
-    outside the settings compared. Under torchrun every rank takes its share of the shards and rank 0 writes the
-    file.
+    unless `force`. `compile` (featx.core.compiled): on = torch.compile with Inductor's freezing, auto = that where
+    it measured faster and the job repays the compilation (one information line says which and why); the file's
+    meta records what ran, outside the settings compared. Under torchrun every rank takes its share of the
+    shards and rank 0 writes the file.
     """
     views = view_names(views)
     with distributed(device) as d:
@@ -404,11 +415,13 @@ def _extract(
         )
 
     counts = {(s, k): min(shard_rows, len(data_splits[s]) - k * shard_rows) for s, k in todo}
-    sample = None
+    sample = None  # an int8 extraction's calibration images
     if calibration:
-        sample = calibration_images(read_split(cache, "train", classes=classes, per_class=per_class), calibration)
+        sample, check = calibration_images(
+            read_split(cache, "train", classes=classes, per_class=per_class), calibration
+        )
         model, meta.int8_cosine = _int8_frozen(
-            bb, sample, crop=crop, rows=batch_size * (len(views) + (aug_views if "train" in data_splits else 0))
+            bb, sample, check, crop=crop, rows=batch_size * (len(views) + (aug_views if "train" in data_splits else 0))
         )
     else:
         model = _frozen_model(
@@ -419,6 +432,7 @@ def _extract(
             views=len(views),
             aug_views=aug_views,
             batch_size=batch_size,
+            autocast=autocast,
             quiet=ranks.rank != 0,
         )
     done = sum(
@@ -573,7 +587,7 @@ def _assemble(
 ) -> None:
     """Copy the shards, in row order, into the final file; memory stays at one shard. `kept`: splits of the
     existing `out` copied over as they are (extract asked for splits the file lacked). `sample`: an int8
-    extraction's calibration images (and the images it was checked on), stored as /calibration."""
+    extraction's calibration images, stored as /calibration."""
     need = file_bytes(meta, sizes, dim) + (out.stat().st_size if kept else 0)
     with replacing(out, need=need) as tmp, create_file(tmp, meta, sizes, dim) as f:
         if kept:
@@ -588,6 +602,6 @@ def _assemble(
             g["labels"][:] = sp.labels
             g["ids"][:] = sp.ids
         if sample is not None:
-            f.create_dataset(CALIBRATION, data=sample[: meta.calibration])
+            f.create_dataset(CALIBRATION, data=sample)
         f.attrs["complete"] = True  # last: readers trust only files that carry it
     shutil.rmtree(partial)

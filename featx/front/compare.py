@@ -93,16 +93,19 @@ def _speed(
     batch = max(1, 16 // len(names))  # extraction's batch on CPU
     int8 = precision == "int8"
     run_model = int8_model_of(feature_file, bb, rows=batch * len(names)) if int8 else model
-    run = lambda x: compute_features(
-        bb,
-        run_model,
-        x,
-        views=names,
-        crop=crop,
-        device=dev,
-        autocast=None if int8 else resolve_precision(precision, dev),
-        out_dtype=np.dtype(np.float16),
-    )
+
+    def run(x):
+        return compute_features(
+            bb,
+            run_model,
+            x,
+            views=names,
+            crop=crop,
+            device=dev,
+            autocast=None if int8 else resolve_precision(precision, dev),
+            out_dtype=np.dtype(np.float16),
+        )
+
     run(images[:batch])
     start = time.perf_counter()
     for i in range(0, len(images), batch):

@@ -28,8 +28,6 @@ from featx.core.configs import (
     to_dict,
     validate,
 )
-from featx.core.device import resolve_device
-from featx.core.runs import read_run, update_run
 
 HYPERPARAMETERS = ("lr", "weight_decay", "label_smoothing", "dropout")
 
@@ -82,6 +80,9 @@ def probe(config: ProbeConfig, *, out: str | Path, force: bool = False, progress
     options["k"], options["feature_sets"] = list(options["k"]), list(options.pop("feature_set"))
     heads = probe_heads(config)
     result = run_probe(**options, heads=heads, out=out, force=force, progress=progress)
+    from featx.core.device import resolve_device
+    from featx.core.runs import read_run, update_run
+
     recorded = read_run(out).config
     resolved = {
         "device": str(resolve_device(config.device)),
