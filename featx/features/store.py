@@ -33,7 +33,6 @@ import numpy as np
 from featx.core.atomic import replacing
 from featx.core.choices import ViewSelection
 from featx.core.errors import FeatxError
-from featx.nets.backbones import AVGPOOL, parse_layers
 
 FORMAT = "featx-features-1"
 CALIBRATION = "calibration"  # an int8 extraction's calibration images, uint8 (N, H, W, 3)
@@ -146,6 +145,8 @@ def feature_set_columns(meta: FeatureMeta, feature_set: str, *, path: str | Path
             f"--feature-set {feature_set}: {path} stores one vector per view; use all, or extract "
             "with --layers (e.g. last2) to probe feature sets"
         )
+    from featx.nets.backbones import AVGPOOL, parse_layers  # torch's import: not for `featx info`
+
     n, avg = parse_layers(feature_set, "--feature-set")
     depths = [name for name, _ in meta.parts if name != AVGPOOL]
     if n > len(depths) or (avg and AVGPOOL not in dict(meta.parts)):
