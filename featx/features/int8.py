@@ -69,8 +69,10 @@ def quantize(model: torch.nn.Module, calibration: torch.Tensor, *, rows: int) ->
     CALIBRATION_ROWS whatever `rows` is) and compiled with freezing for `rows`-row batches. Deterministic: the
     same inputs give the same model."""
     import torch._inductor.config as inductor
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    with torch_quiet():  # torchao's import logs through torch's logger
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     narrow = not cpu_has_vnni()
     quantizer = xiq.X86InductorQuantizer().set_global(
