@@ -129,3 +129,21 @@ def test_finetune_int8_is_one_line_exit_2(tmp_path):
     )
     assert result.returncode == 2 and "--precision" in result.stderr and "int8" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_backbone_torchao_cannot_quantize_is_one_line(synth_cache, tmp_path):
+    # torchvision's ResNets reuse one ReLU module within a block, which torchao's X86 quantizer refuses
+    with pytest.raises(
+        FeatxError, match=r"^--precision int8: torchao cannot quantize resnet18 \(ValueError: .*fp32 or bf16"
+    ):
+        extract_features(
+            data=synth_cache,
+            backbone="resnet18",
+            weights="none",
+            size=32,
+            views="full",
+            precision="int8",
+            calibration=4,
+            out=tmp_path / "f.h5",
+            progress=False,
+        )

@@ -135,7 +135,14 @@ def int8_model(
     """The backbone quantized to int8 (featx.features.int8), calibrated on the full view of `calibration`
     (uint8 images): extraction and predictions on new images build it alike."""
     model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(memory_format=torch.channels_last)
-    return quantize(model, _full_views(bb, calibration, crop), rows=rows)
+    try:
+        return quantize(model, _full_views(bb, calibration, crop), rows=rows)
+    except Exception as e:  # torchao's quantizer does not take every graph (ResNets' shared ReLU modules)
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise FeatxError(
+            f"--precision int8: torchao cannot quantize {bb.name} ({type(e).__name__}: {first}); "
+            "use --precision fp32 or bf16 for it"
+        ) from None
 
 
 def int8_model_of(path: Path, bb: Backbone, *, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
