@@ -194,25 +194,26 @@ def frozen(
     compiler: Callable[[torch.nn.Module, int], Callable] = _freeze,
 ) -> Callable:
     """A frozen model compiled as `mode` says for a job of `views` inputs like `example` (one batch: its rows
-    are the batch the compiled model is fed) run under `autocast`. `auto` measures (see the module's doc) and
-    says what it chose in one information line unless `quiet`. `compiler`: how a model is compiled (a test's
+    are the batch the compiled model is fed) run under `autocast`. `auto` measures (see the module's doc); where
+    it weighed compiling against eager it says what it chose in one information line unless `quiet` (a job
+    too short to try compiling runs eager without a word). `compiler`: how a model is compiled (a test's
     stand-in)."""
     if mode != "auto":
         return compile_frozen(model, choose_compile(mode, views=views, gflop_per_view=0.0), rows=len(example))
     eager = _seconds_per_row(model, example, autocast)
     if eager * views < MIN_COMPILE_SECONDS:
-        choice, why = model, f"about {eager * views:.0f} s eager, less than compiling takes"
-    else:
-        start = time.perf_counter()
-        candidate = compiler(model, len(example))
-        compiled = _seconds_per_row(candidate, example, autocast)
-        took = time.perf_counter() - start - compiled * (TIMED_BATCHES + 1) * len(example)
-        faster = compiled < eager and ran_compiled(candidate) != "off"
-        choice = candidate if faster else model
-        why = f"compiled ran at {eager / compiled:.2f}x eager's speed, measured (compiling took {took:.0f} s)"
+        return model
+    start = time.perf_counter()
+    candidate = compiler(model, len(example))
+    compiled = _seconds_per_row(candidate, example, autocast)
+    took = time.perf_counter() - start - compiled * (TIMED_BATCHES + 1) * len(example)
+    faster = compiled < eager and ran_compiled(candidate) != "off"
     if not quiet:
-        inform(f"--compile auto: {'compiled' if choice is not model else 'eager'}: {views:,} views, {why}")
-    return choice
+        inform(
+            f"--compile auto: {'compiled' if faster else 'eager'}: {views:,} views; compiled ran at "
+            f"{eager / compiled:.2f}x eager's speed, measured (compiling took {took:.0f} s)"
+        )
+    return candidate if faster else model
 
 
 def compile_training(model: torch.nn.Module, choice: CompileChoice) -> Callable:
