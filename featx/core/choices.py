@@ -5,7 +5,7 @@ The bottom layer: it imports nothing from featx, so every module may import it.
 """
 
 from collections.abc import Sequence
-from typing import Literal, Union, get_args
+from typing import Literal, get_args
 
 Device = Literal["auto", "cpu", "cuda"]  # resolve_device also takes "cuda:N"
 DEVICES = get_args(Device)
@@ -25,7 +25,7 @@ VIEW_SET_NAMES = get_args(ViewSet)
 EvalViews = Literal["all", "full"]  # probe, predict, report: the stored views to use (all, or the full image)
 EVAL_VIEWS = get_args(EvalViews)
 # probe and the feature readers also take stored view names, as a comma list ("full,top_left,aug0") or a list
-ViewSelection = Union[EvalViews, str, Sequence[str]]
+ViewSelection = EvalViews | str | Sequence[str]
 Optimizer = Literal["adam", "adamw", "sgd"]
 OPTIMIZERS = get_args(Optimizer)
 TrainedHead = Literal["linear", "mlp"]  # probe heads fitted by gradient descent (featx.nets.heads)

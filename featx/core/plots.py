@@ -1,6 +1,6 @@
 """Every figure featx draws: training curves (written with each run), the ensemble-size curve, and the report's
-confusion matrix, t-SNE map and first-layer filters. Matplotlib through Agg canvases, never pyplot: no global figure state,
-nothing to close, safe in worker processes."""
+confusion matrix, t-SNE map and first-layer filters. Matplotlib through Agg canvases, never pyplot: no global figure
+state, nothing to close, safe in worker processes."""
 
 from __future__ import annotations
 
