@@ -18,6 +18,7 @@ from featx.core.errors import FeatxError
 from featx.features.extract import compute_features, int8_model_of
 from featx.features.int8 import check_int8
 from featx.features.store import FeatureMeta, load_features, read_meta
+from featx.front.info import info
 from featx.nets.backbones import create_backbone
 
 pytest.importorskip("torchao")
@@ -58,6 +59,7 @@ def test_int8_features_keep_a_mean_cosine_of_095_to_fp32(int8_and_fp32):
     meta = read_meta(int8)
     assert meta.precision == "int8" and meta.calibration == CALIBRATION and meta.compile == "on"
     assert 0.95 <= meta.int8_cosine <= 1.0  # what the file records of its own check
+    assert info(int8)["made_by"]["int8_cosine"] == round(meta.int8_cosine, 4)  # and `featx info` shows
     with h5py.File(int8, "r") as f:
         assert f["calibration"].shape == (CALIBRATION, 64, 64, 3) and f["calibration"].dtype == np.uint8
     # precision and calibration are the new file's identity; the fp32 file's has neither
