@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,17 +14,20 @@ import pytest
 import torch
 
 from featx import extract_features
-from featx.core.configs import ExtractConfig, FinetuneConfig, OptionError, validate
+from featx.core.configs import ExtractConfig, FinetuneConfig, OptionError, in_use, validate
 from featx.core.errors import FeatxError
 from featx.features.extract import compute_features, int8_model_of
 from featx.features.int8 import check_int8
 from featx.features.store import FeatureMeta, load_features, read_meta
+from featx.front.cli import cli
 from featx.front.info import info
+from featx.front.recipes import run_recipe
 from featx.nets.backbones import create_backbone
 
 pytest.importorskip("torchao")
 
 CALIBRATION = 64
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -149,3 +153,14 @@ def test_a_backbone_torchao_cannot_quantize_is_one_line(synth_cache, tmp_path):
             out=tmp_path / "f.h5",
             progress=False,
         )
+
+
+def test_recipe_hashes_leave_calibration_out_unless_int8(tmp_path, monkeypatch):
+    """--calibration, new in 0.3, does nothing without int8: existing recipe outputs keep their stage hash."""
+    assert "calibration" not in in_use(ExtractConfig(backbone="mobilenet_v2"))
+    assert in_use(ExtractConfig(backbone="mobilenet_v2", precision="int8"))["calibration"] == 128
+    monkeypatch.chdir(tmp_path)
+    stages = {s.name: s for s in run_recipe(recipe=PIPELINES / "quickstart.toml", commands=cli, dry_run=True)}
+    assert "calibration" not in stages["extract"].params and stages["extract"].params["precision"] == "auto"
+    stages = {s.name: s for s in run_recipe(recipe=PIPELINES / "cpu.toml", commands=cli, dry_run=True)}
+    assert stages["extract"].params["calibration"] == 128

@@ -65,11 +65,14 @@ def option(
     metavar: str | None = None,
     aliases: tuple[str, ...] = (),
     show_default: bool = True,
+    only_with: tuple[str, Any] | None = None,
 ) -> Any:
     """A config field with what the CLI and `validate` need. `flag`: the option's name where it is not the
     field's (predict's `--run` fills `runs`); `count`: a list of exactly that many numbers; `repeat`: the
     option repeats instead of taking a comma list; `aliases`: old names that still work, with a deprecation
-    line (CHANGELOG.md lists them)."""
+    line (CHANGELOG.md lists them); `only_with` (field, value): the option matters only where that field has
+    that value, and is left out of what a recipe stage's hash covers elsewhere (`in_use`), so that adding it
+    left existing recipe outputs up to date."""
     meta = {
         "help": help,
         "flag": flag,
@@ -82,6 +85,7 @@ def option(
         "metavar": metavar,
         "aliases": aliases,
         "show_default": show_default,
+        "only_with": only_with,
     }
     if isinstance(default, list):
         return field(default_factory=functools.partial(list, default), metadata=meta)
@@ -147,6 +151,7 @@ class ExtractConfig:
         "With --precision int8: training images (a fixed sample) the quantized model is calibrated on; "
         "they are stored in the feature file.",
         min=1,
+        only_with=("precision", "int8"),
     )
     mean: tuple[float, ...] | None = option(None, "Normalisation mean override, e.g. 0.5,0.5,0.5.", count=3)
     std: tuple[float, ...] | None = option(None, "Normalisation std override, e.g. 0.5,0.5,0.5.", count=3)
@@ -462,7 +467,7 @@ class CompareConfig:
     seed: int = option(0, "")
     device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
     precision: FrozenPrecision = option("auto", "As in extract.")
-    calibration: int = option(128, "As in extract.", min=1)
+    calibration: int = option(128, "As in extract.", min=1, only_with=("precision", "int8"))
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -666,3 +671,13 @@ def from_dict(cls: type, table: dict, *, where: str, strict: bool = True) -> Any
 def to_dict(config) -> dict:
     """The config as JSON values (tuples as lists): what run.json and the recipe records store."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def in_use(config) -> dict:
+    """to_dict without the options that do nothing here (an `only_with` whose field has another value)."""
+    unused = {
+        f.name
+        for f in dataclasses.fields(config)
+        if f.metadata.get("only_with") and getattr(config, f.metadata["only_with"][0]) != f.metadata["only_with"][1]
+    }
+    return {k: v for k, v in to_dict(config).items() if k not in unused}
