@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -14,7 +15,16 @@ import pytest
 import torch
 
 from featx import extract_features
-from featx.core.compiled import BREAK_EVEN_GFLOP, CompileWarning, choose_compile, gflop_per_view
+from featx.core import progress
+from featx.core.compiled import (
+    BREAK_EVEN_GFLOP,
+    CompileWarning,
+    Guarded,
+    choose_compile,
+    frozen,
+    gflop_per_view,
+    ran_compiled,
+)
 from featx.core.errors import FeatxError
 from featx.features.store import load_features, read_meta
 from featx.finetune.run import FinetuneConfig
@@ -39,7 +49,7 @@ def test_auto_compiles_long_jobs_only_and_on_off_ignore_the_job():
         choose_compile("yes", views=1, gflop_per_view=1.0)
 
 
-def test_an_auto_extraction_says_what_it_chose_in_one_line(synth_cache, tmp_path):
+def test_a_short_auto_extraction_runs_eager_without_a_word(synth_cache, tmp_path, capsys):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = extract_features(
@@ -52,9 +62,46 @@ def test_an_auto_extraction_says_what_it_chose_in_one_line(synth_cache, tmp_path
             out=tmp_path / "f.h5",
             progress=False,
         )
-    lines = [str(w.message) for w in caught if issubclass(w.category, CompileWarning)]
-    assert len(lines) == 1 and lines[0].startswith("--compile auto: eager: 16 views x ")
+    assert not [w for w in caught if issubclass(w.category, CompileWarning)]  # a normal choice is no warning
+    assert "--compile" not in capsys.readouterr().err  # 16 views: nothing to weigh
     assert read_meta(out).compile == "off"
+
+
+def _slow_compiler(model, rows):
+    """A stand-in for torch.compile whose model runs slower than eager."""
+
+    def run(x):
+        time.sleep(0.05)
+        return model(x)
+
+    return Guarded(model, run, rows)
+
+
+def _fast_compiler(model, rows):
+    """A stand-in whose model runs faster than eager: it skips the work, returning the first output's shape."""
+    out = model(torch.zeros(rows, 3, 16, 16))
+    return Guarded(model, lambda x: out, rows)
+
+
+def test_auto_keeps_eager_where_compiling_measured_slower(capsys):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    example = torch.zeros(4, 3, 16, 16)
+    slow = frozen(model, "auto", example=example, views=10**9, compiler=_slow_compiler)
+    assert slow is model
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("featx: --compile auto: eager: 1,000,000,000 views; compiled ran at 0.")
+    fast = frozen(model, "auto", example=example, views=10**9, compiler=_fast_compiler)
+    assert isinstance(fast, Guarded) and ran_compiled(fast) == "on"
+    assert "featx: --compile auto: compiled: 1,000,000,000 views; compiled ran at " in capsys.readouterr().err
+    progress.quiet = True  # --quiet silences the line
+    try:
+        assert frozen(model, "auto", example=example, views=10**9, compiler=_slow_compiler) is model
+    finally:
+        progress.quiet = False
+    assert capsys.readouterr().err == ""
+    # a job shorter than compiling takes is not tried compiled at all
+    assert frozen(model, "auto", example=example, views=10, compiler=_slow_compiler) is model
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow

@@ -40,3 +40,9 @@ def test_dependency_floors_cover_the_apis_used(package, needed, why):
 def test_the_test_extra_installs_timm_at_the_timm_extras_floor():
     extras = PROJECT["optional-dependencies"]
     assert floors(extras["test"])["timm"] == floors(extras["timm"])["timm"] >= Version("1.0.9")
+
+
+def test_the_test_extra_installs_torchao_at_the_int8_extras_floor():
+    """CI installs '.[test]': the int8 tests run there, not skipped."""
+    extras = PROJECT["optional-dependencies"]
+    assert floors(extras["test"])["torchao"] == floors(extras["int8"])["torchao"]

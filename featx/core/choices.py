@@ -11,6 +11,9 @@ Device = Literal["auto", "cpu", "cuda"]  # resolve_device also takes "cuda:N"
 DEVICES = get_args(Device)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS = get_args(Precision)
+# a frozen backbone (extract, compare, predict) may also run quantized to int8 (CPU; featx.features.int8)
+FrozenPrecision = Literal[Precision, "int8"]
+FROZEN_PRECISIONS = get_args(FrozenPrecision)
 CompileMode = Literal["auto", "on", "off"]  # torch.compile: auto compiles where the job is long enough to pay
 COMPILE_MODES = get_args(CompileMode)
 FeatureDtype = Literal["float16", "float32"]

@@ -2,9 +2,15 @@
 
 `on` compiles with Inductor. A frozen backbone (extract, predict) is compiled with Inductor's freezing: under
 inference mode its weights become constants, folded into the graph and pre-packed for oneDNN, where most of
-the gain on CPU lies. Training (finetune) compiles without freezing, since its weights change. `auto` compiles
-only when the job is long enough to repay the compilation (`choose_compile`). A compilation that fails (no
-C++ compiler, an operator Inductor cannot lower) warns once and the work goes on eager.
+the gain on CPU lies. Training (finetune) compiles without freezing, since its weights change. A compilation
+that fails (no C++ compiler, an operator Inductor cannot lower) warns once and the work goes on eager.
+
+`auto` for a frozen backbone measures (`auto_frozen`): it times a few batches eager, stays eager where the
+whole job would take less than compiling does, else compiles, times the same batches compiled and keeps the
+faster, since what compiling gains differs with the CPU, the precision and the model (0.74x eager to 3x).
+For training, `auto` compiles when the job is long enough to repay the compilation (`choose_compile`).
+Either way the choice is one information line (featx.core.progress.inform, silenced by --quiet), and torch's
+and Inductor's own log lines are kept from the user (`torch_quiet`).
 
 Inductor keeps what it compiled (its FX graph cache, on by default) under $TORCHINDUCTOR_CACHE_DIR, by default
 `torchinductor_<user>` in the temporary directory (/tmp); a later run of the same model and shapes loads it
@@ -13,8 +19,11 @@ from there instead of compiling again. On CUDA the same code path runs; its gain
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from featx.core.choices import COMPILE_MODES, CompileMode
 from featx.core.errors import FeatxError, FeatxWarning
+from featx.core.progress import inform
 
 # The work (GFLOP, multiply-adds counted twice) past which compiling pays: about 40 s of compilation on 2 cores
 # (MobileNetV2 and Inception-v3 alike; the graph's size, not its FLOPs, sets it) repaid by running 1.2-2x
@@ -29,9 +39,29 @@ from featx.core.errors import FeatxError, FeatxWarning
 BREAK_EVEN_GFLOP = 40_000.0
 
 
+# Compiling a frozen CNN with freezing takes 20-60 s on 2 cores: a job shorter than this eager stays eager unmeasured
+MIN_COMPILE_SECONDS = 20.0
+TIMED_BATCHES = 2  # batches timed each way after one warm-up
+
+
 class CompileWarning(FeatxWarning):
-    """A line about compilation for the user (the CLI renders it as one line): what `auto` chose and why, or
-    that compiling failed."""
+    """A line about compilation for the user (the CLI renders it as one line): that compiling failed."""
+
+
+@contextlib.contextmanager
+def torch_quiet() -> Iterator[None]:
+    """torch's, Inductor's and torchao's own log lines and warnings kept from the user (compiling, quantizing)."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torchao")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"torch(ao)?\..*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -80,11 +110,11 @@ def decide(
     quiet: bool = False,
 ) -> CompileChoice:
     """choose_compile for `views` inputs of this model (`passes` forward-equivalents each: 3 for a training
-    step); the choice of `auto` is reported as one CompileWarning line unless `quiet`."""
+    step); the choice of `auto` is reported as one information line unless `quiet`."""
     cost = gflop_per_view(model, size, device) * passes if mode == "auto" else 0.0
     choice = choose_compile(mode, views=views, gflop_per_view=cost)
     if mode == "auto" and not quiet:
-        warnings.warn(choice.why, CompileWarning, stacklevel=2)
+        inform(choice.why)
     return choice
 
 
@@ -100,7 +130,8 @@ class Guarded:
         if self.compiled is None:
             return self.eager(x)
         try:
-            return self._run(x)
+            with torch_quiet():
+                return self._run(x)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             warnings.warn(
@@ -139,6 +170,53 @@ def compile_frozen(
         return model
     # freezing as an option of this compilation only, not a global Inductor setting that leaks into others
     return Guarded(model, torch.compile(model, dynamic=False, options={"freezing": True}), rows)
+
+
+def _freeze(model: torch.nn.Module, rows: int) -> Callable:
+    return compile_frozen(model, CompileChoice(True, "--compile on"), rows=rows)
+
+
+@torch.inference_mode()
+def _seconds_per_row(model: Callable, x: torch.Tensor, autocast: torch.dtype | None) -> float:
+    with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        model(x)  # warm-up: a compiled model compiles here
+        start = time.perf_counter()
+        for _ in range(TIMED_BATCHES):
+            model(x)
+    return (time.perf_counter() - start) / (TIMED_BATCHES * len(x))
+
+
+def frozen(
+    model: torch.nn.Module,
+    mode: CompileMode,
+    *,
+    example: torch.Tensor,
+    views: int,
+    autocast: torch.dtype | None = None,
+    quiet: bool = False,
+    compiler: Callable[[torch.nn.Module, int], Callable] = _freeze,
+) -> Callable:
+    """A frozen model compiled as `mode` says for a job of `views` inputs like `example` (one batch: its rows
+    are the batch the compiled model is fed) run under `autocast`. `auto` measures (see the module's doc); where
+    it weighed compiling against eager it says what it chose in one information line unless `quiet` (a job
+    too short to try compiling runs eager without a word). `compiler`: how a model is compiled (a test's
+    stand-in)."""
+    if mode != "auto":
+        return compile_frozen(model, choose_compile(mode, views=views, gflop_per_view=0.0), rows=len(example))
+    eager = _seconds_per_row(model, example, autocast)
+    if eager * views < MIN_COMPILE_SECONDS:
+        return model
+    start = time.perf_counter()
+    candidate = compiler(model, len(example))
+    compiled = _seconds_per_row(candidate, example, autocast)
+    took = time.perf_counter() - start - compiled * (TIMED_BATCHES + 1) * len(example)
+    faster = compiled < eager and ran_compiled(candidate) != "off"
+    if not quiet:
+        inform(
+            f"--compile auto: {'compiled' if faster else 'eager'}: {views:,} views; compiled ran at "
+            f"{eager / compiled:.2f}x eager's speed, measured (compiling took {took:.0f} s)"
+        )
+    return candidate if faster else model
 
 
 def compile_training(model: torch.nn.Module, choice: CompileChoice) -> Callable:

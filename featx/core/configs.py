@@ -37,6 +37,7 @@ from featx.core.choices import (
     FeatureDtype,
     FinetuneHead,
     FinetuneSchedule,
+    FrozenPrecision,
     ImageNormalize,
     KeepRule,
     Normalize,
@@ -66,11 +67,14 @@ def option(
     metavar: str | None = None,
     aliases: tuple[str, ...] = (),
     show_default: bool = True,
+    only_with: tuple[str, Any] | None = None,
 ) -> Any:
     """A config field with what the CLI and `validate` need. `flag`: the option's name where it is not the
     field's (predict's `--run` fills `runs`); `count`: a list of exactly that many numbers; `repeat`: the
     option repeats instead of taking a comma list; `aliases`: old names that still work, with a deprecation
-    line (CHANGELOG.md lists them)."""
+    line (CHANGELOG.md lists them); `only_with` (field, value): the option matters only where that field has
+    that value, and is left out of what a recipe stage's hash covers elsewhere (`in_use`), so that adding it
+    left existing recipe outputs up to date."""
     meta = {
         "help": help,
         "flag": flag,
@@ -83,6 +87,7 @@ def option(
         "metavar": metavar,
         "aliases": aliases,
         "show_default": show_default,
+        "only_with": only_with,
     }
     if isinstance(default, list):
         return field(default_factory=functools.partial(list, default), metadata=meta)
@@ -142,11 +147,20 @@ class ExtractConfig(Config):
         None, "Images per batch [default: 256 on CUDA; on CPU 16 views' worth: 16 full, 8 flip, 1 ten].", min=1
     )
     device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
-    precision: Precision = option(
+    precision: FrozenPrecision = option(
         "auto",
         "auto: bf16 on GPUs that have it (else fp16), bf16 on CPUs with "
         "AVX-512 BF16/AMX, fp32 elsewhere; the environment variable FEATX_CPU_BF16=1|0 "
-        "makes auto act as on a BF16 / an AVX2 CPU.",
+        "makes auto act as on a BF16 / an AVX2 CPU. int8 (CPU, never chosen by auto): the backbone "
+        "quantized after calibrating on --calibration training images, 2-10x faster than fp32 "
+        "(needs torchao and a C++ compiler).",
+    )
+    calibration: int = option(
+        128,
+        "With --precision int8: training images (a fixed sample) the quantized model is calibrated on; "
+        "they are stored in the feature file.",
+        min=1,
+        only_with=("precision", "int8"),
     )
     mean: tuple[float, ...] | None = option(None, "Normalisation mean override, e.g. 0.5,0.5,0.5.", count=3)
     std: tuple[float, ...] | None = option(None, "Normalisation std override, e.g. 0.5,0.5,0.5.", count=3)
@@ -524,7 +538,8 @@ class CompareConfig(Config):
     epochs: int = option(10, "Probe epochs.", min=1)
     seed: int = option(0, "")
     device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
-    precision: Precision = option("auto", "As in extract.")
+    precision: FrozenPrecision = option("auto", "As in extract.")
+    calibration: int = option(128, "As in extract.", min=1, only_with=("precision", "int8"))
 
 
 # --- reading the schema --------------------------------------------------------------------------------------
@@ -653,7 +668,12 @@ def _check_value(f: Field, value) -> str | None:
     if f.name == "device":
         return None if _device_ok(value) else f"choose one of {', '.join(get_args(Device))} or cuda:N"
     if f.kind == "choice":
-        return None if value in f.choices else f"choose one of {', '.join(map(str, f.choices))}"
+        if value in f.choices:
+            return None
+        frozen = (
+            " (int8 is for a frozen backbone: extract, compare)" if f.name == "precision" and value == "int8" else ""
+        )
+        return f"choose one of {', '.join(map(str, f.choices))}{frozen}"
     if f.kind in ("int", "float"):
         return _check_number(f, value)
     if f.kind == "bool":
@@ -756,3 +776,13 @@ def from_dict(cls: type, table: dict, *, where: str, strict: bool = True) -> Any
 def to_dict(config) -> dict:
     """The config as JSON values (tuples as lists): what run.json and the recipe records store."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def in_use(config) -> dict:
+    """to_dict without the options that do nothing here (an `only_with` whose field has another value)."""
+    unused = {
+        f.name
+        for f in dataclasses.fields(config)
+        if f.metadata.get("only_with") and getattr(config, f.metadata["only_with"][0]) != f.metadata["only_with"][1]
+    }
+    return {k: v for k, v in to_dict(config).items() if k not in unused}

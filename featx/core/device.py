@@ -51,6 +51,14 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI (AVX-512 or AVX): int8 multiply-adds that do not saturate 16-bit sums."""
+    try:
+        return "vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux: assume a CPU of the last years
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32. `auto` picks bf16 on CPUs only where the hardware has it:
     elsewhere it is emulated and several times slower than fp32."""

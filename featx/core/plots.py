@@ -7,15 +7,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from sklearn.manifold import TSNE
-from torch import nn
 
 from featx.core.atomic import replacing
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _short(name: str) -> str:
@@ -105,6 +107,8 @@ def plot_ensemble(path: Path, top1: Sequence[float]) -> str:
 
 
 def plot_tsne(path: Path, x: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> str:
+    from sklearn.manifold import TSNE  # sklearn's import is seconds: only for a t-SNE map
+
     xy = TSNE(perplexity=min(30.0, (len(x) - 1) / 3), init="pca", random_state=0).fit_transform(x)
     fig = _figure(7, 6)
     ax = fig.subplots()
@@ -118,6 +122,8 @@ def plot_tsne(path: Path, x: np.ndarray, labels: np.ndarray, names: Sequence[str
 
 def first_filters(model: nn.Module) -> np.ndarray:
     """The first RGB convolution's weights as (O, k, k, 3)."""
+    from torch import nn
+
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3)
     return conv.weight.detach().float().cpu().numpy().transpose(0, 2, 3, 1)
 

@@ -69,6 +69,12 @@ def progress_bar(
     return (tqdm if bars_shown() else _Lines)(iterable, **kwargs)
 
 
+def inform(line: str) -> None:
+    """One information line on stderr (a choice `auto` made), silenced by --quiet."""
+    if not quiet:
+        print(f"featx: {line}", file=sys.stderr, flush=True)
+
+
 def bars_shown() -> bool:
     """Whether to draw bars: for libraries (torch.hub's downloads) that only draw one or nothing."""
     return not quiet and sys.stderr.isatty()

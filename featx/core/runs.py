@@ -34,12 +34,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from featx import __version__
 from featx.core.atomic import make_dirs, replacing
 from featx.core.errors import FeatxError
-from featx.core.plots import plot_curves
 
 RUN_FORMAT = "featx-run-2"
 HEAD_FORMAT = "featx-head-1"  # a probe checkpoint: one head of a StackedHeads
@@ -204,6 +201,8 @@ def update_run(run_dir: str | Path, **fields) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    import torch  # here, not at import: `featx info` starts in well under a second
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as e:
@@ -218,6 +217,8 @@ def write_metrics(run_dir: Path, heads: list[dict], best: dict) -> None:
     """metrics.json, metrics.csv and curves.png from per-head records {"index", "config", "status", "epochs"}."""
     metrics = {"heads": heads, "best": best}
     write_json(run_dir / "metrics.json", metrics)
+    from featx.core.plots import plot_curves  # matplotlib: only when there is a figure to draw
+
     plot_curves(run_dir / "curves.png", metrics)
     config_keys = list(heads[0]["config"]) if heads else []
     epoch_keys = list(heads[0]["epochs"][0]) if heads and heads[0]["epochs"] else []
@@ -276,6 +277,8 @@ class Snapshots:
             return False
         checkpoint = payload()
         need = sum(t.nbytes for t in checkpoint["state"].values()) + (1 << 16)
+        import torch
+
         with replacing(self.run_dir / snap.file, need=need) as tmp:
             torch.save(checkpoint, tmp)
         kept.append(snap)

@@ -26,6 +26,7 @@ from joblib import Parallel, delayed, effective_n_jobs, parallel_config
 from featx.core.atomic import exclusive, replacing
 from featx.core.configs import PrepareConfig
 from featx.core.errors import FeatxError
+from featx.core.outputs import say
 from featx.core.progress import progress_bar
 from featx.data.sources import Layout, Tree, decode_batch, exit_with_parent, open_tree, read_layout, skip_or_stop
 
@@ -61,6 +62,12 @@ def prepare_cache(
     if src.is_file() and h5py.is_hdf5(src):
         _open_cache(src).close()
         return src
+    quick = _source_key(src, image_size, classes, per_class)
+    known = _decoded_from(src, quick, cache, skip_bad)
+    if known is not None:
+        if progress:
+            say(f"up to date: {known} (decoded from {src})")
+        return known
     tree = open_tree(src)
     layout = read_layout(tree, classes, per_class)
     fingerprint = _fingerprint(tree.fingerprint, image_size, layout.wnids, per_class)
@@ -69,6 +76,8 @@ def prepare_cache(
         cache = CACHE_DIR / f"{layout.name}-{image_size}{suffix}.h5"
     cache = Path(cache)
     if _reusable(cache, fingerprint, skip_bad):
+        if progress:
+            say(f"up to date: {cache} (decoded from {src})")
         return cache
     attrs = dict(
         format=FORMAT,
@@ -77,6 +86,7 @@ def prepare_cache(
         dataset=layout.name,
         kind=layout.kind,
         source=str(src),
+        source_key=quick,
         image_size=image_size,
         per_class=per_class or -1,
     )
@@ -129,6 +139,32 @@ def _fingerprint(source_fingerprint: str, image_size: int, wnids: list[str], per
     # full cache (dataset_info(classes=K)) share a fingerprint: it is the same decoded data.
     key = f"featx-cache-{FORMAT}|{source_fingerprint}|{image_size}|{','.join(wnids)}|{per_class}"
     return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def _source_key(src: Path, image_size: int, classes: int | None, per_class: int | None) -> str:
+    """The source file's size and modification time with the options: what tells an unchanged zip without
+    reading its 100,000-entry index (seconds), as make and rsync tell unchanged files. Folders have none."""
+    if not src.is_file():
+        return ""
+    st = src.stat()
+    return json.dumps([st.st_size, st.st_mtime_ns, image_size, classes, per_class])
+
+
+def _decoded_from(src: Path, key: str, cache: str | Path | None, skip_bad: bool) -> Path | None:
+    """A complete cache (the given one, or any in CACHE_DIR) decoded from this very source file with these
+    options, found from its attributes alone; None where there is none or the source is a folder."""
+    if not key:
+        return None
+    for path in [Path(cache)] if cache is not None else sorted(CACHE_DIR.glob("*.h5")):
+        try:
+            with h5py.File(path, "r") as f:
+                attrs = dict(f.attrs)
+        except OSError:
+            continue
+        same = attrs.get("source") == str(src) and attrs.get("source_key") == key
+        if same and _reusable(path, attrs["fingerprint"], skip_bad):
+            return path
+    return None
 
 
 def _reusable(cache: Path, fingerprint: str, skip_bad: bool) -> bool:

@@ -33,7 +33,7 @@ from featx.core.choices import (
     Split,
     ViewSelection,
 )
-from featx.core.compiled import compile_frozen, decide
+from featx.core.compiled import frozen
 from featx.core.configs import PredictConfig
 from featx.core.device import resolve_device
 from featx.core.errors import FeatxError
@@ -57,7 +57,8 @@ from featx.evaluate.metrics import (
 
 # compute_features is extraction's own "render the views, run the model" step: reusing it keeps predictions on new
 # images computed exactly as the stored features were.
-from featx.features.extract import compute_features
+from featx.features.extract import compute_features, example_batch, int8_model_of
+from featx.features.int8 import check_int8
 from featx.features.store import FeatureMeta, load_features, read_meta, select_views
 from featx.nets.backbones import Backbone, create_backbone
 from featx.nets.models import ModelSpec, load_model
@@ -77,10 +78,16 @@ def _run_model(
     crop: int,
     device: torch.device,
     compile: CompileMode = "off",
+    int8_from: Path | None = None,
 ) -> np.ndarray:
-    """bb.model's outputs (N, V, out) for uint8 images (N, H, W, 3), in batches."""
-    choice = decide(compile, bb.model, size=bb.input_size, device=device, views=len(images) * len(views))
-    model = compile_frozen(bb.model, choice, rows=BATCH * len(views))
+    """bb.model's outputs (N, V, out) for uint8 images (N, H, W, 3), in batches; quantized as the int8 feature
+    file `int8_from`'s were."""
+    if int8_from is not None:
+        check_int8(device)
+        model = int8_model_of(int8_from, bb, rows=BATCH * len(views))
+    else:
+        rows = BATCH * len(views)
+        model = frozen(bb.model, compile, example=example_batch(bb, rows, device), views=len(images) * len(views))
     return np.concatenate(
         [
             compute_features(
@@ -177,7 +184,13 @@ class ProbeRun:
         bb = self._backbone(weights)
         return self._proba(
             _run_model(
-                bb, images, views=self.view_names(views), crop=self.meta.crop, device=self.device, compile=compile
+                bb,
+                images,
+                views=self.view_names(views),
+                crop=self.meta.crop,
+                device=self.device,
+                compile=compile,
+                int8_from=self.path if self.meta.precision == "int8" else None,
             ),
             picks,
         )

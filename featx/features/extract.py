@@ -9,6 +9,7 @@ the device as uint8; views, upsampling and normalisation happen there (featx.net
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -24,8 +25,8 @@ from torch.fx.experimental.optimization import fuse
 
 from featx import __version__
 from featx.core.atomic import one_writer, replacing, require_space
-from featx.core.choices import CompileMode, Device, FeatureDtype, Precision, Split, ViewSet
-from featx.core.compiled import compile_frozen, decide, ran_compiled
+from featx.core.choices import CompileMode, Device, FeatureDtype, FrozenPrecision, Split, ViewSet
+from featx.core.compiled import frozen, ran_compiled
 from featx.core.configs import ExtractConfig
 from featx.core.device import Dist, distributed, precision_name, resolve_precision
 from featx.core.errors import FeatxError
@@ -33,7 +34,9 @@ from featx.core.outputs import Existing, say
 from featx.core.outputs import decide as output_action
 from featx.core.progress import progress_bar
 from featx.data.cache import DatasetInfo, dataset_info, prepare_cache, read_split
-from featx.features.store import FeatureMeta, create_file, feature_splits, file_bytes, read_meta
+from featx.data.cache import Split as DecodedSplit
+from featx.features.int8 import calibration_rows, check_int8, mean_cosine, quantize
+from featx.features.store import CALIBRATION, FeatureMeta, create_file, feature_splits, file_bytes, read_meta
 from featx.nets.backbones import Backbone, create_backbone
 from featx.nets.views import AUG_BRIGHTNESS, AUG_CONTRAST, check_crop, render_aug_views, render_views, view_names
 
@@ -111,33 +114,84 @@ def _fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
         return model
 
 
+def _images_at(split: DecodedSplit, rows: np.ndarray) -> np.ndarray:
+    """uint8 images of these rows of the split, in that order."""
+    order = np.argsort(rows)  # the cache reads increasing rows
+    images = dataclasses.replace(split, rows=split.rows[rows[order]], labels=split.labels[rows[order]], ids=[])
+    return images.read_images()[np.argsort(order)]
+
+
+def calibration_images(train: DecodedSplit, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images of the seeded calibration sample of `train` (n), and of the images to check it on."""
+    sample, check = (_images_at(train, rows) for rows in calibration_rows(len(train.rows), n))
+    return sample, check
+
+
+def _full_views(bb: Backbone, images: np.ndarray, crop: int) -> torch.Tensor:
+    return render_views(
+        torch.from_numpy(images), views=["full"], crop=crop, size=bb.input_size, mean=bb.mean, std=bb.std
+    )
+
+
+def int8_model(
+    bb: Backbone, calibration: np.ndarray, *, crop: int, rows: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The backbone quantized to int8 (featx.features.int8), calibrated on the full view of `calibration`
+    (uint8 images): extraction and predictions on new images build it alike."""
+    model = _fold_batchnorm(bb.model.eval().requires_grad_(False)).to(memory_format=torch.channels_last)
+    try:
+        return quantize(model, _full_views(bb, calibration, crop), rows=rows)
+    except Exception as e:  # torchao's quantizer does not take every graph (ResNets' shared ReLU modules)
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise FeatxError(
+            f"--precision int8: torchao cannot quantize {bb.name} ({type(e).__name__}: {first}); "
+            "use --precision fp32 or bf16 for it"
+        ) from None
+
+
+def int8_model_of(path: Path, bb: Backbone, *, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The quantized model an int8 feature file's features came from, rebuilt from its stored calibration
+    images: the same image gives the same features."""
+    with h5py.File(path, "r") as f:
+        images = f[CALIBRATION][:]
+    return int8_model(bb, images, crop=read_meta(path).crop, rows=rows)
+
+
+def _int8_frozen(
+    bb: Backbone, calibration: np.ndarray, check: np.ndarray, *, crop: int, rows: int
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+    """int8_model of the `calibration` images and its mean cosine to fp32 on the `check` images."""
+    model = int8_model(bb, calibration, crop=crop, rows=rows)
+    reference = _fold_batchnorm(bb.model.eval().requires_grad_(False))
+    return model, mean_cosine(reference, model, _full_views(bb, check, crop))
+
+
 def _frozen_model(
-    bb: Backbone,
-    device: torch.device,
-    compile: CompileMode,
-    *,
-    counts: dict[tuple[str, int], int],
-    views: int,
-    aug_views: int,
-    batch_size: int,
-    quiet: bool,
+    bb: Backbone, job: _Job, *, counts: dict[tuple[str, int], int], quiet: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The backbone as extraction runs it: eval, no gradients, BatchNorm folded, channels_last, and compiled as
-    `compile` decides for the images still to do (`counts`: per (split, shard)), each making `views` rows and
-    in train `aug_views` more."""
+    `compile` decides (featx.core.compiled.frozen) for the images still to do (`counts`: per (split, shard)),
+    each making the job's views and in train the config's `aug_views` more."""
     model = _fold_batchnorm(bb.model.eval().requires_grad_(False))
     # Module.to takes a device and a memory_format together; torch's stubs have no overload for the pair
-    model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model = model.to(job.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    views, aug_views = len(job.views), job.config.aug_views
     per_image = {s: views + (aug_views if s == "train" else 0) for s, _ in counts} or {"": views}
-    choice = decide(
-        compile,
+    return frozen(
         model,
-        size=bb.input_size,
-        device=device,
-        quiet=quiet,
+        job.config.compile,
+        example=example_batch(bb, job.batch_size * max(per_image.values()), job.device),
         views=sum(n * per_image[s] for (s, _), n in counts.items()),
+        autocast=job.autocast,
+        quiet=quiet,
     )
-    return compile_frozen(model, choice, rows=batch_size * max(per_image.values()))
+
+
+def example_batch(bb: Backbone, rows: int, device: torch.device) -> torch.Tensor:
+    """A batch of the backbone's input shape, for timing (its speed does not depend on the values)."""
+    return torch.zeros(rows, 3, bb.input_size, bb.input_size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
 
 
 @torch.inference_mode()
@@ -211,7 +265,8 @@ def extract_features(
     per_class: int | None = None,
     batch_size: int | None = None,
     device: Device = ExtractConfig.device,
-    precision: Precision = ExtractConfig.precision,
+    precision: FrozenPrecision = ExtractConfig.precision,
+    calibration: int = ExtractConfig.calibration,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     compile: CompileMode = ExtractConfig.compile,
@@ -237,6 +292,7 @@ def extract_features(
         batch_size=batch_size,
         device=device,
         precision=precision,
+        calibration=calibration,
         mean=None if mean is None else tuple(mean),
         std=None if std is None else tuple(std),
         dtype=dtype,
@@ -256,6 +312,7 @@ class _Job:
     views: list[str]
     batch_size: int
     autocast: torch.dtype | None
+    calibration: int  # int8's calibration images; 0 for a float precision
     dtype: np.dtype
     shard_rows: int
     device: torch.device
@@ -272,26 +329,32 @@ def extract(
 ) -> Path:
     """Extract pooled features of every image and view; returns the finished feature file.
 
+    `precision` int8 (CPU only, featx.features.int8): the backbone quantized after calibrating on `calibration`
+    training images (a seeded sample, stored in the file), compiled whatever `compile` says.
     `layers` ("lastN", "lastN+avg"): store the last N stages' pooled outputs (CNNs) or blocks' class tokens
     (ViTs, with "+avg" their mean patch token) concatenated per view, their layout in the file's meta.
     `data` is anything `featx.data.cache.prepare_cache` accepts. `splits` defaults to every split in the data.
     `aug_views` K > 0 adds K augmented views per train image (featx.nets.views.aug_pixels), drawn from `aug_seed`.
     An existing `out` follows featx.core.outputs' contract: a finished extraction of the same settings is up to date
     (asked for splits it lacks, it gains them), an interrupted one resumes, one of other settings is refused
-    unless `force`. `compile` (featx.core.compiled): on = torch.compile with Inductor's freezing, auto = that when the
-    job repays the compilation (one CompileWarning line says which and why); the file's meta records what ran,
-    outside the settings compared. Under torchrun every rank takes its share of the shards and rank 0 writes the
-    file. `shard_rows`: the images of one shard, the unit of resuming.
+    unless `force`. `compile` (featx.core.compiled): on = torch.compile with Inductor's freezing, auto = that where
+    it measured faster and the job repays the compilation (one information line says which and why); the file's
+    meta records what ran, outside the settings compared. Under torchrun every rank takes its share of the
+    shards and rank 0 writes the file. `shard_rows`: the images of one shard, the unit of resuming.
     """
     views = view_names(config.views)
+    int8 = config.precision == "int8"
     with distributed(config.device) as d:
+        if int8:
+            check_int8(d.device)
         # On CPU, ~16 rows per forward keep the activations in cache: 10-15% faster than 32 images x 10 views
         default_batch = 256 if d.device.type == "cuda" else max(1, 16 // len(views))
         job = _Job(
             config,
             views,
             config.batch_size or default_batch,
-            resolve_precision(config.precision, d.device),
+            None if int8 else resolve_precision(config.precision, d.device),
+            config.calibration if int8 else 0,
             np.dtype(config.dtype),
             shard_rows,
             d.device,
@@ -310,7 +373,7 @@ def _shard_file(partial: Path, split: str, k: int) -> Path:
 
 
 def _extract(ranks: Dist, job: _Job, out: Path, *, force: bool, progress: bool, auto: dict) -> Path:
-    c, device, shard_rows = job.config, ranks.device, job.shard_rows
+    c, shard_rows = job.config, job.shard_rows
     # Rank 0 decodes first so that the other ranks find the cache made instead of racing to make it.
     if ranks.rank == 0:
         cache = prepare_cache(c.data, classes=c.classes, per_class=c.per_class, progress=progress)
@@ -359,16 +422,15 @@ def _extract(ranks: Dist, job: _Job, out: Path, *, force: bool, progress: bool, 
         )
 
     counts = {(s, k): _shard_size(job, sizes, s, k) for s, k in todo}
-    model = _frozen_model(
-        bb,
-        device,
-        c.compile,
-        counts=counts,
-        views=len(job.views),
-        aug_views=c.aug_views,
-        batch_size=job.batch_size,
-        quiet=ranks.rank != 0,
-    )
+    sample = None  # an int8 extraction's calibration images
+    if job.calibration:
+        sample, check = calibration_images(
+            read_split(cache, "train", classes=c.classes, per_class=c.per_class), job.calibration
+        )
+        per_image = len(job.views) + (c.aug_views if "train" in data_splits else 0)
+        model, meta.int8_cosine = _int8_frozen(bb, sample, check, crop=c.crop, rows=job.batch_size * per_image)
+    else:
+        model = _frozen_model(bb, job, counts=counts, quiet=ranks.rank != 0)
     done = sum(
         _shard_size(job, sizes, s, k)
         for i, (s, k) in enumerate(shards)
@@ -378,8 +440,8 @@ def _extract(ranks: Dist, job: _Job, out: Path, *, force: bool, progress: bool, 
 
     ranks.barrier()
     if ranks.rank == 0:
-        meta.compile = ran_compiled(model)
-        _assemble(out, partial, meta, data_splits, sizes, bb.feature_dim, shard_rows, kept)
+        meta.compile = "on" if job.calibration else ran_compiled(model)
+        _assemble(out, partial, meta, data_splits, bb.feature_dim, shard_rows, kept, sample)
     ranks.barrier()
     return out
 
@@ -396,7 +458,8 @@ def _feature_meta(bb: Backbone, info: DatasetInfo, cache: Path, job: _Job) -> Fe
         crop=c.crop,
         mean=list(bb.mean),
         std=list(bb.std),
-        precision=precision_name(job.autocast),
+        precision="int8" if job.calibration else precision_name(job.autocast),
+        calibration=job.calibration,
         dtype=job.dtype.name,
         dataset=info.name,
         dataset_fingerprint=info.fingerprint,
@@ -480,13 +543,15 @@ def _assemble(
     partial: Path,
     meta: FeatureMeta,
     data_splits: dict,
-    sizes: dict[str, int],
     dim: int,
     shard_rows: int,
     kept: list[str],
+    sample: np.ndarray | None,
 ) -> None:
     """Copy the shards, in row order, into the final file; memory stays at one shard. `kept`: splits of the
-    existing `out` copied over as they are (extract asked for splits the file lacked)."""
+    existing `out` copied over as they are (extract asked for splits the file lacked). `sample`: an int8
+    extraction's calibration images, stored as /calibration."""
+    sizes = {s: len(sp) for s, sp in data_splits.items()}
     need = file_bytes(meta, sizes, dim) + (out.stat().st_size if kept else 0)
     with replacing(out, need=need) as tmp, create_file(tmp, meta, sizes, dim) as f:
         if kept:
@@ -500,5 +565,7 @@ def _assemble(
                 g["features"][k * shard_rows : k * shard_rows + len(x)] = x
             g["labels"][:] = sp.labels
             g["ids"][:] = sp.ids
+        if sample is not None:
+            f.create_dataset(CALIBRATION, data=sample)
         f.attrs["complete"] = True  # last: readers trust only files that carry it
     shutil.rmtree(partial)

@@ -33,9 +33,9 @@ import numpy as np
 from featx.core.atomic import replacing
 from featx.core.choices import ViewSelection
 from featx.core.errors import FeatxError
-from featx.nets.backbones import AVGPOOL, parse_layers
 
 FORMAT = "featx-features-1"
+CALIBRATION = "calibration"  # an int8 extraction's calibration images, uint8 (N, H, W, 3)
 CHUNK_BYTES = 1 << 21
 
 
@@ -68,17 +68,23 @@ class FeatureMeta:
     # what the run that finished the file ran: "on" compiled, "off" eager ("" before it was recorded); not part
     # of the identity, since compiling leaves the values within rounding of eager
     compile: str = ""
+    # --precision int8: the training images the quantized model was calibrated on (stored as /calibration;
+    # 0 otherwise), and the mean cosine of its features to the unquantized model's on a few others
+    calibration: int = 0
+    int8_cosine: float | None = None
 
     def identity(self) -> str:
         """Hash of everything that determines the stored values (not the featx version, labels' names or whether
         the model was compiled)."""
         d = dataclasses.asdict(self)
-        for k in ("featx_version", "class_names", "source", "compile"):
+        for k in ("featx_version", "class_names", "source", "compile", "int8_cosine"):
             d.pop(k)
         # fields that came later are left out where unused, so older files keep their identity
         unused = ["layers", "parts"] if not self.layers else []
         if not self.aug_views:
             unused += ["aug_views", "aug_seed", "aug_brightness", "aug_contrast"]
+        if not self.calibration:
+            unused.append("calibration")
         for k in unused:
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -99,6 +105,8 @@ class FeatureMeta:
                 "parts",
                 "aug_brightness",
                 "aug_contrast",
+                "int8_cosine",
+                *(() if self.calibration else ("calibration",)),
             )
         }
         d["classes"] = len(self.classes)
@@ -137,6 +145,8 @@ def feature_set_columns(meta: FeatureMeta, feature_set: str, *, path: str | Path
             f"--feature-set {feature_set}: {path} stores one vector per view; use all, or extract "
             "with --layers (e.g. last2) to probe feature sets"
         )
+    from featx.nets.backbones import AVGPOOL, parse_layers  # torch's import: not for `featx info`
+
     n, avg = parse_layers(feature_set, "--feature-set")
     depths = [name for name, _ in meta.parts if name != AVGPOOL]
     if n > len(depths) or (avg and AVGPOOL not in dict(meta.parts)):

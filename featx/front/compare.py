@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.core.atomic import make_dirs, one_writer, replacing
-from featx.core.choices import Device, Precision, ViewSelection, ViewSet
+from featx.core.choices import Device, FrozenPrecision, ViewSelection, ViewSet
 from featx.core.configs import DEFAULT_SWEEP, CompareConfig, ExtractConfig, ProbeConfig, show
 from featx.core.device import resolve_device, resolve_precision
 from featx.core.env import environment
@@ -34,7 +34,7 @@ from featx.core.stats import paired_comparison
 from featx.data.cache import prepare_cache, read_split
 from featx.evaluate.report import write_report
 from featx.evaluate.scoring import predict
-from featx.features.extract import compute_features, extract
+from featx.features.extract import compute_features, extract, int8_model_of
 from featx.features.store import open_split
 from featx.nets.backbones import create_backbone
 from featx.nets.views import view_names
@@ -70,19 +70,23 @@ def _label(backbone: str, weights: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", backbone + w)
 
 
-def _speed(backbone: str, weights: str, cache: Path, config: CompareConfig) -> tuple[float, int]:
-    """Images per second of the backbone's forward over every view (extraction's work), and its parameters."""
+def _speed(backbone: str, weights: str, cache: Path, config: CompareConfig, feature_file: Path) -> tuple[float, int]:
+    """Images per second of the backbone's forward over every view (extraction's work), and its parameters;
+    an int8 backbone is quantized as its `feature_file`'s features were."""
     dev = resolve_device(config.device)
     bb = create_backbone(backbone, weights=weights, size=config.size)
     model = bb.model.eval().requires_grad_(False).to(dev)
     names = view_names(config.views)
-    crop, autocast = config.crop, resolve_precision(config.precision, dev)
+    crop = config.crop
+    autocast = None if config.precision == "int8" else resolve_precision(config.precision, dev)
     images = read_split(cache, "val", classes=config.classes).read_images(0, SPEED_IMAGES)
     batch = max(1, 16 // len(names))  # extraction's batch on CPU
+    int8 = config.precision == "int8"
+    run_model = int8_model_of(feature_file, bb, rows=batch * len(names)) if int8 else model
 
     def run(x):
         return compute_features(
-            bb, model, x, views=names, crop=crop, device=dev, autocast=autocast, out_dtype=np.dtype(np.float16)
+            bb, run_model, x, views=names, crop=crop, device=dev, autocast=autocast, out_dtype=np.dtype(np.float16)
         )
 
     run(images[:batch])
@@ -113,7 +117,8 @@ def compare(
     epochs: int = CompareConfig.epochs,
     seed: int = CompareConfig.seed,
     device: Device = CompareConfig.device,
-    precision: Precision = CompareConfig.precision,
+    precision: FrozenPrecision = CompareConfig.precision,
+    calibration: int = CompareConfig.calibration,
     progress: bool = True,
 ) -> list[Entry]:
     """`leaderboard` with its options as keywords."""
@@ -132,6 +137,7 @@ def compare(
         seed=seed,
         device=device,
         precision=precision,
+        calibration=calibration,
     )
     return leaderboard(config, out=out, progress=progress)
 
@@ -140,6 +146,7 @@ def _entry(backbone: str, weights: str, cache: Path, config: CompareConfig, out:
     """Extract, probe and score one backbone: its Entry (without the comparison to the best) and Prediction."""
     label = _label(backbone, weights)
     settings = f"{config.views}-s{config.size or 'auto'}-c{config.classes or 'all'}-n{config.per_class or 'all'}"
+    settings += f"-int8c{config.calibration}" if config.precision == "int8" else ""  # beside the float features
     extraction = ExtractConfig(
         backbone=backbone,
         data=str(cache),
@@ -152,6 +159,7 @@ def _entry(backbone: str, weights: str, cache: Path, config: CompareConfig, out:
         per_class=config.per_class,
         device=config.device,
         precision=config.precision,
+        calibration=config.calibration,
     )
     feature_file = extract(extraction, out=out / "features" / f"{label}-{settings}.h5", progress=progress)
     run_dir = out / "runs" / label
@@ -165,7 +173,7 @@ def _entry(backbone: str, weights: str, cache: Path, config: CompareConfig, out:
     )  # no hyperparameter given: the default sweep
     result = probe(probing, out=run_dir, progress=progress)
     pred = predict(runs=[run_dir], split="val", eval_views=config.eval_views, device=config.device)
-    speed, parameters = _speed(backbone, weights, cache, config)
+    speed, parameters = _speed(backbone, weights, cache, config, feature_file)
     entry = Entry(
         backbone,
         weights,

@@ -60,7 +60,11 @@ def _features(path: Path) -> dict:
         settings={**meta.settings(), "dim": dim},
         splits=splits,
         source={**meta.source, "dataset": meta.dataset, "dataset_fingerprint": meta.dataset_fingerprint},
-        made_by={"featx_version": meta.featx_version},
+        made_by={
+            "featx_version": meta.featx_version,
+            # an int8 file's check of its quantized model: mean cosine to the unquantized model's features
+            **({"int8_cosine": round(meta.int8_cosine, 4)} if meta.int8_cosine is not None else {}),
+        },
     )
 
 

@@ -23,13 +23,14 @@ a string (`--set extract.weights=../shared/weights/x.pth`).
 
 Every stage names its output (`cache` for prepare, `out` for the others). When a stage finishes, a record
 goes inside its output directory (`.featx-stage.json`) or beside its output file (`NAME.featx-stage.json`):
-the stage's hash, the recipe, the resolved options, versions and timings. The hash covers the command's
-resolved options (defaults included) and the hashes of the stages it references. A stage is skipped when
-its record holds the same hash and no stage it references runs. Before a stage runs again, an output whose
-record holds another hash is replaced: with `--force` where the command keeps the old output until the new one
-is complete (extract, probe, finetune), else deleted first (the commands refuse to mix settings in one output);
-an output without a record, left by an interrupted stage, is handed to the command as it is, which resumes it.
-Input files are not hashed: after replacing a dataset under the same path, delete the outputs made from it.
+the stage's hash, the recipe, the resolved options, versions and timings. The hash covers the command's resolved
+options (defaults included; not an option that does nothing with the others, such as --calibration without
+--precision int8) and the hashes of the stages it references. A stage is skipped when its record holds the same
+hash and no stage it references runs. Before a stage runs again, an output whose record holds another hash is
+replaced: with `--force` where the command keeps the old output until the new one is complete (extract, probe,
+finetune), else deleted first (the commands refuse to mix settings in one output); an output without a record, left
+by an interrupted stage, is handed to the command as it is, which resumes it. Input files are not hashed: after
+replacing a dataset under the same path, delete the outputs made from it.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ else:
     import tomli as tomllib
 
 from featx import __version__
-from featx.core.configs import OptionError, field_named, from_dict, schema, show, to_dict
+from featx.core.configs import OptionError, field_named, from_dict, in_use, schema, show
 from featx.core.errors import FeatxError
 from featx.front.stages import STAGES
 
@@ -239,7 +240,7 @@ def plan(*, recipe: str | Path, overrides: Sequence[str] = ()) -> list[Stage]:
             )
         options, depends = _substitute(table, stages, where)
         config, control = _configure(command, options, where)
-        params = {**to_dict(config), **control}
+        params = {**in_use(config), **control}
         output_key = STAGES[command].output
         if output_key not in options:
             raise FeatxError(f"{where}: set `{output_key}`; a stage names its output so that a re-run finds it")
