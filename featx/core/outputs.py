@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from featx.core import progress
 from featx.core.errors import FeatxError
 
 FORCE = "--force"
@@ -29,8 +30,10 @@ Action = Literal["fresh", "up to date", "resume"]
 
 
 def say(line: str) -> None:
-    """A status line of the output contract (`up to date: ...`, `resuming: ...`), on stderr."""
-    print(f"featx: {line}", file=sys.stderr, flush=True)
+    """A status line of the output contract (`up to date: ...`, `resuming: ...`) or of the data a stage reads, on
+    stderr; nothing under the CLI's --quiet (featx.core.progress.quiet), like progress."""
+    if not progress.quiet:
+        print(f"featx: {line}", file=sys.stderr, flush=True)
 
 
 def _show(v) -> str:

@@ -30,7 +30,7 @@ from featx.core.errors import FeatxError
 from featx.core.outputs import Existing, say
 from featx.core.outputs import decide as output_action
 from featx.core.progress import progress_bar
-from featx.data.cache import DatasetInfo, dataset_info, prepare_cache, read_split
+from featx.data.cache import DatasetInfo, dataset_info, describe_data, prepare_cache, read_split
 from featx.features.store import FeatureMeta, create_file, feature_splits, file_bytes, read_meta
 from featx.nets.backbones import Backbone, create_backbone
 from featx.nets.views import AUG_BRIGHTNESS, AUG_CONTRAST, check_crop, render_aug_views, render_views, view_names
@@ -293,6 +293,8 @@ def _extract(
     auto,
 ) -> Path:
     device = ranks.device
+    # the backbone and its weights first: a wrong path or a file of another model fails before any decoding
+    bb = create_backbone(backbone, weights=weights, size=size, layers=layers)
     # Rank 0 decodes first so that the other ranks find the cache made instead of racing to make it.
     if ranks.rank == 0:
         cache = prepare_cache(data, classes=classes, per_class=per_class, progress=progress)
@@ -305,7 +307,6 @@ def _extract(
     if unknown:
         raise FeatxError(f"--splits {','.join(unknown)}: not in {cache} (has {','.join(info.splits)})")
     check_crop(crop, info.image_size, info.image_size)
-    bb = create_backbone(backbone, weights=weights, size=size, layers=layers)
     if mean is not None:
         bb.mean = tuple(mean)
     if std is not None:
@@ -326,6 +327,8 @@ def _extract(
     kept = _existing_splits(out, meta, splits, force=force, auto=auto)  # every rank reads it: no broadcast
     if kept is None:
         return out
+    if ranks.rank == 0:  # the work starts: say what it reads
+        say(describe_data(cache, classes=classes, per_class=per_class))
     partial = out.with_name(out.name + ".partial")
     data_splits = {s: read_split(cache, s, classes=classes, per_class=per_class) for s in splits if s not in kept}
     shards = [(s, k) for s in data_splits for k in range(-(-len(data_splits[s]) // shard_rows))]
