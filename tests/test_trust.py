@@ -4,15 +4,25 @@ and the messages."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from synth import write_image_folder, write_tiny_imagenet
 from test_faults import featx_cli, one_line
+from test_probe import write_synthetic
 from torchvision.models import resnet18
 
+from featx.core.configs import DEFAULT_SWEEP
+from featx.core.errors import FeatxError, FeatxWarning
 from featx.data.cache import prepare_cache
+from featx.features.store import load_features, read_meta
+from featx.front.compare import compare
+from featx.probe.estimator import LinearProbeCV
+from featx.probe.sweep import HeadConfig, grid, train
 
 SMALL = ("--backbone", "resnet18", "--weights", "none", "--size", "32", "--views", "full", "--precision", "fp32")
 
@@ -74,3 +84,115 @@ def test_missing_data_says_where_it_looked_and_where_to_get_it(tmp_path, capsys,
         capsys, monkeypatch, "extract", "--data", "tiny-imagenet-200.zip", *SMALL[:4], "--out", "f.h5"
     )
     one_line(code, err, f"looked for {tmp_path}/tiny-imagenet-200.zip", "cs231n.stanford.edu", "leave --data out")
+
+
+# --- selection: one truth, and the smallest datasets -----------------------------------------------------
+
+
+def _features(tmp_path: Path, *, classes: int, n_train: int, n_val: int) -> Path:
+    """A real feature file of class blobs (test_probe's), `n_val` 0: without a val split."""
+    path = write_synthetic(tmp_path / "f.h5", classes=classes, n_train=n_train, n_val=max(n_val, 1), noise=0.5)
+    if not n_val:
+        with h5py.File(path, "r+") as f:
+            del f["val"]
+    return path
+
+
+def _probe(capsys, monkeypatch, features: Path, out: Path, *args) -> tuple[str, str, dict]:
+    code, stdout, stderr = featx_cli(
+        capsys, monkeypatch, "probe", "--features", features, "--out", out, "--epochs", "3", "--device", "cpu", *args
+    )
+    assert code == 0, stderr
+    return stdout, stderr, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("per_class", [20, 5])  # 20: 10% is 2 a class; 5: no stratified 10% exists at all
+def test_a_small_holdout_falls_back_to_val_and_every_record_says_so(per_class, tmp_path, capsys, monkeypatch):
+    classes = 5 if per_class == 20 else 3
+    features = _features(tmp_path, classes=classes, n_train=classes * per_class, n_val=classes * 4)
+    stdout, stderr, results = _probe(capsys, monkeypatch, features, tmp_path / "p")
+    assert stderr.count("too few to choose on; selecting on val instead") == 1, stderr
+    assert "selected on val (optimistic)" in stdout and ": val top-1" in stdout and "holdout:" not in stdout
+    assert results["selection"]["select"] == "val" and results["selection"]["protocol"] == "val (optimistic)"
+    assert json.loads((tmp_path / "p" / "run.json").read_text())["best"]["select"] == "val"
+
+
+def test_without_val_the_holdout_of_train_chooses_and_is_the_score(tmp_path, capsys, monkeypatch):
+    features = _features(tmp_path, classes=3, n_train=3 * 60, n_val=0)
+    stdout, stderr, results = _probe(capsys, monkeypatch, features, tmp_path / "p")
+    assert "warning" not in stderr
+    assert (
+        "selected and scored on holdout:0.1 of train (no val split: optimistic)" in stdout and "val top-1" not in stdout
+    )
+    assert results["split"] == "holdout:0.1" and results["selection"]["images"] == 18
+    assert results["top1"] == pytest.approx(results["selection"]["top1"])  # one split chose and scored
+
+
+def test_without_val_and_too_few_images_one_default_head_trains_and_nothing_is_claimed(tmp_path, capsys, monkeypatch):
+    features = _features(tmp_path, classes=3, n_train=15, n_val=0)
+    stdout, stderr, results = _probe(capsys, monkeypatch, features, tmp_path / "p")
+    assert stderr.count("nothing is selected and no held-out score exists") == 1, stderr
+    assert "nothing selected (one head, default values, all of train); no held-out score exists" in stdout
+    assert "trn top-1" in stdout and "sel top-1" not in stdout
+    assert results["top1"] is None and results["split"] is None and results["selection"]["select"] == "none"
+    metrics = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert [h["config"]["lr"] for h in metrics["heads"]] == [HeadConfig().lr]  # one head, the default values
+    assert metrics["best"]["epoch"] == 3  # the last epoch, not one chosen on train
+
+
+def test_the_estimator_warns_on_a_tiny_selection_split():
+    x = np.random.default_rng(0).standard_normal((15, 8)).astype(np.float32)
+    with pytest.warns(FeatxWarning, match=r"chooses on a holdout of 2 samples \(0.7 a class, under 5\)"):
+        LinearProbeCV(lr=[1e-3], weight_decay=[1e-3], epochs=1).fit(x, np.arange(15) % 3)
+
+
+def test_weight_decay_changes_the_heads_and_ties_are_said(tmp_path, capsys, monkeypatch):
+    """The default sweep's weight decays reach the heads: each larger decay leaves smaller weights. Under Adam's
+    L2 decay they move them little (the norms differ by about 0.1% after 3 epochs here), so a small selection
+    split scores them alike; the summary then says they tie instead of implying a choice."""
+    features = _features(tmp_path, classes=4, n_train=4 * 60, n_val=4 * 5)
+    train_split, val = load_features(features, "train"), load_features(features, "val")
+    decays = [0.0, *DEFAULT_SWEEP["weight_decay"]]
+    result = train(train_split, val=val, heads=grid(lr=[1e-3], weight_decay=decays), epochs=3)
+    norms = [float(result.heads.head_state(h)["weights.0"].norm()) for h in range(len(decays))]
+    assert norms == sorted(norms, reverse=True) and len(set(norms)) == len(norms), norms
+    assert 0.99 < norms[-1] / norms[0] < 1  # why the default sweep's decays tie on few images
+    stdout, _, _ = _probe(capsys, monkeypatch, features, tmp_path / "p", "--select", "val")
+    assert "tied with" in stdout and "too few images to tell them apart" in stdout
+
+
+# --- compare ---------------------------------------------------------------------------------------------
+
+
+def test_compare_checks_every_backbone_before_extracting(synth_cache, tmp_path):
+    with pytest.raises(FeatxError, match="'resnt18': unknown; did you mean `resnet18`"):
+        compare(data=synth_cache, backbones=["resnet18", "resnt18"], weights=["none", "none"], out=tmp_path / "c")
+    assert not (tmp_path / "c" / "features").exists()
+
+
+def test_compare_reports_the_extractions_own_rate_and_where_each_probe_chose(synth_cache, tmp_path, capsys):
+    args = dict(
+        data=synth_cache,
+        backbones=["resnet18", "vgg_tiny"],
+        weights=["none", "none"],
+        out=tmp_path / "c",
+        size=32,
+        views="full",
+        epochs=2,
+        device="cpu",
+        precision="fp32",
+        progress=False,
+    )
+    board = compare(**args)
+    for e in board:
+        assert e.images_per_second == read_meta(e.features).images_per_second > 0
+        assert e.selected_on == "val"  # 12 train images a class: the holdout fell back
+    text = (tmp_path / "c" / "leaderboard.txt").read_text()
+    assert "chosen on" in text.splitlines()[0]
+    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert [r["selected_on"] for r in results["leaderboard"]] == ["val", "val"]
+    capsys.readouterr()
+    again = compare(**args)  # up to date: the same rates, not a new timing
+    assert "featx: up to date" in capsys.readouterr().err
+    assert [e.images_per_second for e in again] == [e.images_per_second for e in board]
+    assert (tmp_path / "c" / "leaderboard.txt").read_text() == text

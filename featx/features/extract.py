@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -372,6 +373,7 @@ def _extract(
         for i, (s, k) in enumerate(shards)
         if i % ranks.world == ranks.rank and (s, k) not in todo
     )  # this process's share a resumed run has
+    started = time.perf_counter()
     _write_shards(
         bb,
         model,
@@ -394,6 +396,7 @@ def _extract(
     ranks.barrier()
     if ranks.rank == 0:
         meta.compile = ran_compiled(model)
+        meta.images_per_second = round(sum(counts.values()) / (time.perf_counter() - started), 2)
         _assemble(out, partial, meta, data_splits, sizes, bb.feature_dim, shard_rows, kept)
     ranks.barrier()
     return out

@@ -15,32 +15,25 @@ over all the runs).
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from featx.core.atomic import make_dirs, one_writer, replacing
 from featx.core.choices import Device, Precision, ViewSelection, ViewSet
 from featx.core.configs import DEFAULT_SWEEP, CompareConfig
-from featx.core.device import resolve_device, resolve_precision
 from featx.core.env import environment
 from featx.core.errors import FeatxError
 from featx.core.runs import write_json
 from featx.core.stats import paired_comparison
-from featx.data.cache import prepare_cache, read_split
+from featx.data.cache import prepare_cache
 from featx.evaluate.report import write_report
 from featx.evaluate.scoring import predict
-from featx.features.extract import compute_features, extract_features
-from featx.features.store import open_split
+from featx.features.extract import extract_features
+from featx.features.store import open_split, read_meta
 from featx.nets.backbones import create_backbone
-from featx.nets.views import view_names
 from featx.probe.run import run_probe
 from featx.probe.sweep import grid
-
-SPEED_IMAGES = 128  # val images timed for the images/s column (after one warm-up batch)
 
 
 @dataclass
@@ -53,9 +46,10 @@ class Entry:
     run: str  # the probe run
     feature_dim: int
     parameters: int  # of the backbone without its classifier
-    images_per_second: float  # extraction forward passes (every view of an image counts once) on this machine
+    images_per_second: float  # the extraction's own rate (every view of an image counts once), as the file records
     feature_bytes: int
-    chosen: str  # the head the probe chose on its holdout
+    chosen: str  # the head the probe chose
+    selected_on: str  # where it was chosen: the holdout of train, or val where the holdout was too small
     top1: float
     top1_interval: tuple[float, float]
     top5: float
@@ -70,40 +64,14 @@ def _label(backbone: str, weights: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", backbone + w)
 
 
-def _speed(
-    backbone: str,
-    weights: str,
-    cache: Path,
-    *,
-    size,
-    views: ViewSet,
-    crop: int,
-    classes,
-    device: Device,
-    precision: Precision,
-) -> tuple[float, int]:
-    """Images per second of the backbone's forward over every view (extraction's work), and its parameters."""
-    dev = resolve_device(device)
-    bb = create_backbone(backbone, weights=weights, size=size)
-    model = bb.model.eval().requires_grad_(False).to(dev)
-    names = view_names(views)
-    images = read_split(cache, "val", classes=classes).read_images(0, SPEED_IMAGES)
-    batch = max(1, 16 // len(names))  # extraction's batch on CPU
-    run = lambda x: compute_features(
-        bb,
-        model,
-        x,
-        views=names,
-        crop=crop,
-        device=dev,
-        autocast=resolve_precision(precision, dev),
-        out_dtype=np.dtype(np.float16),
-    )
-    run(images[:batch])
-    start = time.perf_counter()
-    for i in range(0, len(images), batch):
-        run(images[i : i + batch])
-    return len(images) / (time.perf_counter() - start), sum(p.numel() for p in model.parameters())
+def _parameters(backbones: Sequence[str], weights: Sequence[str], size: int | None) -> list[int]:
+    """Each backbone's parameters without its classifier; building them all first checks every name and weights
+    file before the first extraction starts."""
+    counts = []
+    for backbone, w in zip(backbones, weights):
+        model = create_backbone(backbone, weights=w, size=size).model
+        counts.append(sum(p.numel() for p in model.parameters()))
+    return counts
 
 
 def _feature_dim(path: Path) -> int:
@@ -143,12 +111,13 @@ def compare(
     labels = [_label(b, w) for b, w in zip(backbones, weights)]
     if len(set(labels)) < len(labels):
         raise FeatxError(f"--backbone/--weights: {', '.join(labels)} names one pairing twice; compare each once")
+    parameters = _parameters(backbones, weights, size)
     out = Path(out)
     make_dirs(out, option="--out", path=out)
     cache = prepare_cache(data, classes=classes, per_class=per_class, progress=progress)
     settings = f"{views}-s{size or 'auto'}-c{classes or 'all'}-n{per_class or 'all'}"
     found = []
-    for backbone, w, label in zip(backbones, weights, labels):
+    for backbone, w, label, params in zip(backbones, weights, labels, parameters):
         feature_file = extract_features(
             data=cache,
             backbone=backbone,
@@ -177,9 +146,6 @@ def compare(
             progress=progress,
         )
         pred = predict(runs=[run_dir], split="val", eval_views=eval_views, device=device)
-        speed, parameters = _speed(
-            backbone, w, cache, size=size, views=views, crop=crop, classes=classes, device=device, precision=precision
-        )
         found.append(
             (
                 Entry(
@@ -188,10 +154,11 @@ def compare(
                     str(feature_file),
                     str(run_dir),
                     _feature_dim(feature_file),
-                    parameters,
-                    speed,
+                    params,
+                    read_meta(feature_file).images_per_second,
                     feature_file.stat().st_size,
                     result.names[result.best],
+                    result.selected_on,
                     pred.top_k(1),
                     pred.interval(1),
                     pred.top_k(5),
@@ -238,7 +205,7 @@ def format_leaderboard(board: Sequence[Entry]) -> str:
     width = max(len("backbone"), *map(len, names))
     lines = [
         f"{'backbone':<{width}} {'top-1 [95% CI]':<24} {'top-5 [95% CI]':<24} {'vs best (top-1, McNemar p)':<30} "
-        f"{'dim':>5} {'params':>8} {'img/s':>7} {'features':>9}"
+        f"{'chosen on':<12} {'dim':>5} {'params':>8} {'img/s':>7} {'features':>9}"
     ]
     for name, e in zip(names, board):
         acc = [
@@ -251,7 +218,7 @@ def format_leaderboard(board: Sequence[Entry]) -> str:
             lo, hi = e.vs_best["interval"]
             vs = f"{100 * e.vs_best['difference']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] p={e.vs_best['p_value']:.2g}"
         lines.append(
-            f"{name:<{width}} {acc[0]:<24} {acc[1]:<24} {vs:<30} {e.feature_dim:>5} "
+            f"{name:<{width}} {acc[0]:<24} {acc[1]:<24} {vs:<30} {e.selected_on:<12} {e.feature_dim:>5} "
             f"{e.parameters / 1e6:>7.2f}M {e.images_per_second:>7.1f} {e.feature_bytes / 2**20:>7.1f}MB"
         )
     return "\n".join(lines)

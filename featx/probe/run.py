@@ -41,7 +41,7 @@ from featx.core.errors import FeatxError
 from featx.core.outputs import Existing, promote, target
 from featx.core.outputs import decide as output_action
 from featx.core.runs import HEAD_FORMAT, Snapshots, read_run, start_run, update_run, write_metrics, write_results
-from featx.core.stats import holdout_rows, parse_select, selection_too_small
+from featx.core.stats import parse_select, selection_holdout
 from featx.features.batches import StreamedSplit, feature_dim, load_or_stream, only, source, split_labels
 from featx.features.store import (
     ALL,
@@ -84,16 +84,21 @@ def _check_options(
     k: Sequence[int],
     snapshot_every: int | None,
     feature_sets: Sequence[str],
+    select: str,
 ) -> list[str]:
     """Refuse inconsistent options before anything is written to `out`; returns the distinct feature sets."""
     feature_sets = _check_feature_sets(meta, feature_sets, path=path, head=head)
     have = feature_splits(path)
-    for split in ("train", "val"):
-        if split not in have:
-            raise FeatxError(
-                f"{path}: no {split!r} split (has {', '.join(have)}); "
-                "extract it with `featx extract --splits train,val`"
-            )
+    if "train" not in have:
+        raise FeatxError(
+            f"{path}: no 'train' split to fit heads on (has {', '.join(have)}); "
+            "extract it with `featx extract --splits train,val`"
+        )
+    if select == "val" and "val" not in have:
+        raise FeatxError(
+            f"--select val: {path} has no 'val' split (has {', '.join(have)}); choose on a share of train "
+            "with --select holdout:0.1"
+        )
     if keep < 1:
         raise FeatxError(f"--keep {keep}: keep at least 1 checkpoint")
     if head not in PROBE_HEADS:
@@ -152,10 +157,33 @@ def _checkpoint_bytes(
     return len(heads) * len(feature_sets) * keep * params * 4
 
 
+NOTHING_SELECTED = "none"  # what run.json's best.select says where neither val nor a holdout could choose
+NOTHING_SELECTED_FALLBACK = (
+    "without a val split, one head with the default values trains on all of train: nothing is selected and "
+    "no held-out score exists (pass more images a class, or a val split, to choose and score)"
+)
+VAL_FALLBACK = "selecting on val instead (optimistic: pass more --per-class or a larger --select holdout fraction)"
+
+
+def _selection_split(
+    labels: np.ndarray, select: str, seed: int, classes: int, *, has_val: bool
+) -> tuple[np.ndarray | None, str]:
+    """The held-out rows of train to choose on (None: none) and where the choice is made: `holdout:F`, val
+    (asked for, or the fallback where the holdout would be too small) or nothing at all."""
+    fraction = parse_select(select)
+    if fraction is None:
+        return None, "val"
+    fallback = VAL_FALLBACK if has_val else NOTHING_SELECTED_FALLBACK
+    held = selection_holdout(labels, fraction, seed, classes, fallback=fallback)
+    if held is not None:
+        return held, select
+    return None, "val" if has_val else NOTHING_SELECTED
+
+
 def _selection(
     path: Path,
     train_split: Features | StreamedSplit,
-    val_split: Features | StreamedSplit,
+    val_split: Features | StreamedSplit | None,
     held: np.ndarray | None,
     *,
     train_views: str,
@@ -163,9 +191,10 @@ def _selection(
     stream: bool,
 ) -> tuple[Features | StreamedSplit, Features | StreamedSplit]:
     """What the heads fit on and what chooses among them: train and val, or (`held`, a holdout of train) the rest
-    of train and the held-out rows, seen through the evaluation views."""
+    of train and the held-out rows, seen through the evaluation views. Without either (nothing is selected),
+    all of train, which the epochs' scores then describe."""
     if held is None:
-        return train_split, val_split
+        return train_split, train_split if val_split is None else val_split
     chosen_on = train_split if train_views == eval_views else load_or_stream(path, "train", eval_views, stream)
     return only(train_split, ~held), only(chosen_on, held)
 
@@ -233,11 +262,20 @@ def _offer_neighbors(result: ProbeResult, snapshots: Snapshots, config: dict, co
 
 
 def _offer_heads(
-    snapshots: Snapshots, plan: list[tuple[str, HeadConfig]], config: dict, common: dict, normalize: str
+    snapshots: Snapshots,
+    plan: list[tuple[str, HeadConfig]],
+    config: dict,
+    common: dict,
+    normalize: str,
+    *,
+    last_only: int | None = None,
 ) -> OnEval:
-    """train's on_eval: a snapshot of every head after each validation (`plan`: train's numbering of the heads)."""
+    """train's on_eval: a snapshot of every head after each validation (`plan`: train's numbering of the heads);
+    with `last_only` (the epoch count, where nothing chooses among epochs) only the last epoch's."""
 
     def on_eval(epoch: int, step: int, model: FeatureSetHeads, top1: np.ndarray, top5: np.ndarray) -> None:
+        if last_only is not None and epoch != last_only:
+            return
         for h, (fs, c) in enumerate(plan):
             snapshots.offer(
                 h,
@@ -271,16 +309,23 @@ def _finish(
     *,
     save: str,
     select: str,
+    scored: str | None,
     device: str,
 ) -> ProbeResult:
-    """Choose the best kept snapshot, calibrate and score it on val, and record it all in the run directory."""
+    """Choose the best kept snapshot, calibrate and score it on `scored` (val, or without it the holdout; None:
+    nothing to score on), and record it all in the run directory."""
     # Snapshot.rank orders as best_head does, so without --snapshot-every this is result's best head and epoch;
     # with it, the best may fall within an epoch.
     top = snapshots.listing()[0]
     result.best, result.best_epoch = top.key, top.epoch
     if save == "best":
         snapshots.retain({top.key})
-    result.val = calibrate_and_score(run_dir, snapshots, chosen_on, val, select=select, device=device)
+    result.val = (
+        calibrate_and_score(run_dir, snapshots, chosen_on, val, select=select, device=device)
+        if scored
+        else dict.fromkeys(SCORE_KEYS)
+    )
+    result.selected_on, result.scored_on = select, scored
     best = {
         "head": top.key,
         "epoch": top.epoch,
@@ -289,8 +334,9 @@ def _finish(
         "config": dataclasses.asdict(result.configs[top.key]) if result.configs else {},
         "feature_set": result.feature_sets[top.key],
         "select": select,
-        "select_top1": top.val_top1,
-        "select_top5": top.val_top5,
+        "select_top1": top.val_top1 if scored else None,
+        "select_top5": top.val_top5 if scored else None,
+        "scored_on": scored,
         **result.val,
         "checkpoint": top.file,
     }
@@ -351,11 +397,20 @@ def run_probe(
     (its recorded result is returned), refused when made with others unless `force`."""
     path = Path(features)
     meta = read_meta(path)
+    parse_select(select)  # a malformed --select fails before anything is read
     feature_sets = _check_options(
-        path, meta, heads=heads, head=head, keep=keep, k=k, snapshot_every=snapshot_every, feature_sets=feature_sets
+        path,
+        meta,
+        heads=heads,
+        head=head,
+        keep=keep,
+        k=k,
+        snapshot_every=snapshot_every,
+        feature_sets=feature_sets,
+        select=select,
     )
-    fraction = parse_select(select)
-    views = {"train": train_views, "val": eval_views}
+    has_val = "val" in feature_splits(path)
+    views = {"train": train_views, "val": eval_views} if has_val else {"train": train_views}
     for split, which in views.items():  # a misnamed view fails here, before any training
         select_views(meta, split, which, path=path)
     stream = stream or not _fits_in_memory(path, views, resolve_device(device))
@@ -398,7 +453,14 @@ def run_probe(
         == "up to date"
     ):
         return recorded_result(Path(out))
-    train_split, val_split = (load_or_stream(path, s, v, stream) for s, v in views.items())
+    train_split, val_split = (
+        (load_or_stream(path, s, v, stream) for s, v in views.items())
+        if has_val
+        else (
+            load_or_stream(path, "train", train_views, stream),
+            None,
+        )
+    )
     require_space(
         Path(out) / "run.json",
         _checkpoint_bytes(
@@ -412,14 +474,13 @@ def run_probe(
             k=k,
         ),
     )
-    if not (split_labels(val_split) >= 0).any():
+    if has_val and not (split_labels(val_split) >= 0).any():
         raise FeatxError(
             f"{path}: split 'val' has no labels to validate on; extract a labelled split (e.g. --splits train,val)"
         )
-    held = None if fraction is None else holdout_rows(split_labels(train_split), fraction, seed)
-    chosen_by = select  # what the run selects on: the user's option, or val where the holdout is too small
-    if held is not None and selection_too_small(split_labels(train_split), held, len(meta.classes)):
-        held, chosen_by = None, "val"
+    held, chosen_by = _selection_split(split_labels(train_split), select, seed, len(meta.classes), has_val=has_val)
+    if chosen_by == NOTHING_SELECTED:
+        heads, snapshot_every = [HeadConfig()], None
     fit, chosen_on = _selection(
         path, train_split, val_split, held, train_views=train_views, eval_views=eval_views, stream=stream
     )
@@ -457,11 +518,30 @@ def run_probe(
             seed=seed,
             device=device,
             feature_sets=feature_sets,
-            on_eval=_offer_heads(snapshots, [(s, c) for s in feature_sets for c in heads], config, common, normalize),
+            on_eval=_offer_heads(
+                snapshots,
+                [(s, c) for s in feature_sets for c in heads],
+                config,
+                common,
+                normalize,
+                last_only=epochs if chosen_by == NOTHING_SELECTED else None,
+            ),
             eval_every=snapshot_every,
             progress=progress,
         )
-    _finish(run_dir, snapshots, result, chosen_on, val_split, save=save, select=chosen_by, device=device)
+    # without val, the holdout is all there is to score on; with neither, nothing is scored
+    scored = "val" if has_val else None if chosen_by == NOTHING_SELECTED else chosen_by
+    _finish(
+        run_dir,
+        snapshots,
+        result,
+        chosen_on,
+        val_split if has_val else chosen_on,
+        save=save,
+        select=chosen_by,
+        scored=scored,
+        device=device,
+    )
     write_probe_results(
         run_dir,
         read_run(run_dir).best,
@@ -474,6 +554,9 @@ def run_probe(
     promote(run_dir, out)
     return result
 
+
+# run.json's best: the chosen checkpoint's one score (None where nothing was scored)
+SCORE_KEYS = ("val_top1", "val_top1_interval", "val_top5", "val_ece", "val_ece_calibrated", "temperature")
 
 # options that leave a probe's results as they are (the file: by identity), and what featx.front.stages adds to
 # run.json's config after the run (the config as given, what auto became)
@@ -509,10 +592,7 @@ def recorded_result(run_dir: Path) -> ProbeResult:
         else []
     )
     best = run.best
-    val = {
-        k: best[k]
-        for k in ("val_top1", "val_top1_interval", "val_top5", "val_ece", "val_ece_calibrated", "temperature")
-    }
+    val = {k: best[k] for k in SCORE_KEYS}
     return ProbeResult(
         heads=None,
         configs=configs,
@@ -524,6 +604,8 @@ def recorded_result(run_dir: Path) -> ProbeResult:
         names=[] if trained else [h["config"]["name"] for h in hs],
         val=val,
         feature_sets=[h["feature_set"] for h in hs],
+        selected_on=best["select"],
+        scored_on=best.get("scored_on", "val"),  # runs of 0.2 scored on val
     )
 
 
@@ -532,15 +614,16 @@ def write_probe_results(
 ) -> dict:
     """results.json of a probe run (featx.core.runs.write_results)."""
     select = best["select"]
+    protocol = {"val": "val (optimistic)", NOTHING_SELECTED: "nothing selected"}.get(select, "holdout of train")
     return write_results(
         run_dir,
         kind="probe",
-        split="val",
+        split=best.get("scored_on", "val"),
         top1=best["val_top1"],
         top1_interval=best["val_top1_interval"],
         top5=best["val_top5"],
         selection={
-            "protocol": "holdout of train" if select != "val" else "val (optimistic)",
+            "protocol": protocol,
             "select": select,
             "images": held or None,
             "top1": best["select_top1"],

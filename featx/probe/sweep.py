@@ -65,6 +65,8 @@ class ProbeResult:
     names: list[str] = dataclasses.field(default_factory=list)  # per head, for tables; default: its config
     val: dict = dataclasses.field(default_factory=dict)  # run_probe: the selected checkpoint scored once on val
     feature_sets: list[str] = dataclasses.field(default_factory=list)  # per head; default: all
+    selected_on: str | None = None  # run_probe: where the choice was made (holdout:F, val, or none)
+    scored_on: str | None = None  # run_probe: the split `val` scores (val, or without it the holdout; None: none)
 
     def __post_init__(self):
         self.feature_sets = self.feature_sets or [ALL] * len(self.history)
