@@ -5,6 +5,7 @@ and the messages."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -20,8 +21,10 @@ from featx.core.configs import DEFAULT_SWEEP
 from featx.core.errors import FeatxError, FeatxWarning
 from featx.data.cache import prepare_cache
 from featx.features.store import load_features, read_meta
+from featx.evaluate.report import _tsne_classes
 from featx.front.compare import compare
 from featx.probe.estimator import LinearProbeCV
+from featx.probe.run import run_probe
 from featx.probe.sweep import HeadConfig, grid, train
 
 SMALL = ("--backbone", "resnet18", "--weights", "none", "--size", "32", "--views", "full", "--precision", "fp32")
@@ -196,3 +199,125 @@ def test_compare_reports_the_extractions_own_rate_and_where_each_probe_chose(syn
     assert "featx: up to date" in capsys.readouterr().err
     assert [e.images_per_second for e in again] == [e.images_per_second for e in board]
     assert (tmp_path / "c" / "leaderboard.txt").read_text() == text
+
+
+# --- the output contract in predict and report -----------------------------------------------------------
+
+
+@pytest.fixture
+def probe_run(tmp_path) -> Path:
+    features = _features(tmp_path, classes=4, n_train=4 * 60, n_val=4 * 10)
+    run_probe(features=features, out=tmp_path / "p", heads=grid(lr=[1e-3, 3e-3]), epochs=2, keep=2, device="cpu")
+    return tmp_path / "p"
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_predict_is_up_to_date_refuses_other_settings_and_forces_a_clean_folder(probe_run, capsys, monkeypatch):
+    pr = probe_run.parent / "pr"
+    cli = ("predict", "--run", probe_run, "--device", "cpu", "--out", pr)
+    code, _, err = featx_cli(capsys, monkeypatch, *cli, "--ensemble", "top:2")
+    assert code == 0 and "ensemble.csv" in _files(pr), err
+    stamp = (pr / "predictions.csv").stat().st_mtime_ns
+    code, out, err = featx_cli(capsys, monkeypatch, *cli, "--ensemble", "top:2")
+    assert code == 0 and f"featx: up to date: {pr}" in err and (pr / "predictions.csv").stat().st_mtime_ns == stamp
+    code, _, err = featx_cli(capsys, monkeypatch, *cli, "--ensemble", "top:2", "--quiet")
+    assert code == 0 and "up to date" not in err  # --quiet silences the contract's lines
+    code, _, err = featx_cli(capsys, monkeypatch, *cli, "--ensemble", "best")
+    one_line(code, err, f"{pr}: holds an output made with other settings (ensemble top:2 → best)", "--force")
+    (pr / "left-over.csv").write_text("a file of an earlier output\n")
+    code, _, err = featx_cli(capsys, monkeypatch, *cli, "--ensemble", "best", "--force")
+    assert code == 0 and "left-over.csv" not in _files(pr), err
+    assert json.loads((pr / "results.json").read_text())["selection"]["ensemble"] == "best"
+    assert not pr.with_name("pr.partial").exists()
+
+
+def test_predict_without_out_names_its_folder_after_run_and_split(probe_run, capsys, monkeypatch):
+    monkeypatch.chdir(probe_run.parent)
+    for ensemble in ("top:2", "best"):  # other settings for the same run and split replace the default folder
+        code, _, err = featx_cli(
+            capsys, monkeypatch, "predict", "--run", "p", "--ensemble", ensemble, "--device", "cpu"
+        )
+        assert code == 0, err
+    assert "featx: replacing preds/p-val (ensemble top:2 → best)" in err
+    assert sorted(p.name for p in Path("preds").iterdir()) == ["p-val"]
+    assert json.loads(Path("preds/p-val/results.json").read_text())["selection"]["ensemble"] == "best"
+
+
+def test_report_follows_the_contract_and_leaves_no_earlier_files(probe_run, tmp_path, capsys, monkeypatch):
+    other = tmp_path / "q"
+    run_probe(features=tmp_path / "f.h5", out=other, heads=[HeadConfig()], epochs=1, device="cpu")
+    r = tmp_path / "r"
+    code, _, err = featx_cli(capsys, monkeypatch, "report", "--run", probe_run, "--out", r, "--device", "cpu")
+    assert code == 0 and (r / "report.html").is_file(), err
+    code, _, err = featx_cli(capsys, monkeypatch, "report", "--run", probe_run, "--out", r, "--device", "cpu")
+    assert code == 0 and f"featx: up to date: {r}" in err
+    code, _, err = featx_cli(capsys, monkeypatch, "report", "--run", other, "--out", r, "--device", "cpu")
+    one_line(code, err, "holds an output made with other settings (runs", "--force")
+    (r / "thumb-old.png").write_bytes(b"a picture of the earlier report")
+    code, _, err = featx_cli(capsys, monkeypatch, "report", "--run", other, "--out", r, "--device", "cpu", "--force")
+    assert code == 0 and "thumb-old.png" not in _files(r) and not (tmp_path / "r.partial").exists(), err
+    assert json.loads((r / "report.json").read_text())["settings"]["runs"] == [str(other)]
+
+
+def test_a_folder_featx_did_not_write_is_never_replaced(probe_run, capsys, monkeypatch):
+    mine = probe_run.parent / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me\n")
+    code, _, err = featx_cli(capsys, monkeypatch, "predict", "--run", probe_run, "--out", mine, "--device", "cpu")
+    one_line(code, err, f"--out {mine}: holds files featx did not write")
+    assert _files(mine) == {"notes.txt"}
+
+
+# --- messages --------------------------------------------------------------------------------------------
+
+
+def test_a_changed_lr_is_refused_in_plain_words(probe_run, capsys, monkeypatch):
+    code, _, err = featx_cli(
+        capsys, monkeypatch, "probe", "--features", probe_run.parent / "f.h5", "--out", probe_run, "--lr", "0.01"
+    )
+    one_line(code, err, "lr 0.001,0.003 → 0.01")
+    assert "{" not in err and "heads" not in err
+
+
+def test_report_of_runs_over_other_classes_says_so(probe_run, tmp_path, capsys, monkeypatch):
+    features = write_synthetic(tmp_path / "g.h5", classes=3, n_train=3 * 60, n_val=4 * 10)
+    run_probe(features=features, out=tmp_path / "q", heads=[HeadConfig()], epochs=1, device="cpu")
+    code, _, err = featx_cli(
+        capsys, monkeypatch, "report", "--run", probe_run, "--run", tmp_path / "q", "--out", tmp_path / "r"
+    )
+    one_line(code, err, "trained on other classes (3) than --run", "(4)")
+
+
+def test_data_prepare_and_info_print_one_size(tmp_path, capsys, monkeypatch):
+    source = write_tiny_imagenet(tmp_path / "src", classes=3, train_per_class=6)
+    code, prepared, _ = featx_cli(
+        capsys, monkeypatch, "data", "prepare", "--data", source, "--cache", tmp_path / "c.h5"
+    )
+    assert code == 0
+    code, described, _ = featx_cli(capsys, monkeypatch, "info", tmp_path / "c.h5")
+    size = re.search(r"\((\d+\.\d MB)\)", prepared)[1]
+    assert f", {size}" in described.splitlines()[0], (prepared, described)
+
+
+def test_probe_takes_a_recipes_probe_table_as_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _features(tmp_path, classes=4, n_train=4 * 60, n_val=4 * 10)
+    Path("recipe.toml").write_text(
+        '[extract]\nout = "f.h5"\n\n[probe]\nfeatures = "${extract.out}"\nout = "elsewhere"\nlr = [3e-3]\nepochs = 2\n'
+    )
+    code, _, err = featx_cli(capsys, monkeypatch, "probe", "--config", "recipe.toml", "--out", "p", "--device", "cpu")
+    assert code == 0, err
+    options = json.loads(Path("p/run.json").read_text())["config"]["options"]
+    assert options["features"] == "f.h5" and options["lr"] == [3e-3] and options["epochs"] == 2
+    quickstart = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.toml"
+    code, _, err = featx_cli(capsys, monkeypatch, "probe", "--config", quickstart, "--out", "q")
+    one_line(code, err, "features/quickstart-mobilenet_v2-flip.h5: no such feature file")
+
+
+def test_tsne_fills_up_to_seven_classes_from_those_present():
+    classes = [f"n{k:08d}" for k in range(10)] + ["n04285008", "n02917067"]  # two of the report's seven
+    assert _tsne_classes(None, classes) == [10, 11, 0, 1, 2, 3, 4]
+    assert _tsne_classes(None, classes[:3]) == [0, 1, 2]

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from featx.core.atomic import make_dirs, one_writer, replacing
+from featx.core.atomic import make_dirs, one_writer, replacing, size_text
 from featx.core.choices import Device, Precision, ViewSelection, ViewSet
 from featx.core.configs import DEFAULT_SWEEP, CompareConfig
 from featx.core.env import environment
@@ -193,7 +193,13 @@ def compare(
     with replacing(out / "leaderboard.txt") as tmp:
         tmp.write_text(format_leaderboard(board) + "\n")
     write_report(
-        run=[e.run for e in board], out=out / "report", split="val", eval_views=eval_views, data=cache, device=device
+        run=[e.run for e in board],
+        out=out / "report",
+        split="val",
+        eval_views=eval_views,
+        data=cache,
+        device=device,
+        force=True,  # the page of this comparison's own runs: rebuilt whenever they change
     )
     return board
 
@@ -219,6 +225,6 @@ def format_leaderboard(board: Sequence[Entry]) -> str:
             vs = f"{100 * e.vs_best['difference']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] p={e.vs_best['p_value']:.2g}"
         lines.append(
             f"{name:<{width}} {acc[0]:<24} {acc[1]:<24} {vs:<30} {e.selected_on:<12} {e.feature_dim:>5} "
-            f"{e.parameters / 1e6:>7.2f}M {e.images_per_second:>7.1f} {e.feature_bytes / 2**20:>7.1f}MB"
+            f"{e.parameters / 1e6:>7.2f}M {e.images_per_second:>7.1f} {size_text(e.feature_bytes):>9}"
         )
     return "\n".join(lines)

@@ -566,7 +566,11 @@ PROBE_FREE = ("device", "stream", "features", "options", "resolved")
 def _probe_settings(config: dict, features: dict) -> dict:
     """A probe run's resolved settings as featx.core.outputs compares them (JSON-shaped, as run.json holds them)."""
     d = {k: v for k, v in config.items() if k not in PROBE_FREE}
-    return json.loads(json.dumps({**d, "features_identity": features["identity"]}))
+    # each hyperparameter's values by name, so that a refusal reads `lr 0.001 → 0.01`; the heads themselves
+    # (which combinations) last, named only when nothing plainer differs
+    heads = d.pop("heads", [])
+    swept = {f.name: list(dict.fromkeys(c[f.name] for c in heads)) for f in dataclasses.fields(HeadConfig)}
+    return json.loads(json.dumps({**d, **swept, "features_identity": features["identity"], "heads": heads}))
 
 
 def _existing_probe(out: Path) -> Existing:
