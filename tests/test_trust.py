@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import h5py
@@ -14,14 +17,15 @@ import pytest
 import torch
 from synth import write_image_folder, write_tiny_imagenet
 from test_faults import featx_cli, one_line
+from test_outputs import ENV, FEATX
 from test_probe import write_synthetic
 from torchvision.models import resnet18
 
 from featx.core.configs import DEFAULT_SWEEP
 from featx.core.errors import FeatxError, FeatxWarning
 from featx.data.cache import prepare_cache
-from featx.features.store import load_features, read_meta
 from featx.evaluate.report import _tsne_classes
+from featx.features.store import load_features, read_meta
 from featx.front.compare import compare
 from featx.probe.estimator import LinearProbeCV
 from featx.probe.run import run_probe
@@ -321,3 +325,23 @@ def test_tsne_fills_up_to_seven_classes_from_those_present():
     classes = [f"n{k:08d}" for k in range(10)] + ["n04285008", "n02917067"]  # two of the report's seven
     assert _tsne_classes(None, classes) == [10, 11, 0, 1, 2, 3, 4]
     assert _tsne_classes(None, classes[:3]) == [0, 1, 2]
+
+
+def test_a_killed_probe_resumes_from_its_last_finished_epoch(tmp_path):
+    features = write_synthetic(tmp_path / "big.h5", classes=10, dim=256, n_train=6000, n_val=200, noise=1.0)
+    args = [*FEATX, "probe", "--features", str(features), "--epochs", "12", "--device", "cpu", "--lr", "1e-3,3e-3"]
+    whole = subprocess.run([*args, "--out", str(tmp_path / "whole")], env=ENV, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    killed = subprocess.Popen([*args, "--out", str(tmp_path / "p")], env=ENV, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "p" / "resume.pt").exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    again = subprocess.run([*args, "--out", str(tmp_path / "p")], env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    done = int(re.search(r"featx: resuming: (\d+) of 12 epochs done", again.stderr)[1])
+    assert 1 <= done < 12, again.stderr
+    history = [json.loads((tmp_path / r / "metrics.json").read_text())["heads"] for r in ("whole", "p")]
+    assert [h["epochs"] for h in history[1]] == [h["epochs"] for h in history[0]]  # as if never interrupted
+    assert not (tmp_path / "p" / "resume.pt").exists()

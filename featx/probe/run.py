@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featx.core.atomic import one_writer, require_space
+from featx.core.atomic import one_writer, replacing, require_space
 from featx.core.choices import (
     PROBE_HEADS,
     TRAINED_HEADS,
@@ -40,7 +40,16 @@ from featx.core.device import resolve_device
 from featx.core.errors import FeatxError
 from featx.core.outputs import Existing, promote, target
 from featx.core.outputs import decide as output_action
-from featx.core.runs import HEAD_FORMAT, Snapshots, read_run, start_run, update_run, write_metrics, write_results
+from featx.core.runs import (
+    HEAD_FORMAT,
+    Snapshot,
+    Snapshots,
+    read_run,
+    start_run,
+    update_run,
+    write_metrics,
+    write_results,
+)
 from featx.core.stats import parse_select, selection_holdout
 from featx.features.batches import StreamedSplit, feature_dim, load_or_stream, only, source, split_labels
 from featx.features.store import (
@@ -448,10 +457,9 @@ def run_probe(
         "dataset_fingerprint": meta.dataset_fingerprint,
     }
     recorded = {**config, "heads": [dataclasses.asdict(c) for c in heads]}
-    if (
-        output_action(out, _existing_probe(Path(out)), _probe_settings(recorded, feature_info), force=force)
-        == "up to date"
-    ):
+    want = _probe_settings(recorded, feature_info)
+    action = output_action(out, _existing_probe(Path(out)), want, force=force)
+    if action == "up to date":
         return recorded_result(Path(out))
     train_split, val_split = (
         (load_or_stream(path, s, v, stream) for s, v in views.items())
@@ -484,12 +492,15 @@ def run_probe(
     fit, chosen_on = _selection(
         path, train_split, val_split, held, train_views=train_views, eval_views=eval_views, stream=stream
     )
-    run_dir = start_run(
-        target(out, forced=(Path(out) / "run.json").exists()), kind="probe", config=recorded, features=feature_info
-    )
+    # an interrupted run of these settings goes on in its folder: `out`, or a forced run's staging folder
+    run_dir = Path(out) if action == "resume" else target(out, forced=(Path(out) / "run.json").exists())
+    resume = _resume_state(run_dir, want)
+    if resume is None:
+        run_dir = start_run(run_dir, kind="probe", config=recorded, features=feature_info)
     # step-numbered names only when snapshots are taken within epochs, so that per-epoch runs keep theirs
     name = "head{key:02d}-epoch{epoch:03d}" + ("-step{step:06d}" if snapshot_every else "") + ".pt"
-    snapshots = Snapshots(run_dir, keep=keep, name=name)
+    kept = [Snapshot(**d) for d in resume["snapshots"]] if resume else []
+    snapshots = Snapshots(run_dir, keep=keep, name=name, kept=kept)
     common = {"features": feature_info, "classes": meta.classes}
     if head in ("knn", "ncm"):
         bank = load_features(path, "train", views="full")  # as DINO: the training images' centre view only
@@ -528,6 +539,8 @@ def run_probe(
             ),
             eval_every=snapshot_every,
             progress=progress,
+            after_epoch=lambda state: _save_resume_state(run_dir, state, snapshots),
+            resume_from=resume,
         )
     # without val, the holdout is all there is to score on; with neither, nothing is scored
     scored = "val" if has_val else None if chosen_by == NOTHING_SELECTED else chosen_by
@@ -551,8 +564,28 @@ def run_probe(
         0 if held is None else int(held.sum()),
         len(meta.classes),
     )
+    (run_dir / RESUME_STATE).unlink(missing_ok=True)  # finished: nothing to resume
     promote(run_dir, out)
     return result
+
+
+RESUME_STATE = "resume.pt"  # a probe run's state after its last finished epoch, until the run finishes
+
+
+def _save_resume_state(run_dir: Path, state: dict, snapshots: Snapshots) -> None:
+    """After each epoch, atomically: what featx.probe.sweep.train needs to go on from it, and the kept snapshots."""
+    with replacing(run_dir / RESUME_STATE) as tmp:
+        torch.save({**state, "snapshots": [dataclasses.asdict(s) for s in snapshots.listing()]}, tmp)
+
+
+def _resume_state(run_dir: Path, want: dict) -> dict | None:
+    """The state an interrupted run of the settings `want` left in `run_dir`, or None (start afresh)."""
+    if not (run_dir / RESUME_STATE).is_file() or not (run_dir / "run.json").is_file():
+        return None
+    run = read_run(run_dir)
+    if run.best is not None or _probe_settings(run.config, run.features or {"identity": None}) != want:
+        return None
+    return torch.load(run_dir / RESUME_STATE, weights_only=False)
 
 
 # run.json's best: the chosen checkpoint's one score (None where nothing was scored)
@@ -580,7 +613,11 @@ def _existing_probe(out: Path) -> Existing:
     run = read_run(out)
     if run.kind != "probe":
         raise FeatxError(f"--out {out}: holds a `featx {run.kind}` run; choose another --out")
-    return Existing(_probe_settings(run.config, run.features or {"identity": None}), complete=run.best is not None)
+    settings = _probe_settings(run.config, run.features or {"identity": None})
+    if run.best is not None:
+        return Existing(settings, complete=True)
+    done = torch.load(out / RESUME_STATE, weights_only=False)["epoch"] if (out / RESUME_STATE).is_file() else 0
+    return Existing(settings, done=done, total=run.config["epochs"], unit="epochs")
 
 
 def recorded_result(run_dir: Path) -> ProbeResult:

@@ -215,6 +215,28 @@ class _Loop:
         self.status = ["ok"] * model.num_heads
         self.step = 0
 
+    def state(self) -> dict:
+        """What continues the sweep exactly after an epoch: weights, optimizers, schedules, dropout generators."""
+        return {
+            "model": self.model.state_dict(),
+            "opts": [{"opt": o.opt.state_dict(), "active": o.active} for o in self.opts],
+            "scheds": [s.state_dict() for s in self.scheds],
+            "noise": [g.get_state() for g in self.noise_gens or []],
+            "status": self.status,
+            "step": self.step,
+        }
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        for o, saved in zip(self.opts, state["opts"]):
+            o.opt.load_state_dict(saved["opt"])
+            o.active = saved["active"]
+        for s, saved in zip(self.scheds, state["scheds"]):
+            s.load_state_dict(saved)
+        for g, saved in zip(self.noise_gens or [], state["noise"]):
+            g.set_state(saved)
+        self.status, self.step = state["status"], state["step"]
+
     def stop(self, h: int, why: str) -> None:
         opt, local = self.opts[h // self.per_stack], h % self.per_stack
         if opt.active[local]:
@@ -290,6 +312,8 @@ def train(
     on_eval: OnEval | None = None,
     eval_every: int | None = None,
     progress: bool = False,
+    after_epoch: Callable[[dict], None] | None = None,
+    resume_from: dict | None = None,
 ) -> ProbeResult:
     """Train one head per config and feature set on `features`, all over the same minibatches, validating on
     `val`. Heads are numbered set by set: head s * len(heads) + c is config c on feature_sets[s].
@@ -299,6 +323,8 @@ def train(
     after each validation (the CLI saves snapshots there): at the end of every epoch and, with `eval_every`,
     also every that many steps (counted from the start of training). `feature_sets` ("all", "last2", ...; see
     featx.features.store.feature_set_columns): each set's heads are a stack of their own on its columns.
+    `after_epoch(state)` receives after every epoch what `resume_from` takes to go on from there exactly as an
+    uninterrupted sweep would (featx.probe.run saves it beside the run).
     """
     _check(features, val, heads, head)
     start = time.perf_counter()
@@ -323,7 +349,13 @@ def train(
     )
     gen = torch.Generator().manual_seed(seed)  # minibatch order and views: the same for every head
     history: list[list[dict]] = [[] for _ in range(model.num_heads)]
-    for epoch in progress_bar(range(1, epochs + 1), desc="probe", unit="epoch", enabled=progress):
+    done = 0
+    if resume_from is not None:
+        loop.load(resume_from)
+        gen.set_state(resume_from["gen"])
+        history, done = resume_from["history"], resume_from["epoch"]
+    epochs_left = range(done + 1, epochs + 1)
+    for epoch in progress_bar(epochs_left, desc="probe", unit="epoch", total=epochs, initial=done, enabled=progress):
         train_loss, train_top1 = loop.epoch(epoch, batches(train_src, gen, batch_size), eval_every)
         val_loss, val_top1, val_top5 = loop.validate(epoch)
         for h, (hist, ok) in enumerate(zip(history, loop.active())):
@@ -342,6 +374,8 @@ def train(
                     },
                 }
             )
+        if after_epoch is not None:
+            after_epoch({**loop.state(), "gen": gen.get_state(), "history": history, "epoch": epoch})
     best, best_epoch = best_head(history)
     return ProbeResult(
         model,
