@@ -299,10 +299,7 @@ def stage_command(group: click.Group, name: str, cls: type, *control: click.Para
             help="A TOML table of options or a run's run.json; options given here override its values.",
         )
         quiet_option = click.Option(
-            ["--quiet", "-q"],
-            is_flag=True,
-            help="No progress bars, progress lines or status lines (up to date, resuming, the data read); results, "
-            "warnings and errors still print.",
+            ["--quiet", "-q"], is_flag=True, help="No progress bars or progress lines; results and errors still print."
         )
         command = click.Command(
             name, callback=callback, params=[*control, *options, config_option, quiet_option], help=run.__doc__
