@@ -259,7 +259,7 @@ def test_report_follows_the_contract_and_leaves_no_earlier_files(probe_run, tmp_
     code, _, err = featx_cli(capsys, monkeypatch, "report", "--run", probe_run, "--out", r, "--device", "cpu")
     assert code == 0 and f"featx: up to date: {r}" in err
     code, _, err = featx_cli(capsys, monkeypatch, "report", "--run", other, "--out", r, "--device", "cpu")
-    one_line(code, err, "holds an output made with other settings (runs", "--force")
+    one_line(code, err, f"holds an output made with other settings (runs {probe_run} → {other})", "--force")
     (r / "thumb-old.png").write_bytes(b"a picture of the earlier report")
     code, _, err = featx_cli(capsys, monkeypatch, "report", "--run", other, "--out", r, "--device", "cpu", "--force")
     assert code == 0 and "thumb-old.png" not in _files(r) and not (tmp_path / "r.partial").exists(), err
@@ -293,6 +293,7 @@ def test_report_of_runs_over_other_classes_says_so(probe_run, tmp_path, capsys, 
         capsys, monkeypatch, "report", "--run", probe_run, "--run", tmp_path / "q", "--out", tmp_path / "r"
     )
     one_line(code, err, "trained on other classes (3) than --run", "(4)")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r.partial").exists()  # refused before any writing
 
 
 def test_data_prepare_and_info_print_one_size(tmp_path, capsys, monkeypatch):

@@ -49,7 +49,7 @@ def differences(
     new: Mapping,
     *,
     auto: Mapping[str, str] = {},
-    secondary: Sequence[str] = ("dataset_fingerprint", "heads"),
+    secondary: Sequence[str] = ("dataset_fingerprint", "heads", "run_records"),
 ) -> list[str]:
     """`name old → new` for each setting that differs; `auto` maps a setting to the option that was `auto` in
     both runs, so that a difference in what auto became on this machine is named as such. `secondary` settings

@@ -173,6 +173,19 @@ def _selection_text(pred: Prediction) -> str:
     return f"selected on {where}" + (" (optimistic)" if pred.optimistic else "")
 
 
+def _check_comparable(scored: list) -> None:
+    """Runs set side by side must classify the same classes and score the same images."""
+    (da, _, a), *others = scored
+    for db, _, b in others:
+        if a.classes != b.classes:
+            raise FeatxError(
+                f"--run {db}: trained on other classes ({len(b.classes)}) than --run {da} ({len(a.classes)}); "
+                "a report sets runs side by side only when they classify the same classes of the same dataset"
+            )
+        if a.ids != b.ids:
+            raise FeatxError(f"--run {db}: scores other images than --run {da}; compare runs on the same split")
+
+
 def _comparison(out: Path, scored: list, views: str) -> list[str]:
     """The leaderboard of several runs (best top-1 first), the paired comparison of the best two and their
     per-class differences (per_class_diff.csv); returns the page's sections."""
@@ -194,13 +207,6 @@ def _comparison(out: Path, scored: list, views: str) -> list[str]:
             }
         )
     (da, _, a), (db, _, b) = scored[:2]
-    if a.classes != b.classes:
-        raise FeatxError(
-            f"--run {db}: trained on other classes ({len(b.classes)}) than --run {da} ({len(a.classes)}); "
-            "a report sets runs side by side only when they classify the same classes of the same dataset"
-        )
-    if a.ids != b.ids:
-        raise FeatxError(f"--run {db}: scores other images than --run {da}; compare runs on the same split")
     c = paired_comparison(a.correct(1), b.correct(1))
     keep = a.labels >= 0
     per_class = []
@@ -443,6 +449,7 @@ def write_report(
     )
     run, r, pred = scored[0]
     tsne = _tsne_classes(tsne_classes, pred.classes)
+    _check_comparable(scored)
     make_dirs(out, option="--out", path=out)  # only now: a refused report leaves no folder behind
     comparison = _comparison(out, scored, eval_views) if len(scored) > 1 else []
 
