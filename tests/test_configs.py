@@ -23,8 +23,8 @@ CONTROL = {
     "extract": {"out", "force", "list_backbones"},
     "probe": {"out", "force", "as_json"},
     "finetune": {"out", "force", "as_json", "resume"},
-    "predict": {"out", "as_json", "more_images"},
-    "report": {"out"},
+    "predict": {"out", "force", "as_json", "more_images"},
+    "report": {"out", "force"},
     "compare": {"out"},
 }
 COMMON_CONTROL = {"config_file", "quiet", "help"}

@@ -19,7 +19,7 @@ import pytest
 from featx import extract_features
 from featx.core.errors import FeatxError, FeatxWarning
 from featx.core.outputs import Existing, decide, differences, promote, resume_hint, target
-from featx.core.stats import apply_temperature, calibration_temperature, expected_calibration_error, selection_too_small
+from featx.core.stats import apply_temperature, calibration_temperature, expected_calibration_error, selection_holdout
 from featx.data.cache import prepare_cache
 from featx.evaluate.report import write_report
 from featx.evaluate.scoring import open_run, predict
@@ -329,16 +329,14 @@ def test_a_temperature_that_worsens_calibration_keeps_t_1_with_one_warning():
 
 def test_a_tiny_selection_split_warns_and_selects_on_val():
     labels = np.repeat(np.arange(10), 20)
-    held = np.zeros(200, bool)
-    held[::10] = True  # 2 a class
     with pytest.warns(
-        FeatxWarning, match=r"20 images \(2.0 a class, under 5\), too few to choose on; selecting on val"
+        FeatxWarning,
+        match=r"hold out 20 images of train \(2.0 a class, under 5\), too few to choose on; selecting on val",
     ):
-        assert selection_too_small(labels, held, 10)
-    held[::2] = True
+        assert selection_holdout(labels, 0.1, 0, 10, fallback="selecting on val") is None  # 2 a class
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not selection_too_small(labels, held, 10)
+        assert selection_holdout(labels, 0.5, 0, 10, fallback="selecting on val").sum() == 100
 
 
 def test_finetune_names_why_a_timm_backbone_is_refused(tmp_path):

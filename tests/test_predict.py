@@ -408,6 +408,7 @@ def test_bad_input_is_one_line_and_exit_2(synth_runs, synth_cache, tmp_path, cap
         progress=False,
     )
     run_probe(features=three, out=tmp_path / "c3", heads=[HeadConfig()], epochs=1, device="cpu")
+    capsys.readouterr()  # the set-up's own lines (the data extract read)
     probe = str(synth_runs["probe"])
     cases = [
         (["predict", "--run", probe, "--run", str(tmp_path / "c3")], "classes differ"),

@@ -264,7 +264,7 @@ def test_save_best_keeps_only_the_best_heads_snapshots(synthetic, tmp_path, caps
         ("nan", "NaN/inf"),
         ("unlabelled", "no labels to validate on"),
         ("bad-lr", "--lr 1e-3,fast: give comma-separated numbers (e.g. 1e-4,3e-4)"),
-        ("no-val", "no 'val' split"),
+        ("no-val", "--select val: "),
         ("finetune-run", "holds a `featx finetune` run"),
         ("unknown-view", "split 'train' has no view top_middle"),
         ("aug-eval", "has no view aug0 (augmented views are for training only)"),
@@ -288,6 +288,7 @@ def test_bad_input_is_one_line_and_exit_2(case, message, tmp_path, capsys, monke
         write_synthetic(path)
         with h5py.File(path, "r+") as f:
             del f["val"]
+        args += ["--select", "val"]  # without val the default selects on a holdout of train (test_trust)
     elif case == "finetune-run":
         write_synthetic(path)
         start_run(tmp_path / "run", kind="finetune", config={}, features={})

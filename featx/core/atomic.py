@@ -43,10 +43,15 @@ def free_bytes(path: str | Path) -> int:
     return shutil.disk_usage(folder).free
 
 
+def size_text(n: int) -> str:
+    """A size in bytes as every featx line prints one (MB of 2**20 bytes)."""
+    return f"{n / MB:.1f} MB"
+
+
 def _no_space(path: Path, need: int | None) -> FeatxError:
-    needed = f", about {need / MB:.1f} MB needed" if need else ""
+    needed = f", about {size_text(need)} needed" if need else ""
     return FeatxError(
-        f"{path}: no space left on device ({free_bytes(path.parent) / MB:.1f} MB free{needed}); "
+        f"{path}: no space left on device ({size_text(free_bytes(path.parent))} free{needed}); "
         "free space there or write elsewhere, then run the same command again to go on"
     )
 

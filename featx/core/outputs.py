@@ -13,6 +13,8 @@ says go to stderr through `say`, the one channel a stage's status lines take, so
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from featx.core import progress
 from featx.core.configs import show
 from featx.core.errors import FeatxError
 
@@ -30,16 +33,22 @@ Action = Literal["fresh", "up to date", "resume"]
 
 
 def say(line: str) -> None:
-    """A status line of the output contract (`up to date: ...`, `resuming: ...`), on stderr."""
-    print(f"featx: {line}", file=sys.stderr, flush=True)
+    """A status line of the output contract (`up to date: ...`, `resuming: ...`) or of the data a stage reads, on
+    stderr; nothing under the CLI's --quiet (featx.core.progress.quiet), like progress."""
+    if not progress.quiet:
+        print(f"featx: {line}", file=sys.stderr, flush=True)
 
 
 def differences(
-    old: Mapping, new: Mapping, *, auto: Mapping[str, str] = {}, secondary: Sequence[str] = ("dataset_fingerprint",)
+    old: Mapping,
+    new: Mapping,
+    *,
+    auto: Mapping[str, str] = {},
+    secondary: Sequence[str] = ("dataset_fingerprint", "heads", "run_records"),
 ) -> list[str]:
     """`name old → new` for each setting that differs; `auto` maps a setting to the option that was `auto` in
     both runs, so that a difference in what auto became on this machine is named as such. `secondary` settings
-    (hashes that follow from the others) are named only when nothing plainer differs."""
+    (hashes, a probe's list of heads: what follows from the others) are named only when nothing plainer differs."""
     out = []
     for k in [k for k in new if k in old] + [k for k in old if k not in new]:
         if old.get(k) != new.get(k):
@@ -102,6 +111,9 @@ def promote(folder: Path, out: str | Path) -> None:
     out = Path(out)
     if folder == out:
         return
+    if not out.exists():
+        os.replace(folder, out)
+        return
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     os.replace(out, old)
@@ -114,3 +126,50 @@ def resume_hint(argv: Sequence[str], *, prog: str = "featx") -> str:
     `--force` included, since force only replaces an output of other settings and a forced run's own partial
     output has the new ones."""
     return "resume with: " + shlex.join([prog, *argv])
+
+
+# --- whole-folder outputs (predict, report): recomputed in full, written beside, swapped in when complete ---
+
+FOLDER_RECORD = ".featx-output.json"  # the settings a predict or report folder was made with
+FOLDER_FILES = ("results.json", "predictions.csv", "report.json", "report.html")  # what marks one of 0.2
+
+
+def folder_settings(settings: Mapping, runs: Sequence[str | Path]) -> dict:
+    """A folder output's settings plus what each run it reads holds now (a hash of its run.json), so that a run
+    trained again since makes the output out of date instead of up to date."""
+    held: dict[str, str | None] = {}
+    for run in runs:
+        try:
+            held[str(run)] = hashlib.sha256((Path(run) / "run.json").read_bytes()).hexdigest()[:16]
+        except OSError:
+            held[str(run)] = None  # the stage itself says what is wrong with the run
+    return json.loads(json.dumps({**settings, "run_records": held}))
+
+
+def staging_folder(out: str | Path, settings: Mapping, *, force: bool) -> Path | None:
+    """The contract for a stage that writes a whole folder: None when `out` holds an output of the same settings
+    (`up to date` said); else the empty folder beside `out` to write into and hand to `finish_folder`. A folder of
+    other settings is refused unless `force`; one featx 0.2 wrote (no record) is replaced as 0.2 would have; a
+    folder of other files is refused, never replaced."""
+    out = Path(out)
+    record = out / FOLDER_RECORD
+    have = Existing(None)
+    if record.is_file():
+        have = Existing(json.loads(record.read_text())["settings"], complete=True)
+    elif out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in FOLDER_FILES):
+        raise FeatxError(f"--out {out}: holds files featx did not write; choose another --out")
+    if decide(out, have, settings, force=force) == "up to date":
+        return None
+    changed = differences(have.settings, settings) if have.settings is not None else []
+    if changed:  # forced: say what the new output changes
+        say(f"replacing {out} ({'; '.join(changed)})")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # an interrupted run's: recomputed in full
+    return staging
+
+
+def finish_folder(staging: Path, out: str | Path, settings: Mapping) -> None:
+    """Record the settings in the complete `staging` folder and put it in `out`'s place: no file of an earlier
+    output stays beside the new ones."""
+    (staging / FOLDER_RECORD).write_text(json.dumps({"settings": settings}, indent=1))
+    promote(staging, out)

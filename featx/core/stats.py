@@ -125,20 +125,26 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
 MIN_PER_CLASS = 5  # fewer selection images a class than this cannot tell heads or epochs apart
 
 
-def selection_too_small(labels: np.ndarray, held: np.ndarray, classes: int) -> bool:
-    """Warn (FeatxWarning) and say the fallback, selecting on val, when the held-out selection split has under
-    MIN_PER_CLASS images a class: at 20 images a class its 10% is 2 a class, and every head scores 100% there."""
-    n = int(held.sum())
+def selection_holdout(
+    labels: np.ndarray, fraction: float, seed: int, classes: int, *, fallback: str
+) -> np.ndarray | None:
+    """holdout_rows' stratified `fraction` of train to choose on, or None with one FeatxWarning ending in
+    `fallback` (what the caller does instead) where it would hold under MIN_PER_CLASS images a class: at 20 images
+    a class its 10% is 2 a class and every head scores 100% there; at 5 a class no stratified share exists."""
+    try:
+        held = holdout_rows(labels, fraction, seed)
+    except FeatxError:
+        held = None
+    n = 0 if held is None else int(held.sum())
     if n >= MIN_PER_CLASS * classes:
-        return False
+        return held
     warnings.warn(
-        f"the held-out selection split has {n} images ({n / classes:.1f} a class, under {MIN_PER_CLASS}), "
-        "too few to choose on; selecting on val instead (optimistic: pass more --per-class or a larger "
-        "--select holdout fraction)",
+        f"--select holdout:{fraction:g} would hold out {n} images of train ({n / classes:.1f} a class, under "
+        f"{MIN_PER_CLASS}), too few to choose on; {fallback}",
         FeatxWarning,
         stacklevel=2,
     )
-    return True
+    return None
 
 
 def calibration_temperature(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -105,14 +105,36 @@ def _prepared(image_size: int, classes: int | None, per_class: int | None) -> Pa
     if any(c.exists() for c in (DATA_DIR / "tiny-imagenet-200.zip", DATA_DIR / "tiny-imagenet-200")):
         return None
     suffix = (f"-c{classes}" if classes else "") + (f"-p{per_class}" if per_class else "")
-    for pattern in (f"*-{image_size}{suffix}.h5", f"*-{image_size}.h5"):
-        for found in sorted(CACHE_DIR.glob(pattern)):
-            try:
-                _open_cache(found).close()
-                return found
-            except FeatxError:
-                continue
+    for pattern in dict.fromkeys((f"*-{image_size}{suffix}.h5", f"*-{image_size}.h5")):
+        found = [c for c in sorted(CACHE_DIR.glob(pattern)) if _complete(c)]
+        if len(found) > 1:  # several datasets: which one is meant is not ours to guess
+            raise FeatxError(
+                f"no --data given and {CACHE_DIR}/ holds {len(found)} prepared datasets "
+                f"({', '.join(f'{c} ({_dataset_of(c)})' for c in found)}); pass --data with the one to use"
+            )
+        if found:
+            return found[0]
     return None
+
+
+def _complete(cache: Path) -> bool:
+    try:
+        _open_cache(cache).close()
+    except FeatxError:
+        return False
+    return True
+
+
+def _dataset_of(cache: Path) -> str:
+    with _open_cache(cache) as f:
+        return str(f.attrs["dataset"])
+
+
+def describe_data(cache: str | Path, *, classes: int | None = None, per_class: int | None = None) -> str:
+    """The data a stage reads, for its first line: the cache, its dataset and the images of each split used."""
+    info = dataset_info(cache, classes=classes)
+    counts = ", ".join(f"{len(read_split(cache, s, classes=classes, per_class=per_class))} {s}" for s in info.splits)
+    return f"data: {cache} ({info.name}, {len(info.wnids)} classes; {counts} images)"
 
 
 def _resolve_source(data: str | Path | None) -> Path:
@@ -125,9 +147,12 @@ def _resolve_source(data: str | Path | None) -> Path:
         return download_tiny_imagenet(DATA_DIR)
     path = Path(data)
     if not path.exists():
+        from featx.data.download import URL
+
         raise FeatxError(
-            f"--data {path}: no such file or folder; pass tiny-imagenet-200.zip, its extracted "
-            f"folder, an ImageFolder root or a featx cache (.h5)"
+            f"--data {path}: no such file or folder (looked for {path.absolute()}); give the path where "
+            f"tiny-imagenet-200.zip (from {URL}), its extracted folder, an ImageFolder root or a featx cache "
+            f"(.h5) lies, or leave --data out to download Tiny ImageNet into {DATA_DIR}/"
         )
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
         raise FeatxError(f"--data {path}: permission denied; make it readable (chmod) or copy it somewhere readable")

@@ -25,6 +25,7 @@ from featx.core.atomic import make_dirs, replacing
 from featx.core.choices import Combine, Device, Split, ViewSelection
 from featx.core.configs import ReportConfig
 from featx.core.errors import FeatxError
+from featx.core.outputs import finish_folder, folder_settings, staging_folder
 from featx.core.plots import (
     plot_confusion,
     plot_curves,
@@ -112,8 +113,9 @@ def _tsne_classes(wnids: Sequence[str] | None, classes: list[str]) -> list[int]:
                 f"{', '.join(classes[:3])}"
             )
         return [classes.index(w) for w in wnids]
+    # the report's seven where the run has them, filled up to seven from the run's other classes
     present = [classes.index(w) for w in DEFAULT_TSNE if w in classes]
-    return present if len(present) >= 2 else list(range(min(len(DEFAULT_TSNE), len(classes))))
+    return (present + [i for i in range(len(classes)) if i not in present])[: len(DEFAULT_TSNE)]
 
 
 def _decoded_split(r, split: str, data: str | Path | None) -> DecodedSplit | None:
@@ -172,6 +174,19 @@ def _selection_text(pred: Prediction) -> str:
     return f"selected on {where}" + (" (optimistic)" if pred.optimistic else "")
 
 
+def _check_comparable(scored: list) -> None:
+    """Runs set side by side must classify the same classes and score the same images."""
+    (da, _, a), *others = scored
+    for db, _, b in others:
+        if a.classes != b.classes:
+            raise FeatxError(
+                f"--run {db}: trained on other classes ({len(b.classes)}) than --run {da} ({len(a.classes)}); "
+                "a report sets runs side by side only when they classify the same classes of the same dataset"
+            )
+        if a.ids != b.ids:
+            raise FeatxError(f"--run {db}: scores other images than --run {da}; compare runs on the same split")
+
+
 def _comparison(out: Path, scored: list, views: ViewSelection) -> list[str]:
     """The leaderboard of several runs (best top-1 first), the paired comparison of the best two and their
     per-class differences (per_class_diff.csv); returns the page's sections."""
@@ -193,8 +208,6 @@ def _comparison(out: Path, scored: list, views: ViewSelection) -> list[str]:
             }
         )
     (da, _, a), (db, _, b) = scored[:2]
-    if a.ids != b.ids:
-        raise FeatxError(f"--run {db}: scores other images than --run {da}; compare runs on the same split")
     c = paired_comparison(a.correct(1), b.correct(1))
     keep = a.labels >= 0
     per_class = []
@@ -410,16 +423,36 @@ def write_report(
     data: str | Path | None = None,
     device: Device = ReportConfig.device,
     combine: Combine = ReportConfig.combine,
+    force: bool = False,
 ) -> Path:
     """Write out/report.html with its PNGs and CSVs for one run scored on a labelled split; returns the page.
     Several runs: a leaderboard and the paired comparison of the best two head the page, whose analysis is then
-    of the best run."""
-    out = Path(out)
+    of the best run. An existing `out` follows featx.core.outputs' contract: up to date with the same settings
+    and runs, refused with others unless `force`; the report is written beside it and swapped in complete."""
+    final = Path(out)
+    runs = [run] if isinstance(run, (str, Path)) else list(run)
+    settings = folder_settings(
+        {
+            "runs": [str(r) for r in runs],
+            "split": split,
+            "eval_views": eval_views,
+            "ensemble": ensemble,
+            "tsne_classes": list(tsne_classes or []),
+            "combine": combine,
+            "data": None if data is None else str(data),
+        },
+        runs,
+    )
+    staged = staging_folder(final, settings, force=force)
+    if staged is None:
+        return final / "report.html"
+    out = staged
     scored = _score(
         run, split=split, eval_views=eval_views, ensemble=ensemble, data=data, device=device, combine=combine
     )
     run, r, pred = scored[0]
     tsne = _tsne_classes(tsne_classes, pred.classes)
+    _check_comparable(scored)
     make_dirs(out, option="--out", path=out)  # only now: a refused report leaves no folder behind
     comparison = _comparison(out, scored, eval_views) if len(scored) > 1 else []
 
@@ -482,4 +515,5 @@ def write_report(
             f"<!doctype html><html><head><meta charset='utf-8'><title>featx report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(sections)}<script>{SORT_SCRIPT}</script></body></html>\n"
         )
-    return page
+    finish_folder(out, final, settings)
+    return final / "report.html"

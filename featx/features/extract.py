@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from featx.core.errors import FeatxError
 from featx.core.outputs import Existing, say
 from featx.core.outputs import decide as output_action
 from featx.core.progress import progress_bar
-from featx.data.cache import DatasetInfo, dataset_info, prepare_cache, read_split
+from featx.data.cache import DatasetInfo, dataset_info, describe_data, prepare_cache, read_split
 from featx.data.cache import Split as DecodedSplit
 from featx.features.int8 import calibration_rows, check_int8, mean_cosine, quantize
 from featx.features.store import CALIBRATION, FeatureMeta, create_file, feature_splits, file_bytes, read_meta
@@ -374,6 +375,8 @@ def _shard_file(partial: Path, split: str, k: int) -> Path:
 
 def _extract(ranks: Dist, job: _Job, out: Path, *, force: bool, progress: bool, auto: dict) -> Path:
     c, shard_rows = job.config, job.shard_rows
+    # the backbone and its weights first: a wrong path or a file of another model fails before any decoding
+    bb = create_backbone(c.backbone, weights=c.weights, size=c.size, layers=c.layers)
     # Rank 0 decodes first so that the other ranks find the cache made instead of racing to make it.
     if ranks.rank == 0:
         cache = prepare_cache(c.data, classes=c.classes, per_class=c.per_class, progress=progress)
@@ -386,7 +389,6 @@ def _extract(ranks: Dist, job: _Job, out: Path, *, force: bool, progress: bool, 
     if unknown:
         raise FeatxError(f"--splits {','.join(unknown)}: not in {cache} (has {','.join(info.splits)})")
     check_crop(c.crop, info.image_size, info.image_size)
-    bb = create_backbone(c.backbone, weights=c.weights, size=c.size, layers=c.layers)
     if c.mean is not None:
         bb.mean = tuple(c.mean)
     if c.std is not None:
@@ -395,6 +397,8 @@ def _extract(ranks: Dist, job: _Job, out: Path, *, force: bool, progress: bool, 
     kept = _existing_splits(out, meta, splits, force=force, auto=auto)  # every rank reads it: no broadcast
     if kept is None:
         return out
+    if ranks.rank == 0:  # the work starts: say what it reads
+        say(describe_data(cache, classes=c.classes, per_class=c.per_class))
     partial = out.with_name(out.name + ".partial")
     data_splits = {s: read_split(cache, s, classes=c.classes, per_class=c.per_class) for s in splits if s not in kept}
     sizes = {s: len(sp) for s, sp in data_splits.items()}
@@ -436,11 +440,13 @@ def _extract(ranks: Dist, job: _Job, out: Path, *, force: bool, progress: bool, 
         for i, (s, k) in enumerate(shards)
         if i % ranks.world == ranks.rank and (s, k) not in todo
     )  # this process's share a resumed run has
+    started = time.perf_counter()
     _write_shards(bb, model, data_splits, todo, partial, job, progress=progress, done=done)
 
     ranks.barrier()
     if ranks.rank == 0:
         meta.compile = "on" if job.calibration else ran_compiled(model)
+        meta.images_per_second = round(sum(counts.values()) / (time.perf_counter() - started), 2)
         _assemble(out, partial, meta, data_splits, bb.feature_dim, shard_rows, kept, sample)
     ranks.barrier()
     return out

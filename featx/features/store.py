@@ -72,12 +72,15 @@ class FeatureMeta:
     # 0 otherwise), and the mean cosine of its features to the unquantized model's on a few others
     calibration: int = 0
     int8_cosine: float | None = None
+    # images per second of that run's forward passes (every view of an image counts once; 0: not recorded, or a
+    # run that only copied), what `featx compare` reports; not part of the identity: it describes the machine
+    images_per_second: float = 0.0
 
     def identity(self) -> str:
         """Hash of everything that determines the stored values (not the featx version, labels' names or whether
         the model was compiled)."""
         d = dataclasses.asdict(self)
-        for k in ("featx_version", "class_names", "source", "compile", "int8_cosine"):
+        for k in ("featx_version", "class_names", "source", "compile", "int8_cosine", "images_per_second"):
             d.pop(k)
         # fields that came later are left out where unused, so older files keep their identity
         unused = ["layers", "parts"] if not self.layers else []
@@ -101,6 +104,7 @@ class FeatureMeta:
                 "class_names",
                 "source",
                 "compile",
+                "images_per_second",
                 "classes",
                 "parts",
                 "aug_brightness",

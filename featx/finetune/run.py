@@ -42,10 +42,10 @@ from featx.core.compiled import CompileChoice, compile_training, decide, ran_com
 from featx.core.configs import FinetuneConfig, from_dict, to_dict, validate
 from featx.core.device import Dist, distributed, precision_name, resolve_precision
 from featx.core.errors import FeatxError, FeatxWarning
-from featx.core.outputs import Existing, promote, target
+from featx.core.outputs import Existing, promote, say, target
 from featx.core.outputs import decide as output_action
 from featx.core.stats import bootstrap_interval
-from featx.data.cache import DatasetInfo, Split, dataset_info, prepare_cache, read_split
+from featx.data.cache import DatasetInfo, Split, dataset_info, describe_data, prepare_cache, read_split
 from featx.finetune.epoch import Training, evaluate_and_offer, freeze_body, train_epoch
 from featx.nets.augment import Augment, check_augmentations, parse_augmentation
 from featx.nets.backbones import get_spec, input_spec
@@ -190,6 +190,8 @@ def _resumed(out: Path, recorded: dict, *, epochs: int, force: bool) -> tuple[Pa
 
 def _read_data(c: FinetuneConfig, d: Dist, batch_size: int, progress: bool) -> tuple[DatasetInfo, Split, Split]:
     cache = prepare_cache(c.data, progress=progress and d.rank == 0)
+    if d.rank == 0:
+        say(describe_data(cache, classes=c.classes, per_class=c.per_class))
     info = dataset_info(cache, classes=c.classes)
     train = read_split(cache, "train", classes=c.classes, per_class=c.per_class)
     val = read_split(cache, "val", classes=c.classes)

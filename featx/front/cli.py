@@ -218,9 +218,45 @@ def read_config_file(path: Path, cls: type) -> dict:
         options = config.get("options", config)  # a probe run.json keeps the options as given apart
         return {k: v for k, v in options.items() if field_named(cls, k) is not None}
     try:
-        return tomllib.loads(text)
+        tables = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FeatxError(f"--config {path}: not valid TOML ({e})") from None
+    if tables and all(isinstance(v, dict) for v in tables.values()):
+        return _recipe_table(Path(path), tables, cls)
+    return tables
+
+
+RECIPE_CONTROL = ("out", "cache", "force", "json")  # a recipe's own keys for the command line's control options
+
+
+def _recipe_table(path: Path, tables: dict, cls: type) -> dict:
+    """A recipe given as --config: its table of this stage, `${stage.key}` references filled in from the other
+    tables; the output and other control keys are the command line's to give."""
+    from featx.front.recipes import REFERENCE
+
+    stage = next(s.name for s in STAGES.values() if s.config is cls)
+    if stage not in tables:
+        raise FeatxError(
+            f"--config {path}: a recipe without a [{stage}] table (its tables: {', '.join(tables)}); "
+            f"run the whole recipe with `featx run {path}`"
+        )
+
+    def resolve(value):
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if not isinstance(value, str):
+            return value
+        return REFERENCE.sub(lambda m: str(resolve(_recipe_value(tables, m[1], m[2], m[0]))), value)
+
+    return {k: resolve(v) for k, v in tables[stage].items() if k not in RECIPE_CONTROL}
+
+
+def _recipe_value(tables: dict, stage: str, key: str, reference: str):
+    table = tables.get(stage, {})
+    for k in (key, key.replace("_", "-"), key.replace("-", "_")):
+        if k in table:
+            return table[k]
+    raise FeatxError(f"--config: {reference}: the recipe's [{stage}] table sets no `{key}`")
 
 
 def build_config(cls: type, ctx: click.Context, params: dict, config_file: Path | None):
@@ -357,7 +393,9 @@ def data_info(cache) -> None:
 
 
 def _echo_cache_info(info: dict) -> None:
-    click.echo(f"{info['path']}  ({info['size_bytes'] / 1e6:.1f} MB)")
+    from featx.core.atomic import size_text
+
+    click.echo(f"{info['path']}  ({size_text(info['size_bytes'])})")
     size = info["image_size"]
     click.echo(f"  dataset  {info['dataset']} ({info['kind']}), {info['classes']} classes, {size}x{size} RGB")
     for split, count in info["splits"].items():
@@ -469,18 +507,56 @@ def finetune(
     "predict",
     click.Option(
         ["--out"],
-        default="preds",
-        show_default=True,
         type=click.Path(file_okay=False, path_type=Path),
-        help="Folder for predictions.csv and results.json (and submission.txt for the test split).",
+        help="Folder for predictions.csv and results.json (and submission.txt for the test split). "
+        "Default: preds/<run>-<split> (preds/<run>-images with --images), named after what it predicts and "
+        "replaced when other settings predict it again.",
     ),
+    FORCE,
     JSON,
     click.Argument(["more_images"], nargs=-1, type=click.Path(path_type=Path)),
 )
 def predict(
-    config: PredictConfig, *, out: Path = Path("preds"), as_json: bool = False, more_images: tuple = ()
+    config: PredictConfig,
+    *,
+    out: Path | None = None,
+    force: bool = False,
+    as_json: bool = False,
+    more_images: tuple = (),
 ) -> None:
     """Score runs on a split or on image files: view, snapshot and run ensembles; the challenge submission."""
+    from featx.core.configs import to_dict
+    from featx.core.outputs import finish_folder, folder_settings, staging_folder
+
+    if more_images and not config.images:
+        raise FeatxError(f"{more_images[0]}: unexpected argument; to classify image files pass --images")
+    config.images = (*config.images, *map(str, more_images))
+    # without --out, the folder is named after the runs and split it predicts and replaced when other settings
+    # predict them again, as before 0.3 (then one folder took every prediction)
+    force = force or out is None
+    out = out or default_predict_out(config)
+    # what the predictions depend on: every option but where and how they are computed
+    settings = folder_settings(
+        {k: v for k, v in to_dict(config).items() if k not in ("device", "compile")}, config.runs
+    )
+    staging = staging_folder(out, settings, force=force)
+    if staging is None:
+        return _echo_results(out) if as_json else click.echo(f"predictions: {out / 'predictions.csv'}")
+    _predict_into(config, staging, out, as_json=as_json)
+    finish_folder(staging, out, settings)
+    click.echo(f"predictions: {out / 'predictions.csv'}")
+
+
+def default_predict_out(config: PredictConfig) -> Path:
+    """preds/<runs>-<split or images>: predictions of other runs or splits land in other folders."""
+    import re
+
+    runs = "+".join(re.sub(r"[^\w.+-]+", "_", str(r)).strip("_.") for r in config.runs)
+    return Path("preds") / f"{runs}-{'images' if config.images else config.split}"
+
+
+def _predict_into(config: PredictConfig, folder: Path, out: Path, *, as_json: bool) -> None:
+    """Score, print the summary and write every prediction file into `folder` (staged; `out` once complete)."""
     from featx.evaluate.writers import (
         format_curve,
         write_curve,
@@ -490,14 +566,11 @@ def predict(
     )
     from featx.front.stages import predict as run_predict
 
-    if more_images and not config.images:
-        raise FeatxError(f"{more_images[0]}: unexpected argument; to classify image files pass --images")
-    config.images = (*config.images, *map(str, more_images))
     started = time.perf_counter()
     p = run_predict(config)
     results = write_prediction_results(
         p,
-        out,
+        folder,
         runs=config.runs,
         ensemble=config.ensemble,
         eval_views=config.eval_views,
@@ -520,10 +593,11 @@ def predict(
             )
         if p.curve is not None:
             click.echo(f"val top-1 of the best N checkpoints (top:N), best marked *:\n{format_curve(p)}")
-            click.echo(f"ensemble size: {', '.join(map(str, write_curve(p, out)))}")
+            click.echo(f"ensemble size: {', '.join(str(out / f.name) for f in write_curve(p, folder))}")
         if config.split == "test":
-            click.echo(f"submission: {write_submission(p, out / 'submission.txt')}")
-    click.echo(f"predictions: {write_predictions(p, out / 'predictions.csv')}")
+            write_submission(p, folder / "submission.txt")
+            click.echo(f"submission: {out / 'submission.txt'}")
+    write_predictions(p, folder / "predictions.csv")
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -538,12 +612,13 @@ def predict(
         type=click.Path(file_okay=False, path_type=Path),
         help="Folder of the report page.",
     ),
+    FORCE,
 )
-def report(config: ReportConfig, *, out: Path = Path("report")) -> None:
+def report(config: ReportConfig, *, out: Path = Path("report"), force: bool = False) -> None:
     """Accuracy, per-class errors, confusions, curves, t-SNE (and a finetune run's filters) as HTML."""
     from featx.front.stages import report as run_report
 
-    click.echo(f"report: {run_report(config, out=out)}")
+    click.echo(f"report: {run_report(config, out=out, force=force)}")
 
 
 # --- compare -----------------------------------------------------------------------------------------

@@ -16,31 +16,24 @@ over all the runs).
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from featx.core.atomic import make_dirs, one_writer, replacing
+from featx.core.atomic import make_dirs, one_writer, replacing, size_text
 from featx.core.choices import Device, FrozenPrecision, ViewSelection, ViewSet
 from featx.core.configs import DEFAULT_SWEEP, CompareConfig, ExtractConfig, ProbeConfig, show
-from featx.core.device import resolve_device, resolve_precision
 from featx.core.env import environment
 from featx.core.errors import FeatxError
 from featx.core.runs import write_json
 from featx.core.stats import paired_comparison
-from featx.data.cache import prepare_cache, read_split
+from featx.data.cache import prepare_cache
 from featx.evaluate.report import write_report
 from featx.evaluate.scoring import predict
-from featx.features.extract import compute_features, extract, int8_model_of
-from featx.features.store import open_split
+from featx.features.extract import extract
+from featx.features.store import open_split, read_meta
 from featx.nets.backbones import create_backbone
-from featx.nets.views import view_names
 from featx.probe.run import probe
-
-SPEED_IMAGES = 128  # val images timed for the images/s column (after one warm-up batch)
 
 
 @dataclass
@@ -53,9 +46,10 @@ class Entry:
     run: str  # the probe run
     feature_dim: int
     parameters: int  # of the backbone without its classifier
-    images_per_second: float  # extraction forward passes (every view of an image counts once) on this machine
+    images_per_second: float  # the extraction's own rate (every view of an image counts once), as the file records
     feature_bytes: int
-    chosen: str  # the head the probe chose on its holdout
+    chosen: str  # the head the probe chose
+    selected_on: str  # where it was chosen: the holdout of train, or val where the holdout was too small
     top1: float
     top1_interval: tuple[float, float]
     top5: float
@@ -70,30 +64,14 @@ def _label(backbone: str, weights: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", backbone + w)
 
 
-def _speed(backbone: str, weights: str, cache: Path, config: CompareConfig, feature_file: Path) -> tuple[float, int]:
-    """Images per second of the backbone's forward over every view (extraction's work), and its parameters;
-    an int8 backbone is quantized as its `feature_file`'s features were."""
-    dev = resolve_device(config.device)
-    bb = create_backbone(backbone, weights=weights, size=config.size)
-    model = bb.model.eval().requires_grad_(False).to(dev)
-    names = view_names(config.views)
-    crop = config.crop
-    autocast = None if config.precision == "int8" else resolve_precision(config.precision, dev)
-    images = read_split(cache, "val", classes=config.classes).read_images(0, SPEED_IMAGES)
-    batch = max(1, 16 // len(names))  # extraction's batch on CPU
-    int8 = config.precision == "int8"
-    run_model = int8_model_of(feature_file, bb, rows=batch * len(names)) if int8 else model
-
-    def run(x):
-        return compute_features(
-            bb, run_model, x, views=names, crop=crop, device=dev, autocast=autocast, out_dtype=np.dtype(np.float16)
-        )
-
-    run(images[:batch])
-    start = time.perf_counter()
-    for i in range(0, len(images), batch):
-        run(images[i : i + batch])
-    return len(images) / (time.perf_counter() - start), sum(p.numel() for p in model.parameters())
+def _parameters(backbones: Sequence[str], weights: Sequence[str], size: int | None) -> list[int]:
+    """Each backbone's parameters without its classifier; building them all first checks every name and weights
+    file before the first extraction starts."""
+    counts = []
+    for backbone, w in zip(backbones, weights):
+        model = create_backbone(backbone, weights=w, size=size).model
+        counts.append(sum(p.numel() for p in model.parameters()))
+    return counts
 
 
 def _feature_dim(path: Path) -> int:
@@ -142,7 +120,7 @@ def compare(
     return leaderboard(config, out=out, progress=progress)
 
 
-def _entry(backbone: str, weights: str, cache: Path, config: CompareConfig, out: Path, progress: bool):
+def _entry(backbone: str, weights: str, parameters: int, cache: Path, config: CompareConfig, out: Path, progress: bool):
     """Extract, probe and score one backbone: its Entry (without the comparison to the best) and Prediction."""
     label = _label(backbone, weights)
     settings = f"{config.views}-s{config.size or 'auto'}-c{config.classes or 'all'}-n{config.per_class or 'all'}"
@@ -173,7 +151,6 @@ def _entry(backbone: str, weights: str, cache: Path, config: CompareConfig, out:
     )  # no hyperparameter given: the default sweep
     result = probe(probing, out=run_dir, progress=progress)
     pred = predict(runs=[run_dir], split="val", eval_views=config.eval_views, device=config.device)
-    speed, parameters = _speed(backbone, weights, cache, config, feature_file)
     entry = Entry(
         backbone,
         weights,
@@ -181,9 +158,10 @@ def _entry(backbone: str, weights: str, cache: Path, config: CompareConfig, out:
         str(run_dir),
         _feature_dim(feature_file),
         parameters,
-        speed,
+        read_meta(feature_file).images_per_second,
         feature_file.stat().st_size,
         result.names[result.best],
+        result.selected_on or "",
         pred.top_k(1),
         pred.interval(1),
         pred.top_k(5),
@@ -207,10 +185,14 @@ def leaderboard(config: CompareConfig, *, out: str | Path, progress: bool = True
     labels = [_label(b, w) for b, w in zip(backbones, weights)]
     if len(set(labels)) < len(labels):
         raise FeatxError(f"--backbone/--weights: {', '.join(labels)} names one pairing twice; compare each once")
+    parameters = _parameters(backbones, weights, config.size)
     out = Path(out)
     make_dirs(out, option="--out", path=out)
     cache = prepare_cache(config.data, classes=config.classes, per_class=config.per_class, progress=progress)
-    found = [_entry(backbone, w, cache, config, out, progress) for backbone, w in zip(backbones, weights)]
+    found = [
+        _entry(backbone, w, params, cache, config, out, progress)
+        for backbone, w, params in zip(backbones, weights, parameters)
+    ]
     found.sort(key=lambda e: -e[0].top1)
     best = found[0][1]
     for entry, pred in found[1:]:
@@ -243,6 +225,7 @@ def leaderboard(config: CompareConfig, *, out: str | Path, progress: bool = True
         eval_views=config.eval_views,
         data=cache,
         device=config.device,
+        force=True,  # the page of this comparison's own runs: rebuilt whenever they change
     )
     return board
 
@@ -254,7 +237,7 @@ def format_leaderboard(board: Sequence[Entry]) -> str:
     width = max(len("backbone"), *map(len, names))
     lines = [
         f"{'backbone':<{width}} {'top-1 [95% CI]':<24} {'top-5 [95% CI]':<24} {'vs best (top-1, McNemar p)':<30} "
-        f"{'dim':>5} {'params':>8} {'img/s':>7} {'features':>9}"
+        f"{'chosen on':<12} {'dim':>5} {'params':>8} {'img/s':>7} {'features':>9}"
     ]
     for name, e in zip(names, board):
         acc = [
@@ -267,7 +250,7 @@ def format_leaderboard(board: Sequence[Entry]) -> str:
             lo, hi = e.vs_best["interval"]
             vs = f"{100 * e.vs_best['difference']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] p={e.vs_best['p_value']:.2g}"
         lines.append(
-            f"{name:<{width}} {acc[0]:<24} {acc[1]:<24} {vs:<30} {e.feature_dim:>5} "
-            f"{e.parameters / 1e6:>7.2f}M {e.images_per_second:>7.1f} {e.feature_bytes / 2**20:>7.1f}MB"
+            f"{name:<{width}} {acc[0]:<24} {acc[1]:<24} {vs:<30} {e.selected_on:<12} {e.feature_dim:>5} "
+            f"{e.parameters / 1e6:>7.2f}M {e.images_per_second:>7.1f} {size_text(e.feature_bytes):>9}"
         )
     return "\n".join(lines)

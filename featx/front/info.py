@@ -13,6 +13,7 @@ from pathlib import Path
 
 import h5py
 
+from featx.core.atomic import size_text
 from featx.core.configs import show
 from featx.core.errors import FeatxError
 from featx.core.runs import read_run
@@ -181,7 +182,7 @@ def info(path: str | Path) -> dict:
 
 def format_info(d: dict) -> str:
     """`featx info`'s text: the kind and path, then one line per section."""
-    lines = [f"{d['path']}: {d['kind']}{'' if d['complete'] else ' (unfinished)'}, {d['size_bytes'] / 2**20:.1f} MB"]
+    lines = [f"{d['path']}: {d['kind']}{'' if d['complete'] else ' (unfinished)'}, {size_text(d['size_bytes'])}"]
     if d["splits"]:
         lines.append("  splits: " + ", ".join(f"{s} {n}" for s, n in d["splits"].items()))
     for section in ("metrics", "settings", "source", "made_by"):

@@ -112,8 +112,9 @@ def predict(config: PredictConfig):
     )
 
 
-def report(config: ReportConfig, *, out: str | Path = "report") -> Path:
-    """Write the report page; returns its path."""
+def report(config: ReportConfig, *, out: str | Path = "report", force: bool = False) -> Path:
+    """Write the report page (featx.core.outputs' contract: up to date, refused or, with force, replaced);
+    returns its path."""
     from featx.evaluate.report import write_report
 
     return write_report(
@@ -126,6 +127,7 @@ def report(config: ReportConfig, *, out: str | Path = "report") -> Path:
         data=config.data,
         device=config.device,
         combine=config.combine,
+        force=force,
     )
 
 

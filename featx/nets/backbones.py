@@ -11,6 +11,7 @@ pre-logits features.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -116,8 +117,10 @@ def list_backbones() -> list[BackboneSpec]:
 
 def get_spec(name: str) -> BackboneSpec:
     if name not in REGISTRY:
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
         raise FeatxError(
-            f"--backbone {name!r}: unknown; known: {', '.join(REGISTRY)}, or timm:<name> with timm installed"
+            f"--backbone {name!r}: unknown; {hint}known: {', '.join(REGISTRY)}, or timm:<name> with timm installed"
         )
     return REGISTRY[name]
 

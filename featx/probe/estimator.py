@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from featx import __version__
 from featx.core.choices import Device, Normalize, Optimizer, ProbeSchedule
 from featx.core.configs import DEFAULT_SWEEP, HYPERPARAMETERS, HeadConfig, ProbeConfig
 from featx.core.device import resolve_device
-from featx.core.errors import FeatxError
-from featx.core.stats import holdout_rows
+from featx.core.errors import FeatxError, FeatxWarning
+from featx.core.stats import MIN_PER_CLASS, holdout_rows
 from featx.features.store import FeatureMeta, Features
 from featx.nets.heads import StackedHeads
 from featx.probe.sweep import ProbeResult, fit, grid
@@ -273,11 +274,19 @@ class LinearProbeCV(_Probe):
                 "pass X_val and y_val"
             )
         try:
-            return holdout_rows(labels, self.holdout, self.seed)
+            held = holdout_rows(labels, self.holdout, self.seed)
         except FeatxError:
             rows = np.random.default_rng(self.seed).permutation(len(labels))[
                 : max(1, round(self.holdout * len(labels)))
             ]
             held = np.zeros(len(labels), dtype=bool)
             held[rows] = True
-            return held
+        n, classes = int(held.sum()), len(self.classes_)
+        if n < MIN_PER_CLASS * classes:  # as featx probe warns; here the caller may pass X_val instead
+            warnings.warn(
+                f"LinearProbeCV chooses on a holdout of {n} samples ({n / classes:.1f} a class, under "
+                f"{MIN_PER_CLASS}), too few to tell the grid's settings apart; pass X_val and y_val or more data",
+                FeatxWarning,
+                stacklevel=3,
+            )
+        return held

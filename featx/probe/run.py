@@ -25,7 +25,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from featx.core.atomic import one_writer, require_space
+from featx.core.atomic import one_writer, replacing, require_space
 from featx.core.choices import (
     TRAINED_HEADS,
     Device,
@@ -44,6 +44,7 @@ from featx.core.outputs import decide as output_action
 from featx.core.runs import (
     HEAD_FORMAT,
     Scores,
+    Snapshot,
     Snapshots,
     read_run,
     start_run,
@@ -51,7 +52,7 @@ from featx.core.runs import (
     write_metrics,
     write_results,
 )
-from featx.core.stats import holdout_rows, parse_select, selection_too_small
+from featx.core.stats import parse_select, selection_holdout
 from featx.features.batches import StreamedSplit, batch_source, feature_dim, load_or_stream, only, split_labels
 from featx.features.store import (
     ALL,
@@ -100,12 +101,16 @@ def _check_file(path: Path, meta: FeatureMeta, config: ProbeConfig) -> list[str]
     feature sets."""
     feature_sets = _check_feature_sets(meta, config.feature_set, path=path, head=config.head)
     have = feature_splits(path)
-    for split in ("train", "val"):
-        if split not in have:
-            raise FeatxError(
-                f"{path}: no {split!r} split (has {', '.join(have)}); "
-                "extract it with `featx extract --splits train,val`"
-            )
+    if "train" not in have:
+        raise FeatxError(
+            f"{path}: no 'train' split to fit heads on (has {', '.join(have)}); "
+            "extract it with `featx extract --splits train,val`"
+        )
+    if config.select == "val" and "val" not in have:
+        raise FeatxError(
+            f"--select val: {path} has no 'val' split (has {', '.join(have)}); choose on a share of train "
+            "with --select holdout:0.1"
+        )
     return feature_sets
 
 
@@ -146,10 +151,33 @@ def _checkpoint_bytes(
     return len(heads) * len(config.feature_set) * config.keep * params * 4
 
 
+NOTHING_SELECTED = "none"  # what run.json's best.select says where neither val nor a holdout could choose
+NOTHING_SELECTED_FALLBACK = (
+    "without a val split, one head with the default values trains on all of train: nothing is selected and "
+    "no held-out score exists (pass more images a class, or a val split, to choose and score)"
+)
+VAL_FALLBACK = "selecting on val instead (optimistic: pass more --per-class or a larger --select holdout fraction)"
+
+
+def _selection_split(
+    labels: np.ndarray, select: str, seed: int, classes: int, *, has_val: bool
+) -> tuple[np.ndarray | None, str]:
+    """The held-out rows of train to choose on (None: none) and where the choice is made: `holdout:F`, val
+    (asked for, or the fallback where the holdout would be too small) or nothing at all."""
+    fraction = parse_select(select)
+    if fraction is None:
+        return None, "val"
+    fallback = VAL_FALLBACK if has_val else NOTHING_SELECTED_FALLBACK
+    held = selection_holdout(labels, fraction, seed, classes, fallback=fallback)
+    if held is not None:
+        return held, select
+    return None, "val" if has_val else NOTHING_SELECTED
+
+
 def _selection(
     path: Path,
     train_split: Features | StreamedSplit,
-    val_split: Features | StreamedSplit,
+    val_split: Features | StreamedSplit | None,
     held: np.ndarray | None,
     *,
     train_views: ViewSelection,
@@ -157,9 +185,10 @@ def _selection(
     stream: bool,
 ) -> tuple[Features | StreamedSplit, Features | StreamedSplit]:
     """What the heads fit on and what chooses among them: train and val, or (`held`, a holdout of train) the rest
-    of train and the held-out rows, seen through the evaluation views."""
+    of train and the held-out rows, seen through the evaluation views. Without either (nothing is selected),
+    all of train, which the epochs' scores then describe."""
     if held is None:
-        return train_split, val_split
+        return train_split, train_split if val_split is None else val_split
     chosen_on = train_split if train_views == eval_views else load_or_stream(path, "train", eval_views, stream)
     return only(train_split, ~held), only(chosen_on, held)
 
@@ -229,11 +258,20 @@ def _offer_neighbors(result: ProbeResult, snapshots: Snapshots, config: dict, co
 
 
 def _offer_heads(
-    snapshots: Snapshots, plan: list[tuple[str, HeadConfig]], config: dict, common: dict, normalize: str
+    snapshots: Snapshots,
+    plan: list[tuple[str, HeadConfig]],
+    config: dict,
+    common: dict,
+    normalize: str,
+    *,
+    last_only: int | None = None,
 ) -> OnEval:
-    """train's on_eval: a snapshot of every head after each validation (`plan`: train's numbering of the heads)."""
+    """train's on_eval: a snapshot of every head after each validation (`plan`: train's numbering of the heads);
+    with `last_only` (the epoch count, where nothing chooses among epochs) only the last epoch's."""
 
     def on_eval(epoch: int, step: int, model: FeatureSetHeads, top1: np.ndarray, top5: np.ndarray) -> None:
+        if last_only is not None and epoch != last_only:
+            return
         for h, (fs, c) in enumerate(plan):
             snapshots.offer(
                 h,
@@ -264,19 +302,25 @@ def _finish(
     result: ProbeResult,
     chosen_on: Features | StreamedSplit,
     val: Features | StreamedSplit,
+    config: ProbeConfig,
     *,
-    save: str,
     select: str,
-    device: str,
+    scored: str | None,
 ) -> ProbeResult:
-    """Choose the best kept snapshot, calibrate and score it on val, and record it all in the run directory."""
+    """Choose the best kept snapshot, calibrate and score it on `scored` (val, or without it the holdout; None:
+    nothing to score on), and record it all in the run directory."""
     # Snapshot.rank orders as best_head does, so without --snapshot-every this is result's best head and epoch;
     # with it, the best may fall within an epoch.
     top = snapshots.listing()[0]
     result.best, result.best_epoch = top.key, top.epoch
-    if save == "best":
+    if config.save == "best":
         snapshots.retain({top.key})
-    result.val = calibrate_and_score(run_dir, snapshots, chosen_on, val, select=select, device=device)
+    result.val = (
+        calibrate_and_score(run_dir, snapshots, chosen_on, val, select=select, device=config.device)
+        if scored
+        else dict.fromkeys(SCORE_KEYS)
+    )
+    result.selected_on, result.scored_on = select, scored
     best = {
         "head": top.key,
         "epoch": top.epoch,
@@ -285,8 +329,9 @@ def _finish(
         "config": dataclasses.asdict(result.configs[top.key]) if result.configs else {},
         "feature_set": result.feature_sets[top.key],
         "select": select,
-        "select_top1": top.val_top1,
-        "select_top5": top.val_top5,
+        "select_top1": top.val_top1 if scored else None,
+        "select_top5": top.val_top5 if scored else None,
+        "scored_on": scored,
         **result.val,
         "checkpoint": top.file,
     }
@@ -363,8 +408,8 @@ def run_probe(
 
 def _settings(config: ProbeConfig, feature_sets: list[str], stream: bool) -> dict:
     """What run.json records of the options (the output contract compares them): every field but the heads'
-    hyperparameters and lr decays (run.json lists the heads), `hidden` only where a head has it, `k` only for k-NN, the
-    distinct feature sets, and whether the run streamed."""
+    hyperparameters and lr decays (run.json lists the heads), `hidden` only where a head has it, `k` only for
+    k-NN, the distinct feature sets, and whether the run streamed."""
     settings = {
         k: v
         for k, v in dataclasses.asdict(config).items()
@@ -398,8 +443,10 @@ def probe(
     progress: bool = False,
 ) -> ProbeResult:
     """`featx probe`: fit the heads (trained, or k-NN/NCM) on the file's train split, choose the head, epoch and
-    k on the selection split (`config.select`: a stratified holdout of train, or val), score val once, write the
-    run. `heads`: the configs trained [default: the config's sweep, featx.probe.sweep.head_grid].
+    k on the selection split (`config.select`: a stratified holdout of train, or val; without enough images for
+    a holdout, val, and without val either, nothing: one head with the default values), score the choice once
+    on val (without val, on the holdout), write the run. `heads`: the configs trained [default: the config's
+    sweep, featx.probe.sweep.head_grid].
 
     `train_views`, `eval_views`: "all" (every deterministic view), "full" or a comma list of stored view names
     (augmented views train only); `epoch_views`: epoch e trains on every image's e-th training view. Each head's
@@ -407,15 +454,15 @@ def probe(
     `snapshot_every`, every that many steps; the `keep` best of each head are kept, and run.json's best is the
     best of them all. `feature_set`: the columns heads see (see featx.features.store.feature_set_columns);
     several sweep in one pass. An existing run in `out` follows featx.core.outputs' contract: up to date when
-    finished with the same settings (its recorded result is returned), refused when made with others unless
-    `force`."""
+    finished with the same settings (its recorded result is returned), resumed from its last finished epoch
+    when interrupted, refused when made with others unless `force`."""
     heads = head_grid(config) if heads is None else list(heads)
     path = Path(config.features)
     meta = read_meta(path)
     feature_sets = _check_file(path, meta, config)
     config = dataclasses.replace(config, feature_set=tuple(feature_sets))
-    fraction = parse_select(config.select)
-    views = {"train": config.train_views, "val": config.eval_views}
+    has_val = "val" in feature_splits(path)
+    views = {"train": config.train_views, "val": config.eval_views} if has_val else {"train": config.train_views}
     for split, which in views.items():  # a misnamed view fails here, before any training
         select_views(meta, split, which, path=path)
     if config.epoch_views and config.head in TRAINED_HEADS:
@@ -425,30 +472,35 @@ def probe(
     settings = _settings(config, feature_sets, stream)
     feature_info = _feature_info(path, meta)
     recorded = {**settings, "heads": [dataclasses.asdict(c) for c in heads]}
-    if (
-        output_action(out, _existing_probe(Path(out)), _probe_settings(recorded, feature_info), force=force)
-        == "up to date"
-    ):
+    want = _probe_settings(recorded, feature_info)
+    action = output_action(out, _existing_probe(Path(out)), want, force=force)
+    if action == "up to date":
         return recorded_result(Path(out))
-    train_split, val_split = (load_or_stream(path, s, v, stream) for s, v in views.items())
+    train_split = load_or_stream(path, "train", config.train_views, stream)
+    val_split = load_or_stream(path, "val", config.eval_views, stream) if has_val else None
     require_space(Path(out) / "run.json", _checkpoint_bytes(train_split, len(meta.classes), config, heads))
-    if not (split_labels(val_split) >= 0).any():
+    if val_split is not None and not (split_labels(val_split) >= 0).any():
         raise FeatxError(
             f"{path}: split 'val' has no labels to validate on; extract a labelled split (e.g. --splits train,val)"
         )
-    held = None if fraction is None else holdout_rows(split_labels(train_split), fraction, config.seed)
-    chosen_by = config.select  # what the run selects on: the user's option, or val where the holdout is too small
-    if held is not None and selection_too_small(split_labels(train_split), held, len(meta.classes)):
-        held, chosen_by = None, "val"
+    held, chosen_by = _selection_split(
+        split_labels(train_split), config.select, config.seed, len(meta.classes), has_val=has_val
+    )
+    if chosen_by == NOTHING_SELECTED:
+        heads = [HeadConfig()]
+        config = dataclasses.replace(config, snapshot_every=None)
     fit_on, chosen_on = _selection(
         path, train_split, val_split, held, train_views=config.train_views, eval_views=config.eval_views, stream=stream
     )
-    run_dir = start_run(
-        target(out, forced=(Path(out) / "run.json").exists()), kind="probe", config=recorded, features=feature_info
-    )
+    # an interrupted run of these settings goes on in its folder: `out`, or a forced run's staging folder
+    run_dir = Path(out) if action == "resume" else target(out, forced=(Path(out) / "run.json").exists())
+    resume = _resume_state(run_dir, want)
+    if resume is None:
+        run_dir = start_run(run_dir, kind="probe", config=recorded, features=feature_info)
     # step-numbered names only when snapshots are taken within epochs, so that per-epoch runs keep theirs
     name = "head{key:02d}-epoch{epoch:03d}" + ("-step{step:06d}" if config.snapshot_every else "") + ".pt"
-    snapshots = Snapshots(run_dir, keep=config.keep, name=name)
+    kept = [Snapshot(**d) for d in resume["snapshots"]] if resume else []
+    snapshots = Snapshots(run_dir, keep=config.keep, name=name, kept=kept)
     common = {"features": feature_info, "classes": meta.classes}
     if config.head in ("knn", "ncm"):
         bank = load_features(path, "train", views="full")  # as DINO: the training images' centre view only
@@ -468,10 +520,30 @@ def probe(
             val=chosen_on,
             config=config,
             heads=heads,
-            on_eval=_offer_heads(snapshots, plan, settings, common, config.normalize),
+            on_eval=_offer_heads(
+                snapshots,
+                plan,
+                settings,
+                common,
+                config.normalize,
+                last_only=config.epochs if chosen_by == NOTHING_SELECTED else None,
+            ),
             progress=progress,
+            after_epoch=lambda state: _save_resume_state(run_dir, state, snapshots),
+            resume_from=resume,
         )
-    _finish(run_dir, snapshots, result, chosen_on, val_split, save=config.save, select=chosen_by, device=config.device)
+    # without val, the holdout is all there is to score on; with neither, nothing is scored
+    scored = "val" if has_val else None if chosen_by == NOTHING_SELECTED else chosen_by
+    _finish(
+        run_dir,
+        snapshots,
+        result,
+        chosen_on,
+        chosen_on if val_split is None else val_split,
+        config,
+        select=chosen_by,
+        scored=scored,
+    )
     best = read_run(run_dir).best
     assert best is not None  # _finish recorded it
     write_probe_results(
@@ -483,9 +555,32 @@ def probe(
         0 if held is None else int(held.sum()),
         len(meta.classes),
     )
+    (run_dir / RESUME_STATE).unlink(missing_ok=True)  # finished: nothing to resume
     promote(run_dir, out)
     return result
 
+
+RESUME_STATE = "resume.pt"  # a probe run's state after its last finished epoch, until the run finishes
+
+
+def _save_resume_state(run_dir: Path, state: dict, snapshots: Snapshots) -> None:
+    """After each epoch, atomically: what featx.probe.sweep.train needs to go on from it, and the kept snapshots."""
+    with replacing(run_dir / RESUME_STATE) as tmp:
+        torch.save({**state, "snapshots": [dataclasses.asdict(s) for s in snapshots.listing()]}, tmp)
+
+
+def _resume_state(run_dir: Path, want: dict) -> dict | None:
+    """The state an interrupted run of the settings `want` left in `run_dir`, or None (start afresh)."""
+    if not (run_dir / RESUME_STATE).is_file() or not (run_dir / "run.json").is_file():
+        return None
+    run = read_run(run_dir)
+    if run.best is not None or _probe_settings(run.config, run.features or {"identity": None}) != want:
+        return None
+    return torch.load(run_dir / RESUME_STATE, weights_only=False)
+
+
+# run.json's best: the chosen checkpoint's one score (None where nothing was scored)
+SCORE_KEYS = ("val_top1", "val_top1_interval", "val_top5", "val_ece", "val_ece_calibrated", "temperature")
 
 # options that leave a probe's results as they are (the file: by identity), and what featx.front.stages adds to
 # run.json's config after the run (the config as given, what auto became)
@@ -500,7 +595,14 @@ def _probe_settings(config: dict, features: dict) -> dict:
         decay = d.pop("lr_decay")
         d["heads"] = [{**h, "lr_decay": decay} for h in d.get("heads", [])]
     d.setdefault("epoch_views", False)
-    return json.loads(json.dumps({**d, "features_identity": features["identity"]}))
+    # each hyperparameter's values by name, so that a refusal reads `lr 0.001 → 0.01`; the heads themselves
+    # (which combinations) last, named only when nothing plainer differs
+    heads = d.pop("heads", [])
+    swept = {
+        f.name: list(dict.fromkeys(c.get(f.name, getattr(HeadConfig, f.name)) for c in heads))
+        for f in dataclasses.fields(HeadConfig)
+    }
+    return json.loads(json.dumps({**d, **swept, "features_identity": features["identity"], "heads": heads}))
 
 
 def _existing_probe(out: Path) -> Existing:
@@ -510,7 +612,11 @@ def _existing_probe(out: Path) -> Existing:
     run = read_run(out)
     if run.kind != "probe":
         raise FeatxError(f"--out {out}: holds a `featx {run.kind}` run; choose another --out")
-    return Existing(_probe_settings(run.config, run.features or {"identity": None}), complete=run.best is not None)
+    settings = _probe_settings(run.config, run.features or {"identity": None})
+    if run.best is not None:
+        return Existing(settings, complete=True)
+    done = torch.load(out / RESUME_STATE, weights_only=False)["epoch"] if (out / RESUME_STATE).is_file() else 0
+    return Existing(settings, done=done, total=run.config["epochs"], unit="epochs")
 
 
 def _head_fields(head: dict) -> dict:
@@ -533,10 +639,7 @@ def recorded_result(run_dir: Path) -> ProbeResult:
     )
     best = run.best
     assert best is not None  # a finished run records its best head
-    val = {
-        k: best[k]
-        for k in ("val_top1", "val_top1_interval", "val_top5", "val_ece", "val_ece_calibrated", "temperature")
-    }
+    val = {k: best[k] for k in SCORE_KEYS}
     return ProbeResult(
         heads=None,
         configs=configs,
@@ -548,6 +651,8 @@ def recorded_result(run_dir: Path) -> ProbeResult:
         names=[] if trained else [h["config"]["name"] for h in hs],
         val=val,
         feature_sets=[h["feature_set"] for h in hs],
+        selected_on=best["select"],
+        scored_on=best.get("scored_on", "val"),  # runs of 0.2 scored on val
     )
 
 
@@ -556,12 +661,13 @@ def write_probe_results(
 ) -> dict:
     """results.json of a probe run (featx.core.runs.write_results)."""
     select = best["select"]
+    protocol = {"val": "val (optimistic)", NOTHING_SELECTED: "nothing selected"}.get(select, "holdout of train")
     return write_results(
         run_dir,
         kind="probe",
-        scores=Scores("val", best["val_top1"], best["val_top1_interval"], best["val_top5"]),
+        scores=Scores(best.get("scored_on", "val"), best["val_top1"], best["val_top1_interval"], best["val_top5"]),
         selection={
-            "protocol": "holdout of train" if select != "val" else "val (optimistic)",
+            "protocol": protocol,
             "select": select,
             "images": held or None,
             "top1": best["select_top1"],

@@ -78,6 +78,8 @@ class ProbeResult:
     names: list[str] = dataclasses.field(default_factory=list)  # per head, for tables; default: its config
     val: dict = dataclasses.field(default_factory=dict)  # run_probe: the selected checkpoint scored once on val
     feature_sets: list[str] = dataclasses.field(default_factory=list)  # per head; default: all
+    selected_on: str | None = None  # run_probe: where the choice was made (holdout:F, val, or none)
+    scored_on: str | None = None  # run_probe: the split `val` scores (val, or without it the holdout; None: none)
 
     def __post_init__(self):
         self.feature_sets = self.feature_sets or [ALL] * len(self.history)
@@ -225,6 +227,28 @@ class _Loop:
         self.status = ["ok"] * model.num_heads
         self.step = 0
 
+    def state(self) -> dict:
+        """What continues the sweep exactly after an epoch: weights, optimizers, schedules, dropout generators."""
+        return {
+            "model": self.model.state_dict(),
+            "opts": [{"opt": o.opt.state_dict(), "active": o.active} for o in self.opts],
+            "scheds": [s.state_dict() for s in self.scheds],
+            "noise": [g.get_state() for g in self.noise_gens or []],
+            "status": self.status,
+            "step": self.step,
+        }
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        for o, saved in zip(self.opts, state["opts"]):
+            o.opt.load_state_dict(saved["opt"])
+            o.active = saved["active"]
+        for s, saved in zip(self.scheds, state["scheds"]):
+            s.load_state_dict(saved)
+        for g, saved in zip(self.noise_gens or [], state["noise"]):
+            g.set_state(saved)
+        self.status, self.step = state["status"], state["step"]
+
     def stop(self, h: int, why: str) -> None:
         opt, local = self.opts[h // self.per_stack], h % self.per_stack
         if opt.active[local]:
@@ -300,6 +324,8 @@ def train(
     on_eval: OnEval | None = None,
     eval_every: int | None = None,
     progress: bool = False,
+    after_epoch: Callable[[dict], None] | None = None,
+    resume_from: dict | None = None,
 ) -> ProbeResult:
     """`fit` with its options as keywords: one head per config of `heads` and feature set, validating every
     `eval_every` steps as well as after each epoch."""
@@ -318,7 +344,16 @@ def train(
         feature_set=tuple(feature_sets),
         snapshot_every=eval_every or None,
     )
-    return fit(features, val=val, config=config, heads=heads, on_eval=on_eval, progress=progress)
+    return fit(
+        features,
+        val=val,
+        config=config,
+        heads=heads,
+        on_eval=on_eval,
+        progress=progress,
+        after_epoch=after_epoch,
+        resume_from=resume_from,
+    )
 
 
 def fit(
@@ -329,6 +364,8 @@ def fit(
     heads: Sequence[HeadConfig],
     on_eval: OnEval | None = None,
     progress: bool = False,
+    after_epoch: Callable[[dict], None] | None = None,
+    resume_from: dict | None = None,
 ) -> ProbeResult:
     """Train one head per config of `heads` and feature set of `config.feature_set` on `features`, all over the
     same minibatches, validating on `val`. Heads are numbered set by set: head s * len(heads) + c is config c on
@@ -341,7 +378,8 @@ def fit(
     after each validation (the CLI saves snapshots there): at the end of every epoch and, with
     `config.snapshot_every`, also every that many steps (counted from the start of training). Feature sets
     ("all", "last2", ...; see featx.features.store.feature_set_columns): each set's heads are a stack of their
-    own on its columns.
+    own on its columns. `after_epoch(state)` receives after every epoch what `resume_from` takes to go on from
+    there exactly as an uninterrupted sweep would (featx.probe.run saves it beside the run).
     """
     _check(features, val, config.head)
     start = time.perf_counter()
@@ -363,7 +401,14 @@ def fit(
     )
     gen = torch.Generator().manual_seed(config.seed)  # minibatch order and views: the same for every head
     history: list[list[dict]] = [[] for _ in range(model.num_heads)]
-    for epoch in progress_bar(range(1, config.epochs + 1), desc="probe", unit="epoch", enabled=progress):
+    done = 0
+    if resume_from is not None:
+        loop.load(resume_from)
+        gen.set_state(resume_from["gen"])
+        history, done = resume_from["history"], resume_from["epoch"]
+    epochs_left = range(done + 1, config.epochs + 1)
+    bar = progress_bar(epochs_left, desc="probe", unit="epoch", total=config.epochs, initial=done, enabled=progress)
+    for epoch in bar:
         view = epoch - 1 if config.epoch_views else None
         batched = batches(train_src, gen, config.batch_size, view=view)
         train_loss, train_top1 = loop.epoch(epoch, batched, config.snapshot_every)
@@ -384,6 +429,8 @@ def fit(
                     },
                 }
             )
+        if after_epoch is not None:
+            after_epoch({**loop.state(), "gen": gen.get_state(), "history": history, "epoch": epoch})
     best, best_epoch = best_head(history)
     return ProbeResult(
         model,
