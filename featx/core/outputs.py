@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from featx.core import progress
+from featx.core.atomic import make_dirs
 from featx.core.configs import show
 from featx.core.errors import FeatxError
 
@@ -163,6 +164,7 @@ def staging_folder(out: str | Path, settings: Mapping, *, force: bool) -> Path |
     changed = differences(have.settings, settings) if have.settings is not None else []
     if changed:  # forced: say what the new output changes
         say(f"replacing {out} ({'; '.join(changed)})")
+    make_dirs(out.parent, option="--out", path=out)  # a bad --out is named as given, not as its staging folder
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)  # an interrupted run's: recomputed in full
     return staging

@@ -188,10 +188,10 @@ def _resumed(out: Path, recorded: dict, *, epochs: int, force: bool) -> tuple[Pa
     return staged, staged_state if nested == staged else None
 
 
-def _read_data(c: FinetuneConfig, d: Dist, batch_size: int, progress: bool) -> tuple[DatasetInfo, Split, Split]:
+def _read_data(c: FinetuneConfig, d: Dist, batch_size: int, progress: bool) -> tuple[DatasetInfo, Split, Split, str]:
+    """The dataset's info, train and val splits, and the line naming the data (said once the model is built, so
+    that a refused option stays one line)."""
     cache = prepare_cache(c.data, progress=progress and d.rank == 0)
-    if d.rank == 0:
-        say(describe_data(cache, classes=c.classes, per_class=c.per_class))
     info = dataset_info(cache, classes=c.classes)
     train = read_split(cache, "train", classes=c.classes, per_class=c.per_class)
     val = read_split(cache, "val", classes=c.classes)
@@ -201,7 +201,7 @@ def _read_data(c: FinetuneConfig, d: Dist, batch_size: int, progress: bool) -> t
         train.ids = [train.ids[i] for i in pick.tolist()]
     if len(train) < batch_size:
         raise FeatxError(f"--batch-size {batch_size}: larger than the {len(train)} training images")
-    return info, train, val
+    return info, train, val, describe_data(cache, classes=c.classes, per_class=c.per_class)
 
 
 def _build(c: FinetuneConfig, d: Dist, info: DatasetInfo, train_x: torch.Tensor) -> tuple[nn.Module, ModelSpec]:
@@ -256,12 +256,14 @@ def _setup(c: FinetuneConfig, d: Dist, out: Path, recorded: dict, state: dict | 
     batch_size = min(c.batch_size, c.overfit) if c.overfit else c.batch_size
     if batch_size % d.world:
         raise FeatxError(f"--batch-size {batch_size}: must be divisible by the {d.world} processes")
-    info, train, val = _read_data(c, d, batch_size, progress)
+    info, train, val, described = _read_data(c, d, batch_size, progress)
     # The whole uint8 split lives on the device (1.2 GB for Tiny ImageNet): a batch is one gather.
     train_x, train_y, val_x, val_y = (
         torch.from_numpy(a).to(d.device) for a in (train.read_images(), train.labels, val.read_images(), val.labels)
     )
     model, spec = _build(c, d, info, train_x)
+    if d.rank == 0:
+        say(described)
     sampler: DistributedSampler[int] = DistributedSampler(
         range(len(train)),  # type: ignore[arg-type]  # a sampler only takes len() of its dataset
         num_replicas=d.world,
