@@ -325,6 +325,7 @@ def run_probe(
     normalize: Normalize = ProbeConfig.normalize,
     seed: int = ProbeConfig.seed,
     device: Device = ProbeConfig.device,
+    precision: ProbePrecision = ProbeConfig.precision,
     save: SaveMode = ProbeConfig.save,
     keep: int = ProbeConfig.keep,
     snapshot_every: int | None = None,
@@ -353,6 +354,7 @@ def run_probe(
         feature_set=tuple(feature_sets),
         seed=seed,
         device=device,
+        precision=precision,
         save=save,
         keep=keep,
         snapshot_every=snapshot_every,
@@ -500,6 +502,7 @@ def _probe_settings(config: dict, features: dict) -> dict:
         decay = d.pop("lr_decay")
         d["heads"] = [{**h, "lr_decay": decay} for h in d.get("heads", [])]
     d.setdefault("epoch_views", False)
+    d.setdefault("precision", "auto")  # runs before --precision trained in fp32, as auto still does on most CPUs
     return json.loads(json.dumps({**d, "features_identity": features["identity"]}))
 
 
