@@ -32,6 +32,7 @@ from featx.core.choices import (
     Normalize,
     Optimizer,
     ProbeHead,
+    ProbePrecision,
     ProbeSchedule,
     SaveMode,
     ViewSelection,
