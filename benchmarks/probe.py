@@ -22,16 +22,28 @@ sklearn fit costs one per lbfgs iteration. On real features lbfgs runs 40-100 it
 well-conditioned stand-in it stops after 2-35, and the stand-in is no showcase for featx's speed.
 
     python benchmarks/probe.py --estimators --features F.h5   # featx.LinearProbeCV vs LogisticRegressionCV
+    python benchmarks/probe.py --default-sweep                 # `featx probe`'s default sweep, fp32 and bf16
 
 The estimators' side: both fitted on the same arrays (the full-image view of train as numpy, float32), each
 choosing by itself (LinearProbeCV: DEFAULT_SWEEP in one pass, chosen on a 10% holdout; LogisticRegressionCV:
 its defaults, 10 Cs x 5 folds and a refit), then scored on val; time, val top-1 and peak RSS per side.
+
+--default-sweep times what `featx probe` trains with every option at its default (DEFAULT_SWEEP: 9 heads x 10
+epochs, batch 100) on a synthetic stand-in for the full-view MobileNetV2 features of the full Tiny ImageNet: 90,000
+x 1280 training rows (train less the 10% holdout) and 10,000 holdout rows, 200 classes (--rows scales both). It runs
+in fp32 and, where the CPU has bf16 (FEATX_CPU_BF16=1 forces it; emulated bf16 is ~10x slower), in bf16, each in
+its own process, and reports per precision: the sweep's time, its matmuls' work as README counts it (per step a
+forward and a weight gradient of every head, the features need none; per epoch the holdout's forward), the same
+matmuls timed alone at the same shapes and precision in the same process (their GFLOP/s), the rest of the time
+(optimizer, loss, casts, batching: the non-matmul time), the chosen head and the peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -130,12 +142,88 @@ def run_logistic_regression_cv(features: Path) -> dict:
     }
 
 
+def sweep_matmul_seconds(shapes: dict[str, tuple[int, int, int]], heads: int, classes: int, dtype: str) -> float:
+    """The default sweep's matmuls alone, at its shapes: per step the forward (B, D) @ (H, D, C) and the weight
+    gradient (H, D, B) @ (H, B, C) in `dtype`, per epoch the holdout's forward in fp32 (scoring stays fp32).
+    One epoch is timed and counted ProbeConfig.epochs times."""
+    import torch
+
+    from featx.core.configs import ProbeConfig
+
+    (n_train, _, dim), (n_val, val_views, _) = shapes["train"], shapes["val"]
+    batch, t = ProbeConfig.batch_size, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    x, w, g = (
+        torch.randn(batch, dim, dtype=t),
+        torch.randn(heads, dim, classes, dtype=t),
+        torch.randn(heads, batch, classes, dtype=t),
+    )
+    scored, piece = torch.randn(4096, dim), torch.randn(heads, dim, classes)
+    start = time.perf_counter()
+    for _ in range(math.ceil(n_train / batch)):
+        torch.matmul(x, w), torch.matmul(x.t(), g)
+    for first in range(0, n_val * val_views, len(scored)):
+        torch.matmul(scored[: n_val * val_views - first], piece)
+    return (time.perf_counter() - start) * ProbeConfig.epochs
+
+
+def run_default_sweep(features: Path, precision: str) -> dict:
+    from featx.core.configs import ProbeConfig
+    from featx.features.store import load_features
+    from featx.probe.sweep import fit, head_grid
+
+    config = ProbeConfig(features=str(features), precision=precision, device="cpu")  # type: ignore[arg-type]
+    heads = head_grid(config)
+    train, val = load_features(features, "train"), load_features(features, "val")
+    start = time.perf_counter()
+    result = fit(train, val=val, config=config, heads=heads)
+    seconds = time.perf_counter() - start
+    shapes = {"train": train.features.shape, "val": val.features.shape}
+    return {
+        "seconds": seconds,
+        "matmul_seconds": sweep_matmul_seconds(shapes, len(heads), len(train.meta.classes), precision),
+        "models": len(heads),
+        "best_val_top1": result.best_metrics["val_top1"],
+        "best": result.configs[result.best].label(),
+        "best_epoch": result.best_epoch,
+    }
+
+
 PARTS = {
     "featx": run_featx,
     "sklearn": run_sklearn,
     "cv": run_linear_probe_cv,
     "sklearn-cv": run_logistic_regression_cv,
+    "default-fp32": functools.partial(run_default_sweep, precision="fp32"),
+    "default-bf16": functools.partial(run_default_sweep, precision="bf16"),
 }
+
+
+def compare_default_sweep(rows: int, cache: Path) -> None:
+    from featx.core.configs import DEFAULT_SWEEP
+    from featx.core.device import cpu_has_bf16
+
+    features = make_features(cache, n_train=rows, n_val=rows // 9, views=1, dim=1280)
+    shapes = {"train": (rows, 1, 1280), "val": (rows // 9, 1, 1280)}
+    heads = math.prod(len(v) for v in DEFAULT_SWEEP.values())
+    work = sweep_gflops(shapes, 200, heads=heads)
+    print(
+        f"default sweep: {heads} heads x 10 epochs, (N, views, dim) {shapes}, 200 classes: {work:.0f} GFLOP of matmuls"
+    )
+    results = {p: child(f"default-{p}", features) for p in ("fp32", *(("bf16",) if cpu_has_bf16() else ()))}
+    for p, r in results.items():
+        print(
+            f"{p}  {r['seconds']:7.1f} s ({work / r['seconds']:.0f} GFLOP/s overall)  matmuls alone "
+            f"{r['matmul_seconds']:.1f} s ({work / r['matmul_seconds']:.0f} GFLOP/s)  the rest "
+            f"{r['seconds'] - r['matmul_seconds']:.1f} s  best {r['best']} epoch {r['best_epoch']} val top-1 "
+            f"{r['best_val_top1']:.2%}  peak RSS {r['peak_rss'] / 2**20:.0f} MiB"
+        )
+    if "bf16" in results:
+        fp32, bf16 = results["fp32"], results["bf16"]
+        print(
+            f"bf16 / fp32 time {bf16['seconds'] / fp32['seconds']:.2f}; same head: "
+            f"{'yes' if (bf16['best'], bf16['best_epoch']) == (fp32['best'], fp32['best_epoch']) else 'no'}"
+        )
+    print(f"({common.machine()}; {common.cpu_flags()})")
 
 
 def compare_estimators(features: Path) -> None:
@@ -154,11 +242,13 @@ def compare_estimators(features: Path) -> None:
     )
 
 
-def sweep_gflops(shapes: dict[str, tuple[int, int, int]], classes: int, epochs: int = 10) -> float:
+def sweep_gflops(
+    shapes: dict[str, tuple[int, int, int]], classes: int, epochs: int = 10, heads: int = len(LRS) * len(WEIGHT_DECAYS)
+) -> float:
     """featx's matmul work: per epoch and training row a forward and a weight-gradient matmul of every
     head at once, and a forward per val row and view (what dominates its time)."""
     (n_train, _, dim), (n_val, val_views, _) = shapes["train"], shapes["val"]
-    per_row = 2 * dim * len(LRS) * len(WEIGHT_DECAYS) * classes
+    per_row = 2 * dim * heads * classes
     return epochs * (2 * n_train + n_val * val_views) * per_row / 1e9
 
 
@@ -234,8 +324,17 @@ def main() -> None:
         action="store_true",
         help="LinearProbeCV vs LogisticRegressionCV instead of the sweep vs single fits",
     )
+    ap.add_argument(
+        "--default-sweep",
+        action="store_true",
+        help="time `featx probe`'s default sweep on 1280-d synthetic features, fp32 and bf16 (see above)",
+    )
+    ap.add_argument("--rows", type=int, default=90_000, help="--default-sweep: training rows (holdout: a ninth)")
     ap.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.default_sweep:
+        compare_default_sweep(args.rows, args.features or REPO / "features" / f"bench-synthetic-1280-{args.rows}.h5")
+        return
     features = args.features or make_features(args.cache)
     if args.part:
         print(json.dumps(PARTS[args.part](features)))

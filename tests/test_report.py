@@ -91,12 +91,10 @@ def test_real_report_files_links_and_per_class_errors(mobilenet_features_20, tmp
     assert rates == sorted(rates, reverse=True)
     assert all(int(r["wrong_classes"]) <= int(r["errors"]) for r in per_class)
     assert f"{errors} of 1000" in page.read_text()
-    # those of the report's seven t-SNE classes among the first 20, every training image of each (50 here)
-    present = [w for w in DEFAULT_TSNE if w in pred.classes]
-    assert (
-        len(present) >= 2
-        and f"t-SNE of {len(present)} classes ({50 * len(present)} training images)" in page.read_text()
-    )
+    # the report's seven t-SNE classes found among the first 20 (two), filled up to seven from the run's other
+    # classes; every training image of each (50 here)
+    assert len([w for w in DEFAULT_TSNE if w in pred.classes]) == 2
+    assert "t-SNE of 7 classes (350 training images)" in page.read_text()
     assert len(read_csv(out / "ensemble.csv")) == 3
     pairs = read_csv(out / "confused_pairs.csv")
     assert pairs and all(int(r["total"]) == int(r["a_as_b"]) + int(r["b_as_a"]) > 0 for r in pairs)

@@ -14,6 +14,9 @@ PRECISIONS = get_args(Precision)
 # a frozen backbone (extract, compare, predict) may also run quantized to int8 (CPU; featx.features.int8)
 FrozenPrecision = Literal[Precision, "int8"]
 FROZEN_PRECISIONS = get_args(FrozenPrecision)
+# the probe's heads train without a loss scaler, which fp16's narrow range would need
+ProbePrecision = Literal["auto", "fp32", "bf16"]
+PROBE_PRECISIONS = get_args(ProbePrecision)
 CompileMode = Literal["auto", "on", "off"]  # torch.compile: auto compiles where the job is long enough to pay
 COMPILE_MODES = get_args(CompileMode)
 FeatureDtype = Literal["float16", "float32"]

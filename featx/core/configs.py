@@ -44,6 +44,7 @@ from featx.core.choices import (
     Optimizer,
     Precision,
     ProbeHead,
+    ProbePrecision,
     ProbeSchedule,
     SaveMode,
     Split,
@@ -290,6 +291,11 @@ class ProbeConfig(Config):
     )
     seed: int = option(0, "")
     device: Device = option("auto", "auto, cpu, cuda or cuda:N.", metavar="auto|cpu|cuda[:N]")
+    precision: ProbePrecision = option(
+        "auto",
+        "The training matmuls' precision (weights, their updates and scoring stay fp32). auto: bf16 on GPUs and on "
+        "CPUs with AVX-512 BF16/AMX, fp32 elsewhere (FEATX_CPU_BF16=1|0 makes auto act as on a BF16 / an AVX2 CPU).",
+    )
     save: SaveMode = option("best", "Keep snapshots of the best head only, or of every head.")
     keep: int = option(20, "Best snapshots kept per head (snapshot ensembles draw on them).", min=1)
     snapshot_every: int | None = option(

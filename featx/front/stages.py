@@ -57,14 +57,17 @@ def extract(config: ExtractConfig, *, out: str | Path, force: bool = False, prog
 def probe(config: ProbeConfig, *, out: str | Path, force: bool = False, progress: bool = False):
     """Train the config's heads on its feature file; run.json records the config as given and what it resolved
     to on this machine. Returns the ProbeResult."""
-    from featx.core.device import resolve_device
+    from featx.core.device import precision_name, resolve_device
     from featx.core.runs import read_run, update_run
     from featx.probe.run import probe as run_probe
+    from featx.probe.sweep import training_dtype
 
     result = run_probe(config, out=out, force=force, progress=progress)
     recorded = read_run(out).config
+    device = resolve_device(config.device)
     resolved = {
-        "device": str(resolve_device(config.device)),
+        "device": str(device),
+        "precision": precision_name(training_dtype(config.precision, device)),
         "stream": recorded.get("stream", config.stream),
         "heads": recorded["heads"],
     }

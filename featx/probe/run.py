@@ -32,6 +32,7 @@ from featx.core.choices import (
     Normalize,
     Optimizer,
     ProbeHead,
+    ProbePrecision,
     ProbeSchedule,
     SaveMode,
     ViewSelection,
@@ -370,6 +371,7 @@ def run_probe(
     normalize: Normalize = ProbeConfig.normalize,
     seed: int = ProbeConfig.seed,
     device: Device = ProbeConfig.device,
+    precision: ProbePrecision = ProbeConfig.precision,
     save: SaveMode = ProbeConfig.save,
     keep: int = ProbeConfig.keep,
     snapshot_every: int | None = None,
@@ -398,6 +400,7 @@ def run_probe(
         feature_set=tuple(feature_sets),
         seed=seed,
         device=device,
+        precision=precision,
         save=save,
         keep=keep,
         snapshot_every=snapshot_every,
@@ -595,6 +598,7 @@ def _probe_settings(config: dict, features: dict) -> dict:
         decay = d.pop("lr_decay")
         d["heads"] = [{**h, "lr_decay": decay} for h in d.get("heads", [])]
     d.setdefault("epoch_views", False)
+    d.setdefault("precision", "auto")  # runs before --precision trained in fp32, as auto still does on most CPUs
     # each hyperparameter's values by name, so that a refusal reads `lr 0.001 → 0.01`; the heads themselves
     # (which combinations) last, named only when nothing plainer differs
     heads = d.pop("heads", [])

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from featx.core.choices import TRAINED_HEADS, Device, Normalize, Optimizer, ProbeSchedule, TrainedHead
+from featx.core.choices import TRAINED_HEADS, Device, Normalize, Optimizer, ProbePrecision, ProbeSchedule, TrainedHead
 from featx.core.configs import DEFAULT_SWEEP, HYPERPARAMETERS, HeadConfig, ProbeConfig
-from featx.core.device import resolve_device
+from featx.core.device import resolve_device, resolve_precision
 from featx.core.errors import FeatxError
 from featx.core.progress import progress_bar
 from featx.features.batches import (
@@ -184,6 +184,13 @@ def _build(
     return FeatureSetHeads(stacks, columns)
 
 
+def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the heads' training matmuls, or None for fp32: resolve_precision's, except that the
+    heads train in fp32 where auto would pick fp16 (a GPU without bf16), having no loss scaler."""
+    dtype = resolve_precision(precision, device)
+    return None if dtype == torch.float16 else dtype
+
+
 OnEval = Callable[[int, int, FeatureSetHeads, np.ndarray, np.ndarray], None]
 
 
@@ -224,6 +231,7 @@ class _Loop:
             if any(c.dropout > 0 for c in configs)
             else None
         )
+        self.dtype = training_dtype(config.precision, device)
         self.status = ["ok"] * model.num_heads
         self.step = 0
 
@@ -289,7 +297,9 @@ class _Loop:
                 if self.noise_gens is None
                 else [torch.rand((len(x), d), generator=g, device=dev) for d, g in zip(self.dims, self.noise_gens)]
             )
-            logits = self.model(x, noise)
+            # bf16 matmuls (forward and weight gradient) on fp32 weights; the loss and the update in fp32
+            with torch.autocast(dev.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+                logits = self.model(x, noise).float()
             loss = smoothed_cross_entropy(logits, y, self.smoothing)
             loss.sum().backward()
             # one host sync per step, so a diverged head is frozen before its NaN reaches the optimizer state
@@ -320,6 +330,7 @@ def train(
     normalize: Normalize = ProbeConfig.normalize,
     seed: int = ProbeConfig.seed,
     device: Device = ProbeConfig.device,
+    precision: ProbePrecision = ProbeConfig.precision,
     feature_sets: Sequence[str] = (ALL,),
     on_eval: OnEval | None = None,
     eval_every: int | None = None,
@@ -341,6 +352,7 @@ def train(
         normalize=normalize,
         seed=seed,
         device=device,
+        precision=precision,
         feature_set=tuple(feature_sets),
         snapshot_every=eval_every or None,
     )
