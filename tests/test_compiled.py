@@ -134,6 +134,7 @@ def test_compiled_frozen_features_equal_eager_and_switching_the_mode_reruns_noth
     assert compiled.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_a_failing_compiler_falls_back_to_eager_with_one_line(synth_cache, tmp_path):
     # a real failure: Inductor's CPU backend finds no C++ compiler (an empty cache, so nothing compiled earlier helps)
     code = (

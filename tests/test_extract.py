@@ -230,6 +230,7 @@ def test_mismatched_resume_is_refused(synth_cache, tmp_path):
         extract_features(data=synth_cache, backbone="resnet18", views="full", out=out, **TINY)
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_torchrun_two_gloo_ranks_write_the_single_process_file(synth_cache, tmp_path):
     args = [

@@ -200,6 +200,7 @@ def test_run_directory_and_checkpoint_rebuilds_model(synth_cache, tmp_path):
     assert results["top1_interval"][0] <= results["top1"] <= results["top1_interval"][1]
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_overfit_reaches_100_percent_on_real_images(real_cache, tmp_path, recwarn):
     kw = dict(data=real_cache, backbone="resnet18", weights="none", size=32, classes=4, overfit=20, batch_size=10)
@@ -256,6 +257,7 @@ def _args(cache: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_resume_after_kill_9_matches_uninterrupted_run(synth_cache, tmp_path):
     subprocess.run([*FEATX, *_args(synth_cache, tmp_path / "a")], env=ENV, check=True, capture_output=True)
@@ -279,6 +281,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(synth_cache, tmp_path):
         assert torch.equal(v, b["state"][k]), k
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(synth_cache, tmp_path):
     # LayerNorm (ConvNeXt) and SGD: per-process batch statistics and Adam's normalisation would blur the match
     common = [

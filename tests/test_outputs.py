@@ -134,6 +134,7 @@ def test_extract_adds_the_splits_a_finished_file_lacks_then_is_up_to_date(synth_
     assert len(refused.stderr.strip().splitlines()) == 1 and feature_splits(out) == ["train", "val", "test"]
 
 
+@pytest.mark.slow
 def test_a_forced_extraction_keeps_the_old_file_until_the_new_one_is_complete(synth_cache, tmp_path):
     out = tmp_path / "f.h5"
     extract_features(data=synth_cache, out=out, splits=["val"], **TINY)

@@ -60,6 +60,7 @@ def test_quiet_prints_no_progress(tmp_path, capfd, monkeypatch):
     assert capfd.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_a_resumed_extract_counts_from_the_rows_already_done(synth_cache, tmp_path):
     out, partial = tmp_path / "f.h5", tmp_path / "f.h5.partial"
     proc = subprocess.Popen([sys.executable, "-c", RESUMABLE, str(synth_cache), str(out)], stderr=subprocess.DEVNULL)

@@ -59,6 +59,7 @@ def timm_model(name: str, size: int, seed: int = 0, **kwargs) -> torch.nn.Module
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 @pytest.mark.parametrize("name, size", [FAMILIES[0], FAMILIES[1]], ids=["cnn", "vit"])
 def test_extract_and_probe_through_the_cli(name, size, synth_cache, tmp_path):

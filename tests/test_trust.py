@@ -328,6 +328,7 @@ def test_tsne_fills_up_to_seven_classes_from_those_present():
     assert _tsne_classes(None, classes[:3]) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_a_killed_probe_resumes_from_its_last_finished_epoch(tmp_path):
     features = write_synthetic(tmp_path / "big.h5", classes=10, dim=256, n_train=6000, n_val=200, noise=1.0)
     args = [*FEATX, "probe", "--features", str(features), "--epochs", "12", "--device", "cpu", "--lr", "1e-3,3e-3"]
