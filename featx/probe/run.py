@@ -436,6 +436,20 @@ def _feature_info(path: Path, meta: FeatureMeta) -> dict:
     }
 
 
+def _checked(config: ProbeConfig, path: Path, meta: FeatureMeta) -> tuple[ProbeConfig, bool, bool]:
+    """Everything about the feature file that can fail before any work, checked: the config with its feature
+    sets resolved, whether the file has val, and whether its splits are streamed (they do not fit in memory)."""
+    config = dataclasses.replace(config, feature_set=tuple(_check_file(path, meta, config)))
+    has_val = "val" in feature_splits(path)
+    views = {"train": config.train_views, "val": config.eval_views} if has_val else {"train": config.train_views}
+    for split, which in views.items():  # a misnamed view fails here, before any training
+        select_views(meta, split, which, path=path)
+    if config.epoch_views and config.head in TRAINED_HEADS:
+        check_epoch_views(len(select_views(meta, "train", config.train_views, path=path)), config.epochs)
+    stream = config.stream or not _fits_in_memory(path, views, resolve_device(config.device))
+    return config, has_val, stream
+
+
 @one_writer("out")
 def probe(
     config: ProbeConfig,
@@ -462,15 +476,8 @@ def probe(
     heads = head_grid(config) if heads is None else list(heads)
     path = Path(config.features)
     meta = read_meta(path)
-    feature_sets = _check_file(path, meta, config)
-    config = dataclasses.replace(config, feature_set=tuple(feature_sets))
-    has_val = "val" in feature_splits(path)
-    views = {"train": config.train_views, "val": config.eval_views} if has_val else {"train": config.train_views}
-    for split, which in views.items():  # a misnamed view fails here, before any training
-        select_views(meta, split, which, path=path)
-    if config.epoch_views and config.head in TRAINED_HEADS:
-        check_epoch_views(len(select_views(meta, "train", config.train_views, path=path)), config.epochs)
-    stream = config.stream or not _fits_in_memory(path, views, resolve_device(config.device))
+    config, has_val, stream = _checked(config, path, meta)
+    feature_sets = list(config.feature_set)
     # the output contract first: an up-to-date run reads no features, a refused one warns of nothing
     settings = _settings(config, feature_sets, stream)
     feature_info = _feature_info(path, meta)
@@ -517,20 +524,20 @@ def probe(
         )
         _offer_neighbors(result, snapshots, settings, common)
     else:
-        plan = [(s, c) for s in feature_sets for c in heads]
+        on_eval = _offer_heads(
+            snapshots,
+            [(s, c) for s in feature_sets for c in heads],
+            settings,
+            common,
+            config.normalize,
+            last_only=config.epochs if chosen_by == NOTHING_SELECTED else None,
+        )
         result = fit(
             fit_on,
             val=chosen_on,
             config=config,
             heads=heads,
-            on_eval=_offer_heads(
-                snapshots,
-                plan,
-                settings,
-                common,
-                config.normalize,
-                last_only=config.epochs if chosen_by == NOTHING_SELECTED else None,
-            ),
+            on_eval=on_eval,
             progress=progress,
             after_epoch=lambda state: _save_resume_state(run_dir, state, snapshots),
             resume_from=resume,
